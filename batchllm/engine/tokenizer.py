@@ -1,0 +1,116 @@
+"""Tokenizer of an HF model folder: encode, decode and chat templating without transformers.
+
+Uses the `tokenizers` library (tokenizer.json) and renders the folder's chat
+template with Jinja2, the way Hugging Face does, so rendering and planning can
+run before (and without) loading any weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class Tokenizer:
+    """Token ids <-> text for one model folder, plus its chat template."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        path = self.folder / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"model: {str(self.folder)!r} has no tokenizer.json")
+        self._tok = HFTokenizer.from_file(str(path))
+        self._config = _read_json(self.folder / "tokenizer_config.json")
+        self._model_config = _read_json(self.folder / "config.json")
+        self._generation_config = _read_json(self.folder / "generation_config.json")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def _special(self, name: str) -> str | None:
+        value = self._config.get(name)
+        if isinstance(value, dict):  # older configs store AddedToken dicts
+            value = value.get("content")
+        return value
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._special("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._special("eos_token")
+
+    @cached_property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Ids that end generation: the tokenizer's eos plus the model/generation config's eos ids."""
+        ids: set[int] = set()
+        if self.eos_token is not None and (tid := self.token_to_id(self.eos_token)) is not None:
+            ids.add(tid)
+        for cfg in (self._generation_config, self._model_config):
+            value = cfg.get("eos_token_id")
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+    @cached_property
+    def chat_template(self) -> str | None:
+        jinja = self.folder / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text()
+        template = self._config.get("chat_template")
+        return template if isinstance(template, str) else None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[np.ndarray]:
+        """Token ids of many texts (parallel in the Rust tokenizer), as int32 arrays."""
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render chat messages to the prompt text the model was trained on."""
+        if self.chat_template is None:
+            raise ValueError(f"model: {str(self.folder)!r} has no chat template; use a raw prompt template")
+        return _compile(self.chat_template).render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+_templates: dict[str, Any] = {}
+
+
+def _compile(source: str) -> Any:
+    if source not in _templates:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        _templates[source] = env.from_string(source)
+    return _templates[source]
