@@ -1,0 +1,96 @@
+"""What the engine returns: per-request results and per-run statistics."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass
+class Result:
+    """One generation request, reported in input order.
+
+    finish_reason: "stop" (EOS, a stop token id or a stop string), "length"
+    (max_tokens reached) or "error" (see ``error``; nothing was generated).
+    cached_tokens counts prompt tokens whose KV came from a shared group prefix
+    or from an identical prompt computed once. latency_s runs from the start of
+    ``generate`` to the request's last token; first_token_s to its first token.
+    """
+
+    index: int
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason = "length"
+    error: str | None = None
+    cached_tokens: int = 0
+    latency_s: float = 0.0
+    first_token_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class ClassifyResult:
+    """One classification request: the label distribution at the last prompt position."""
+
+    index: int
+    prompt_tokens: int
+    label: str | None = None
+    probs: dict[str, float] = field(default_factory=dict)
+    status: Literal["ok", "error"] = "ok"
+    error: str | None = None
+    cached_tokens: int = 0
+    latency_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class EngineStats:
+    """Statistics of one ``generate``/``classify`` call.
+
+    Prompt tokens are "logical" as submitted (duplicates counted) and
+    "computed" when the model actually ran them (a recomputed preempted prompt
+    counts again). saving_ratio = 1 - computed / logical prompt tokens;
+    planned_saving_ratio is what the plan promised before running.
+    """
+
+    num_requests: int = 0
+    num_errors: int = 0
+    num_groups: int = 0
+    steps: int = 0
+    tokens_computed: int = 0
+    prompt_tokens_logical: int = 0
+    prompt_tokens_computed: int = 0
+    output_tokens: int = 0
+    mean_tokens_per_step: float = 0.0
+    max_tokens_per_step: int = 0
+    planned_saving_ratio: float = 0.0
+    saving_ratio: float = 0.0
+    peak_kv_blocks: int = 0
+    num_kv_blocks: int = 0
+    preemptions: int = 0
+    plan_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def tokens_reused(self) -> int:
+        """Prompt tokens served from a shared prefix or a duplicate instead of computed."""
+        return max(self.prompt_tokens_logical - self.prompt_tokens_computed, 0)
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tokens_reused"] = self.tokens_reused
+        d["output_tokens_per_s"] = self.output_tokens_per_s
+        return d
