@@ -1,0 +1,302 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) over a paged KV cache.
+
+Architecture differences are config switches, not files: attention biases
+(Qwen2: q/k/v; Llama/Qwen3 ``attention_bias``: q/k/v/o), per-head q/k RMSNorm
+(Qwen3), tied embeddings, RoPE scaling (Llama-3, linear). The model sees token
+ids, positions and an ``AttentionMeta``; it never sees a request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from batchllm.kernels import AttentionMeta, get_attention, store_kvcache
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+class UnsupportedModelError(ValueError):
+    """A model folder whose architecture or options this engine does not implement."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> ModelConfig:
+        return cls.from_dict(json.loads((Path(folder) / "config.json").read_text()))
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise UnsupportedModelError(
+                f"model: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"model: unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
+        num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise UnsupportedModelError(f"model: unsupported RoPE scaling {rope_type!r} (default, llama3, linear)")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedModelError("model: partial rotary embeddings are not supported")
+        window = cfg.get("sliding_window")
+        uses_window = arch == "MistralForCausalLM" or cfg.get("use_sliding_window", False)
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=rope if rope_type != "default" else None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
+            o_bias=arch != "Qwen2ForCausalLM" and attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=int(window) if uses_window and window else None,
+        )
+
+    @property
+    def max_context(self) -> int:
+        """Longest context computed exactly (full attention equals sliding-window attention up to the window)."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    @property
+    def num_params(self) -> int:
+        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp) + embed
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in float32, with Llama-3 or linear scaling applied."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        return inv_freq / factor
+    # Llama 3: keep high frequencies, divide low ones by factor, interpolate in between
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_table(cfg: ModelConfig, max_len: int, device: torch.device | str) -> torch.Tensor:
+    """cos/sin [max_len, 2, head_dim] (float32) of rotate-half RoPE, indexed by position."""
+    inv_freq = rope_inv_freq(cfg).to(device)
+    freqs = torch.arange(max_len, device=device).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return torch.stack([emb.cos(), emb.sin()], dim=1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim], cos/sin [T, 1, head_dim]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_cache = self.v_cache = torch.empty(0)  # set by the runner
+        self.attn_fn = get_attention("cpu")
+
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        o = self.attn_fn(q, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Token ids [T] + positions [T] -> hidden states [T, hidden]; logits only where asked."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
+        super().__init__()
+        self.cfg, self.max_len = cfg, max_len
+        self.register_buffer("rope", torch.empty(max_len, 2, cfg.head_dim), persistent=False)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            self.lm_head_weight = self.embed_tokens.weight
+        else:
+            self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cs = self.rope[positions]  # [T, 2, head_dim]
+        rope = (cs[:, None, 0].to(x.dtype), cs[:, None, 1].to(x.dtype))
+        for layer in self.layers:
+            x = layer(rope, x, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.lm_head_weight.T
+
+
+# HF checkpoint name -> (our parameter name, index of the slice in a fused weight or None)
+def _hf_name_map(cfg: ModelConfig) -> dict[str, tuple[str, int | None]]:
+    names: dict[str, tuple[str, int | None]] = {
+        "model.embed_tokens.weight": ("embed_tokens.weight", None),
+        "model.norm.weight": ("norm.weight", None),
+    }
+    if not cfg.tie_word_embeddings:
+        names["lm_head.weight"] = ("lm_head_weight", None)
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            names[f"{hf}{norm}.weight"] = (f"{ours}{norm}.weight", None)
+        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            for kind in ("weight", "bias"):
+                names[f"{hf}self_attn.{proj}.{kind}"] = (f"{ours}self_attn.qkv_proj.{kind}", j)
+        for kind in ("weight", "bias"):
+            names[f"{hf}self_attn.o_proj.{kind}"] = (f"{ours}self_attn.o_proj.{kind}", None)
+            names[f"{hf}mlp.gate_proj.{kind}"] = (f"{ours}mlp.gate_up_proj.{kind}", 0)
+            names[f"{hf}mlp.up_proj.{kind}"] = (f"{ours}mlp.gate_up_proj.{kind}", 1)
+            names[f"{hf}mlp.down_proj.{kind}"] = (f"{ours}mlp.down_proj.{kind}", None)
+        for norm in ("q_norm", "k_norm"):
+            names[f"{hf}self_attn.{norm}.weight"] = (f"{ours}self_attn.{norm}.weight", None)
+    return names
+
+
+def _fused_offsets(cfg: ModelConfig, param: str) -> list[int]:
+    if "qkv_proj" in param:
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return [0, q, q + kv, q + 2 * kv]
+    return [0, cfg.intermediate_size, 2 * cfg.intermediate_size]
+
+
+def load_model(folder: Path, max_len: int, device: torch.device | str, dtype: torch.dtype) -> CausalLM:
+    """Build the model on the meta device, then fill every parameter from the folder's safetensors."""
+    cfg = ModelConfig.from_folder(folder)
+    with torch.device("meta"):
+        model = CausalLM(cfg, max_len)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head_weight = model.embed_tokens.weight
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names = _hf_name_map(cfg)
+    expected = {(ours, part) for ours, part in names.values() if ours in params}
+    loaded: set[tuple[str, int | None]] = set()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if key not in names:
+                    if key == "lm_head.weight" or "rotary_emb" in key:
+                        continue
+                    raise UnsupportedModelError(f"model: unexpected weight {key!r} in {path.name}")
+                ours, part = names[key]
+                tensor = f.get_tensor(key)
+                param = params[ours]
+                if part is None:
+                    param.data.copy_(tensor)
+                else:
+                    lo, hi = _fused_offsets(cfg, ours)[part : part + 2]
+                    param.data[lo:hi].copy_(tensor)
+                loaded.add((ours, part))
+    if missing := sorted(f"{n}[{p}]" if p is not None else n for n, p in expected - loaded):
+        raise UnsupportedModelError(f"model: weights missing from {str(folder)!r}: {missing[:5]}")
+    model.rope = rope_table(cfg, max_len, device)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,194 @@
+"""Paged attention with two-level (shared-prefix) attention: the torch reference.
+
+Layout of one forward (the same for every implementation in this package):
+
+- q [num_tokens, num_heads, head_dim] holds the new tokens of B sequences back
+  to back; sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1], which sit at
+  positions kv_lens[i] - q_len_i .. kv_lens[i] - 1.
+- k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]: the keys
+  and values of positions [0, kv_lens[i]) of sequence i live in blocks
+  block_tables[i, :]; new keys are written first through slot_mapping
+  (slot = block_id * block_size + offset).
+- Two-level attention: a group is a contiguous run of sequences whose first
+  prefix_len positions are the same physical blocks (the group's pinned
+  prefix). Their queries attend to that prefix in one pass per group (the
+  prefix KV is read once, not once per member) and to their own positions
+  [prefix_len, kv_len) separately; the two partial results are merged through
+  their log-sum-exps. Sequences outside groups take the plain path.
+
+Every query may see all positions up to its own (causal). ``get_attention``
+returns the implementation for a device; all share the signature
+``attention(q, k_cache, v_cache, meta, scale) -> out [num_tokens, num_heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class GroupSpan:
+    """Sequences [seq_start, seq_end) of the batch share their first prefix_len positions."""
+
+    seq_start: int
+    seq_end: int
+    prefix_len: int
+
+
+@dataclass
+class AttentionMeta:
+    """Batch layout shared by all layers of one forward (see the module docstring)."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    kv_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks] int32, unused entries -1
+    groups: tuple[GroupSpan, ...] = ()
+    # host copies, filled by the builder (metadata is built on the host anyway)
+    q_lens_host: list[int] = field(default_factory=list)
+    kv_lens_host: list[int] = field(default_factory=list)
+    # per-implementation scratch reused by every layer of the forward
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.kv_lens.shape[0]
+
+    def prefix_lens_host(self) -> list[int]:
+        lens = [0] * self.num_seqs
+        for g in self.groups:
+            for i in range(g.seq_start, g.seq_end):
+                lens[i] = g.prefix_len
+        return lens
+
+
+def store_kvcache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write new keys/values [num_tokens, num_kv_heads, head_dim] into their cache slots."""
+    assert k.shape == v.shape and k.shape[0] == slot_mapping.shape[0]
+    assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:]
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention returning (out, lse).
+
+    q [..., kvh, g, n, d], k/v [..., kvh, L, d] (broadcast over the g query heads
+    of each kv head), mask True = visible, broadcastable to [..., kvh, g, n, L].
+    """
+    scores = torch.matmul(q, k.unsqueeze(-3).transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see nothing
+    p = torch.exp(scores - m)
+    s = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, v.unsqueeze(-3)) / s.clamp(min=1e-30)
+    lse = (m + torch.log(s)).squeeze(-1)  # -inf where nothing was visible
+    return out, lse
+
+
+def merge_attention(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> torch.Tensor:
+    """Combine two attention results over disjoint key sets: o [..., n, d], lse [..., n]."""
+    m = torch.maximum(lse1, lse2)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w1, w2 = torch.exp(lse1 - m).unsqueeze(-1), torch.exp(lse2 - m).unsqueeze(-1)
+    return (o1 * w1 + o2 * w2) / (w1 + w2)
+
+
+def _slots(table: torch.Tensor, start: torch.Tensor, width: int, block_size: int) -> torch.Tensor:
+    """Cache slots of positions start[b] + [0, width) of each row's block table [B, max_blocks]."""
+    pos = start[:, None] + torch.arange(width, device=table.device)[None, :]
+    pos = pos.clamp(max=table.shape[1] * block_size - 1)
+    blocks = table.gather(1, pos // block_size).clamp(min=0)
+    return blocks.to(torch.int64) * block_size + pos % block_size
+
+
+def _plan(meta: AttentionMeta, block_size: int, device: torch.device) -> dict:
+    """Gather indices for the reference, built once per forward and reused by every layer."""
+    if "plan" in meta.cache:
+        return meta.cache["plan"]
+    q_lens, kv_lens = meta.q_lens_host, meta.kv_lens_host
+    prefix_lens = meta.prefix_lens_host()
+    tables = meta.block_tables.to(device=device, dtype=torch.int64)
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    decode = [i for i, n in enumerate(q_lens) if n == 1]
+    plan: dict = {"decode": None, "prefill": [], "groups": []}
+    if decode:
+        sel = torch.tensor(decode, device=device)
+        start = torch.tensor([prefix_lens[i] for i in decode], device=device)
+        own = torch.tensor([kv_lens[i] - prefix_lens[i] for i in decode], device=device)
+        width = max(kv_lens[i] - prefix_lens[i] for i in decode)
+        idx = _slots(tables[sel], start, width, block_size)
+        visible = torch.arange(width, device=device)[None, :] < own[:, None]
+        plan["decode"] = (torch.tensor([cu[i] for i in decode], device=device), idx, visible)
+    for i, n in enumerate(q_lens):
+        if n > 1:
+            first = kv_lens[i] - n
+            keys = torch.arange(prefix_lens[i], kv_lens[i], device=device)
+            mask = keys[None, :] <= torch.arange(first, kv_lens[i], device=device)[:, None]
+            start = torch.tensor([prefix_lens[i]], device=device)
+            idx = _slots(tables[i : i + 1], start, kv_lens[i] - prefix_lens[i], block_size)[0]
+            plan["prefill"].append((cu[i], cu[i + 1], idx, mask))
+    for g in meta.groups:
+        blocks = tables[g.seq_start, : g.prefix_len // block_size]
+        plan["groups"].append((cu[g.seq_start], cu[g.seq_end], blocks))
+    meta.cache["plan"] = plan
+    return plan
+
+
+def torch_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, scale: float
+) -> torch.Tensor:
+    """Reference paged + two-level attention in plain torch (float32 math)."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    plan = _plan(meta, block_size, q.device)
+    kf, vf = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+    qg = q.float().view(num_tokens, num_kv_heads, group, head_dim)
+    out = torch.empty(num_tokens, num_kv_heads, group, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(num_tokens, num_kv_heads, group, dtype=torch.float32, device=q.device)
+    # own positions, decode rows batched: q [B, kvh, g, 1, d], k [B, kvh, L, d]
+    if plan["decode"] is not None:
+        rows, idx, visible = plan["decode"]
+        k = kf[idx].float().permute(0, 2, 1, 3)
+        v = vf[idx].float().permute(0, 2, 1, 3)
+        o, s = _attend(qg[rows].unsqueeze(3), k, v, visible[:, None, None, None, :], scale)
+        out[rows], lse[rows] = o.squeeze(3), s.squeeze(3)
+    # own positions, one prefill chunk at a time: q [kvh, g, n, d], k [kvh, L, d]
+    for start, end, idx, mask in plan["prefill"]:
+        k = kf[idx].float().transpose(0, 1)
+        v = vf[idx].float().transpose(0, 1)
+        o, s = _attend(qg[start:end].permute(1, 2, 0, 3), k, v, mask, scale)
+        out[start:end], lse[start:end] = o.permute(2, 0, 1, 3), s.permute(2, 0, 1)
+    # shared prefix, once per group for all of its members' rows (no mask: every row lies after it)
+    for start, end, blocks in plan["groups"]:
+        k = k_cache[blocks].float().reshape(-1, num_kv_heads, head_dim).transpose(0, 1)
+        v = v_cache[blocks].float().reshape(-1, num_kv_heads, head_dim).transpose(0, 1)
+        o, s = _attend(qg[start:end].permute(1, 2, 0, 3), k, v, None, scale)
+        o, s = o.permute(2, 0, 1, 3), s.permute(2, 0, 1)
+        out[start:end] = merge_attention(out[start:end], lse[start:end], o, s)
+    return out.view(num_tokens, num_heads, head_dim).to(q.dtype)
+
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMeta, float], torch.Tensor]
+
+_IMPLEMENTATIONS: dict[str, AttentionFn] = {"torch": torch_attention}
+
+
+def get_attention(device: torch.device | str) -> AttentionFn:
+    """The attention implementation for a device (only the torch reference so far)."""
+    return _IMPLEMENTATIONS["torch"]
