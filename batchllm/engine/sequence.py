@@ -1,0 +1,77 @@
+"""Sequence: the per-request state shared by the engine and the scheduler.
+
+One writer per field: the engine creates sequences and appends sampled tokens
+to ``token_ids`` (and owns ``params``); the scheduler writes ``group_id``,
+``num_shared_tokens`` (in ``add_group``), ``block_table``,
+``num_computed_tokens``, ``status`` and ``num_preemptions``. Derived numbers are
+properties, never stored twice.
+
+Token positions of a group member:
+
+    [0, num_shared_tokens)                 group prefix KV (pinned, shared blocks)
+    [num_shared_tokens, num_prompt_tokens) the member's own prompt suffix
+    [num_prompt_tokens, num_tokens)        generated tokens
+    [0, num_computed_tokens)               positions whose KV is in block_table
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"  # not admitted, or preempted (recomputed when admitted again)
+    RUNNING = "running"  # admitted: holds blocks and gets chunks
+    FINISHED = "finished"  # done (for a group prefix: its KV is fully computed)
+    REJECTED = "rejected"  # can never fit the KV pool or max_model_len; never scheduled
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request (or a group's shared prefix when ``is_prefix``) as the scheduler sees it."""
+
+    seq_id: int
+    request_index: int | None  # None for a group-prefix pseudo-sequence
+    token_ids: list[int]  # prompt, then generated tokens (appended by the engine)
+    num_prompt_tokens: int
+    max_tokens: int
+    group_id: int | None = None
+    num_shared_tokens: int = 0  # leading tokens served by the group's prefix blocks; block aligned
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    is_prefix: bool = False  # prefill only: computes KV, samples no token
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_preemptions: int = 0
+    params: Any = None  # engine-owned sampling parameters; the scheduler never reads them
+
+    def __post_init__(self) -> None:
+        assert 0 < self.num_prompt_tokens <= len(self.token_ids), "a sequence needs at least one prompt token"
+        assert self.is_prefix or self.max_tokens >= 1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks currently in the block table (shared prefix blocks included)."""
+        return len(self.block_table)
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens whose KV is still to compute before the next sample (or, for a prefix, at all)."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (SequenceStatus.FINISHED, SequenceStatus.REJECTED)
