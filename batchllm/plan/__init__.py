@@ -1,0 +1,13 @@
+"""Global prefix planning (DESIGN 4.1): pure CPU, numpy only (pyarrow only for Arrow input).
+
+``build_plan`` turns token id sequences into groups that share a prefix
+(computed once) plus plain requests, in execution order; ``shard_plan`` splits
+a plan across workers. See tree.py (sorted-LCP trie), groups.py (maximization,
+stats) and order.py (ordering, sharding).
+"""
+
+from .groups import Group, Plan, PlanStats, build_plan, make_plan
+from .order import shard_plan
+from .tree import TokenTable
+
+__all__ = ["Group", "Plan", "PlanStats", "TokenTable", "build_plan", "make_plan", "shard_plan"]
