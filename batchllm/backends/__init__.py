@@ -1,0 +1,5 @@
+"""Inference backends behind one interface (``Backend``): native (default), vLLM later."""
+
+from batchllm.backends.base import Backend, Outcome, create_backend, resolve_device, supports
+
+__all__ = ["Backend", "Outcome", "create_backend", "resolve_device", "supports"]

@@ -1,0 +1,243 @@
+"""Rows -> prompt text -> token ids, with per-row errors, prompt hashing and dedup.
+
+Two steps so incremental runs stay cheap: ``render_rows`` turns each row into
+its final prompt text (Jinja2 templates, then the model's chat template) and
+hashes it, with no tokenization; the caller drops rows that already have a
+result; ``tokenize`` then encodes only the distinct remaining prompts and
+checks their length. A row that cannot be rendered (a null or undecodable
+field, a template runtime error) or is too long becomes an error row; it never
+stops the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batchllm.engine.tokenizer import Tokenizer
+from batchllm.spec import JobSpec, template_env
+
+# Columns of a rendered table (besides the id column, which keeps its name "id").
+RENDERED_SCHEMA_FIELDS = ("prompt_hash", "prompt", "error")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Distinct prompts to run, and for each rendered row the prompt it maps to.
+
+    rows: the rendered rows (id, prompt_hash, prompt, error) with ``error`` now also
+    set for prompts that are too long; ``row_prompt``: index into ``token_ids`` per
+    row, -1 for error rows; ``token_ids``: one int32 array per distinct prompt.
+    """
+
+    rows: pa.Table
+    row_prompt: np.ndarray
+    token_ids: list[np.ndarray]
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.num_rows
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_tokens_logical(self) -> int:
+        """Prompt tokens over all ok rows, duplicates counted."""
+        lens = np.array([len(t) for t in self.token_ids], dtype=np.int64)
+        ok = self.row_prompt[self.row_prompt >= 0]
+        return int(lens[ok].sum()) if len(ok) else 0
+
+
+def prompt_hash(text: str) -> str:
+    """Stable identity of a prompt: sha256 of its final text (after the chat template)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def field_order(spec: JobSpec, table: pa.Table) -> list[list[str]] | None:
+    """Per-row order of the reorderable fields, chosen to lengthen shared prefixes.
+
+    Uses the planner's GGR reordering when available; otherwise keeps the order
+    given in the spec (still deterministic, so prompt hashes stay stable).
+    """
+    names = list(spec.prompt.reorderable)
+    if not names:
+        return None
+    try:
+        from batchllm.plan.fields import reorder_fields  # type: ignore[attr-defined]
+    except ImportError:
+        return [names] * table.num_rows
+    columns = {n: [None if v is None else str(v) for v in table.column(n).to_pylist()] for n in names}
+    return [list(order) for order in reorder_fields(columns)]
+
+
+def render_rows(spec: JobSpec, table: pa.Table, tokenizer: Tokenizer | None) -> pa.Table:
+    """Render every row's prompt text and hash. Returns (id, prompt_hash, prompt, error).
+
+    ``tokenizer`` supplies the chat template for system/user messages; a raw
+    ``template`` prompt needs none.
+    """
+    templates = {k: template_env().from_string(v) for k, v in spec.prompt.templates().items()}
+    used = sorted(spec.prompt.fields() | set(spec.prompt.reorderable))
+    columns = {name: table.column(name).to_pylist() for name in used if name in table.column_names}
+    types = {name: table.schema.field(name).type for name in columns}
+    orders = field_order(spec, table)
+    hashes: list[str | None] = []
+    texts: list[str | None] = []
+    errors: list[str | None] = []
+    chat_cache: dict[tuple[str | None, str], str] = {}
+    for i in range(table.num_rows):
+        try:
+            values = {name: _value(name, col[i], types[name]) for name, col in columns.items()}
+            if orders is not None:
+                values["fields"] = [(n, values[n]) for n in orders[i]]
+            text = _render_one(spec, templates, values, tokenizer, chat_cache)
+        except RowError as exc:
+            hashes.append(None)
+            texts.append(None)
+            errors.append(str(exc))
+            continue
+        hashes.append(prompt_hash(text))
+        texts.append(text)
+        errors.append(None)
+    return pa.table(
+        {
+            "id": table.column(spec.source.id_column),
+            "prompt_hash": pa.array(hashes, pa.string()),
+            "prompt": pa.array(texts, pa.large_string()),
+            "error": pa.array(errors, pa.string()),
+        }
+    )
+
+
+class RowError(ValueError):
+    """A row that cannot become a prompt; becomes status=error for that row only."""
+
+
+def _value(name: str, value: Any, dtype: pa.DataType) -> Any:
+    if value is None:
+        raise RowError(f"field {name!r} is null")
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RowError(f"field {name!r} is not valid UTF-8 (byte {exc.start})") from None
+    if pa.types.is_floating(dtype) and value != value:
+        raise RowError(f"field {name!r} is NaN")
+    return value
+
+
+def _render_one(
+    spec: JobSpec,
+    templates: dict[str, Any],
+    values: dict[str, Any],
+    tokenizer: Tokenizer | None,
+    chat_cache: dict[tuple[str | None, str], str],
+) -> str:
+    try:
+        rendered = {k: t.render(values) for k, t in templates.items()}
+    except Exception as exc:  # a runtime template error belongs to this row only
+        raise RowError(f"template error: {type(exc).__name__}: {exc}") from None
+    if "template" in rendered:
+        return rendered["template"]
+    key = (rendered.get("system"), rendered["user"])
+    if key not in chat_cache:
+        if tokenizer is None:
+            raise ValueError("render: chat messages need the model's tokenizer (chat template)")
+        messages = [{"role": "user", "content": rendered["user"]}]
+        if rendered.get("system") is not None:
+            messages.insert(0, {"role": "system", "content": rendered["system"]})
+        chat_cache[key] = tokenizer.apply_chat_template(messages)
+    return chat_cache[key]
+
+
+def context_len(model_folder: Path) -> int | None:
+    """The model's context length from its config.json, without loading weights."""
+    path = Path(model_folder) / "config.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
+
+
+def tokenize(
+    rows: pa.Table,
+    tokenizer: Tokenizer,
+    max_prompt_tokens: int | None,
+) -> Prompts:
+    """Encode the distinct prompts of the ok rows; rows over ``max_prompt_tokens`` become errors."""
+    hashes = rows.column("prompt_hash").to_pylist()
+    texts = rows.column("prompt").to_pylist()
+    errors = rows.column("error").to_pylist()
+    distinct: dict[str, int] = {}
+    distinct_texts: list[str] = []
+    row_prompt = np.full(len(hashes), -1, dtype=np.int64)
+    for i, (h, text, err) in enumerate(zip(hashes, texts, errors, strict=True)):
+        if err is not None or h is None:
+            continue
+        if h not in distinct:
+            distinct[h] = len(distinct_texts)
+            distinct_texts.append(text)
+        row_prompt[i] = distinct[h]
+    token_ids = tokenizer.encode_batch(distinct_texts) if distinct_texts else []
+    if max_prompt_tokens is not None:
+        too_long = {j for j, ids in enumerate(token_ids) if len(ids) > max_prompt_tokens}
+        if too_long:
+            for i, j in enumerate(row_prompt):
+                if j in too_long:
+                    errors[i] = (
+                        f"prompt has {len(token_ids[j])} tokens, over the limit of {max_prompt_tokens} "
+                        "(limits.max_prompt_tokens or the model's context)"
+                    )
+                    row_prompt[i] = -1
+            token_ids, row_prompt = _compact(token_ids, row_prompt)
+    rows = rows.set_column(rows.column_names.index("error"), "error", pa.array(errors, pa.string()))
+    return Prompts(rows=rows, row_prompt=row_prompt, token_ids=token_ids)
+
+
+def _compact(token_ids: list[np.ndarray], row_prompt: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Drop prompts no row refers to any more and renumber the rows' references."""
+    used = np.unique(row_prompt[row_prompt >= 0])
+    remap = np.full(len(token_ids), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    new_rows = np.where(row_prompt >= 0, remap[np.maximum(row_prompt, 0)], -1)
+    return [token_ids[j] for j in used], new_rows
+
+
+def prompt_limit(spec: JobSpec, model_context: int | None) -> int | None:
+    """The longest prompt a row may have: the spec's limit, and room for one output token."""
+    limits = [
+        v for v in (spec.limits.max_prompt_tokens, None if model_context is None else model_context - 1) if v
+    ]
+    return min(limits) if limits else None
+
+
+def drop_done(rows: pa.Table, done: pa.Table) -> tuple[pa.Table, int]:
+    """Remove rendered rows whose (id, prompt_hash) already has an ok result. Returns (rows, skipped)."""
+    if done.num_rows == 0 or rows.num_rows == 0:
+        return rows, 0
+    done = done.select(["id", "prompt_hash"]).group_by(["id", "prompt_hash"]).aggregate([])
+    done = done.select(["id", "prompt_hash"])
+    if done.schema.field("id").type != rows.schema.field("id").type:
+        done = done.set_column(0, "id", pc.cast(done.column("id"), rows.schema.field("id").type))
+    marker = done.append_column("_done", pa.array(np.ones(done.num_rows, dtype=bool)))
+    joined = rows.append_column("_pos", pa.array(np.arange(rows.num_rows))).join(
+        marker, keys=["id", "prompt_hash"], join_type="left outer"
+    )
+    keep_pos = np.sort(pc.filter(joined.column("_pos"), pc.is_null(joined.column("_done"))).to_numpy())
+    kept = rows.take(pa.array(keep_pos))
+    return kept, rows.num_rows - kept.num_rows
+
+
+def lengths(token_ids: Sequence[np.ndarray]) -> np.ndarray:
+    """Prompt lengths as an int64 array."""
+    return np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))

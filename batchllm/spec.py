@@ -1,0 +1,319 @@
+"""JobSpec: the one description of a batch job (source SQL, prompt, task, model, output).
+
+Loaded from YAML (or built in Python) and validated before any model loads:
+unknown fields, template syntax errors, unsafe identifiers and inconsistent
+options fail here with a message naming the field. Checks that need the
+warehouse (columns of the query result) live in ``validate_columns``, called by
+the pipeline right after the query's schema is known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from jinja2 import TemplateSyntaxError, meta
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+MEMORY = ":memory:"
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names the offending field."""
+
+
+def check_identifier(value: str, field: str) -> str:
+    """Accept ``name`` or ``schema.name`` made of letters, digits and underscores only."""
+    parts = value.split(".")
+    if len(parts) > 2 or not all(IDENTIFIER.match(p) for p in parts):
+        raise ValueError(
+            f"{field}: {value!r} is not a safe SQL identifier "
+            "(letters, digits and underscores, optionally schema.name)"
+        )
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AttachSpec(_Strict):
+    """Another database made readable to the query as ``alias.table`` (DuckDB ATTACH, read-only)."""
+
+    alias: str
+    path: str
+    type: Literal["duckdb", "sqlite", "postgres"] = "duckdb"
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        if not IDENTIFIER.match(v):
+            raise ValueError(f"source.attach.alias: {v!r} is not a safe SQL identifier")
+        return v
+
+
+class SourceSpec(_Strict):
+    """Where rows come from: a DuckDB database and a query over it (or over files DuckDB reads).
+
+    The query may read Parquet/CSV/JSON files directly (``read_parquet('x.parquet')``,
+    ``'x.csv'``) and tables of attached databases (``attach``).
+    """
+
+    database: str = MEMORY
+    query: str
+    id_column: str = "id"
+    attach: list[AttachSpec] = Field(default_factory=list)
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: str) -> str:
+        v = v.strip().rstrip(";").strip()
+        if not v:
+            raise ValueError("source.query: empty query")
+        return v
+
+    @field_validator("id_column")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not IDENTIFIER.match(v):
+            raise ValueError(f"source.id_column: {v!r} is not a safe column name")
+        return v
+
+
+class PromptSpec(_Strict):
+    """Jinja2 templates over the row's columns: chat messages (system/user) or one raw prompt."""
+
+    system: str | None = None
+    user: str | None = None
+    template: str | None = None
+    reorderable: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _shape(self) -> PromptSpec:
+        if self.template is not None and (self.system is not None or self.user is not None):
+            raise ValueError(
+                "prompt: give either 'template' (raw prompt) or 'system'/'user' messages, not both"
+            )
+        if self.template is None and self.user is None:
+            raise ValueError("prompt.user: a user message template is required (or a raw 'template')")
+        for name, source in self.templates().items():
+            try:
+                template_env().parse(source)
+            except TemplateSyntaxError as exc:
+                raise ValueError(
+                    f"prompt.{name}: template error at line {exc.lineno}: {exc.message}"
+                ) from None
+        for f in self.reorderable:
+            if not IDENTIFIER.match(f):
+                raise ValueError(f"prompt.reorderable: {f!r} is not a safe column name")
+        return self
+
+    def templates(self) -> dict[str, str]:
+        """The non-empty templates by field name (system, user, template)."""
+        named = {"system": self.system, "user": self.user, "template": self.template}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def fields(self) -> set[str]:
+        """Row columns the templates read."""
+        out: set[str] = set()
+        for source in self.templates().values():
+            out |= meta.find_undeclared_variables(template_env().parse(source))
+        return out
+
+
+class TaskSpec(_Strict):
+    """What to compute per row: free text, one of ``labels``, or a score per candidate."""
+
+    kind: Literal["generate", "classify", "score"] = "generate"
+    labels: list[str] | None = None
+    candidates: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> TaskSpec:
+        if self.kind == "classify":
+            if not self.labels or len(self.labels) < 2:
+                raise ValueError("task.labels: 'classify' needs at least two labels")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError("task.labels: labels must be distinct")
+        elif self.labels is not None:
+            raise ValueError(f"task.labels: only used with kind 'classify' (kind is {self.kind!r})")
+        if self.kind == "score":
+            if not self.candidates:
+                raise ValueError("task.candidates: 'score' needs at least one candidate")
+        elif self.candidates is not None:
+            raise ValueError(f"task.candidates: only used with kind 'score' (kind is {self.kind!r})")
+        return self
+
+
+class SamplingSpec(_Strict):
+    """Decoding parameters (generation); classify/score read one position's logits."""
+
+    max_tokens: int = Field(default=64, ge=1, le=32768)
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class OutputSpec(_Strict):
+    """The results table: where, and how a run's rows combine with what is there."""
+
+    database: str | None = None
+    table: str
+    mode: Literal["merge", "replace"] = "merge"
+    runs_table: str = "batchllm_runs"
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str) -> str:
+        return check_identifier(v, "output.table")
+
+    @field_validator("runs_table")
+    @classmethod
+    def _runs(cls, v: str) -> str:
+        return check_identifier(v, "output.runs_table")
+
+
+class LimitsSpec(_Strict):
+    """Guards: rows taken from the query, and prompt length (longer prompts become error rows)."""
+
+    max_rows: int | None = Field(default=None, ge=1)
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+
+
+class JobSpec(_Strict):
+    """A whole job. ``spec_hash`` identifies it; ``params_hash`` the task + sampling part."""
+
+    name: str | None = None
+    source: SourceSpec
+    prompt: PromptSpec
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    model: str = "default"
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    backend: Literal["native"] = "native"
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    output: OutputSpec
+    incremental: bool = False
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    shards: int = Field(default=1, ge=1, le=1024)
+    block_size: int = Field(default=16, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.output.mode == "replace" and self.incremental:
+            raise ValueError(
+                "incremental: cannot be combined with output.mode 'replace' (replace rewrites the whole table)"
+            )
+        if self.output_database == MEMORY:
+            raise ValueError(
+                "output.database: results would vanish in ':memory:'; set output.database "
+                "(or source.database) to a DuckDB file"
+            )
+        if self.output.table.split(".")[-1] == self.output.runs_table.split(".")[-1]:
+            raise ValueError("output.runs_table: must differ from output.table")
+        return self
+
+    @property
+    def output_database(self) -> str:
+        """The database that holds the results and runs tables (default: the source database)."""
+        return self.output.database or self.source.database
+
+    @cached_property
+    def spec_hash(self) -> str:
+        return _hash(self.model_dump(mode="json"))
+
+    @cached_property
+    def params_hash(self) -> str:
+        """What, besides the prompt and model, decides a row's result: task and sampling."""
+        return _hash(
+            {"task": self.task.model_dump(mode="json"), "sampling": self.sampling.model_dump(mode="json")}
+        )
+
+
+def _hash(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+_jinja: SandboxedEnvironment | None = None
+
+
+def template_env() -> SandboxedEnvironment:
+    """The one Jinja2 environment for prompt templates (sandboxed, no autoescape)."""
+    global _jinja
+    if _jinja is None:
+        from jinja2 import StrictUndefined
+
+        _jinja = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    return _jinja
+
+
+def parse_spec(data: Any, origin: str = "job spec") -> JobSpec:
+    """Validate a mapping into a JobSpec; errors become one SpecError naming each bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            # Our own messages already start with the field name.
+            lines.append(msg if loc == "" or msg.startswith(loc.split(".")[0]) else f"{loc}: {msg}")
+        raise SpecError(f"{origin}: " + "; ".join(lines)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a YAML job spec. Relative database paths resolve against the YAML file's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML ({exc})") from None
+    if isinstance(data, dict):
+        data = _resolve_paths(data, path.parent)
+    return parse_spec(data, origin=str(path))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = dict(data)
+    for section in ("source", "output"):
+        part = out.get(section)
+        if isinstance(part, dict) and isinstance(part.get("database"), str):
+            db = part["database"]
+            if db != MEMORY and not Path(db).expanduser().is_absolute():
+                part = {**part, "database": str((base / db).resolve())}
+            out[section] = part
+    return out
+
+
+def validate_columns(spec: JobSpec, columns: list[str]) -> None:
+    """Fail with a field-naming message when the query result lacks a column the spec reads."""
+    have = set(columns)
+    if spec.source.id_column not in have:
+        raise SpecError(
+            f"source.id_column: column {spec.source.id_column!r} is not in the query result "
+            f"(columns: {', '.join(columns)})"
+        )
+    for name, source in spec.prompt.templates().items():
+        missing = sorted(meta.find_undeclared_variables(template_env().parse(source)) - have)
+        if missing:
+            raise SpecError(
+                f"prompt.{name}: uses {', '.join(map(repr, missing))}, not in the query result "
+                f"(columns: {', '.join(columns)})"
+            )
+    missing = sorted(set(spec.prompt.reorderable) - have)
+    if missing:
+        raise SpecError(f"prompt.reorderable: {', '.join(map(repr, missing))} not in the query result")

@@ -1,0 +1,301 @@
+"""DuckDB I/O: extract rows as Arrow, stage results, merge them in one transaction.
+
+Owns the results and runs table schemas. Every statement is a file in
+``batchllm.sql`` loaded by name; values are bound with ``?`` and identifiers
+(checked by the spec, then double-quoted here) are the only text substituted.
+
+Durability: each finished inference shard is appended to a staging table named
+after the spec hash, in its own transaction. ``load`` merges staging into the
+results table, records the run and drops staging in one transaction. A crash
+before ``load`` leaves the results table untouched and the finished shards in
+staging; the rerun of the same spec picks them up instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batchllm.spec import JobSpec, SpecError, check_identifier, validate_columns
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+_KEYWORD = re.compile(r"^[a-z]+$")
+
+
+def results_schema(id_type: pa.DataType) -> pa.Schema:
+    """One row per source id: what was asked (hashes, model), what came back, and how it went."""
+    return pa.schema(
+        [
+            pa.field("id", id_type),
+            pa.field("prompt_hash", pa.string()),
+            pa.field("model", pa.string()),
+            pa.field("params_hash", pa.string()),
+            pa.field("task", pa.string()),
+            pa.field("output", pa.large_string()),
+            pa.field("label", pa.string()),
+            pa.field("score", pa.float64()),
+            pa.field("label_probs", pa.map_(pa.string(), pa.float64())),
+            pa.field("prompt_tokens", pa.int32()),
+            pa.field("output_tokens", pa.int32()),
+            pa.field("cached_tokens", pa.int32()),
+            pa.field("finish_reason", pa.string()),
+            pa.field("status", pa.string()),
+            pa.field("error", pa.string()),
+            pa.field("run_id", pa.string()),
+            pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+class _SqlTemplate(string.Template):
+    delimiter = "@"
+
+
+@cache
+def _statement(name: str) -> _SqlTemplate:
+    return _SqlTemplate(files("batchllm.sql").joinpath(f"{name}.sql").read_text())
+
+
+def quote_ident(name: str) -> str:
+    """Double-quote a checked ``name`` or ``schema.name`` for DuckDB."""
+    check_identifier(name, "identifier")
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+def sql(
+    name: str, query: str | None = None, keywords: dict[str, str] | None = None, **identifiers: str
+) -> str:
+    """The statement ``sql/<name>.sql`` with identifiers quoted in.
+
+    ``query`` is the job's own SELECT (trusted, it is the job); ``keywords`` are
+    lowercase words from an allow-list the spec enforces (e.g. an ATTACH type).
+    """
+    values = {k: quote_ident(v) for k, v in identifiers.items()}
+    if query is not None:
+        values["query"] = query
+    for k, v in (keywords or {}).items():
+        if not _KEYWORD.match(v):
+            raise ValueError(f"sql keyword {k}={v!r} is not a plain word")
+        values[k] = v
+    return _statement(name).substitute(values)
+
+
+@contextmanager
+def connect(database: str, attach: list[Any] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One connection to ``database`` (a file path or ``:memory:``), attached sources, closed on exit."""
+    try:
+        con = duckdb.connect(database)
+    except duckdb.Error as exc:
+        raise SpecError(f"database {database!r}: cannot open ({exc})") from None
+    try:
+        for a in attach or []:
+            try:
+                con.execute(sql("attach", alias=a.alias, keywords={"type": a.type}), [a.path])
+            except duckdb.Error as exc:
+                raise SpecError(f"source.attach: cannot attach {a.path!r} as {a.alias!r} ({exc})") from None
+        yield con
+    finally:
+        con.close()
+
+
+def _split(table: str) -> tuple[str, str]:
+    schema, _, name = table.rpartition(".")
+    return schema or "main", name
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return bool(_scalar(con, sql("table_exists"), list(_split(table))))
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, statement: str, params: list[Any] | None = None) -> Any:
+    """The first value of a one-row result (fetched completely, so the connection is free again)."""
+    rows = con.execute(statement, params or []).fetchall()
+    return rows[0][0] if rows else None
+
+
+def staging_table(spec: JobSpec) -> str:
+    """Staging is per spec: an interrupted run of the same spec finds its finished shards there."""
+    schema, _ = _split(spec.output.table)
+    name = f"batchllm_staging_{spec.spec_hash[:16]}"
+    return name if schema == "main" else f"{schema}.{name}"
+
+
+# --- extract -----------------------------------------------------------------------------------
+
+
+def extract(spec: JobSpec) -> pa.Table:
+    """Run the job's query (up to ``limits.max_rows`` rows) and return it as Arrow.
+
+    Checks the query's columns against the spec before reading rows, and that ids
+    are present and unique (merge by id needs both).
+    """
+    with connect(spec.source.database, spec.source.attach) as con:
+        try:
+            columns = [d[0] for d in con.execute(sql("describe_query", query=spec.source.query)).description]
+        except duckdb.Error as exc:
+            raise SpecError(f"source.query: {exc}") from None
+        validate_columns(spec, columns)
+        table = con.sql(
+            sql("extract", query=spec.source.query), params=[spec.limits.max_rows]
+        ).to_arrow_table()
+    check_ids(table.column(spec.source.id_column), spec.source.id_column)
+    return table
+
+
+def describe(spec: JobSpec) -> list[str]:
+    """Column names of the job's query result (validates the query without reading rows)."""
+    with connect(spec.source.database, spec.source.attach) as con:
+        try:
+            return [d[0] for d in con.execute(sql("describe_query", query=spec.source.query)).description]
+        except duckdb.Error as exc:
+            raise SpecError(f"source.query: {exc}") from None
+
+
+def check_ids(ids: pa.ChunkedArray, column: str) -> None:
+    nulls = ids.null_count
+    if nulls:
+        raise SpecError(f"source.id_column: {nulls} row(s) have a null {column!r}; every row needs an id")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dup = next(c["values"] for c in counts.to_pylist() if c["counts"] > 1)
+        raise SpecError(
+            f"source.id_column: {column!r} is not unique in the query result (e.g. {dup!r} repeats)"
+        )
+
+
+def done_keys(spec: JobSpec, include_results: bool) -> pa.Table:
+    """(id, prompt_hash) with an ok result for this model + params in staging (and the results table)."""
+    parts: list[pa.Table] = []
+    tables = [staging_table(spec)] + ([spec.output.table] if include_results else [])
+    with connect(spec.output_database) as con:
+        for table in tables:
+            if table_exists(con, table):
+                q = sql("done_keys", table=table)
+                parts.append(con.sql(q, params=[spec.model, spec.params_hash]).to_arrow_table())
+    if not parts:
+        return pa.table({"id": pa.array([], pa.null()), "prompt_hash": pa.array([], pa.string())})
+    if len(parts) == 2 and parts[0].schema != parts[1].schema:
+        parts[1] = parts[1].cast(parts[0].schema)
+    return pa.concat_tables(parts)
+
+
+# --- load --------------------------------------------------------------------------------------
+
+
+def _register(con: duckdb.DuckDBPyConnection, table: pa.Table) -> str:
+    name = f"batchllm_arrow_{id(table):x}"
+    con.register(name, table)
+    return name
+
+
+def prune_staging(spec: JobSpec, keys: pa.Table) -> int:
+    """Keep only staged rows whose (id, prompt_hash) is among this run's rows. Returns rows dropped."""
+    with connect(spec.output_database) as con:
+        staging = staging_table(spec)
+        if not table_exists(con, staging):
+            return 0
+        before = _scalar(con, sql("count_rows", table=staging))
+        view = _register(con, keys.select(["id", "prompt_hash"]))
+        con.execute(sql("prune_staging", staging=staging, keys=view))
+        after = _scalar(con, sql("count_rows", table=staging))
+        return int(before - after)
+
+
+def stage(spec: JobSpec, rows: pa.Table) -> int:
+    """Append result rows (results_schema) to the spec's staging table, durably. Returns rows staged."""
+    if rows.num_rows == 0:
+        return 0
+    with connect(spec.output_database) as con:
+        staging = staging_table(spec)
+        view = _register(con, rows)
+        con.begin()
+        try:
+            con.execute(sql("create_like", table=staging, like=view))
+            con.execute(sql("insert_by_name", table=staging, batch=view))
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+    return rows.num_rows
+
+
+def load(spec: JobSpec, run: dict[str, Any]) -> int:
+    """Merge (or replace) staged rows into the results table and record ``run``, in one transaction.
+
+    Returns the number of rows written. With nothing staged the results table is
+    left as it is (merge) or emptied (replace), and the run is still recorded.
+    """
+    with connect(spec.output_database) as con:
+        staging = staging_table(spec)
+        results = spec.output.table
+        run_row = _register(con, runs_row(run))
+        con.begin()
+        try:
+            written = 0
+            if table_exists(con, staging):
+                written = int(_scalar(con, sql("count_rows", table=staging)))
+                con.execute(sql("create_like", table=results, like=staging))
+                statement = "replace_results" if spec.output.mode == "replace" else "merge_results"
+                con.execute(sql(statement, table=results, staging=staging))
+                con.execute(sql("drop_table", table=staging))
+            elif spec.output.mode == "replace" and table_exists(con, results):
+                con.execute(sql("delete_all", table=results))
+            con.execute(sql("create_like", table=spec.output.runs_table, like=run_row))
+            con.execute(sql("insert_by_name", table=spec.output.runs_table, batch=run_row))
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+    return written
+
+
+def runs_row(run: dict[str, Any]) -> pa.Table:
+    """One row of the runs table: scalars as columns, nested stats as JSON text."""
+    import json
+
+    out: dict[str, pa.Array] = {}
+    for key, value in run.items():
+        if isinstance(value, dict | list):
+            out[key] = pa.array([json.dumps(value, sort_keys=True, default=str)], pa.string())
+        elif isinstance(value, datetime):
+            out[key] = pa.array([value], pa.timestamp("us", tz="UTC"))
+        elif isinstance(value, bool):
+            out[key] = pa.array([value], pa.bool_())
+        elif isinstance(value, int):
+            out[key] = pa.array([value], pa.int64())
+        elif isinstance(value, float):
+            out[key] = pa.array([value], pa.float64())
+        else:
+            out[key] = pa.array([None if value is None else str(value)], pa.string())
+    return pa.table(out)
+
+
+# --- read back ---------------------------------------------------------------------------------
+
+
+def show(database: str, table: str, limit: int = 5) -> pa.Table:
+    """The first ``limit`` rows of ``table``."""
+    with connect(database) as con:
+        if not table_exists(con, table):
+            raise SpecError(f"table {table!r} does not exist in {database!r}")
+        return con.sql(sql("show_rows", table=table), params=[limit]).to_arrow_table()
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def timestamps(n: int, at: datetime) -> pa.Array:
+    return pa.array(np.full(n, np.datetime64(at.replace(tzinfo=None), "us")), pa.timestamp("us", tz="UTC"))

@@ -1,0 +1,2 @@
+-- A few rows of a table.
+SELECT * FROM @table LIMIT ?

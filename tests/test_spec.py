@@ -1,0 +1,149 @@
+"""JobSpec validation: every bad spec fails before any model work, with a message naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from batchllm.spec import JobSpec, SpecError, load_spec, parse_spec, validate_columns
+from tests.product_fixtures import spec_dict
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name", ["labeling.yaml", "summarizing.yaml"])
+def test_examples_load(name: str) -> None:
+    spec = load_spec(EXAMPLES / name)
+    assert isinstance(spec, JobSpec)
+    # Relative database paths resolve against the YAML file's folder.
+    assert Path(spec.source.database).is_absolute()
+    assert Path(spec.source.database).parent == (EXAMPLES.parent / "demo").resolve()
+
+
+def test_defaults(tmp_path: Path) -> None:
+    spec = parse_spec(spec_dict(tmp_path / "w.duckdb"))
+    assert spec.output.mode == "merge"
+    assert spec.incremental is False
+    assert spec.output_database == str(tmp_path / "w.duckdb")
+    assert spec.prompt.fields() == {"plot", "review"}
+
+
+def _error(data: dict) -> str:
+    with pytest.raises(SpecError) as exc:
+        parse_spec(data)
+    return str(exc.value)
+
+
+def test_unknown_fields_are_named(tmp_path: Path) -> None:
+    d = spec_dict(tmp_path / "w.duckdb")
+    d["sampling"] = {"max_tokenz": 5}
+    assert "sampling.max_tokenz: unknown field" in _error(d)
+    d = spec_dict(tmp_path / "w.duckdb", colour="blue")
+    assert "colour: unknown field" in _error(d)
+
+
+def test_template_syntax_error_names_the_template(tmp_path: Path) -> None:
+    d = spec_dict(tmp_path / "w.duckdb")
+    d["prompt"] = {"user": "Review: {{ review "}
+    msg = _error(d)
+    assert msg.count("prompt.user: template error") == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("output", "table"), 'labels"; DROP TABLE reviews; --', "output.table"),
+        (("output", "table"), "a.b.c", "output.table"),
+        (("output", "runs_table"), "runs tbl", "output.runs_table"),
+        (("source", "id_column"), "id)--", "source.id_column"),
+    ],
+)
+def test_unsafe_identifiers(tmp_path: Path, path: tuple[str, str], value: str, field: str) -> None:
+    d = spec_dict(tmp_path / "w.duckdb")
+    d[path[0]] = {**d[path[0]], path[1]: value}
+    msg = _error(d)
+    assert field in msg
+    assert "safe" in msg
+
+
+def test_schema_qualified_table_is_allowed(tmp_path: Path) -> None:
+    d = spec_dict(tmp_path / "w.duckdb")
+    d["output"] = {"table": "enrich.labels"}
+    assert parse_spec(d).output.table == "enrich.labels"
+
+
+def test_task_shapes(tmp_path: Path) -> None:
+    d = spec_dict(tmp_path / "w.duckdb", task={"kind": "classify"})
+    assert "task.labels" in _error(d)
+    d = spec_dict(tmp_path / "w.duckdb", task={"kind": "classify", "labels": ["a", "a"]})
+    assert "task.labels" in _error(d)
+    d = spec_dict(tmp_path / "w.duckdb", task={"kind": "generate", "labels": ["a", "b"]})
+    assert "task.labels" in _error(d)
+    d = spec_dict(tmp_path / "w.duckdb", task={"kind": "score"})
+    assert "task.candidates" in _error(d)
+    d = spec_dict(tmp_path / "w.duckdb", task={"kind": "rank"})
+    assert "task.kind" in _error(d)
+
+
+def test_inconsistent_options(tmp_path: Path) -> None:
+    d = spec_dict(tmp_path / "w.duckdb", incremental=True)
+    d["output"] = {"table": "labels", "mode": "replace"}
+    assert _error(d).count("incremental") >= 1
+    d = spec_dict(":memory:")
+    assert "output.database" in _error(d)
+    d = spec_dict(tmp_path / "w.duckdb", device="tpu")
+    assert "device" in _error(d)
+    d = spec_dict(tmp_path / "w.duckdb", sampling={"max_tokens": 0})
+    assert "sampling.max_tokens" in _error(d)
+
+
+def test_prompt_needs_user_or_template(tmp_path: Path) -> None:
+    d = spec_dict(tmp_path / "w.duckdb")
+    d["prompt"] = {"system": "hi"}
+    assert "prompt.user" in _error(d)
+    d["prompt"] = {"template": "{{ review }}", "user": "x"}
+    assert "prompt" in _error(d)
+
+
+def test_missing_columns_name_the_template(tmp_path: Path) -> None:
+    spec = parse_spec(spec_dict(tmp_path / "w.duckdb"))
+    validate_columns(spec, ["id", "plot", "review"])
+    with pytest.raises(SpecError, match=r"prompt.system: uses 'plot'"):
+        validate_columns(spec, ["id", "review"])
+    with pytest.raises(SpecError, match=r"source.id_column: column 'id'"):
+        validate_columns(spec, ["plot", "review"])
+
+
+def test_hashes(tmp_path: Path) -> None:
+    a = parse_spec(spec_dict(tmp_path / "w.duckdb"))
+    b = parse_spec(spec_dict(tmp_path / "w.duckdb", output={"table": "other"}))
+    c = parse_spec(spec_dict(tmp_path / "w.duckdb", sampling={"max_tokens": 9}))
+    assert a.spec_hash == parse_spec(spec_dict(tmp_path / "w.duckdb")).spec_hash
+    assert a.spec_hash != b.spec_hash
+    assert a.params_hash == b.params_hash  # where results go does not change them
+    assert a.params_hash != c.params_hash
+
+
+def test_load_spec_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("source: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_spec(listy)
+    typo = tmp_path / "typo.yaml"
+    d = spec_dict("w.duckdb")
+    d["output"] = {"tabel": "x"}
+    typo.write_text(yaml.safe_dump(d))
+    with pytest.raises(SpecError) as exc:
+        load_spec(typo)
+    msg = str(exc.value)
+    assert "output.tabel: unknown field" in msg
+    assert "output.table: Field required" in msg
+    assert str(typo) in msg

@@ -1,0 +1,200 @@
+"""Warehouse: extract from DuckDB files, Parquet, CSV and attached databases; staged, transactional loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from batchllm import warehouse
+from batchllm.spec import SpecError, parse_spec
+from tests.product_fixtures import make_reviews_db, query, review_rows, spec_dict
+
+
+def _spec(db: Path, **over):
+    return parse_spec(spec_dict(db, **over))
+
+
+def test_extract_duckdb_file(tmp_path: Path) -> None:
+    db = make_reviews_db(tmp_path / "w.duckdb", 12)
+    table = warehouse.extract(_spec(db))
+    assert table.num_rows == 12
+    assert table.column_names == ["id", "plot", "review"]
+    assert table.column("id").to_pylist() == list(range(12))
+    limited = warehouse.extract(_spec(db, limits={"max_rows": 5}))
+    assert limited.num_rows == 5
+
+
+def test_extract_parquet_and_csv(tmp_path: Path) -> None:
+    rows = review_rows(9)
+    data = pa.table({k: [r[i] for r in rows] for i, k in enumerate(["id", "plot", "review", "gold"])})
+    pq.write_table(data, tmp_path / "reviews.parquet")
+    pacsv.write_csv(data, tmp_path / "reviews.csv")
+    out = tmp_path / "out.duckdb"
+    for source in (f"read_parquet('{tmp_path / 'reviews.parquet'}')", f"'{tmp_path / 'reviews.csv'}'"):
+        spec = parse_spec(
+            spec_dict(
+                ":memory:",
+                source={
+                    "database": ":memory:",
+                    "query": f"SELECT id, plot, review FROM {source} ORDER BY id",
+                },
+                output={"database": str(out), "table": "labels"},
+            )
+        )
+        table = warehouse.extract(spec)
+        assert table.num_rows == 9
+        assert table.column("review").to_pylist() == [r[2] for r in rows]
+
+
+def test_extract_attached_database(tmp_path: Path) -> None:
+    other = make_reviews_db(tmp_path / "other.duckdb", 7)
+    spec = parse_spec(
+        spec_dict(
+            tmp_path / "main.duckdb",
+            source={
+                "database": str(tmp_path / "main.duckdb"),
+                "query": "SELECT id, plot, review FROM src.reviews",
+                "attach": [{"alias": "src", "path": str(other)}],
+            },
+        )
+    )
+    assert warehouse.extract(spec).num_rows == 7
+
+
+def test_extract_errors_name_the_field(tmp_path: Path) -> None:
+    db = make_reviews_db(tmp_path / "w.duckdb", 4)
+    with pytest.raises(SpecError, match=r"source\.query: .*nosuchtable"):
+        warehouse.extract(_spec(db, source={"database": str(db), "query": "SELECT * FROM nosuchtable"}))
+    with pytest.raises(SpecError, match=r"prompt\.user: uses 'review'"):
+        warehouse.extract(_spec(db, source={"database": str(db), "query": "SELECT id, plot FROM reviews"}))
+    dup = "SELECT id % 2 AS id, plot, review FROM reviews"
+    with pytest.raises(SpecError, match=r"source\.id_column: 'id' is not unique"):
+        warehouse.extract(_spec(db, source={"database": str(db), "query": dup}))
+    null = "SELECT CASE WHEN id = 1 THEN NULL ELSE id END AS id, plot, review FROM reviews"
+    with pytest.raises(SpecError, match="1 row\\(s\\) have a null 'id'"):
+        warehouse.extract(_spec(db, source={"database": str(db), "query": null}))
+
+
+def test_identifiers_are_quoted() -> None:
+    assert warehouse.quote_ident("labels") == '"labels"'
+    assert warehouse.quote_ident("s.labels") == '"s"."labels"'
+    with pytest.raises(ValueError, match="not a safe SQL identifier"):
+        warehouse.quote_ident('x"; DROP TABLE y; --')
+    text = warehouse.sql("merge_results", table="order", staging="select")
+    assert 'MERGE INTO "order"' in text and 'FROM "select"' in text
+    with pytest.raises(ValueError, match="plain word"):
+        warehouse.sql("attach", alias="a", keywords={"type": "duckdb); DROP"})
+
+
+def _results(spec, ids: list[int], run_id: str, label: str, status: str = "ok") -> pa.Table:
+    n = len(ids)
+    schema = warehouse.results_schema(pa.int32())
+    cols = {
+        "id": ids,
+        "prompt_hash": [f"h{i}" for i in ids],
+        "model": [spec.model] * n,
+        "params_hash": [spec.params_hash] * n,
+        "task": ["classify"] * n,
+        "output": [None] * n,
+        "label": [label] * n,
+        "score": [0.75] * n,
+        "label_probs": [[("positive", 0.75), ("negative", 0.25)]] * n,
+        "prompt_tokens": [10] * n,
+        "output_tokens": [0] * n,
+        "cached_tokens": [4] * n,
+        "finish_reason": ["stop"] * n,
+        "status": [status] * n,
+        "error": [None if status == "ok" else "boom"] * n,
+        "run_id": [run_id] * n,
+        "created_at": warehouse.timestamps(n, warehouse.now()),
+    }
+    return pa.table([pa.array(cols[f.name], f.type) for f in schema], schema=schema)
+
+
+def test_stage_and_merge(tmp_path: Path) -> None:
+    db = tmp_path / "w.duckdb"
+    spec = _spec(db)
+    assert warehouse.stage(spec, _results(spec, [1, 2, 3], "r1", "positive")) == 3
+    assert warehouse.done_keys(spec, include_results=False).num_rows == 3
+    assert warehouse.load(spec, {"run_id": "r1", "rows_ok": 3}) == 3
+    assert not query(db, "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'batchllm_staging%'")[0][
+        0
+    ]
+    # A second run: ids 3 and 4, with a newer staged row for 3 winning over an older one.
+    warehouse.stage(spec, _results(spec, [3], "r2", "stale"))
+    warehouse.stage(spec, _results(spec, [3, 4], "r2", "negative"))
+    warehouse.load(spec, {"run_id": "r2", "rows_ok": 2})
+    rows = query(db, "SELECT id, label, label_probs['positive'], run_id FROM labels ORDER BY id")
+    assert rows == [
+        (1, "positive", 0.75, "r1"),
+        (2, "positive", 0.75, "r1"),
+        (3, "negative", 0.75, "r2"),
+        (4, "negative", 0.75, "r2"),
+    ]
+    runs = query(db, "SELECT run_id, rows_ok FROM batchllm_runs ORDER BY run_id")
+    assert runs == [("r1", 3), ("r2", 2)]
+    types = dict(
+        query(db, "SELECT column_name, data_type FROM information_schema.columns WHERE table_name='labels'")
+    )
+    assert types["label_probs"] == "MAP(VARCHAR, DOUBLE)"
+    assert types["id"] == "INTEGER"
+    assert types["created_at"] == "TIMESTAMP WITH TIME ZONE"
+    keys = warehouse.done_keys(spec, include_results=True)
+    assert sorted(keys.column("id").to_pylist()) == [1, 2, 3, 4]
+
+
+def test_replace_mode(tmp_path: Path) -> None:
+    db = tmp_path / "w.duckdb"
+    merge = _spec(db)
+    warehouse.stage(merge, _results(merge, [1, 2, 3], "r1", "positive"))
+    warehouse.load(merge, {"run_id": "r1"})
+    replace = _spec(db, output={"table": "labels", "mode": "replace"})
+    warehouse.stage(replace, _results(replace, [2, 5], "r2", "negative"))
+    warehouse.load(replace, {"run_id": "r2"})
+    assert query(db, "SELECT id, label FROM labels ORDER BY id") == [(2, "negative"), (5, "negative")]
+    warehouse.load(replace, {"run_id": "r3"})  # nothing staged: replace empties the table
+    assert query(db, "SELECT count(*) FROM labels") == [(0,)]
+
+
+def test_failed_load_changes_nothing_and_keeps_staging(tmp_path: Path) -> None:
+    db = tmp_path / "w.duckdb"
+    spec = _spec(db)
+    warehouse.stage(spec, _results(spec, [1, 2], "r1", "positive"))
+    warehouse.load(spec, {"run_id": "r1", "rows_ok": 2})
+    warehouse.stage(spec, _results(spec, [2, 3], "r2", "negative"))
+    # A run record whose column type clashes with the runs table makes the load fail half-way.
+    with pytest.raises(duckdb.Error):
+        warehouse.load(spec, {"run_id": "r2", "rows_ok": "not a number"})
+    assert query(db, "SELECT id, label FROM labels ORDER BY id") == [(1, "positive"), (2, "positive")]
+    assert query(db, "SELECT count(*) FROM batchllm_runs") == [(1,)]
+    assert warehouse.done_keys(spec, include_results=False).num_rows == 2
+    warehouse.load(spec, {"run_id": "r2", "rows_ok": 2})
+    assert query(db, "SELECT id, label FROM labels ORDER BY id") == [
+        (1, "positive"),
+        (2, "negative"),
+        (3, "negative"),
+    ]
+
+
+def test_prune_staging_drops_stale_rows(tmp_path: Path) -> None:
+    db = tmp_path / "w.duckdb"
+    spec = _spec(db)
+    warehouse.stage(spec, _results(spec, [1, 2, 3], "r1", "positive"))
+    keys = pa.table({"id": pa.array([1, 2, 3], pa.int32()), "prompt_hash": ["h1", "changed", "h3"]})
+    assert warehouse.prune_staging(spec, keys) == 1
+    assert sorted(warehouse.done_keys(spec, include_results=False).column("id").to_pylist()) == [1, 3]
+
+
+def test_show(tmp_path: Path) -> None:
+    db = tmp_path / "w.duckdb"
+    spec = _spec(db)
+    warehouse.stage(spec, _results(spec, [1, 2, 3], "r1", "positive"))
+    warehouse.load(spec, {"run_id": "r1"})
+    assert warehouse.show(str(db), "labels", limit=2).num_rows == 2
+    with pytest.raises(SpecError, match="does not exist"):
+        warehouse.show(str(db), "nope")
