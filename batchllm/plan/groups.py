@@ -229,9 +229,10 @@ def make_plan(
     member_offsets = np.asarray(member_offsets, dtype=np.int64)
     members = np.asarray(members, dtype=np.int64)
     stats = compute_stats(table, max_tokens, duplicate_of, prefix_len, member_offsets, members)
-    if physical_first_level is not None and stats.logical_tokens:
+    if physical_first_level is not None:
         stats.physical_tokens_first_level = int(physical_first_level)
-        stats.saving_ratio_first_level = 1.0 - physical_first_level / stats.logical_tokens
+        logical = stats.logical_tokens
+        stats.saving_ratio_first_level = (1.0 - physical_first_level / logical) if logical else 0.0
     return Plan(table, max_tokens, duplicate_of, prefix_len, member_offsets, members, block_size, stats)
 
 
