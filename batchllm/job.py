@@ -88,14 +88,19 @@ def tokenizer_for(spec: JobSpec) -> tuple[Any, Path]:
         raise SpecError(message if message.startswith("model") else f"model: {message}") from None
 
 
-def prepare(spec: JobSpec, table: pa.Table, run_id: str | None = None) -> Prepared:
-    """Render rows, drop those with a result already (incremental) or staged by an interrupted run, tokenize."""
+def prepare(spec: JobSpec, table: pa.Table, run_id: str | None = None, dry_run: bool = False) -> Prepared:
+    """Render rows, drop those with a result already (incremental) or staged by an interrupted run, tokenize.
+
+    Staged rows of an interrupted run whose prompt changed since are deleted first,
+    unless ``dry_run`` (which writes nothing).
+    """
     started_at = warehouse.now()
     t0 = time.perf_counter()
     tokenizer, folder = tokenizer_for(spec)
     rows = render.render_rows(spec, table, tokenizer)
     t1 = time.perf_counter()
-    warehouse.prune_staging(spec, rows)
+    if not dry_run:
+        warehouse.prune_staging(spec, rows)
     recovered_keys = warehouse.done_keys(spec, include_results=False)
     rows, recovered = render.drop_done(rows, recovered_keys)
     skipped = 0
@@ -126,15 +131,23 @@ def plan(spec: JobSpec, prepared: Prepared) -> PlanInfo:
     if not token_ids:
         return PlanInfo(shards=[], stats={"logical_tokens": 0, "physical_tokens": 0, "saving_ratio": 0.0})
     decode = spec.sampling.max_tokens if spec.task.kind == "generate" else 0
-    built = build_plan(token_ids, max(decode, 1), block_size=spec.block_size)
-    shards = [np.asarray(s, dtype=np.int64).tolist() for s in shard_plan(built, spec.shards)]
-    shards = [s for s in shards if s]
-    return PlanInfo(shards=shards, stats=_plain(built.stats))
+    built = build_plan(token_ids, decode, block_size=spec.block_size)
+    parts = shard_plan(built, spec.shards) if spec.shards > 1 else [built]
+    shards = [_shard_inputs(part) for part in parts]
+    return PlanInfo(shards=[s for s in shards if s], stats=_plain(built.stats))
+
+
+def _shard_inputs(part: Any) -> list[int]:
+    """A shard's prompts in execution order: group members first, then any exact duplicates."""
+    members = part.members.tolist()
+    seen = set(members)
+    extra = [int(i) for i in part.inputs() if int(i) not in seen]
+    return members + extra
 
 
 def _plain(stats: Any) -> dict[str, Any]:
-    if hasattr(stats, "as_dict"):
-        return dict(stats.as_dict())
+    if hasattr(stats, "to_dict"):
+        return dict(stats.to_dict())
     if hasattr(stats, "__dataclass_fields__"):
         from dataclasses import asdict
 
@@ -304,3 +317,60 @@ def count_status(table: pa.Table) -> tuple[int, int]:
 
 
 Callback = Callable[[int, int], None]
+
+
+def dry_run(spec: JobSpec) -> dict[str, Any]:
+    """What a run would do, without loading weights or writing anything: rows, tokens, sharing, cost."""
+    check(spec)
+    table = warehouse.extract(spec)
+    prepared = prepare(spec, table, dry_run=True)
+    info = plan(spec, prepared)
+    decode = spec.sampling.max_tokens if spec.task.kind == "generate" else 0
+    ok_prompts = sum(len(s) for s in info.shards)
+    physical = int(info.stats.get("physical_tokens", 0))
+    compute_tokens = physical + decode * ok_prompts
+    params = model_params(Path(prepared.model_folder))
+    return {
+        "rows_total": prepared.rows_total,
+        "rows_skipped": prepared.rows_skipped,
+        "rows_recovered": prepared.rows_recovered,
+        "rows_to_run": prepared.prompts.num_rows,
+        "rows_error": int((prepared.prompts.row_prompt < 0).sum()),
+        "distinct_prompts": prepared.prompts.num_prompts,
+        "prompt_tokens": prepared.prompts.prompt_tokens_logical,
+        "planned_prompt_tokens": physical,
+        "saving_ratio": float(info.stats.get("saving_ratio", 0.0)),
+        "groups": int(info.stats.get("groups", 0)),
+        "shards": len(info.shards),
+        "max_decode_tokens": decode * ok_prompts,
+        "estimated_compute_tokens": compute_tokens,
+        "model_params": params,
+        "estimated_tflop": 2.0 * params * compute_tokens / 1e12 if params else None,
+        "planner": info.stats,
+    }
+
+
+def model_params(folder: Path) -> int | None:
+    """Parameter count of a Llama-family config.json (for cost estimates; no weights read)."""
+    import json
+
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    c = json.loads(path.read_text())
+    try:
+        h, inter, layers, vocab = (
+            c["hidden_size"],
+            c["intermediate_size"],
+            c["num_hidden_layers"],
+            c["vocab_size"],
+        )
+        heads = c["num_attention_heads"]
+        kv_heads = c.get("num_key_value_heads", heads)
+        head_dim = c.get("head_dim") or h // heads
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    attn = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2
+    per_layer = attn + 3 * h * inter + 2 * h
+    embed = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
+    return int(layers * per_layer + embed + h)

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -116,10 +117,10 @@ def _split(table: str) -> tuple[str, str]:
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    return bool(_scalar(con, sql("table_exists"), list(_split(table))))
+    return bool(scalar(con, sql("table_exists"), list(_split(table))))
 
 
-def _scalar(con: duckdb.DuckDBPyConnection, statement: str, params: list[Any] | None = None) -> Any:
+def scalar(con: duckdb.DuckDBPyConnection, statement: str, params: list[Any] | None = None) -> Any:
     """The first value of a one-row result (fetched completely, so the connection is free again)."""
     rows = con.execute(statement, params or []).fetchall()
     return rows[0][0] if rows else None
@@ -179,6 +180,8 @@ def done_keys(spec: JobSpec, include_results: bool) -> pa.Table:
     """(id, prompt_hash) with an ok result for this model + params in staging (and the results table)."""
     parts: list[pa.Table] = []
     tables = [staging_table(spec)] + ([spec.output.table] if include_results else [])
+    if not Path(spec.output_database).exists():
+        tables = []  # nothing written yet (and a dry run must not create the file)
     with connect(spec.output_database) as con:
         for table in tables:
             if table_exists(con, table):
@@ -206,10 +209,10 @@ def prune_staging(spec: JobSpec, keys: pa.Table) -> int:
         staging = staging_table(spec)
         if not table_exists(con, staging):
             return 0
-        before = _scalar(con, sql("count_rows", table=staging))
+        before = scalar(con, sql("count_rows", table=staging))
         view = _register(con, keys.select(["id", "prompt_hash"]))
         con.execute(sql("prune_staging", staging=staging, keys=view))
-        after = _scalar(con, sql("count_rows", table=staging))
+        after = scalar(con, sql("count_rows", table=staging))
         return int(before - after)
 
 
@@ -245,7 +248,7 @@ def load(spec: JobSpec, run: dict[str, Any]) -> int:
         try:
             written = 0
             if table_exists(con, staging):
-                written = int(_scalar(con, sql("count_rows", table=staging)))
+                written = int(scalar(con, sql("count_rows", table=staging)))
                 con.execute(sql("create_like", table=results, like=staging))
                 statement = "replace_results" if spec.output.mode == "replace" else "merge_results"
                 con.execute(sql(statement, table=results, staging=staging))

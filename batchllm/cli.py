@@ -1,0 +1,229 @@
+"""The `batchllm` command line: run a job, plan it (dry run), show result rows.
+
+Spec errors print one line naming the field and exit with status 2; a failed
+run exits with status 1. Prefect is imported only by ``run``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from batchllm.spec import SpecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+console = Console(stderr=True)
+out = Console()
+
+DEFAULT_DATABASE = "demo/warehouse.duckdb"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _is_yaml(path: Path) -> bool:
+    return path.suffix.lower() in {".yaml", ".yml"}
+
+
+@app.command()
+def run(
+    job: Annotated[Path, typer.Argument(help="job spec (YAML)")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Run a job through the Prefect flow (ephemeral Prefect unless PREFECT_API_URL is set)."""
+    from batchllm import job as steps
+    from batchllm.spec import load_spec
+
+    try:
+        spec = load_spec(job)
+        steps.check(spec)
+    except SpecError as exc:
+        _fail(str(exc))
+    try:
+        result = run_with_progress(spec, quiet=quiet)
+    except SpecError as exc:
+        _fail(str(exc))
+    except Exception as exc:
+        _fail(f"run failed: {type(exc).__name__}: {exc}", code=1)
+    _print_run(result)
+
+
+def run_with_progress(spec: Any, quiet: bool = False) -> dict[str, Any]:
+    """Run the enrich flow in this process with a terminal progress bar over the prompts."""
+    from batchllm import job as steps
+
+    with console.status("starting Prefect..."):
+        from batchllm.flows.enrich import enrich
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    )
+    bar = progress.add_task("prompts", total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(bar, completed=done, total=total)
+
+    with progress, steps.progress_listener(update):
+        return enrich(spec)
+
+
+def _print_run(run: dict[str, Any]) -> None:
+    table = Table(title=f"run {run['run_id']}", show_header=False)
+    for key in (
+        "rows_total",
+        "rows_skipped",
+        "rows_recovered",
+        "rows_processed",
+        "rows_ok",
+        "rows_error",
+        "distinct_prompts",
+        "prompt_tokens",
+        "output_tokens",
+        "planned_saving_ratio",
+        "achieved_saving_ratio",
+        "rows_per_s",
+        "tokens_per_s",
+    ):
+        value = run.get(key)
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    for key, value in run.get("timings", {}).items():
+        table.add_row(f"time.{key}", f"{value:.2f}s")
+    out.print(table)
+
+
+@app.command()
+def plan(
+    path: Annotated[Path, typer.Argument(help="job spec (YAML), or a JSONL/Parquet file of prompts")],
+    tokenizer: Annotated[
+        str | None, typer.Option(help="model folder or 'default' whose tokenizer encodes a prompt file")
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="KV block size used for planning")] = 16,
+    max_tokens: Annotated[int | None, typer.Option(help="decode tokens per prompt (prompt files)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Dry run: rows, tokens, prefix-sharing saving and estimated cost; no model work, nothing written."""
+    if not _is_yaml(path):
+        from batchllm.planfile import plan_file_command
+
+        plan_file_command(path, tokenizer, block_size, max_tokens, as_json)
+        return
+    from batchllm import job as steps
+    from batchllm.spec import load_spec
+
+    try:
+        spec = load_spec(path)
+        overrides: dict[str, Any] = {"block_size": block_size}
+        if max_tokens is not None:
+            overrides["sampling"] = spec.sampling.model_copy(update={"max_tokens": max_tokens})
+        spec = spec.model_copy(update=overrides)
+        with console.status("extracting, rendering and planning..."):
+            summary = steps.dry_run(spec)
+    except SpecError as exc:
+        _fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    table = Table(title=f"plan for {path.name}", show_header=False)
+    for key, value in summary.items():
+        if key == "planner":
+            continue
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+@app.command()
+def show(
+    table: Annotated[
+        str, typer.Argument(help="results table name, or a job spec (YAML) to show its output table")
+    ],
+    database: Annotated[
+        str | None, typer.Option("--database", "-d", help=f"DuckDB file (default {DEFAULT_DATABASE})")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="rows to show")] = 5,
+    all_columns: Annotated[
+        bool, typer.Option("--all", help="every column (default: the useful ones)")
+    ] = False,
+) -> None:
+    """Print a few rows of a table (for a results table: id, status and what the model produced)."""
+    from batchllm import warehouse
+    from batchllm.spec import load_spec
+
+    try:
+        if _is_yaml(Path(table)):
+            spec = load_spec(table)
+            table, database = spec.output.table, database or spec.output_database
+        database = database or DEFAULT_DATABASE
+        if database != ":memory:" and not Path(database).exists():
+            _fail(f"database {database!r} does not exist")
+        rows = warehouse.show(database, table, limit)
+    except (SpecError, ValueError) as exc:
+        _fail(str(exc))
+    names = rows.column_names if all_columns else _useful_columns(rows)
+    grid = Table(title=f"{table} ({database})")
+    for name in names:
+        grid.add_column(name, overflow="fold", max_width=60)
+    for row in rows.to_pylist():
+        grid.add_row(*(_cell(row[name]) for name in names))
+    out.print(grid)
+
+
+RESULT_COLUMNS = (
+    "id",
+    "status",
+    "label",
+    "label_probs",
+    "score",
+    "output",
+    "error",
+    "prompt_tokens",
+    "output_tokens",
+)
+
+
+def _useful_columns(rows: Any) -> list[str]:
+    """For a results table, the columns a reader wants (skipping all-null ones); else all columns."""
+    if not {"status", "prompt_hash", "run_id"} <= set(rows.column_names):
+        return list(rows.column_names)
+    return [c for c in RESULT_COLUMNS if c == "id" or rows.column(c).null_count < rows.num_rows]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list) and value and isinstance(value[0], tuple):  # a MAP as key/value pairs
+        return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+    text = str(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def main() -> None:
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

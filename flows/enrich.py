@@ -1,0 +1,212 @@
+"""The `enrich` flow: SQL rows in, a results table out.
+
+extract -> prepare (render + tokenize) -> plan -> infer (one task per shard,
+the engine created inside it) -> stage -> load -> report. Each task wraps one
+batchllm call; retries sit on the warehouse I/O; inference holds a slot of the
+global concurrency limit named for its device ("gpu" or "cpu") when that limit
+exists. Runs in Prefect's ephemeral mode without a server, or against one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+
+from batchllm import job, warehouse
+from batchllm.spec import JobSpec, SpecError, load_spec
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O failures, not a spec that cannot work (retrying it changes nothing)."""
+    return not isinstance(state.data, SpecError)
+
+
+@task(retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def extract(spec: JobSpec) -> pa.Table:
+    """Run the job's query into Arrow (validates columns and ids first)."""
+    return warehouse.extract(spec)
+
+
+@task(cache_policy=NO_CACHE)
+def prepare(spec: JobSpec, table: pa.Table) -> job.Prepared:
+    """Render and hash prompts, skip rows already done, dedup, tokenize."""
+    return job.prepare(spec, table)
+
+
+@task(cache_policy=NO_CACHE)
+def plan(spec: JobSpec, prepared: job.Prepared) -> job.PlanInfo:
+    """Group prompts by shared prefix and cut the plan into shards."""
+    return job.plan(spec, prepared)
+
+
+@task(cache_policy=NO_CACHE)
+def infer(
+    spec: JobSpec,
+    prepared: job.Prepared,
+    indices: list[int],
+    done_before: int,
+    total: int,
+    progress_id: Any,
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Run one shard on the job's device; returns its result rows and engine stats."""
+    logger = get_run_logger()
+    device = job.device_name(spec)
+    limit = "gpu" if device == "cuda" else "cpu"
+    reporter = _Progress(progress_id, done_before, total)
+    token_ids = [prepared.prompts.token_ids[i] for i in indices]
+    logger.info("shard: %d prompts on %s (concurrency limit %r)", len(indices), device, limit)
+    with concurrency(limit, occupy=1, strict=False):
+        outcomes, stats = job.infer_shard(spec, token_ids, progress=reporter)
+    reporter.finish(len(indices))
+    rows = job.result_rows(spec, prepared, indices, outcomes)
+    ok, errors = job.count_status(rows)
+    logger.info("shard done: %d rows ok, %d errors, %.1fs", ok, errors, stats.get("run_s", 0.0))
+    return rows, stats
+
+
+@task(retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def stage(spec: JobSpec, rows: pa.Table) -> int:
+    """Append result rows to the job's staging table (durable before the merge)."""
+    return warehouse.stage(spec, rows)
+
+
+@task(retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def load(spec: JobSpec, run: dict[str, Any]) -> int:
+    """Merge staging into the results table and record the run, in one transaction."""
+    return warehouse.load(spec, run)
+
+
+@task(cache_policy=NO_CACHE)
+def report(spec: JobSpec, run: dict[str, Any]) -> None:
+    """Publish the run's statistics as markdown and table artifacts."""
+    key = _artifact_key(spec)
+    create_markdown_artifact(
+        markdown=job.markdown_report(run, spec.output.table),
+        key=f"{key}-report",
+        description="run statistics",
+    )
+    create_table_artifact(table=job.stats_table(run), key=f"{key}-stats", description="run statistics")
+
+
+@flow(name="enrich", log_prints=True)
+def enrich(spec: JobSpec | str) -> dict[str, Any]:
+    """Enrich the rows of a SQL query with LLM outputs into a results table."""
+    logger = get_run_logger()
+    if isinstance(spec, str | Path):
+        spec = load_spec(spec)
+    job.check(spec)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    table = extract(spec)
+    timings["extract_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    prepared = prepare(spec, table)
+    timings["prepare_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    plan_info = plan(spec, prepared)
+    timings["plan_s"] = time.perf_counter() - t
+    logger.info(
+        "%d rows read, %d skipped (done), %d recovered from an interrupted run, %d to run (%d distinct prompts)",
+        prepared.rows_total,
+        prepared.rows_skipped,
+        prepared.rows_recovered,
+        prepared.prompts.num_rows,
+        prepared.prompts.num_prompts,
+    )
+    counts = {"rows_processed": 0, "rows_ok": 0, "rows_error": 0}
+    errors = job.error_rows(spec, prepared)
+    if errors.num_rows:
+        stage(spec, errors)
+        counts["rows_processed"] += errors.num_rows
+        counts["rows_error"] += errors.num_rows
+        logger.warning("%d rows failed before inference, e.g. %s", errors.num_rows, errors.column("error")[0])
+    engine_stats: list[dict[str, Any]] = []
+    t = time.perf_counter()
+    if plan_info.shards:
+        total = sum(len(s) for s in plan_info.shards)
+        progress_id = create_progress_artifact(
+            progress=0.0, key=f"{_artifact_key(spec)}-progress", description=f"prompts of {spec.output.table}"
+        )
+        done = 0
+        for indices in plan_info.shards:
+            rows, stats = infer(spec, prepared, indices, done, total, progress_id)
+            stage(spec, rows)
+            done += len(indices)
+            ok, err = job.count_status(rows)
+            counts["rows_processed"] += rows.num_rows
+            counts["rows_ok"] += ok
+            counts["rows_error"] += err
+            engine_stats.append(stats)
+    else:
+        logger.info("nothing to run: no model is loaded")
+    timings["infer_s"] = time.perf_counter() - t
+    device = job.device_name(spec) if plan_info.shards else "none"
+    run = job.run_record(spec, prepared, plan_info, engine_stats, counts, timings, device)
+    t = time.perf_counter()
+    written = load(spec, run)
+    timings["load_s"] = time.perf_counter() - t
+    run["timings"]["load_s"] = timings["load_s"]
+    run["rows_written"] = written
+    report(spec, run)
+    logger.info(job.markdown_report(run, spec.output.table))
+    return _jsonable(run)
+
+
+class _Progress:
+    """Engine progress -> the Prefect progress artifact (throttled) and any terminal listeners."""
+
+    def __init__(self, artifact_id: Any, done_before: int, total: int) -> None:
+        self.artifact_id = artifact_id
+        self.done_before = done_before
+        self.total = max(total, 1)
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        overall = self.done_before + done
+        job.notify_progress(overall, self.total)
+        now = time.monotonic()
+        if now - self.last >= 1.0:
+            self.last = now
+            update_progress_artifact(self.artifact_id, progress=100.0 * overall / self.total)
+
+    def finish(self, shard_size: int) -> None:
+        overall = self.done_before + shard_size
+        job.notify_progress(overall, self.total)
+        update_progress_artifact(self.artifact_id, progress=100.0 * overall / self.total)
+
+
+def _artifact_key(spec: JobSpec) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    raw = (spec.name or spec.output.table).lower()
+    return "".join(c if c.isalnum() else "-" for c in raw).strip("-") or "batchllm"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+if __name__ == "__main__":
+    import sys
+
+    enrich(sys.argv[1])
