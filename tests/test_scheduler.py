@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from batchllm.engine.scheduler import Scheduler, SchedulerStats
 from batchllm.engine.sequence import Sequence, SequenceStatus
 
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @dataclass
