@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchllm.plan import Plan, TokenTable, build_plan, shard_plan
+from batchllm.plan import Plan, build_plan, shard_plan
 from batchllm.plan import groups as groups_mod
+from batchllm.plan import tree as tree_mod
 from batchllm.plan.reference import reference_physical_tokens, reference_plan
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -202,26 +203,26 @@ def test_gain_rule_promotes_only_when_it_pays() -> None:
 
 
 def test_hash_collisions_cost_time_not_correctness(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With seed 0 every block hashes alike; verification must reject that trie and rebuild."""
-    real = groups_mod.block_hashes
+    """With seed 0 every block hashes alike: the exact checks must notice and rebuild."""
+    real = tree_mod.hash_words
     seeds: list[int] = []
 
-    def colliding(table: TokenTable, block_size: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    def colliding(words: np.ndarray, seed: int) -> np.ndarray:
         seeds.append(seed)
-        bh = real(table, block_size, seed)
-        if seed == 0:
-            bh.hashes[:] = 1
-        return bh
+        h = real(words, seed)
+        return np.ones_like(h) if seed == 0 else h
 
-    monkeypatch.setattr(groups_mod, "block_hashes", colliding)
+    monkeypatch.setattr(tree_mod, "hash_words", colliding)
+    monkeypatch.setattr(groups_mod, "hash_words", colliding)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 100, rng.integers(1, 40)).astype(np.int32) for _ in range(50)]
     prompts += [np.array([5] * 20 + [i]) for i in range(4)]
+    prompts += [np.array([5] * 19 + [7, 1]), np.array([5] * 19 + [7, 2]), np.array([5] * 19 + [7, 1])]
     plan = build_plan(prompts, 1, block_size=4)
     _check_invariants(plan, prompts)
-    assert plan.stats.duplicates == 0
-    assert 20 in plan.prefix_len.tolist()
-    assert seeds == [0, 1]
+    assert plan.stats.duplicates == 1
+    assert plan.prefix_len.max() == 16
+    assert seeds[0] == 0 and max(seeds) == 1
 
 
 def test_rejects_bad_input() -> None:

@@ -22,9 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from .tree import TokenTable, Trie, block_hashes, build_trie, concat_ranges, row_hashes
+from .tree import (
+    HashCollision,
+    TokenTable,
+    Trie,
+    as_words,
+    build_trie,
+    concat_ranges,
+    hash_words,
+    remove_positions,
+)
 
-_VERIFY_CHUNK = 1 << 23  # tokens compared per chunk when checking prefixes and duplicates
 _MAX_SEEDS = 4
 
 
@@ -189,18 +197,21 @@ def build_plan(
     mt = np.broadcast_to(np.asarray(max_tokens, dtype=np.int64), (n,)).copy()
     if n and mt.min() < 0:
         raise ValueError("max_tokens must be >= 0")
-    for attempt in range(_MAX_SEEDS):
-        bh = block_hashes(table, block_size, seed + attempt)
-        duplicate_of = _find_duplicates(table, bh, seed + attempt) if dedup else np.arange(n, dtype=np.int64)
+    if not share:
+        duplicate_of = _duplicates_by_sorting(table, block_size) if dedup else np.arange(n, dtype=np.int64)
         reps = np.flatnonzero(duplicate_of == np.arange(n))
-        if not share:
-            ones = np.zeros(reps.size, dtype=np.int64)
-            return make_plan(table, mt, duplicate_of, ones, np.arange(reps.size + 1), reps, block_size)
-        trie = build_trie(reps, bh.count - 1, bh)
+        ones = np.zeros(reps.size, dtype=np.int64)
+        return make_plan(table, mt, duplicate_of, ones, np.arange(reps.size + 1), reps, block_size)
+    for attempt in range(_MAX_SEEDS):
+        try:
+            trie = build_trie(table, np.arange(n, dtype=np.int64), block_size, seed + attempt)
+        except HashCollision:
+            continue
+        duplicate_of = np.arange(n, dtype=np.int64)
+        if dedup:
+            trie = _collapse_duplicates(table, trie, block_size, duplicate_of, seed + attempt)
         depth, offsets, positions = choose_groups(trie, maximize)
         members = trie.order[positions]
-        if not _prefixes_match(table, depth * block_size, offsets, members):
-            continue  # a block-hash collision merged different blocks: rebuild with another seed
         plain = np.setdiff1d(trie.order, members, assume_unique=True)
         prefix_len = np.concatenate((depth * block_size, np.zeros(plain.size, dtype=np.int64)))
         offsets = np.concatenate((offsets, offsets[-1] + np.arange(1, plain.size + 1)))
@@ -360,64 +371,59 @@ def _first_level_physical(trie: Trie, lengths: np.ndarray, block_size: int) -> i
     return total - int(((e1 - s1 - 1) * depth).sum()) * block_size
 
 
-def tokens_equal(table: TokenTable, a: np.ndarray, b: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Per pair k: are the first n[k] tokens of prompts a[k] and b[k] equal? (chunked, vectorized)"""
-    out = np.ones(a.size, dtype=bool)
-    values, offsets = table.values, table.offsets
-    n = np.asarray(n, dtype=np.int64)
-    cum = np.cumsum(n)
-    lo = 0
-    while lo < a.size:
-        base = cum[lo] - n[lo]
-        hi = max(lo + 1, int(np.searchsorted(cum, base + _VERIFY_CHUNK, side="right")))
-        hi = min(hi, a.size)
-        sel = slice(lo, hi)
-        lens = n[sel]
-        has = lens > 0
-        if has.any():
-            ia = concat_ranges(offsets[a[sel]][has], lens[has])
-            delta = np.repeat(offsets[b[sel]][has] - offsets[a[sel]][has], lens[has])
-            bad = values[ia] != values[ia + delta]
-            if bad.any():
-                pair_bad = np.logical_or.reduceat(bad, np.cumsum(lens[has]) - lens[has])
-                out[np.arange(lo, hi)[has][pair_bad]] = False
-        lo = hi
+def _collapse_duplicates(
+    table: TokenTable, trie: Trie, block_size: int, duplicate_of: np.ndarray, seed: int
+) -> Trie:
+    """Find exact duplicates among rows that ended tied in the trie (same usable blocks):
+    they are duplicates when their last, partial block and length match too. Fills
+    duplicate_of (the lowest input index of each set represents it) and returns the
+    trie without the other copies."""
+    cand = np.flatnonzero(trie.tie >= 0)
+    if cand.size == 0:
+        return trie
+    rows = trie.order[cand]
+    dup = _equal_tails(table, rows, trie.tie[cand], block_size, seed)
+    duplicate_of[rows] = rows[dup]
+    return remove_positions(trie, cand[dup != np.arange(cand.size)])
+
+
+def _equal_tails(
+    table: TokenTable, rows: np.ndarray, run: np.ndarray, block_size: int, seed: int
+) -> np.ndarray:
+    """For rows already known to agree within each ``run`` label up to their last block: index
+    (into rows) of the lowest-index row with the same run, length and last block."""
+    lengths = table.lengths[rows]
+    start = (lengths - 1) // block_size * block_size
+    idx = (table.offsets[rows] + start)[:, None] + np.arange(block_size, dtype=np.int64)
+    inside = np.arange(block_size) < (lengths - start)[:, None]
+    tail = np.where(inside, table.values[np.minimum(idx, max(table.values.size - 1, 0))], -1)
+    words = np.concatenate((as_words(tail.astype(np.int64)), lengths.astype(np.uint64)[:, None]), axis=1)
+    key = hash_words(words, seed)
+    order = np.lexsort((rows, key, run))
+    w = words[order]
+    same = (run[order][1:] == run[order][:-1]) & (w[1:] == w[:-1]).all(axis=1)
+    flags = np.concatenate(([True], ~same))
+    first = order[np.flatnonzero(flags)][np.cumsum(flags) - 1]
+    out = np.empty(rows.size, dtype=np.int64)
+    out[order] = first
     return out
 
 
-def _prefixes_match(
-    table: TokenTable, prefix_len: np.ndarray, offsets: np.ndarray, members: np.ndarray
-) -> bool:
-    """Each member's prefix equals the previous member's in its group (so all equal the first's)."""
-    if members.size < 2:
-        return True
-    sizes = np.diff(offsets)
-    plen = np.repeat(prefix_len, sizes)
-    same = np.ones(members.size, dtype=bool)
-    same[offsets[:-1]] = False  # first member of each group has no predecessor
-    k = np.flatnonzero(same)
-    return bool(tokens_equal(table, members[k - 1], members[k], plen[k]).all())
-
-
-def _find_duplicates(table: TokenTable, bh: Any, seed: int) -> np.ndarray:
-    """duplicate_of: candidates share length and two 64-bit row hashes; each is then
-    compared token by token with the first (lowest input index) of its run."""
+def _duplicates_by_sorting(table: TokenTable, block_size: int) -> np.ndarray:
+    """duplicate_of without building a trie (for the plan without sharing)."""
     n = table.n
     dup = np.arange(n, dtype=np.int64)
     if n < 2:
         return dup
-    h1 = row_hashes(bh, seed * 2 + 1)
-    h2 = row_hashes(bh, seed * 2 + 2)
-    lengths = table.lengths
-    order = np.lexsort((h2, h1, lengths))
-    same = (lengths[order[1:]] == lengths[order[:-1]]) & (h1[order[1:]] == h1[order[:-1]])
-    same &= h2[order[1:]] == h2[order[:-1]]
-    if not same.any():
-        return dup
-    flags = np.concatenate(([True], ~same))
-    run_first = order[np.flatnonzero(flags)][np.cumsum(flags) - 1]
-    cand = np.flatnonzero(~flags)
-    rows, firsts = order[cand], run_first[cand]
-    ok = tokens_equal(table, firsts, rows, lengths[rows])
-    dup[rows[ok]] = firsts[ok]
+    trie = build_trie_safe(table, block_size)
+    _collapse_duplicates(table, trie, block_size, dup, 0)
     return dup
+
+
+def build_trie_safe(table: TokenTable, block_size: int) -> Trie:
+    for seed in range(_MAX_SEEDS):
+        try:
+            return build_trie(table, np.arange(table.n, dtype=np.int64), block_size, seed)
+        except HashCollision:
+            continue
+    raise RuntimeError("planner: block hashes kept colliding; this should not happen")

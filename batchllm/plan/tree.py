@@ -8,14 +8,14 @@ the one holding the last token) are the symbols of its string in the tree. Any
 prefix the planner picks is then automatically a multiple of the block size and
 leaves every member a non-empty suffix.
 
-Each block is named by a 64-bit hash of its tokens (vectorized over all blocks).
-Sorting the block strings (MSD radix refinement, one block per round, only over
-rows that still tie with another row) gives a trie order: rows sharing any
-prefix are contiguous. The LCP of adjacent rows and the trie nodes (sorted-
-position intervals per depth) fall out of the same rounds. Hashes can collide,
-so the planner checks every shared prefix it emits token by token and rebuilds
-with another seed when a check fails (see ``groups.build_plan``): a collision
-costs time, never a wrong plan.
+Rows are sorted MSD-radix style, one block per round, and only rows that
+still tie with another row stay in play: this gives the trie order (rows
+sharing any prefix are contiguous), the LCP of adjacent rows and the trie nodes
+(sorted-position intervals per depth) in one pass whose cost follows the shared
+structure, not the prompt lengths. Blocks are compared exactly (as 64-bit
+words); a 64-bit hash is used only to sort a segment whose rows differ, and
+every run of equal hashes is checked exactly, so a hash collision can cost a
+rebuild with another seed but never merge different prefixes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 _U64 = np.uint64
-_CHUNK_BLOCKS = 1 << 22  # blocks hashed per chunk: bounds temporary memory to a few hundred MB
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,71 +118,83 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _position_keys(block_size: int, seed: int) -> np.ndarray:
-    keys = _mix(np.arange(1, block_size + 1, dtype=np.uint64) * _U64(0x9E3779B97F4A7C15) + _U64(seed))
-    return keys | _U64(1)  # odd multipliers are invertible mod 2^64
+def _word_keys(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    base = np.arange(1, 2 * count + 1, dtype=np.uint64) * _U64(0x9E3779B97F4A7C15) + _U64(seed)
+    keys = _mix(base)
+    return keys[:count], keys[count:] | _U64(1)  # (xor masks, odd multipliers)
 
 
-@dataclass(frozen=True, eq=False)
-class BlockHashes:
-    """Hash of every block of every prompt; blocks of prompt i are ``hashes[start[i]:start[i+1]]``.
+def hash_words(words: np.ndarray, seed: int) -> np.ndarray:
+    """A nonzero 64-bit hash of each row of a 2-D uint64 array (used to sort, never trusted)."""
+    masks, mults = _word_keys(words.shape[1], seed)
+    h = np.zeros(words.shape[0], dtype=np.uint64)
+    for w in range(words.shape[1]):
+        h += (words[:, w] ^ masks[w]) * mults[w]
+        h ^= h >> _U64(29)
+    _mix(h)
+    h[h == 0] = 1
+    return h
 
-    The last block of a prompt may be partial (1..B tokens); its length is part
-    of its hash. Hashes are never 0, so 0 can mark "string ended" in the sort.
+
+class BlockReader:
+    """Reads one block of B tokens for many rows at once, as rows of uint64 words.
+
+    A strided view gives every token position a B-token record, so a gather is
+    one small memcpy per row instead of B element lookups. Two ids share a word
+    when all ids fit in 32 bits; the words depend on the ids only, not on the
+    input dtype, so int32 Arrow lists and int64 arrays give the same plan.
     """
 
-    hashes: np.ndarray
-    start: np.ndarray
+    def __init__(self, values: np.ndarray, block_size: int) -> None:
+        narrow = _fits_int32(values)
+        self.dtype = np.dtype(np.int32 if narrow else np.int64)
+        self.values = np.ascontiguousarray(values, dtype=self.dtype)
+        self.block_size = block_size
+        self.pad = narrow and block_size % 2 == 1
+        self.nwords = (block_size + 1) // 2 if narrow else block_size
+        count = self.values.size - block_size + 1
+        itemsize = self.dtype.itemsize
+        self.view = (
+            np.ndarray(
+                (count,),
+                dtype=np.dtype((np.void, block_size * itemsize)),
+                buffer=self.values,
+                strides=(itemsize,),
+            )
+            if count > 0
+            else None
+        )
 
-    @property
-    def count(self) -> np.ndarray:
-        return np.diff(self.start)
-
-
-def block_hashes(table: TokenTable, block_size: int, seed: int = 0) -> BlockHashes:
-    lengths = table.lengths
-    nblocks = (lengths + block_size - 1) // block_size
-    start = np.zeros(table.n + 1, dtype=np.int64)
-    np.cumsum(nblocks, out=start[1:])
-    total = int(start[-1])
-    out = np.empty(total, dtype=np.uint64)
-    keys = _position_keys(block_size, seed)
-    values, offsets = table.values, table.offsets
-    last = max(values.size - 1, 0)
-    for lo in range(0, total, _CHUNK_BLOCKS):
-        hi = min(total, lo + _CHUNK_BLOCKS)
-        ids = np.arange(lo, hi, dtype=np.int64)
-        row = np.searchsorted(start, ids, side="right") - 1
-        k = ids - start[row]
-        first = offsets[row] + k * block_size
-        blen = np.minimum(block_size, lengths[row] - k * block_size)
-        h = np.full(hi - lo, _U64(seed) ^ _U64(0x243F6A8885A308D3), dtype=np.uint64)
-        for u in range(block_size):
-            idx = np.minimum(first + u, last)
-            tok = values[idx].astype(np.uint64)
-            if u:
-                tok[blen <= u] = 0
-            h ^= tok
-            h *= keys[u]
-            h ^= h >> _U64(29)
-        h ^= blen.astype(np.uint64) * _U64(0xD6E8FEB86659FD93)
-        _mix(h)
-        h[h == 0] = 1
-        out[lo:hi] = h
-    return BlockHashes(out, start)
+    def read(self, starts: np.ndarray) -> np.ndarray:
+        """Words of tokens [s, s + B) for each start s (starts must leave B tokens in the array)."""
+        if self.view is None or starts.size == 0:
+            return np.zeros((starts.size, self.nwords), dtype=np.uint64)
+        mat = self.view[starts].view(self.dtype).reshape(starts.size, self.block_size)
+        if self.pad:
+            mat = np.concatenate((mat, np.zeros((starts.size, 1), dtype=self.dtype)), axis=1)
+        return mat.view(np.uint64)
 
 
-def row_hashes(bh: BlockHashes, seed: int) -> np.ndarray:
-    """A position-sensitive 64-bit hash of each whole prompt (from its block hashes)."""
-    count = bh.count
-    k = np.arange(bh.hashes.size, dtype=np.uint64) - np.repeat(bh.start[:-1], count).astype(np.uint64)
-    x = bh.hashes ^ _mix(k * _U64(0x9E3779B97F4A7C15) + _U64(seed))
-    _mix(x)
-    if np.any(count == 0):
-        raise ValueError("prompts: empty prompts are not allowed")
-    if x.size == 0:
-        return np.zeros(count.size, dtype=np.uint64)
-    return np.add.reduceat(x, bh.start[:-1])
+def as_words(mat: np.ndarray, narrow: bool = False) -> np.ndarray:
+    """Rows of token ids as rows of uint64 words: two ids per word when they fit in 32 bits.
+
+    The words depend on the ids only, not on the input dtype, so plans are the
+    same whether the prompts came as int32 Arrow lists or int64 numpy arrays.
+    """
+    if not narrow:
+        return mat.astype(np.int64).view(np.uint64)
+    mat = mat.astype(np.int32, copy=False)
+    if mat.shape[1] % 2:
+        mat = np.concatenate((mat, np.zeros((mat.shape[0], 1), dtype=np.int32)), axis=1)
+    return np.ascontiguousarray(mat).view(np.uint64)
+
+
+def _fits_int32(values: np.ndarray) -> bool:
+    if values.dtype in (np.int32, np.int16, np.int8, np.uint16, np.uint8):
+        return True
+    if values.size == 0:
+        return True
+    return bool(values.min() >= -(2**31) and values.max() < 2**31)
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,62 +206,113 @@ class Trie:
     the trie nodes at depth d blocks that hold at least two rows, as sorted
     half-open position intervals ``(starts, ends)``; nodes of one depth are
     disjoint and each lies inside exactly one node of the depth above.
+    tie[p] >= 0 when row order[p] ended (ran out of usable blocks) together
+    with other rows holding the very same usable blocks: the trie position of
+    the first of them. Only such rows can be exact duplicates.
     """
 
     order: np.ndarray
     lcp: np.ndarray
     levels: list[tuple[np.ndarray, np.ndarray]]
+    tie: np.ndarray
 
 
-def build_trie(rows: np.ndarray, usable: np.ndarray, bh: BlockHashes) -> Trie:
-    """MSD radix refinement: round j orders every still-tied segment by its rows' block j.
+class HashCollision(Exception):
+    """Two different blocks got the same hash; the caller rebuilds with another seed."""
 
-    Only rows that tie with another row on all blocks so far stay active, and
-    only segments whose keys differ are sorted, so the cost follows the shared
-    structure rather than the prompt lengths.
+
+def build_trie(table: TokenTable, rows: np.ndarray, block_size: int, seed: int = 0) -> Trie:
+    """MSD radix refinement over usable blocks: round j orders every still-tied segment by
+    its rows' block j.
+
+    Only rows that tie with another row on all blocks so far stay active. A
+    segment whose rows all hold the same block j (checked exactly, word by word)
+    needs no sort; the others are sorted by a hash of the block, and runs of
+    equal hash are checked exactly too, so the trie is exact: a collision raises
+    HashCollision instead of merging different prefixes.
     """
     n = rows.size
+    usable = (table.lengths - 1) // block_size
     order = rows.astype(np.int64, copy=True)
     lcp = np.zeros(n, dtype=np.int64)
+    tie = np.full(n, -1, dtype=np.int64)
     levels: list[tuple[np.ndarray, np.ndarray]] = []
     pos = np.arange(n, dtype=np.int64)
     seg = np.zeros(n, dtype=np.int64)
-    hashes, start = bh.hashes, bh.start
+    reader = BlockReader(table.values, block_size)
     j = 0
     while pos.size > 1:
         r = order[pos]
         has = usable[r] > j
-        key = np.zeros(pos.size, dtype=np.uint64)
-        key[has] = hashes[start[r[has]] + j]
+        words = reader.read(np.where(has, table.offsets[r] + j * block_size, 0))
+        words[~has] = 0
         same = seg[1:] == seg[:-1]
-        change = same & (key[1:] != key[:-1])
-        if change.any():
+        eq = same & has[1:] & has[:-1] & (words[1:] == words[:-1]).all(axis=1)
+        varies_pair = same & ~eq
+        if varies_pair.any():
             seg_first = np.flatnonzero(np.concatenate(([True], ~same)))
-            varies = np.logical_or.reduceat(np.concatenate((change, [False])), seg_first)
+            varies = np.logical_or.reduceat(np.concatenate((varies_pair, [False])), seg_first)
             sizes = np.diff(np.append(seg_first, pos.size))
-            sub = np.flatnonzero(np.repeat(varies, sizes))
-            perm = np.lexsort((key[sub], seg[sub]))
-            r[sub] = r[sub][perm]
-            key[sub] = key[sub][perm]
-            order[pos] = r
-            change = same & (key[1:] != key[:-1])
-        lcp[pos[1:][change]] = j
+            sub = np.flatnonzero(np.repeat(varies, sizes))  # whole segments whose rows differ
+            key = np.zeros(sub.size, dtype=np.uint64)
+            sub_has = has[sub]
+            key[sub_has] = hash_words(words[sub[sub_has]], seed)
+            perm = np.lexsort((key, seg[sub]))
+            src = sub[perm]
+            key, w, h = key[perm], words[src], has[src]
+            order[pos[sub]] = r[src]
+            has[sub] = h
+            pair = sub[1:] - 1  # positions (pair, pair + 1), both in sub when same[pair]
+            inside = same[pair]
+            eq_sub = h[1:] & h[:-1] & (w[1:] == w[:-1]).all(axis=1)
+            if (inside & (key[1:] == key[:-1]) & (key[1:] != 0) & ~eq_sub).any():
+                raise HashCollision(f"block hash collision at depth {j} (seed {seed})")
+            eq[pair[inside]] = eq_sub[inside]
+        ended = same & ~has[1:] & ~has[:-1]
+        change = same & ~(eq | ended)
+        lcp[pos[1:][change | ended]] = j
         flags = np.concatenate(([True], ~same | change))
         run_first = np.flatnonzero(flags)
         run_size = np.diff(np.append(run_first, pos.size))
         run_id = np.cumsum(flags) - 1
-        run_key = key[run_first]
-        node = (run_size >= 2) & (run_key != 0)
+        first_has = has[run_first]
+        node = (run_size >= 2) & first_has
         levels.append((pos[run_first[node]], pos[run_first[node] + run_size[node] - 1] + 1))
-        ended_pair = ~flags & (key == 0)  # rows with equal usable blocks that all end here
-        lcp[pos[ended_pair]] = j
+        tied = ((run_size >= 2) & ~first_has)[run_id]
+        tie[pos[tied]] = pos[run_first][run_id][tied]
         keep = node[run_id]
         seg = pos[run_first][run_id][keep]
         pos = pos[keep]
         j += 1
     while levels and levels[-1][0].size == 0:
         levels.pop()
-    return Trie(order, lcp, levels)
+    return Trie(order, lcp, levels, tie)
+
+
+def remove_positions(trie: Trie, drop: np.ndarray) -> Trie:
+    """The trie without the rows at the given positions (e.g. exact duplicates)."""
+    keep = np.ones(trie.order.size, dtype=bool)
+    keep[drop] = False
+    kept = np.flatnonzero(keep)
+    if kept.size == trie.order.size:
+        return trie
+    if kept.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return Trie(empty, empty, [], empty)
+    # the LCP of two rows that end up adjacent is the minimum over the pairs in between
+    bounds = np.concatenate(([0], kept[:-1] + 1))
+    lcp = np.minimum.reduceat(trie.lcp, bounds)
+    lcp[0] = 0
+    before = np.concatenate(([0], np.cumsum(keep)))
+    levels = []
+    for s, e in trie.levels:
+        ns, ne = before[s], before[e]
+        big = ne - ns >= 2
+        levels.append((ns[big], ne[big]))
+    while levels and levels[-1][0].size == 0:
+        levels.pop()
+    tie = np.where(trie.tie[kept] >= 0, before[np.maximum(trie.tie[kept], 0)], -1)
+    return Trie(trie.order[kept], lcp, levels, tie)
 
 
 def concat_ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
