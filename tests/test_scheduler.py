@@ -221,6 +221,28 @@ def test_prefix_computed_once_when_groups_fit_whole(
 
 
 @PROPERTY
+@given(
+    w=workloads(),
+    slack=st.integers(0, 30),
+    budget=st.integers(1, 64),
+    eos_prob=st.sampled_from([0.0, 0.3]),
+    watermark=st.sampled_from([0.0, 0.01, 0.2]),
+)
+def test_upper_bound_estimates_never_preempt(
+    w: Workload, slack: int, budget: int, eos_prob: float, watermark: float
+) -> None:
+    """With max_tokens estimates any pool that holds the largest request runs without preemption;
+    groups too large to fit whole are admitted member by member and still compute their prefix once."""
+    sched = Scheduler(max_request_blocks(w) + slack, w.block_size, budget, 1024, watermark=watermark)
+    seqs = build(w, sched)
+    stats = simulate(sched, seqs, eos_prob, seed=2).stats
+    assert stats.num_preemptions == 0 and stats.num_prefix_evictions == 0
+    with_prefix = {gi for gi in range(len(w.groups)) if w.shared_len(gi) > 0}
+    assert stats.prefix_computations == dict.fromkeys(with_prefix, 1)
+    assert stats.num_prompt_tokens_computed == w.physical_prompt_tokens()
+
+
+@PROPERTY
 @given(w=workloads(max_groups=4), budget=st.integers(1, 16), seed=st.integers(0, 1000))
 def test_tiny_pools_preempt_without_deadlock(w: Workload, budget: int, seed: int) -> None:
     """The pool holds exactly the largest request and admission is optimistic: preemption must resolve it."""

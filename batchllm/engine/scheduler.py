@@ -22,9 +22,10 @@ Policy:
 - Each step takes every running decode first, then prefill chunks of running
   sequences in admission order, then newly admitted work, up to
   ``max_num_batched_tokens``.
-- When blocks run out (optimistic estimates), the newest running sequence is
-  preempted and later recomputed; the oldest one is never preempted except by
-  evicting idle resident prefixes, so some sequence always makes progress.
+- When blocks run out (only with ``decode_fraction`` < 1), the newest running
+  sequence is preempted and later recomputed from its group's prefix. The
+  oldest running sequence is never preempted: once alone it may evict idle
+  pinned prefixes (groups with no running member), so it always progresses.
   A request that cannot fit the pool alone is rejected in ``add_group``.
 """
 
