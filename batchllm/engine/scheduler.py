@@ -78,7 +78,7 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_prefix_evictions: int = 0
     num_rejected: int = 0
-    # group_id -> how many times its prefix prefill was started (1 unless preempted or evicted)
+    # group_id -> how many times its prefix prefill ran from position 0 (1 unless preempted or evicted)
     prefix_computations: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -253,8 +253,12 @@ class Scheduler:
             stats.num_prompt_tokens_computed += num_prompt
             stats.num_output_tokens_computed += ch.num_tokens - num_prompt
             if seq.is_prefix:
+                group = self._group_of(seq)
+                if ch.start == 0:
+                    counts = stats.prefix_computations
+                    counts[group.group_id] = counts.get(group.group_id, 0) + 1
                 if seq.num_computed_tokens == seq.num_tokens:
-                    self._prefix_ready(self.groups[seq.group_id])
+                    self._prefix_ready(group)
                     changed = True
             elif ch.sample:
                 assert seq.num_tokens == ch.end + 1, "the engine appends one token per sampled chunk"
@@ -282,7 +286,7 @@ class Scheduler:
             for b in seq.block_table:
                 refs[b] += 1
             if seq.num_shared_tokens:
-                prefix = self.groups[seq.group_id].prefix
+                prefix = self._group_of(seq).prefix
                 assert prefix is not None and prefix.status is SequenceStatus.FINISHED
                 shared = seq.block_table[: seq.num_shared_tokens // self.block_size]
                 assert shared == prefix.block_table
@@ -324,9 +328,6 @@ class Scheduler:
             self._reserve(prefix)
             prefix.status = SequenceStatus.RUNNING
             self.running.append(prefix)
-            self.stats.prefix_computations[group.group_id] = (
-                self.stats.prefix_computations.get(group.group_id, 0) + 1
-            )
             if not self._schedule_prefill(prefix, step):
                 return False
         while group.waiting:
@@ -389,15 +390,20 @@ class Scheduler:
 
     # ---- running ------------------------------------------------------------------
 
+    def _group_of(self, seq: Sequence) -> _Group:
+        assert seq.group_id is not None
+        return self.groups[seq.group_id]
+
     def _start(self, m: Sequence) -> None:
         """Give an admitted member its shared prefix blocks and make it runnable."""
-        prefix = self.groups[m.group_id].prefix  # type: ignore[index]
+        group = self._group_of(m)
+        prefix = group.prefix
         if prefix is not None:
             m.block_table = list(prefix.block_table)
             self.pool.incref(m.block_table)
         m.num_computed_tokens = m.num_shared_tokens
         m.status = SequenceStatus.RUNNING
-        self.groups[m.group_id].num_running += 1  # type: ignore[index]
+        group.num_running += 1
         self.running.append(m)
 
     def _schedule_prefill(self, seq: Sequence, step: _Step) -> bool:
@@ -443,7 +449,7 @@ class Scheduler:
         chunk = step.chunks.pop(seq.seq_id, None)
         if chunk is not None:
             step.budget += chunk.num_tokens
-        group = self.groups[seq.group_id]  # type: ignore[index]
+        group = self._group_of(seq)
         self.stats.num_preemptions += 1
         seq.num_preemptions += 1
         self._release(seq)
@@ -497,7 +503,7 @@ class Scheduler:
         return prefix
 
     def _finish(self, seq: Sequence) -> None:
-        group = self.groups[seq.group_id]  # type: ignore[index]
+        group = self._group_of(seq)
         self._release(seq)
         seq.status = SequenceStatus.FINISHED
         group.num_running -= 1
