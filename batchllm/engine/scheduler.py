@@ -42,7 +42,7 @@ from batchllm.engine.kv import BlockPool
 from batchllm.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(slots=True, eq=False)
 class ScheduledChunk:
     """Compute KV for positions [start, start + num_tokens) of seq; sample the next token when ``sample``."""
 
@@ -149,7 +149,7 @@ class Scheduler:
         self.capacity = num_blocks - int(watermark * num_blocks)  # admission safety margin
         self.fresh: deque[_Group] = deque()  # never touched by admission, plan order
         self.pending: list[_Group] = []  # heap by group_id: groups with waiting members
-        self.running: deque[Sequence] = deque()  # holding blocks, in admission order (= priority)
+        self.running: list[Sequence] = []  # holding blocks, in admission order (= priority)
         self.groups: dict[int, _Group] = {}  # unfinished groups
         self.resident: dict[int, _Group] = {}  # groups whose prefix KV is complete and pinned
         self.reserved: dict[int, int] = {}  # seq_id -> estimated blocks reserved at admission
@@ -210,18 +210,19 @@ class Scheduler:
     def schedule(self) -> ScheduleBatch:
         """Running decodes, then running prefill chunks, then new admissions, within the token budget."""
         step = _Step(self.max_num_batched_tokens)
+        running, bs = self.running, self.block_size
         i = 0
-        while i < len(self.running) and step.budget > 0:  # decode
-            seq = self.running[i]
-            if seq.num_remaining == 1:
-                need = self.pool.blocks_for(seq.num_tokens) - len(seq.block_table)
-                if not self._make_room(seq, need, step):
+        while i < len(running) and step.budget > 0:  # decode
+            seq = running[i]
+            num_tokens = len(seq.token_ids)
+            if num_tokens - seq.num_computed_tokens == 1:
+                if len(seq.block_table) * bs < num_tokens and not self._make_room(seq, 1, step):
                     break  # seq was the newest running sequence and preempted itself
                 self._add_chunk(seq, 1, step)
             i += 1
         i = 0
-        while i < len(self.running) and step.budget > 0:  # prefill
-            seq = self.running[i]
+        while i < len(running) and step.budget > 0:  # prefill
+            seq = running[i]
             if seq.seq_id not in step.chunks and not self._schedule_prefill(seq, step):
                 break
             i += 1
@@ -246,26 +247,27 @@ class Scheduler:
         done: list[Sequence] = []
         changed = False
         for ch in batch.chunks:
-            seq = ch.seq
-            assert seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens == ch.start
-            seq.num_computed_tokens = ch.end
-            num_prompt = max(0, min(ch.end, seq.num_prompt_tokens) - ch.start)
+            seq, start, end = ch.seq, ch.start, ch.start + ch.num_tokens
+            assert seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens == start
+            seq.num_computed_tokens = end
+            num_prompt = max(0, min(end, seq.num_prompt_tokens) - start)
             stats.num_prompt_tokens_computed += num_prompt
             stats.num_output_tokens_computed += ch.num_tokens - num_prompt
             if seq.is_prefix:
                 group = self._group_of(seq)
-                if ch.start == 0:
+                if start == 0:
                     counts = stats.prefix_computations
                     counts[group.group_id] = counts.get(group.group_id, 0) + 1
                 if seq.num_computed_tokens == seq.num_tokens:
                     self._prefix_ready(group)
                     changed = True
             elif ch.sample:
-                assert seq.num_tokens == ch.end + 1, "the engine appends one token per sampled chunk"
+                num_tokens = len(seq.token_ids)
+                assert num_tokens == end + 1, "the engine appends one token per sampled chunk"
                 if (
                     seq.seq_id in finished_ids
-                    or seq.num_generated >= seq.max_tokens
-                    or seq.num_tokens >= self.max_model_len
+                    or num_tokens - seq.num_prompt_tokens >= seq.max_tokens
+                    or num_tokens >= self.max_model_len
                 ):
                     finished_ids.discard(seq.seq_id)
                     self._finish(seq)
@@ -273,14 +275,14 @@ class Scheduler:
                     changed = True
         assert not finished_ids, f"finished ids that were not sampled this step: {sorted(finished_ids)}"
         if changed:
-            self.running = deque(s for s in self.running if s.status is SequenceStatus.RUNNING)
+            self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
         return done
 
     def check_integrity(self) -> None:
         """Cross-check block tables against the pool (tests call it after every step)."""
         self.pool.check_integrity()
         refs = [0] * self.pool.num_blocks
-        holders = list(self.running) + [g.prefix for g in self.resident.values() if g.prefix is not None]
+        holders = self.running + [g.prefix for g in self.resident.values() if g.prefix is not None]
         for seq in holders:
             assert seq.num_computed_tokens <= len(seq.block_table) * self.block_size
             for b in seq.block_table:
