@@ -14,8 +14,8 @@ Policy:
   the estimate fits the pool; a group that can never fit whole is admitted
   prefix first, then member by member as reservations free up. The estimate
   of a member is its prompt suffix plus max_tokens (scaled by
-  ``decode_fraction``); with the default 1.0 it is an upper bound, so a run
-  whose groups are admitted whole never preempts and computes each prefix once.
+  ``decode_fraction``); with the default 1.0 it is an upper bound, so nothing
+  is ever preempted and each prefix is computed once.
 - A prefix is prefilled once (no output); when its KV is complete its blocks
   are pinned and its admitted members start from position num_shared_tokens,
   sharing those blocks. The pin is dropped after the group's last member.
@@ -181,7 +181,7 @@ class Scheduler:
             assert not m.is_prefix and m.status is SequenceStatus.WAITING and not m.block_table
             assert m.token_ids[:num_shared] == prefix_ids, "member does not start with the group prefix"
             m.group_id, m.num_shared_tokens = gid, num_shared
-            need = self.pool.blocks_for(self._max_kv_tokens(m))
+            need = self.pool.blocks_for(self._kv_tokens(m, 1.0))
             if m.num_prompt_tokens > self.max_model_len:
                 self._reject(
                     m, f"prompt has {m.num_prompt_tokens} tokens, max_model_len is {self.max_model_len}"
@@ -356,15 +356,13 @@ class Scheduler:
         """Blocks seq is expected to add beyond its group's shared prefix."""
         if seq.is_prefix:
             return seq.num_tokens // self.block_size
-        decode = math.ceil(self.decode_fraction * seq.max_tokens)
-        tokens = max(seq.num_prompt_tokens + decode - 1, seq.num_tokens)
-        return (
-            self.pool.blocks_for(min(tokens, self.max_model_len)) - seq.num_shared_tokens // self.block_size
-        )
+        num_kv = self._kv_tokens(seq, self.decode_fraction)
+        return self.pool.blocks_for(num_kv) - seq.num_shared_tokens // self.block_size
 
-    def _max_kv_tokens(self, seq: Sequence) -> int:
-        # the last sampled token never needs KV
-        return min(seq.num_prompt_tokens + seq.max_tokens - 1, max(self.max_model_len, seq.num_prompt_tokens))
+    def _kv_tokens(self, seq: Sequence, decode_fraction: float) -> int:
+        """KV positions of seq once it has generated decode_fraction x max_tokens (the last token needs none)."""
+        decode = math.ceil(decode_fraction * seq.max_tokens)
+        return min(max(seq.num_prompt_tokens + decode - 1, seq.num_tokens), self.max_model_len)
 
     def _reserve(self, seq: Sequence) -> None:
         est = self._estimate(seq)
