@@ -138,7 +138,8 @@ def simulate(scheduler: Scheduler, seqs: list[Sequence], eos_prob: float, seed: 
                     eos.add(c.seq.seq_id)
         for seq in scheduler.on_step_done(batch, eos):
             assert seq.seq_id not in finished, "a request finished twice"
-            assert seq.seq_id in eos or seq.num_generated == seq.max_tokens
+            limit = seq.num_generated == seq.max_tokens or seq.num_tokens >= scheduler.max_model_len
+            assert seq.seq_id in eos or limit
             assert seq.status is SequenceStatus.FINISHED and not seq.block_table
             finished[seq.seq_id] = seq
         assert scheduler.pool.num_used <= scheduler.pool.num_blocks
@@ -179,14 +180,23 @@ def max_request_blocks(w: Workload) -> int:
     budget=st.integers(1, 64),
     eos_prob=st.sampled_from([0.0, 0.2]),
     decode_fraction=st.sampled_from([1.0, 0.5, 0.1]),
+    len_slack=st.sampled_from([0, 3, 1000]),
     seed=st.integers(0, 1000),
 )
 def test_every_request_finishes_once_without_leaks(
-    w: Workload, extra_blocks: int, budget: int, eos_prob: float, decode_fraction: float, seed: int
+    w: Workload,
+    extra_blocks: int,
+    budget: int,
+    eos_prob: float,
+    decode_fraction: float,
+    len_slack: int,
+    seed: int,
 ) -> None:
-    """Any pool that holds the largest request: all finish, tokens per step within budget, no leaks."""
+    """Any pool that holds the largest request: all finish (at EOS, max_tokens or max_model_len),
+    tokens per step within budget, no leaks."""
     num_blocks = max_request_blocks(w) + extra_blocks
-    sched = Scheduler(num_blocks, w.block_size, budget, 1024, decode_fraction=decode_fraction)
+    max_model_len = max(len(p) for prompts in w.prompts for p in prompts) + len_slack
+    sched = Scheduler(num_blocks, w.block_size, budget, max_model_len, decode_fraction=decode_fraction)
     seqs = build(w, sched)
     assert not sched.rejected
     result = simulate(sched, seqs, eos_prob, seed)
