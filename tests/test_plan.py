@@ -12,6 +12,7 @@ from batchllm.plan import Plan, build_plan, shard_plan
 from batchllm.plan import groups as groups_mod
 from batchllm.plan import tree as tree_mod
 from batchllm.plan.reference import reference_physical_tokens, reference_plan
+from bench.workloads import shared_prefix_workload
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -234,3 +235,38 @@ def test_rejects_bad_input() -> None:
         build_plan([np.array([1.5, 2.0])])
     empty = build_plan([], 1)
     assert empty.num_groups == 0 and empty.stats.saving_ratio == 0.0
+
+
+def _shard_costs(shards: list[Plan]) -> np.ndarray:
+    return np.array([s.stats.physical_tokens + s.stats.decode_tokens for s in shards], dtype=float)
+
+
+def test_shard_splits_a_dominant_group_by_members() -> None:
+    w = shared_prefix_workload(prefix=256, suffix=16, decode=10, members=1000, groups=1)
+    plan = build_plan(w.table, w.max_tokens)
+    shards = shard_plan(plan, 4)
+    assert [s.num_groups for s in shards] == [1, 1, 1, 1]
+    assert all(s.prefix_len.tolist() == [256] for s in shards)
+    assert sorted(np.concatenate([s.members for s in shards]).tolist()) == list(range(1000))
+    costs = _shard_costs(shards)
+    assert costs.max() / costs.mean() < 1.02
+    assert sum(s.stats.physical_tokens for s in shards) == plan.stats.physical_tokens + 3 * 256
+    whole = shard_plan(plan, 4, split=False)
+    assert sorted(s.num_groups for s in whole) == [0, 0, 0, 1]
+
+
+def test_shard_keeps_a_group_whole_when_its_prefix_dominates() -> None:
+    w = shared_prefix_workload(prefix=2048, suffix=16, decode=10, members=10, groups=1)
+    shards = shard_plan(build_plan(w.table, w.max_tokens), 4)
+    assert sorted(s.num_groups for s in shards) == [0, 0, 0, 1]
+
+
+def test_shard_balances_many_small_groups() -> None:
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 30_000, rng.integers(5, 400)) for _ in range(3000)]
+    max_tokens = rng.integers(1, 300, len(prompts))
+    plan = build_plan(prompts, max_tokens)
+    shards = shard_plan(plan, 3)
+    assert sorted(np.concatenate([s.inputs() for s in shards]).tolist()) == list(range(3000))
+    costs = _shard_costs(shards)
+    assert costs.max() / costs.mean() < 1.01

@@ -10,9 +10,11 @@ Shards: whole groups per shard, balanced by estimated cost = prefill tokens +
 decode tokens, largest first (LPT) onto the least loaded shard; the long tail
 of small groups is poured into the remaining capacity (water-filling) in one
 vectorized step, which matters when a plan has millions of plain requests.
-A group costing more than an even share is split by members into k pieces
-(each piece recomputes the prefix once) when the load that leaves the largest
-shard, ``cost - cost / k``, exceeds the extra prefill ``(k - 1) * prefix_len``.
+When a group does not fit in the room left on the least loaded shard (up to an
+even share of the total), it is split by members: the run of members that
+fills the room stays there and the rest moves on to the next shard. Every
+piece recomputes the prefix once, so a piece is only cut off when the prefix
+is at most 10% of the room it fills; otherwise the group stays whole.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .groups import Plan, make_plan, representative_max_tokens
 from .tree import concat_ranges
 
 _LPT_ITEMS_PER_SHARD = 64  # the largest groups placed one by one; the rest in one vectorized fill
+_SPLIT_PREFILL_BUDGET = 0.1  # a piece of a split group recomputes the prefix: at most 10% of the piece
 
 
 def group_costs(
@@ -72,90 +75,97 @@ def shard_plan(plan: Plan, n: int, split: bool = True) -> list[Plan]:
     lengths = plan.table.lengths
     decode = representative_max_tokens(plan.duplicate_of, plan.max_tokens)
     prefix_len, offsets, members = plan.prefix_len, plan.member_offsets, plan.members
-    prefill, dec = group_costs(prefix_len, offsets, members, lengths, decode)
-    cost = prefill + dec
-    rank = np.arange(prefix_len.size, dtype=np.int64)  # execution position of each item's group
-    if split and n > 1 and cost.size:
-        prefix_len, offsets, members, cost, rank = _split_large(
-            prefix_len, offsets, members, cost, lengths, decode, float(cost.sum()) / n, n
-        )
-    shard = assign_shards(cost, n)
+    own = (lengths[members] - np.repeat(prefix_len, np.diff(offsets)) + decode[members]).astype(np.float64)
+    pieces = pack(prefix_len, offsets, own, n, split)
     out = []
     for s in range(n):
-        pick = np.flatnonzero(shard == s)
-        pick = pick[np.argsort(rank[pick], kind="stable")]
-        pl, off, mem = permute_groups(prefix_len, offsets, members, pick)
+        mine = pieces[pieces[:, 3] == s]
+        mine = mine[np.lexsort((mine[:, 1], mine[:, 0]))]  # plan order, then member order
+        sizes = mine[:, 2] - mine[:, 1]
+        off = np.zeros(mine.shape[0] + 1, dtype=np.int64)
+        np.cumsum(sizes, out=off[1:])
+        mem = members[concat_ranges(mine[:, 1], sizes)]
+        pl = prefix_len[mine[:, 0]]
         out.append(make_plan(plan.table, plan.max_tokens, plan.duplicate_of, pl, off, mem, plan.block_size))
     return out
 
 
-def _split_large(
-    prefix_len: np.ndarray,
-    offsets: np.ndarray,
-    members: np.ndarray,
-    cost: np.ndarray,
-    lengths: np.ndarray,
-    decode: np.ndarray,
-    target: float,
-    n: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Replace groups worth splitting by member pieces of roughly equal cost."""
-    sizes = np.diff(offsets)
-    k = np.minimum(np.minimum(np.ceil(cost / max(target, 1.0)), n), sizes).astype(np.int64)
-    worth = (k > 1) & (cost - cost / np.maximum(k, 1) > (k - 1) * prefix_len)
-    if not worth.any():
-        return prefix_len, offsets, members, cost, np.arange(prefix_len.size, dtype=np.int64)
-    pl_out, size_out, rank_out, cost_out = [], [], [], []
-    for g in range(prefix_len.size):
-        if not worth[g]:
-            pl_out.append(prefix_len[g : g + 1])
-            size_out.append(sizes[g : g + 1])
-            rank_out.append(np.array([g]))
-            cost_out.append(cost[g : g + 1])
-            continue
-        mem = members[offsets[g] : offsets[g + 1]]
-        own = lengths[mem] - prefix_len[g] + decode[mem]
-        cum = np.cumsum(own)
-        cuts = np.searchsorted(cum, cum[-1] * np.arange(1, k[g]) / k[g], side="left") + 1
-        cuts = np.unique(np.clip(cuts, 1, mem.size - 1))
-        bounds = np.concatenate(([0], cuts, [mem.size]))
-        piece_sizes = np.diff(bounds)
-        piece_cost = np.add.reduceat(own, bounds[:-1]) + prefix_len[g]
-        pl_out.append(np.full(piece_sizes.size, prefix_len[g]))
-        size_out.append(piece_sizes)
-        rank_out.append(np.full(piece_sizes.size, g))
-        cost_out.append(piece_cost.astype(np.float64))
-    sizes_new = np.concatenate(size_out)
-    offsets_new = np.zeros(sizes_new.size + 1, dtype=np.int64)
-    np.cumsum(sizes_new, out=offsets_new[1:])
-    return (
-        np.concatenate(pl_out).astype(np.int64),
-        offsets_new,
-        members,  # pieces keep the members' order, so the member array is unchanged
-        np.concatenate(cost_out),
-        np.concatenate(rank_out).astype(np.int64),
-    )
+def pack(
+    prefix_len: np.ndarray, offsets: np.ndarray, own: np.ndarray, n: int, split: bool = True
+) -> np.ndarray:
+    """Assign groups (or member runs of groups) to n shards.
 
-
-def assign_shards(cost: np.ndarray, n: int) -> np.ndarray:
-    """Shard index per item: LPT for the largest items, water-filling for the tail."""
-    out = np.zeros(cost.size, dtype=np.int64)
-    if n == 1 or cost.size == 0:
-        return out
-    by_cost = np.lexsort((np.arange(cost.size), -cost))  # largest first, stable
-    head = by_cost[: _LPT_ITEMS_PER_SHARD * n]
-    heap = [(0.0, s) for s in range(n)]
-    for item in head:
-        load, s = heapq.heappop(heap)
-        out[item] = s
-        heapq.heappush(heap, (load + float(cost[item]), s))
-    tail = by_cost[head.size :]
+    own: per member entry, its suffix + decode cost; a group costs its prefix
+    plus its members' own costs. Returns rows (group, member lo, member hi,
+    shard) with lo/hi indexing the plan's member array.
+    """
+    groups = prefix_len.size
+    cum = np.zeros(own.size + 1)
+    np.cumsum(own, out=cum[1:])
+    cost = prefix_len + cum[offsets[1:]] - cum[offsets[:-1]]
+    if groups == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    if n == 1:
+        return np.stack([np.arange(groups), offsets[:-1], offsets[1:], np.zeros(groups, np.int64)], axis=1)
+    total = float(cost.sum())
+    by_cost = np.lexsort((np.arange(groups), -cost))  # largest first, ties in plan order
+    head, tail = by_cost[: _LPT_ITEMS_PER_SHARD * n], by_cost[_LPT_ITEMS_PER_SHARD * n :]
+    best: tuple[float, list[tuple[int, int, int, int]], list[tuple[float, int]]] | None = None
+    share = total / n
+    for _ in range(3):  # pieces add prefill; raise the share by what the last pass added, keep the best
+        rows, heap = _pack_head(head, offsets, prefix_len, cum, share, n, split)
+        loads = [load for load, _ in heap]
+        tail_cost = float(cost[tail].sum())
+        peak = max(max(loads), (sum(loads) + tail_cost) / n)  # the tail fills up to a common level
+        if best is None or peak < best[0]:
+            best = (peak, rows, heap)
+        extra = sum(loads) + tail_cost - total
+        if extra <= 0:
+            break
+        share = (total + extra) / n
+    assert best is not None
+    _, rows, heap = best
+    out = np.array(rows, dtype=np.int64).reshape(-1, 4)
     if tail.size:
         loads = np.zeros(n)
         for load, s in heap:
             loads[s] = load
-        out[tail] = _water_fill(loads, cost[tail])
+        shard = _water_fill(loads, cost[tail])
+        extra = np.stack([tail, offsets[tail], offsets[tail + 1], shard], axis=1)
+        out = np.concatenate((out, extra))
     return out
+
+
+def _pack_head(
+    head: np.ndarray,
+    offsets: np.ndarray,
+    prefix_len: np.ndarray,
+    cum: np.ndarray,
+    share: float,
+    n: int,
+    split: bool,
+) -> tuple[list[tuple[int, int, int, int]], list[tuple[float, int]]]:
+    """LPT over the largest groups, cutting a group where it overflows the least loaded shard."""
+    rows: list[tuple[int, int, int, int]] = []
+    heap = [(0.0, s) for s in range(n)]
+    for g in head.tolist():
+        lo, hi, plen = int(offsets[g]), int(offsets[g + 1]), float(prefix_len[g])
+        last = -1
+        while True:
+            load, s = heapq.heappop(heap)
+            room = share - load
+            rest = plen + cum[hi] - cum[lo]
+            if split and rest > room and hi - lo >= 2 and room * _SPLIT_PREFILL_BUDGET >= plen and s != last:
+                cut = int(np.searchsorted(cum, cum[lo] + room - plen, side="right")) - 1
+                cut = min(max(cut, lo + 1), hi - 1)
+                rows.append((g, lo, cut, s))
+                heapq.heappush(heap, (load + plen + cum[cut] - cum[lo], s))
+                lo, last = cut, s
+                continue
+            rows.append((g, lo, hi, s))
+            heapq.heappush(heap, (load + rest, s))
+            break
+    return rows, heap
 
 
 def _water_fill(loads: np.ndarray, costs: np.ndarray) -> np.ndarray:
