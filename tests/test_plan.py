@@ -51,6 +51,8 @@ def _check_invariants(plan: Plan, prompts: list[np.ndarray]) -> None:
     np.add.at(covered, plan.duplicate_of, 1)
     assert covered.sum() == n
     assert sorted(plan.inputs().tolist()) == list(range(n))
+    slots = plan.input_slots()
+    assert np.all(plan.members[slots] == plan.duplicate_of)
     for i in range(n):
         rep = int(plan.duplicate_of[i])
         assert np.array_equal(prompts[i], prompts[rep])

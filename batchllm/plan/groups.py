@@ -141,6 +141,13 @@ class Plan:
         covered[self.members] = True
         return np.flatnonzero(covered[self.duplicate_of])
 
+    def input_slots(self) -> np.ndarray:
+        """Map back to input order: for each input index, the position in ``members`` of the
+        member that answers it (its representative), or -1 when another shard answers it."""
+        slot = np.full(self.duplicate_of.size, -1, dtype=np.int64)
+        slot[self.members] = np.arange(self.members.size, dtype=np.int64)
+        return slot[self.duplicate_of]
+
     def to_arrow(self) -> Any:
         """One row per group: group, prefix_len, members (list<int64>), prefix (list<int32>)."""
         import pyarrow as pa
@@ -198,31 +205,40 @@ def build_plan(
     if n and mt.min() < 0:
         raise ValueError("max_tokens must be >= 0")
     if not share:
-        duplicate_of = _duplicates_by_sorting(table, block_size) if dedup else np.arange(n, dtype=np.int64)
+        duplicate_of = np.arange(n, dtype=np.int64)
+        if dedup and n > 1:
+            _collapse_duplicates(
+                table, _trie_with_retries(table, block_size, seed), block_size, duplicate_of, seed
+            )
         reps = np.flatnonzero(duplicate_of == np.arange(n))
         ones = np.zeros(reps.size, dtype=np.int64)
         return make_plan(table, mt, duplicate_of, ones, np.arange(reps.size + 1), reps, block_size)
+    from .order import execution_order, permute_groups
+
+    trie = _trie_with_retries(table, block_size, seed)
+    duplicate_of = np.arange(n, dtype=np.int64)
+    if dedup:
+        trie = _collapse_duplicates(table, trie, block_size, duplicate_of, seed)
+    depth, offsets, positions = choose_groups(trie, maximize)
+    members = trie.order[positions]
+    plain = np.setdiff1d(trie.order, members, assume_unique=True)
+    prefix_len = np.concatenate((depth * block_size, np.zeros(plain.size, dtype=np.int64)))
+    offsets = np.concatenate((offsets, offsets[-1] + np.arange(1, plain.size + 1)))
+    members = np.concatenate((members, plain))
+    rep_mt = representative_max_tokens(duplicate_of, mt)
+    perm = execution_order(prefix_len, offsets, members, lengths, rep_mt)
+    prefix_len, offsets, members = permute_groups(prefix_len, offsets, members, perm)
+    first_level = _first_level_physical(trie, lengths, block_size)
+    return make_plan(table, mt, duplicate_of, prefix_len, offsets, members, block_size, first_level)
+
+
+def _trie_with_retries(table: TokenTable, block_size: int, seed: int) -> Trie:
+    """The exact trie; a block-hash collision (detected, never silent) means another seed."""
     for attempt in range(_MAX_SEEDS):
         try:
-            trie = build_trie(table, np.arange(n, dtype=np.int64), block_size, seed + attempt)
+            return build_trie(table, np.arange(table.n, dtype=np.int64), block_size, seed + attempt)
         except HashCollision:
             continue
-        duplicate_of = np.arange(n, dtype=np.int64)
-        if dedup:
-            trie = _collapse_duplicates(table, trie, block_size, duplicate_of, seed + attempt)
-        depth, offsets, positions = choose_groups(trie, maximize)
-        members = trie.order[positions]
-        plain = np.setdiff1d(trie.order, members, assume_unique=True)
-        prefix_len = np.concatenate((depth * block_size, np.zeros(plain.size, dtype=np.int64)))
-        offsets = np.concatenate((offsets, offsets[-1] + np.arange(1, plain.size + 1)))
-        members = np.concatenate((members, plain))
-        first_level = _first_level_physical(trie, lengths, block_size) if maximize else None
-        from .order import execution_order, permute_groups
-
-        rep_mt = representative_max_tokens(duplicate_of, mt)
-        perm = execution_order(prefix_len, offsets, members, lengths, rep_mt)
-        prefix_len, offsets, members = permute_groups(prefix_len, offsets, members, perm)
-        return make_plan(table, mt, duplicate_of, prefix_len, offsets, members, block_size, first_level)
     raise RuntimeError("planner: block hashes kept colliding; this should not happen")
 
 
@@ -401,29 +417,14 @@ def _equal_tails(
     key = hash_words(words, seed)
     order = np.lexsort((rows, key, run))
     w = words[order]
-    same = (run[order][1:] == run[order][:-1]) & (w[1:] == w[:-1]).all(axis=1)
+    same_run = (run[order][1:] == run[order][:-1]) & (key[order][1:] == key[order][:-1])
+    same = same_run & (w[1:] == w[:-1]).all(axis=1)
+    if (same_run & ~same).any():  # a hash collision: fall back to sorting the words themselves
+        order = np.lexsort((rows, *words.T[::-1], run))
+        w = words[order]
+        same = (run[order][1:] == run[order][:-1]) & (w[1:] == w[:-1]).all(axis=1)
     flags = np.concatenate(([True], ~same))
     first = order[np.flatnonzero(flags)][np.cumsum(flags) - 1]
     out = np.empty(rows.size, dtype=np.int64)
     out[order] = first
     return out
-
-
-def _duplicates_by_sorting(table: TokenTable, block_size: int) -> np.ndarray:
-    """duplicate_of without building a trie (for the plan without sharing)."""
-    n = table.n
-    dup = np.arange(n, dtype=np.int64)
-    if n < 2:
-        return dup
-    trie = build_trie_safe(table, block_size)
-    _collapse_duplicates(table, trie, block_size, dup, 0)
-    return dup
-
-
-def build_trie_safe(table: TokenTable, block_size: int) -> Trie:
-    for seed in range(_MAX_SEEDS):
-        try:
-            return build_trie(table, np.arange(table.n, dtype=np.int64), block_size, seed)
-        except HashCollision:
-            continue
-    raise RuntimeError("planner: block hashes kept colliding; this should not happen")
