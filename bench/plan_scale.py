@@ -10,7 +10,9 @@ generator's temporaries do not count) and saving_ratio. With ``--baseline radix`
 planner (batchllm.plan.reference) and the vectorized planner on the first
 ``--baseline-prompts`` prompts, checks that both find the same groups, and
 extrapolates the radix time linearly to the full size (its work is linear in
-the number of tokens inserted, so that is its best case).
+the number of tokens inserted, so that is its best case; it runs with the
+cyclic garbage collector paused, also its best case). It also reports the
+extra memory each needs on that input (RSS high-water mark above the start).
 """
 
 from __future__ import annotations
@@ -95,13 +97,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.baseline == "radix":
         m = min(args.baseline_prompts, args.prompts)
         head = _head(work.table, m)
-        prompts = [head.row(i) for i in range(m)]
-        t0 = time.perf_counter()
-        ref_groups, _, _ = reference_plan(prompts, args.block_size)
-        radix_s = time.perf_counter() - t0
+        gc.collect()
+        rss0 = _rss_mb()
+        _reset_peak()
         t0 = time.perf_counter()
         small = build_plan(head, work.max_tokens[:m], block_size=args.block_size)
         vec_s = time.perf_counter() - t0
+        vec_mem = _peak_rss_mb() - rss0  # measured first: freed heap would hide later growth
+        prompts = [head.row(i) for i in range(m)]
+        gc.collect()
+        rss0 = _rss_mb()
+        _reset_peak()
+        gc.disable()  # the baseline's best case: no cyclic-GC passes over its millions of objects
+        t0 = time.perf_counter()
+        ref_groups, _, _ = reference_plan(prompts, args.block_size)
+        radix_s = time.perf_counter() - t0
+        gc.enable()
+        radix_mem = _peak_rss_mb() - rss0
         got = sorted((g.prefix_len, sorted(g.members.tolist())) for g in small.iter_groups() if g.prefix_len)
         out["baseline"] = {
             "kind": "pure-Python radix tree (batchllm.plan.reference)",
@@ -109,6 +121,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "radix_seconds": round(radix_s, 3),
             "planner_seconds_same_input": round(vec_s, 3),
             "same_groups": got == sorted(ref_groups),
+            "radix_extra_rss_mb": round(radix_mem, 1),
+            "planner_extra_rss_mb_same_input": round(vec_mem, 1),
             "radix_seconds_extrapolated_to_full": round(radix_s * args.prompts / m, 1),
             "speedup_same_input": round(radix_s / max(vec_s, 1e-9), 1),
         }
