@@ -52,7 +52,7 @@ def run(
 
     try:
         spec = load_spec(job)
-        steps.check(spec)
+        steps.validate(spec)
     except SpecError as exc:
         _fail(str(exc))
     try:
@@ -142,7 +142,7 @@ def plan(
     except SpecError as exc:
         _fail(str(exc))
     if as_json:
-        out.print_json(json.dumps(summary))
+        print(json.dumps(summary))
         return
     table = Table(title=f"plan for {path.name}", show_header=False)
     for key, value in summary.items():

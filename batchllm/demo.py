@@ -12,6 +12,7 @@ against the gold labels and the run statistics.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from importlib.util import find_spec
 from pathlib import Path
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the warehouse and relabel everything")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
 
     from batchllm.spec import load_spec
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from batchllm import render, warehouse
 from batchllm.backends.base import Outcome, Progress, create_backend, resolve_device, supports
-from batchllm.spec import JobSpec, SpecError
+from batchllm.spec import JobSpec, SpecError, validate_columns
 
 _listeners: list[Progress] = []
 
@@ -69,6 +69,13 @@ def check(spec: JobSpec) -> None:
     reason = supports(spec.backend, spec.task.kind)
     if reason:
         raise SpecError(reason)
+
+
+def validate(spec: JobSpec) -> None:
+    """Everything checkable before a run starts: task support, the query's columns, the model folder."""
+    check(spec)
+    validate_columns(spec, warehouse.describe(spec))
+    tokenizer_for(spec)
 
 
 def new_run_id() -> str:
