@@ -61,6 +61,9 @@ class Engine:
     identical requests once (False runs every request as a plain one, in input
     order). kv_cache_gb sizes the paged KV pool; max_num_batched_tokens is the
     token budget of one step (decode tokens plus prefill chunks).
+    decode_reserve: share of each request's max_tokens reserved in KV at
+    admission (1.0 never preempts; less admits more and may preempt, then
+    recompute). seed: base of the per-request seeds of unseeded sampling.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Engine:
         kv_cache_gb: float | None = None,
         max_num_batched_tokens: int | None = None,
         enable_sharing: bool = True,
+        decode_reserve: float = 1.0,
         seed: int | None = None,
     ) -> None:
         self.device = torch.device(device)
@@ -107,6 +111,9 @@ class Engine:
             raise ValueError(f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}")
         self.runner = ModelRunner(self.model, num_blocks, block_size)
         self.enable_sharing = enable_sharing
+        if not 0.0 < decode_reserve <= 1.0:
+            raise ValueError(f"decode_reserve: must be in (0, 1], got {decode_reserve}")
+        self.decode_reserve = decode_reserve
         self._rng = random.Random(seed)
         self._stats = EngineStats(num_kv_blocks=num_blocks)
 
@@ -312,7 +319,13 @@ class Engine:
         stats.plan_s = time.perf_counter() - t0
         if physical is not None and logical:
             stats.planned_saving_ratio = 1.0 - physical / logical
-        scheduler = Scheduler(self.num_kv_blocks, self.block_size, self.max_num_batched_tokens, self.max_model_len)
+        scheduler = Scheduler(
+            self.num_kv_blocks,
+            self.block_size,
+            self.max_num_batched_tokens,
+            self.max_model_len,
+            decode_fraction=self.decode_reserve,
+        )
         by_seq: dict[int, _Request] = {}
         for prefix_len, members in groups:
             seqs = []
