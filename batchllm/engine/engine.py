@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from batchllm.engine.model import load_model
+from batchllm.engine.model import ModelConfig, load_model
 from batchllm.engine.outputs import ClassifyResult, EngineStats, Result
 from batchllm.engine.runner import ModelRunner, SeqSampling, kv_bytes_per_block
 from batchllm.engine.sampling import SamplingParams
@@ -80,9 +80,9 @@ class Engine:
         decode_reserve: float = 1.0,
         seed: int | None = None,
     ) -> None:
-        self.device = torch.device(device)
-        if self.device.type not in ("cpu", "cuda"):
+        if str(device).split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device: must be 'cpu' or 'cuda', got {device!r}")
+        self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: 'cuda' requested but CUDA is not available")
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
@@ -91,10 +91,8 @@ class Engine:
         if block_size < 1:
             raise ValueError(f"block_size: must be >= 1, got {block_size}")
         self.folder = resolve_model(model)
-        self.tokenizer = Tokenizer(self.folder)
-        from batchllm.engine.model import ModelConfig
-
         self.config = ModelConfig.from_folder(self.folder)
+        self.tokenizer = Tokenizer(self.folder)
         limit = self.config.max_context
         if max_model_len is not None and not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len: must be in [1, {limit}] for this model, got {max_model_len}")

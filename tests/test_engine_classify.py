@@ -1,0 +1,66 @@
+"""Label-restricted classification against transformers' full logits (default model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+LABELS = ["positive", "negative", "neutral"]
+REVIEWS = [
+    "I loved this movie, it was great!",
+    "Terrible service, never again.",
+    "It was okay I guess.",
+    "Best purchase ever.",
+    "The battery died after two days.",
+    "Nothing special, nothing bad.",
+]
+INSTRUCTION = (
+    "Classify the sentiment of the review as positive, negative or neutral. Answer with one word.\nReview: "
+)
+
+
+@pytest.fixture(scope="module")
+def prompts(engine) -> list[list[int]]:
+    tok = engine.tokenizer
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": INSTRUCTION + r}])) for r in REVIEWS]
+
+
+def test_probs_match_transformers(engine, hf_model, prompts) -> None:
+    results = engine.classify(prompts, LABELS)
+    label_ids = [engine.tokenizer.encode(label)[0] for label in LABELS]
+    with torch.inference_mode():
+        for prompt, r in zip(prompts, results, strict=True):
+            logits = hf_model(torch.tensor([prompt])).logits[0, -1, label_ids]
+            expected = torch.softmax(logits, dim=-1).tolist()
+            assert r.status == "ok" and r.error is None
+            assert [r.probs[label] for label in LABELS] == pytest.approx(expected, abs=1e-5)
+            assert r.label == LABELS[max(range(3), key=lambda j: expected[j])]
+            assert r.prompt_tokens == len(prompt)
+    assert [r.index for r in results] == list(range(len(prompts)))
+    assert {r.label for r in results} == set(LABELS)  # the model gets these easy cases right
+
+
+def test_shared_instruction_is_computed_once(engine, prompts) -> None:
+    shared = engine.classify([*prompts, prompts[0]], LABELS)
+    stats = engine.stats
+    plain = engine.classify([*prompts, prompts[0]], LABELS, enable_sharing=False)
+    assert stats.prompt_tokens_computed < engine.stats.prompt_tokens_computed
+    assert stats.saving_ratio > 0.3 and engine.stats.saving_ratio == 0.0
+    for a, b in zip(shared, plain, strict=True):
+        assert a.label == b.label
+        for label in LABELS:
+            assert a.probs[label] == pytest.approx(b.probs[label], abs=1e-5)
+    assert shared[-1].cached_tokens == shared[-1].prompt_tokens  # the duplicate was answered once
+
+
+def test_labels_must_have_distinct_first_tokens(engine, prompts) -> None:
+    with pytest.raises(ValueError, match="labels: 'yes' and 'yes please'"):
+        engine.classify(prompts[:1], ["yes", "yes please", "no"])
+    with pytest.raises(ValueError, match="labels"):
+        engine.classify(prompts[:1], [])
+
+
+def test_bad_prompt_gets_an_error_result(engine, prompts) -> None:
+    results = engine.classify([prompts[0], [], prompts[1]], LABELS)
+    assert results[1].status == "error" and "empty" in results[1].error
+    assert results[0].status == results[2].status == "ok"
