@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -81,17 +82,22 @@ def _attend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention returning (out, lse).
 
-    q [..., kvh, g, n, d], k/v [..., kvh, L, d] (broadcast over the g query heads
-    of each kv head), mask True = visible, broadcastable to [..., kvh, g, n, L].
+    q [..., kvh, g, n, d]: the g query heads of each kv head; k/v [..., kvh, L, d];
+    mask True = visible, broadcastable to [..., kvh, g, n, L].
     """
-    scores = torch.matmul(q, k.unsqueeze(-3).transpose(-1, -2)) * scale
+    *lead, kvh, g, n, d = q.shape
+    num_keys = k.shape[-2]
+    # the g heads of a kv head share its keys: one [g*n, d] x [d, L] product, no key copies
+    scores = torch.matmul(q.reshape(*lead, kvh, g * n, d), k.transpose(-1, -2)).view(*lead, kvh, g, n, num_keys)
+    scores = scores * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf)
     m = scores.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see nothing
     p = torch.exp(scores - m)
     s = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p, v.unsqueeze(-3)) / s.clamp(min=1e-30)
+    out = torch.matmul(p.view(*lead, kvh, g * n, num_keys), v).view(*lead, kvh, g, n, d)
+    out = out / s.clamp(min=1e-30)
     lse = (m + torch.log(s)).squeeze(-1)  # -inf where nothing was visible
     return out, lse
 
@@ -141,12 +147,19 @@ def _plan(meta: AttentionMeta, block_size: int, device: torch.device) -> dict:
             mask = keys[None, :] <= torch.arange(first, kv_lens[i], device=device)[:, None]
             start = torch.tensor([prefix_lens[i]], device=device)
             idx = _slots(tables[i : i + 1], start, kv_lens[i] - prefix_lens[i], block_size)[0]
-            plan["prefill"].append((cu[i], cu[i + 1], idx, mask))
+            needs_lse = prefix_lens[i] > 0
+            plan["prefill"].append((cu[i], cu[i + 1], idx, None if first == 0 else mask, needs_lse))
     for g in meta.groups:
         blocks = tables[g.seq_start, : g.prefix_len // block_size]
         plan["groups"].append((cu[g.seq_start], cu[g.seq_end], blocks))
     meta.cache["plan"] = plan
     return plan
+
+
+def _causal_mask(n: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """Visibility of the last n of num_keys positions, each seeing itself and everything before."""
+    keys = torch.arange(num_keys, device=device)
+    return keys[None, :] <= torch.arange(num_keys - n, num_keys, device=device)[:, None]
 
 
 def torch_attention(
@@ -169,11 +182,24 @@ def torch_attention(
         o, s = _attend(qg[rows].unsqueeze(3), k, v, visible[:, None, None, None, :], scale)
         out[rows], lse[rows] = o.squeeze(3), s.squeeze(3)
     # own positions, one prefill chunk at a time: q [kvh, g, n, d], k [kvh, L, d]
-    for start, end, idx, mask in plan["prefill"]:
+    for start, end, idx, mask, needs_lse in plan["prefill"]:
         k = kf[idx].float().transpose(0, 1)
         v = vf[idx].float().transpose(0, 1)
-        o, s = _attend(qg[start:end].permute(1, 2, 0, 3), k, v, mask, scale)
-        out[start:end], lse[start:end] = o.permute(2, 0, 1, 3), s.permute(2, 0, 1)
+        if needs_lse:
+            causal = _causal_mask(end - start, k.shape[1], q.device) if mask is None else mask
+            o, s = _attend(qg[start:end].permute(1, 2, 0, 3), k, v, causal, scale)
+            out[start:end], lse[start:end] = o.permute(2, 0, 1, 3), s.permute(2, 0, 1)
+        else:  # a plain sequence needs no log-sum-exp: torch's fused attention is faster
+            o = F.scaled_dot_product_attention(
+                qg[start:end].permute(1, 2, 0, 3).reshape(1, num_heads, end - start, head_dim),
+                k.unsqueeze(0),
+                v.unsqueeze(0),
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=scale,
+                enable_gqa=True,
+            )
+            out[start:end] = o[0].view(num_kv_heads, group, end - start, head_dim).permute(2, 0, 1, 3)
     # shared prefix, once per group for all of its members' rows (no mask: every row lies after it)
     for start, end, blocks in plan["groups"]:
         k = k_cache[blocks].float().reshape(-1, num_kv_heads, head_dim).transpose(0, 1)

@@ -1,0 +1,126 @@
+"""Throughput of the native engine vs transformers ``generate`` on the default model (CPU).
+
+256 chat prompts of varied length (movie descriptions from shared/data when
+present, otherwise built-in topics), D output tokens each (EOS ignored, so
+both sides generate exactly the same number of tokens). transformers runs
+left-padded batches in input order, as a user would. Prints tokens/s of both
+and the ratio; not a test.
+
+    python -m bench.engine_cpu [--prompts 256] [--max-tokens 32] [--hf-batch-size 32] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from batchllm.engine import Engine, SamplingParams
+
+DATA = Path("/work/shared/data/llm_sql/movies_demo.csv")
+TOPICS = ["rivers", "stars", "bread", "trains", "chess", "bees", "glaciers", "jazz", "maps", "salt"]
+
+
+def chat_prompts(engine: Engine, n: int, data: Path) -> list[np.ndarray]:
+    tok = engine.tokenizer
+    texts: list[str] = []
+    if data.is_file():
+        with data.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("movie_info"):
+                    texts.append(
+                        f"Movie: {row['movie_title']}\nPlot: {row['movie_info'][:700]}\n"
+                        "Write a one-sentence pitch for this movie."
+                    )
+                if len(texts) == n:
+                    break
+    for i in range(len(texts), n):
+        texts.append(f"Tell me something surprising about {TOPICS[i % 10]} (question {i}).")
+    return [np.asarray(tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])), np.int64) for t in texts]
+
+
+def run_hf(model, prompts: list[np.ndarray], max_tokens: int, batch_size: int, pad: int) -> float:
+    """Seconds for transformers to generate max_tokens per prompt, left-padded batches in input order."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for lo in range(0, len(prompts), batch_size):
+            batch = prompts[lo : lo + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, p in enumerate(batch):
+                ids[row, width - len(p) :] = torch.from_numpy(p)
+                mask[row, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            assert out.shape[1] == width + max_tokens
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--hf-batch-size", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    ap.add_argument("--kv-gb", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    engine = Engine(args.model, kv_cache_gb=args.kv_gb, max_num_batched_tokens=args.max_num_batched_tokens)
+    prompts = chat_prompts(engine, args.prompts, args.data)
+    n_prompt = sum(len(p) for p in prompts)
+    n_out = args.max_tokens * len(prompts)
+    print(
+        f"{len(prompts)} prompts, {n_prompt} prompt tokens (mean {n_prompt / len(prompts):.0f}, "
+        f"max {max(len(p) for p in prompts)}), {args.max_tokens} output tokens each; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    engine.generate(prompts[:2], SamplingParams(max_tokens=2))  # warm up
+
+    rows = []
+    for sharing in (True, False):
+        results = engine.generate(prompts, params, enable_sharing=sharing)
+        assert all(r.error is None and len(r.token_ids) == args.max_tokens for r in results)
+        s = engine.stats
+        name = "batchllm (sharing)" if sharing else "batchllm (no sharing)"
+        rows.append((name, s.wall_s))
+        print(
+            f"{name:24s} {s.wall_s:8.1f}s  {n_out / s.wall_s:8.1f} out tok/s  "
+            f"{(n_prompt + n_out) / s.wall_s:8.1f} total tok/s  steps={s.steps} "
+            f"mean tokens/step={s.mean_tokens_per_step:.0f} saving={s.saving_ratio:.3f}"
+        )
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(engine.folder, dtype=torch.float32).eval()
+        pad = engine.tokenizer.token_to_id(engine.tokenizer.eos_token or "") or 0
+        run_hf(hf, prompts[:2], 2, 2, pad)  # warm up
+        wall = run_hf(hf, prompts, args.max_tokens, args.hf_batch_size, pad)
+        rows.append(("transformers generate", wall))
+        print(
+            f"{'transformers generate':24s} {wall:8.1f}s  {n_out / wall:8.1f} out tok/s  "
+            f"{(n_prompt + n_out) / wall:8.1f} total tok/s  (batch {args.hf_batch_size}, left-padded)"
+        )
+        for name, t in rows[:-1]:
+            print(f"speedup {name} vs transformers: {wall / t:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
