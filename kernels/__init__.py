@@ -3,6 +3,6 @@
 Nothing here imports batchllm: the kernels see tensors and an ``AttentionMeta``.
 """
 
-from .attention import AttentionMeta, GroupSpan, get_attention, store_kvcache
+from .attention import AttentionMeta, GroupSpan, get_attention, read_kvcache, store_kvcache
 
-__all__ = ["AttentionMeta", "GroupSpan", "get_attention", "store_kvcache"]
+__all__ = ["AttentionMeta", "GroupSpan", "get_attention", "read_kvcache", "store_kvcache"]

@@ -5,8 +5,9 @@ Layout of one forward (the same for every implementation in this package):
 - q [num_tokens, num_heads, head_dim] holds the new tokens of B sequences back
   to back; sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1], which sit at
   positions kv_lens[i] - q_len_i .. kv_lens[i] - 1.
-- k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]: the keys
-  and values of positions [0, kv_lens[i]) of sequence i live in blocks
+- k_cache, v_cache [num_blocks, num_kv_heads, block_size, head_dim] (head
+  major inside a block, so one head's keys of a block are contiguous): the
+  keys and values of positions [0, kv_lens[i]) of sequence i live in blocks
   block_tables[i, :]; new keys are written first through slot_mapping
   (slot = block_id * block_size + offset).
 - Two-level attention: a group is a contiguous run of sequences whose first
@@ -71,10 +72,18 @@ def store_kvcache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Write new keys/values [num_tokens, num_kv_heads, head_dim] into their cache slots."""
+    num_kv_heads, block_size, head_dim = k_cache.shape[1:]
     assert k.shape == v.shape and k.shape[0] == slot_mapping.shape[0]
-    assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:]
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    assert k_cache.shape == v_cache.shape and k.shape[1:] == (num_kv_heads, head_dim)
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, :, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = v.to(v_cache.dtype)
+
+
+def read_kvcache(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Keys or values [len(slots), num_kv_heads, head_dim] at the given slots (for tests and debugging)."""
+    block_size = cache.shape[2]
+    return cache[slots // block_size, :, slots % block_size]
 
 
 def _attend(
@@ -112,18 +121,17 @@ def merge_attention(
     return (o1 * w1 + o2 * w2) / (w1 + w2)
 
 
-def _slots(table: torch.Tensor, start: torch.Tensor, width: int, block_size: int) -> torch.Tensor:
-    """Cache slots of positions start[b] + [0, width) of each row's block table [B, max_blocks]."""
-    pos = start[:, None] + torch.arange(width, device=table.device)[None, :]
-    pos = pos.clamp(max=table.shape[1] * block_size - 1)
-    blocks = table.gather(1, pos // block_size).clamp(min=0)
-    return blocks.to(torch.int64) * block_size + pos % block_size
+def _block_range(table: torch.Tensor, first: torch.Tensor, width: int) -> torch.Tensor:
+    """Block ids table[b, first[b] : first[b] + width] per row (padding past the table reads block 0)."""
+    cols = (first[:, None] + torch.arange(width, device=table.device)[None, :]).clamp(max=table.shape[1] - 1)
+    return table.gather(1, cols).clamp(min=0)
 
 
 def _plan(meta: AttentionMeta, block_size: int, device: torch.device) -> dict:
-    """Gather indices for the reference, built once per forward and reused by every layer."""
+    """Block indices and masks for the reference, built once per forward and reused by every layer."""
     if "plan" in meta.cache:
         return meta.cache["plan"]
+    bs = block_size
     q_lens, kv_lens = meta.q_lens_host, meta.kv_lens_host
     prefix_lens = meta.prefix_lens_host()
     tables = meta.block_tables.to(device=device, dtype=torch.int64)
@@ -133,27 +141,52 @@ def _plan(meta: AttentionMeta, block_size: int, device: torch.device) -> dict:
     decode = [i for i, n in enumerate(q_lens) if n == 1]
     plan: dict = {"decode": None, "prefill": [], "groups": []}
     if decode:
-        sel = torch.tensor(decode, device=device)
-        start = torch.tensor([prefix_lens[i] for i in decode], device=device)
-        own = torch.tensor([kv_lens[i] - prefix_lens[i] for i in decode], device=device)
-        width = max(kv_lens[i] - prefix_lens[i] for i in decode)
-        idx = _slots(tables[sel], start, width, block_size)
-        visible = torch.arange(width, device=device)[None, :] < own[:, None]
-        plan["decode"] = (torch.tensor([cu[i] for i in decode], device=device), idx, visible)
+        # own positions start at the (block aligned) prefix end
+        own = [kv_lens[i] - prefix_lens[i] for i in decode]
+        width = -(-max(own) // bs)
+        first = torch.tensor([prefix_lens[i] // bs for i in decode], device=device)
+        blocks = _block_range(tables[torch.tensor(decode, device=device)], first, width)
+        visible = torch.arange(width * bs, device=device)[None, :] < torch.tensor(own, device=device)[:, None]
+        plan["decode"] = (torch.tensor([cu[i] for i in decode], device=device), blocks, visible)
     for i, n in enumerate(q_lens):
         if n > 1:
-            first = kv_lens[i] - n
-            keys = torch.arange(prefix_lens[i], kv_lens[i], device=device)
-            mask = keys[None, :] <= torch.arange(first, kv_lens[i], device=device)[:, None]
-            start = torch.tensor([prefix_lens[i]], device=device)
-            idx = _slots(tables[i : i + 1], start, kv_lens[i] - prefix_lens[i], block_size)[0]
-            needs_lse = prefix_lens[i] > 0
-            plan["prefill"].append((cu[i], cu[i + 1], idx, None if first == 0 else mask, needs_lse))
+            lo, hi = prefix_lens[i], kv_lens[i]
+            blocks = tables[i, lo // bs : -(-hi // bs)]
+            keys = torch.arange(lo, lo + blocks.numel() * bs, device=device)
+            mask = keys[None, :] <= torch.arange(hi - n, hi, device=device)[:, None]
+            is_full_causal = lo == 0 and hi == n and hi % bs == 0
+            plan["prefill"].append((cu[i], cu[i + 1], blocks, None if is_full_causal else mask, lo > 0))
     for g in meta.groups:
-        blocks = tables[g.seq_start, : g.prefix_len // block_size]
+        blocks = tables[g.seq_start, : g.prefix_len // bs]
         plan["groups"].append((cu[g.seq_start], cu[g.seq_end], blocks))
     meta.cache["plan"] = plan
     return plan
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[kvh, len(blocks) * block_size, d] float32 keys or values of consecutive blocks."""
+    x = cache[blocks].float()  # [nb, kvh, bs, d]
+    return x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[3])
+
+
+def _decode_attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row against its blocks, block by block (no copy of the keys into one run).
+
+    q [B, kvh, g, d], k/v [B, nb, kvh, bs, d], visible [B, nb * bs] -> out [B, kvh, g, d], lse [B, kvh, g].
+    """
+    num_seqs, nb, kvh, bs, _ = k.shape
+    g = q.shape[2]
+    scores = torch.matmul(q[:, None], k.transpose(-1, -2))  # [B, nb, kvh, g, bs]
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(num_seqs, kvh, g, nb * bs) * scale
+    scores = scores.masked_fill(~visible[:, None, None, :], -math.inf)
+    m = scores.amax(dim=-1, keepdim=True)
+    p = torch.exp(scores - m)
+    s = p.sum(dim=-1, keepdim=True)
+    p = p.view(num_seqs, kvh, g, nb, bs).permute(0, 3, 1, 2, 4)  # [B, nb, kvh, g, bs]
+    out = torch.matmul(p, v).sum(dim=1) / s  # every row sees at least itself
+    return out, (m + torch.log(s)).squeeze(-1)
 
 
 def _causal_mask(n: int, num_keys: int, device: torch.device) -> torch.Tensor:
@@ -167,27 +200,22 @@ def torch_attention(
 ) -> torch.Tensor:
     """Reference paged + two-level attention in plain torch (float32 math)."""
     num_tokens, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
     group = num_heads // num_kv_heads
     plan = _plan(meta, block_size, q.device)
-    kf, vf = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
     qg = q.float().view(num_tokens, num_kv_heads, group, head_dim)
     out = torch.empty(num_tokens, num_kv_heads, group, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(num_tokens, num_kv_heads, group, dtype=torch.float32, device=q.device)
-    # own positions, decode rows batched: q [B, kvh, g, 1, d], k [B, kvh, L, d]
+    # own positions, decode rows batched
     if plan["decode"] is not None:
-        rows, idx, visible = plan["decode"]
-        k = kf[idx].float().permute(0, 2, 1, 3)
-        v = vf[idx].float().permute(0, 2, 1, 3)
-        o, s = _attend(qg[rows].unsqueeze(3), k, v, visible[:, None, None, None, :], scale)
-        out[rows], lse[rows] = o.squeeze(3), s.squeeze(3)
+        rows, blocks, visible = plan["decode"]
+        k, v = k_cache[blocks].float(), v_cache[blocks].float()  # [B, nb, kvh, bs, d]
+        out[rows], lse[rows] = _decode_attend(qg[rows], k, v, visible, scale)
     # own positions, one prefill chunk at a time: q [kvh, g, n, d], k [kvh, L, d]
-    for start, end, idx, mask, needs_lse in plan["prefill"]:
-        k = kf[idx].float().transpose(0, 1)
-        v = vf[idx].float().transpose(0, 1)
+    for start, end, blocks, mask, needs_lse in plan["prefill"]:
+        k, v = _gather(k_cache, blocks), _gather(v_cache, blocks)
         if needs_lse:
-            causal = _causal_mask(end - start, k.shape[1], q.device) if mask is None else mask
-            o, s = _attend(qg[start:end].permute(1, 2, 0, 3), k, v, causal, scale)
+            o, s = _attend(qg[start:end].permute(1, 2, 0, 3), k, v, mask, scale)
             out[start:end], lse[start:end] = o.permute(2, 0, 1, 3), s.permute(2, 0, 1)
         else:  # a plain sequence needs no log-sum-exp: torch's fused attention is faster
             o = F.scaled_dot_product_attention(
@@ -202,8 +230,7 @@ def torch_attention(
             out[start:end] = o[0].view(num_kv_heads, group, end - start, head_dim).permute(2, 0, 1, 3)
     # shared prefix, once per group for all of its members' rows (no mask: every row lies after it)
     for start, end, blocks in plan["groups"]:
-        k = k_cache[blocks].float().reshape(-1, num_kv_heads, head_dim).transpose(0, 1)
-        v = v_cache[blocks].float().reshape(-1, num_kv_heads, head_dim).transpose(0, 1)
+        k, v = _gather(k_cache, blocks), _gather(v_cache, blocks)
         o, s = _attend(qg[start:end].permute(1, 2, 0, 3), k, v, None, scale)
         o, s = o.permute(2, 0, 1, 3), s.permute(2, 0, 1)
         out[start:end] = merge_attention(out[start:end], lse[start:end], o, s)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from batchllm.kernels import AttentionMeta, GroupSpan, get_attention, store_kvcache
+from batchllm.kernels import AttentionMeta, GroupSpan, get_attention, read_kvcache, store_kvcache
 from batchllm.kernels.attention import merge_attention
 
 BLOCK = 4
@@ -27,7 +27,7 @@ def _case(seed: int, specs: list[tuple[int, int, int]], shared: dict[int, tuple[
     """specs: (kv_len, q_len, group) per sequence; shared: group -> (prefix_len, owner)."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = 128
-    k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, DIM)
+    k_cache = torch.zeros(num_blocks, KV_HEADS, BLOCK, DIM)
     v_cache = torch.zeros_like(k_cache)
     free = torch.randperm(num_blocks, generator=gen).tolist()
     prefix_blocks: dict[int, list[int]] = {}
@@ -47,8 +47,8 @@ def _case(seed: int, specs: list[tuple[int, int, int]], shared: dict[int, tuple[
         v = torch.randn(kv_len, KV_HEADS, DIM, generator=gen)
         if plen:  # the shared part is the group's prefix KV
             pidx = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(plen)])
-            k[:plen] = k_cache.view(-1, KV_HEADS, DIM)[pidx]
-            v[:plen] = v_cache.view(-1, KV_HEADS, DIM)[pidx]
+            k[:plen] = read_kvcache(k_cache, pidx)
+            v[:plen] = read_kvcache(v_cache, pidx)
         old = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(plen, kv_len - q_len)], dtype=torch.int64)
         store_kvcache(k[plen : kv_len - q_len], v[plen : kv_len - q_len], k_cache, v_cache, old)
         slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(kv_len - q_len, kv_len)]

@@ -272,8 +272,8 @@ def load_model(folder: Path, max_len: int, device: torch.device | str, dtype: to
     """Build the model on the meta device, then fill every parameter from the folder's safetensors."""
     cfg = ModelConfig.from_folder(folder)
     with torch.device("meta"):
-        model = CausalLM(cfg, max_len)
-    model = model.to_empty(device=device).to(dtype)
+        model = CausalLM(cfg, max_len).to(dtype)  # free on meta: no float32 copy of a bf16 model
+    model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head_weight = model.embed_tokens.weight
     params = dict(model.named_parameters(remove_duplicate=False))

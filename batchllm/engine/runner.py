@@ -53,10 +53,9 @@ class ModelRunner:
         cfg = model.cfg
         param = model.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
-        # [k|v, layer, block, offset, kv_head, head_dim]
-        self.kv_cache = torch.zeros(
-            2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device
-        )
+        # [k|v, layer, block, kv_head, offset, head_dim] (the layout of batchllm.kernels)
+        shape = (2, cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         attn_fn = get_attention(self.device)
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
