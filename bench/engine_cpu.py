@@ -40,7 +40,10 @@ def chat_prompts(engine: Engine, n: int, data: Path) -> list[np.ndarray]:
                     break
     for i in range(len(texts), n):
         texts.append(f"Tell me something surprising about {TOPICS[i % 10]} (question {i}).")
-    return [np.asarray(tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])), np.int64) for t in texts]
+    return [
+        np.asarray(tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])), np.int64)
+        for t in texts
+    ]
 
 
 def run_hf(model, prompts: list[np.ndarray], max_tokens: int, batch_size: int, pad: int) -> float:

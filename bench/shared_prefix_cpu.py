@@ -62,10 +62,14 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
 
     w = shared_prefix_workload(args.prefix, args.suffix, args.decode, args.members, args.groups)
-    prompts = [w.table.values[w.table.offsets[i] : w.table.offsets[i + 1]].astype(np.int64) for i in range(w.table.n)]
+    prompts = [
+        w.table.values[w.table.offsets[i] : w.table.offsets[i + 1]].astype(np.int64) for i in range(w.table.n)
+    ]
     n_prompt, n_out = sum(len(p) for p in prompts), args.decode * len(prompts)
-    print(f"{w.description}: {len(prompts)} requests, {n_prompt} prompt tokens, {n_out} output tokens; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"{w.description}: {len(prompts)} requests, {n_prompt} prompt tokens, {n_out} output tokens; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     engine = Engine(args.model, kv_cache_gb=args.kv_gb, max_num_batched_tokens=args.max_num_batched_tokens)
     params = SamplingParams(max_tokens=args.decode, ignore_eos=True)
     engine.generate(prompts[:2], SamplingParams(max_tokens=2))  # warm up
@@ -98,8 +102,10 @@ def main() -> None:
         run_hf(hf, prompts[:1], 2, 1)  # warm up
         walls["transformers"] = run_hf(hf, prompts, args.decode, args.hf_batch_size)
         t = walls["transformers"]
-        print(f"transformers     {t:8.1f}s  {n_out / t:7.1f} out tok/s  {(n_prompt + n_out) / t:8.1f} total tok/s "
-              f"| batch {args.hf_batch_size}")
+        print(
+            f"transformers     {t:8.1f}s  {n_out / t:7.1f} out tok/s  {(n_prompt + n_out) / t:8.1f} total tok/s "
+            f"| batch {args.hf_batch_size}"
+        )
     if "sharing" in walls:
         for other in ("plain", "transformers"):
             if other in walls:

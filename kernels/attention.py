@@ -97,7 +97,9 @@ def _attend(
     *lead, kvh, g, n, d = q.shape
     num_keys = k.shape[-2]
     # the g heads of a kv head share its keys: one [g*n, d] x [d, L] product, no key copies
-    scores = torch.matmul(q.reshape(*lead, kvh, g * n, d), k.transpose(-1, -2)).view(*lead, kvh, g, n, num_keys)
+    scores = torch.matmul(q.reshape(*lead, kvh, g * n, d), k.transpose(-1, -2)).view(
+        *lead, kvh, g, n, num_keys
+    )
     scores = scores * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf)

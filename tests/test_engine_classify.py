@@ -22,7 +22,9 @@ INSTRUCTION = (
 @pytest.fixture(scope="module")
 def prompts(engine) -> list[list[int]]:
     tok = engine.tokenizer
-    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": INSTRUCTION + r}])) for r in REVIEWS]
+    return [
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": INSTRUCTION + r}])) for r in REVIEWS
+    ]
 
 
 def test_probs_match_transformers(engine, hf_model, prompts) -> None:

@@ -23,7 +23,9 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
 
     folder = tmp_path / "gpt2"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
     save_file({"wte.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
     (folder / "tokenizer.json").write_text("{}")
     with pytest.raises(UnsupportedModelError, match=r"unsupported architecture.*GPT2LMHeadModel"):
@@ -70,7 +72,11 @@ def test_bad_requests_get_error_results_and_the_rest_completes(default_model_pat
     assert "80 tokens is longer than max_model_len=64" in results[2].error
     assert "token id 49152 is outside the vocabulary" in results[3].error
     for i in (0, 4, 5):
-        assert results[i].error is None and len(results[i].token_ids) == 3 and results[i].finish_reason == "length"
+        assert (
+            results[i].error is None
+            and len(results[i].token_ids) == 3
+            and results[i].finish_reason == "length"
+        )
     for i in (1, 2, 3):
         assert results[i].token_ids == [] and results[i].text == ""
     assert engine.stats.num_errors == 3 and engine.stats.num_requests == 6
@@ -98,11 +104,16 @@ def test_params_list_must_match_prompts(engine) -> None:
 
 def test_stop_strings_and_stop_token_ids(engine) -> None:
     tok = engine.tokenizer
-    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Count from 1 to 20, comma separated."}]))
+    prompt = tok.encode(
+        tok.apply_chat_template([{"role": "user", "content": "Count from 1 to 20, comma separated."}])
+    )
     full = engine.generate([prompt], SamplingParams(max_tokens=30, ignore_eos=True))[0]
     assert "5" in full.text
     cut = engine.generate([prompt], SamplingParams(max_tokens=30, stop=["5"]))[0]
     assert cut.finish_reason == "stop" and full.text.startswith(cut.text) and "5" not in cut.text
     stop_id = full.token_ids[3]
     by_id = engine.generate([prompt], SamplingParams(max_tokens=30, stop_token_ids=[stop_id]))[0]
-    assert by_id.finish_reason == "stop" and by_id.token_ids == full.token_ids[: full.token_ids.index(stop_id) + 1]
+    assert (
+        by_id.finish_reason == "stop"
+        and by_id.token_ids == full.token_ids[: full.token_ids.index(stop_id) + 1]
+    )

@@ -12,8 +12,16 @@ from batchllm.engine.runner import ModelRunner
 from batchllm.engine.sequence import Sequence
 
 TOPICS = [
-    "the water cycle", "photosynthesis", "black holes", "the French revolution", "binary search",
-    "compound interest", "volcanoes", "the immune system", "prime numbers", "machine learning",
+    "the water cycle",
+    "photosynthesis",
+    "black holes",
+    "the French revolution",
+    "binary search",
+    "compound interest",
+    "volcanoes",
+    "the immune system",
+    "prime numbers",
+    "machine learning",
 ]
 ASKS = [
     "Explain {} to a ten year old.",
@@ -154,7 +162,9 @@ def test_first_position_logits_match_transformers(engine, prompts, reference) ->
 
 def test_one_at_a_time_equals_batch(engine, prompts, batched) -> None:
     for i in [0, 13, 31, 45, 49]:
-        alone = engine.generate([prompts[i]], SamplingParams(max_tokens=max_tokens_for(i)), enable_sharing=False)
+        alone = engine.generate(
+            [prompts[i]], SamplingParams(max_tokens=max_tokens_for(i)), enable_sharing=False
+        )
         assert alone[0].token_ids == batched[i].token_ids, f"prompt {i}"
         assert alone[0].text == batched[i].text
 

@@ -25,7 +25,8 @@ def shared_workload(seed: int = 0) -> tuple[list[list[int]], list[SamplingParams
     order = rng.permutation(len(prompts))
     prompts = [prompts[i] for i in order]
     params = [
-        SamplingParams(max_tokens=int(rng.integers(1, 10)), ignore_eos=bool(i % 3)) for i in range(len(prompts))
+        SamplingParams(max_tokens=int(rng.integers(1, 10)), ignore_eos=bool(i % 3))
+        for i in range(len(prompts))
     ]
     return prompts, params
 

@@ -49,7 +49,9 @@ def _case(seed: int, specs: list[tuple[int, int, int]], shared: dict[int, tuple[
             pidx = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(plen)])
             k[:plen] = read_kvcache(k_cache, pidx)
             v[:plen] = read_kvcache(v_cache, pidx)
-        old = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(plen, kv_len - q_len)], dtype=torch.int64)
+        old = torch.tensor(
+            [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(plen, kv_len - q_len)], dtype=torch.int64
+        )
         store_kvcache(k[plen : kv_len - q_len], v[plen : kv_len - q_len], k_cache, v_cache, old)
         slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(kv_len - q_len, kv_len)]
         full_k.append(k)
@@ -82,7 +84,10 @@ def _case(seed: int, specs: list[tuple[int, int, int]], shared: dict[int, tuple[
 
 CASES = {
     "plain-mixed": ([(9, 9, -1), (13, 1, -1), (30, 1, -1), (21, 5, -1), (1, 1, -1)], {}),
-    "groups-decode": ([(17, 1, 0), (19, 1, 0), (12, 1, 0), (33, 1, 1), (30, 1, 1), (7, 1, -1)], {0: (8, 0), 1: (24, 0)}),
+    "groups-decode": (
+        [(17, 1, 0), (19, 1, 0), (12, 1, 0), (33, 1, 1), (30, 1, 1), (7, 1, -1)],
+        {0: (8, 0), 1: (24, 0)},
+    ),
     "groups-prefill": ([(14, 6, 0), (9, 1, 0), (40, 8, 1), (26, 1, 1), (5, 5, -1)], {0: (8, 0), 1: (16, 0)}),
     "group-of-one": ([(20, 3, 0)], {0: (12, 0)}),
 }

@@ -144,7 +144,9 @@ def test_two_level_attention_matches_plain(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(2)
     prefix = torch.randint(0, 211, (24,), generator=gen).tolist()
     suffixes = [torch.randint(0, 211, (n,), generator=gen).tolist() for n in (9, 1, 4)]
-    prefix_seq = Sequence(100, None, prefix, len(prefix), 0, is_prefix=True, block_table=[10, 3, 7, 20, 21, 1])
+    prefix_seq = Sequence(
+        100, None, prefix, len(prefix), 0, is_prefix=True, block_table=[10, 3, 7, 20, 21, 1]
+    )
     members = []
     for i, s in enumerate(suffixes):
         own = [30 + 5 * i + j for j in range(-(-len(s) // 4) + 1)]

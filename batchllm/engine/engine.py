@@ -211,7 +211,9 @@ class Engine:
             else:
                 arr = np.asarray(p)
                 if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-                    raise ValueError(f"prompts: each prompt must be a str or a 1-D sequence of token ids, got {p!r}")
+                    raise ValueError(
+                        f"prompts: each prompt must be a str or a 1-D sequence of token ids, got {p!r}"
+                    )
                 out.append(arr.astype(np.int64))
         return out
 
@@ -285,7 +287,9 @@ class Engine:
 
     # ---- execution --------------------------------------------------------------------
 
-    def _plan_groups(self, requests: list[_Request], sharing: bool) -> tuple[list[tuple[int, list[int]]], float | None]:
+    def _plan_groups(
+        self, requests: list[_Request], sharing: bool
+    ) -> tuple[list[tuple[int, list[int]]], float | None]:
         """(prefix_len, request indices) per group in execution order, and the planned physical tokens."""
         if not sharing or not requests:
             return [(0, [k]) for k in range(len(requests))], None

@@ -69,7 +69,9 @@ class ModelConfig:
         theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3", "linear"):
-            raise UnsupportedModelError(f"model: unsupported RoPE scaling {rope_type!r} (default, llama3, linear)")
+            raise UnsupportedModelError(
+                f"model: unsupported RoPE scaling {rope_type!r} (default, llama3, linear)"
+            )
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise UnsupportedModelError("model: partial rotary embeddings are not supported")
         window = cfg.get("sliding_window")
@@ -172,7 +174,9 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)  # set by the runner
         self.attn_fn = get_attention("cpu")
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    def forward(
+        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMeta
+    ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -204,7 +208,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    def forward(
+        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMeta
+    ) -> torch.Tensor:
         x = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
