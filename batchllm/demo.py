@@ -24,7 +24,15 @@ import pyarrow.csv as pacsv
 from batchllm import warehouse
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "labeling.yaml"
+# The source tree's examples/, else the working directory's (an installed package has none).
+EXAMPLE = next(
+    (
+        p
+        for p in (ROOT / "examples" / "labeling.yaml", Path("examples/labeling.yaml").resolve())
+        if p.is_file()
+    ),
+    ROOT / "examples" / "labeling.yaml",
+)
 DEFAULT_DIR = Path("demo")
 CORPUS = "rotten_tomatoes_corpus.csv.bz2"
 
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     limits = spec.limits.model_copy(update={"max_rows": args.rows or None})
     source = spec.source.model_copy(update={"database": str(database)})
     spec = spec.model_copy(update={"source": source, "limits": limits, "device": args.device})
-    print(f"job {EXAMPLE.relative_to(ROOT)}: {spec.task.kind} {spec.task.labels} with model {spec.model!r}")
+    print(f"job {EXAMPLE.name}: {spec.task.kind} {spec.task.labels} with model {spec.model!r}")
 
     from batchllm.cli import _print_run, run_with_progress
 

@@ -75,7 +75,22 @@ def validate(spec: JobSpec) -> None:
     """Everything checkable before a run starts: task support, the query's columns, the model folder."""
     check(spec)
     validate_columns(spec, warehouse.describe(spec))
-    tokenizer_for(spec)
+    check_labels(spec, tokenizer_for(spec)[0])
+
+
+def check_labels(spec: JobSpec, tokenizer: Any) -> None:
+    """Labels are scored by their first token (as a reply starts), so first tokens must differ."""
+    first: dict[int, str] = {}
+    for label in spec.task.labels or []:
+        ids = tokenizer.encode(label)
+        if not ids:
+            raise SpecError(f"task.labels: {label!r} encodes to no token")
+        if ids[0] in first:
+            raise SpecError(
+                f"task.labels: {first[ids[0]]!r} and {label!r} start with the same token "
+                f"{tokenizer.decode(ids[:1])!r}; use labels whose first tokens differ"
+            )
+        first[ids[0]] = label
 
 
 def new_run_id() -> str:
@@ -104,6 +119,7 @@ def prepare(spec: JobSpec, table: pa.Table, run_id: str | None = None, dry_run: 
     started_at = warehouse.now()
     t0 = time.perf_counter()
     tokenizer, folder = tokenizer_for(spec)
+    check_labels(spec, tokenizer)
     rows = render.render_rows(spec, table, tokenizer)
     t1 = time.perf_counter()
     if not dry_run:

@@ -64,20 +64,15 @@ def prompt_hash(text: str) -> str:
 
 
 def field_order(spec: JobSpec, table: pa.Table) -> list[list[str]] | None:
-    """Per-row order of the reorderable fields, chosen to lengthen shared prefixes.
+    """Per-row order of the reorderable fields (None when the template has none).
 
-    Uses the planner's GGR reordering when available; otherwise keeps the order
-    given in the spec (still deterministic, so prompt hashes stay stable).
+    The declared order, the same for every row, so prompt hashes stay stable;
+    a per-row GGR order (DESIGN 4.4) is a drop-in replacement of this function.
     """
     names = list(spec.prompt.reorderable)
     if not names:
         return None
-    try:
-        from batchllm.plan.fields import reorder_fields  # type: ignore[attr-defined]
-    except ImportError:
-        return [names] * table.num_rows
-    columns = {n: [None if v is None else str(v) for v in table.column(n).to_pylist()] for n in names}
-    return [list(order) for order in reorder_fields(columns)]
+    return [names] * table.num_rows
 
 
 def render_rows(spec: JobSpec, table: pa.Table, tokenizer: Tokenizer | None) -> pa.Table:

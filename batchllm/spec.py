@@ -120,12 +120,13 @@ class PromptSpec(_Strict):
         named = {"system": self.system, "user": self.user, "template": self.template}
         return {k: v for k, v in named.items() if v is not None}
 
-    def fields(self) -> set[str]:
-        """Row columns the templates read."""
+    def fields(self, name: str | None = None) -> set[str]:
+        """Row columns the templates (or the one named) read; ``fields`` is provided when reorderable."""
         out: set[str] = set()
-        for source in self.templates().values():
-            out |= meta.find_undeclared_variables(template_env().parse(source))
-        return out
+        for key, source in self.templates().items():
+            if name is None or key == name:
+                out |= meta.find_undeclared_variables(template_env().parse(source))
+        return out - {"fields"} if self.reorderable else out
 
 
 class TaskSpec(_Strict):
@@ -307,8 +308,8 @@ def validate_columns(spec: JobSpec, columns: list[str]) -> None:
             f"source.id_column: column {spec.source.id_column!r} is not in the query result "
             f"(columns: {', '.join(columns)})"
         )
-    for name, source in spec.prompt.templates().items():
-        missing = sorted(meta.find_undeclared_variables(template_env().parse(source)) - have)
+    for name in spec.prompt.templates():
+        missing = sorted(spec.prompt.fields(name) - have)
         if missing:
             raise SpecError(
                 f"prompt.{name}: uses {', '.join(map(repr, missing))}, not in the query result "

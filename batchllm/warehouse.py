@@ -94,10 +94,12 @@ def sql(
 
 
 @contextmanager
-def connect(database: str, attach: list[Any] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+def connect(
+    database: str, attach: list[Any] | None = None, read_only: bool = False
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """One connection to ``database`` (a file path or ``:memory:``), attached sources, closed on exit."""
     try:
-        con = duckdb.connect(database)
+        con = duckdb.connect(database, read_only=read_only and database != ":memory:")
     except duckdb.Error as exc:
         raise SpecError(f"database {database!r}: cannot open ({exc})") from None
     try:
@@ -136,13 +138,19 @@ def staging_table(spec: JobSpec) -> str:
 # --- extract -----------------------------------------------------------------------------------
 
 
+def _source(spec: JobSpec) -> Any:
+    """A connection for reading the source: read-only unless results go to the same file."""
+    read_only = spec.source.database != spec.output_database
+    return connect(spec.source.database, spec.source.attach, read_only=read_only)
+
+
 def extract(spec: JobSpec) -> pa.Table:
     """Run the job's query (up to ``limits.max_rows`` rows) and return it as Arrow.
 
     Checks the query's columns against the spec before reading rows, and that ids
     are present and unique (merge by id needs both).
     """
-    with connect(spec.source.database, spec.source.attach) as con:
+    with _source(spec) as con:
         try:
             columns = [d[0] for d in con.execute(sql("describe_query", query=spec.source.query)).description]
         except duckdb.Error as exc:
@@ -157,7 +165,7 @@ def extract(spec: JobSpec) -> pa.Table:
 
 def describe(spec: JobSpec) -> list[str]:
     """Column names of the job's query result (validates the query without reading rows)."""
-    with connect(spec.source.database, spec.source.attach) as con:
+    with _source(spec) as con:
         try:
             return [d[0] for d in con.execute(sql("describe_query", query=spec.source.query)).description]
         except duckdb.Error as exc:

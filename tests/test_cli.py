@@ -68,6 +68,11 @@ def test_plan_prompt_file(tmp_path: Path) -> None:
         ({"sampling": {"max_tokenz": 3}}, "sampling.max_tokenz: unknown field"),
         ({"output": {"table": "bad table"}}, "output.table"),
         ({"prompt": {"user": "{{ nosuchcolumn }}"}}, "prompt.user: uses 'nosuchcolumn'"),
+        (
+            {"task": {"kind": "classify", "labels": ["The good", "The bad"]}},
+            "task.labels: 'The good' and 'The bad' start with the same token",
+        ),
+        ({"model": "/nonexistent/model"}, "model: no such file or folder"),
     ],
 )
 def test_bad_spec_exits_2_naming_the_field(tmp_path: Path, over: dict, message: str) -> None:

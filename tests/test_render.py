@@ -130,3 +130,15 @@ def test_row_prompt_mapping_is_consistent(values: list[str | None]) -> None:
 
 
 _tok_cache: dict[str, Tokenizer] = {}
+
+
+def test_reorderable_fields_are_exposed_as_pairs(tmp_path: Path) -> None:
+    spec = _spec(
+        tmp_path,
+        prompt={
+            "template": "{% for name, value in fields %}{{ name }}={{ value }};{% endfor %} {{ review }}",
+            "reorderable": ["plot", "id"],
+        },
+    )
+    rows = render.render_rows(spec, _table(["P", "Q"], ["r1", "r2"]), None)
+    assert rows.column("prompt").to_pylist() == ["plot=P;id=0; r1", "plot=Q;id=1; r2"]

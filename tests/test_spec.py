@@ -147,3 +147,18 @@ def test_load_spec_errors(tmp_path: Path) -> None:
     assert "output.tabel: unknown field" in msg
     assert "output.table: Field required" in msg
     assert str(typo) in msg
+
+
+def test_reorderable_fields(tmp_path: Path) -> None:
+    d = spec_dict(tmp_path / "w.duckdb")
+    d["prompt"] = {
+        "template": "{% for n, v in fields %}{{ n }}: {{ v }}\n{% endfor %}{{ review }}",
+        "reorderable": ["plot"],
+    }
+    spec = parse_spec(d)
+    assert spec.prompt.fields() == {"review"}
+    validate_columns(spec, ["id", "plot", "review"])
+    with pytest.raises(SpecError, match=r"prompt\.reorderable: 'plot' not in the query result"):
+        validate_columns(spec, ["id", "review"])
+    d["prompt"] = {"template": "{{ review }}", "reorderable": ["plot; --"]}
+    assert "prompt.reorderable" in _error(d)
