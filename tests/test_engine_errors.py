@@ -66,8 +66,12 @@ def test_bad_requests_get_error_results_and_the_rest_completes(default_model_pat
     engine = Engine(default_model_path, max_model_len=64, kv_cache_gb=0.05)
     good = list(range(200, 220))
     prompts = [good, [], list(range(100, 180)), [5, 49152, 7], good[:10], "Hello there"]
-    results = engine.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))
+    calls: list[tuple[int, int]] = []
+    results = engine.generate(
+        prompts, SamplingParams(max_tokens=3, ignore_eos=True), progress=lambda d, t: calls.append((d, t))
+    )
     assert [r.index for r in results] == list(range(6))
+    assert calls[-1] == (6, 6) and [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert results[1].finish_reason == "error" and "empty prompt" in results[1].error
     assert "80 tokens is longer than max_model_len=64" in results[2].error
     assert "token id 49152 is outside the vocabulary" in results[3].error

@@ -144,7 +144,7 @@ class Engine:
             results[i].error, results[i].finish_reason = e, "error"
         sharing = self.enable_sharing if enable_sharing is None else enable_sharing
         requests = self._requests(token_lists, per_input, errors, sharing)
-        self._run(requests, sharing, t0, progress, len(token_lists), mode="generate")
+        self._run(requests, sharing, t0, progress, len(token_lists))
         for req in requests:
             seq = req.seq
             assert seq is not None
@@ -182,8 +182,8 @@ class Engine:
         params = [SamplingParams(max_tokens=1)] * len(token_lists)
         sharing = self.enable_sharing if enable_sharing is None else enable_sharing
         requests = self._requests(token_lists, params, errors, sharing)
-        self._label_tensor = torch.tensor(label_ids, dtype=torch.int64, device=self.device)
-        self._run(requests, sharing, t0, progress, len(token_lists), mode="classify")
+        label_tensor = torch.tensor(label_ids, dtype=torch.int64, device=self.device)
+        self._run(requests, sharing, t0, progress, len(token_lists), label_tensor)
         for req in requests:
             for n, i in enumerate(req.inputs):
                 r = results[i]
@@ -311,8 +311,9 @@ class Engine:
         t0: float,
         progress: Progress | None,
         total: int,
-        mode: str,
+        label_ids: torch.Tensor | None = None,
     ) -> None:
+        """Plan, schedule and run requests to completion; with label_ids, score labels instead of sampling."""
         stats = EngineStats(num_requests=total, num_kv_blocks=self.num_kv_blocks)
         self._stats = stats
         logical = sum(int(r.tokens.size) * len(r.inputs) for r in requests)
@@ -350,7 +351,7 @@ class Engine:
             for seq in seqs:
                 by_seq[seq.seq_id].cached_tokens = seq.num_shared_tokens
         stats.num_groups = len(groups)
-        num_done = 0
+        num_done = total - sum(len(r.inputs) for r in requests)  # invalid inputs are done already
         for seq in scheduler.rejected:
             num_done += self._reject(by_seq[seq.seq_id], scheduler.rejection_reasons[seq.seq_id])
         if progress is not None and num_done:
@@ -362,11 +363,12 @@ class Engine:
             finished: list[int] = []
             if rows:
                 seqs = [chunks[i].seq for i in rows]
-                if mode == "classify":
-                    probs = self.runner.label_probs(hidden[rows], self._label_tensor)
-                    for seq, pr in zip(seqs, probs.tolist(), strict=True):
+                if label_ids is not None:
+                    probs = self.runner.label_probs(hidden[rows], label_ids)
+                    best = label_ids[probs.argmax(dim=-1)].tolist()
+                    for seq, pr, tok in zip(seqs, probs.tolist(), best, strict=True):
                         by_seq[seq.seq_id].probs = pr
-                        seq.token_ids.append(int(self._label_tensor[int(np.argmax(pr))]))
+                        seq.token_ids.append(tok)  # the scheduler expects one token per sampled chunk
                 else:
                     tokens = self.runner.sample(hidden[rows], seqs)
                     now = time.perf_counter() - t0
@@ -386,6 +388,8 @@ class Engine:
                     num_done += len(req.inputs)
                 if progress is not None:
                     progress(num_done, total)
+        if progress is not None and num_done < total:
+            progress(total, total)
         s = scheduler.stats
         stats.steps = s.num_steps
         stats.tokens_computed = s.num_tokens
