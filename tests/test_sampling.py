@@ -1,0 +1,57 @@
+"""The keyed sampler: distributions, top-k/top-p truncation, determinism, batch independence."""
+
+from __future__ import annotations
+
+import torch
+
+from batchllm.engine.sampling import row_keys, sample
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+
+
+def _draw(
+    n: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 7
+) -> torch.Tensor:
+    logits = LOGITS.repeat(n, 1)
+    keys = row_keys(torch.full((n,), seed, dtype=torch.int64), torch.arange(n))
+    return sample(
+        logits,
+        torch.full((n,), temperature),
+        torch.full((n,), top_p),
+        torch.full((n,), top_k, dtype=torch.int64),
+        keys,
+    )
+
+
+def test_frequencies_follow_the_softmax() -> None:
+    n = 40_000
+    counts = torch.bincount(_draw(n, temperature=0.7), minlength=6).float() / n
+    expected = torch.softmax(LOGITS / 0.7, dim=-1)
+    assert (counts - expected).abs().max() < 0.01
+
+
+def test_top_k_and_top_p_truncate() -> None:
+    assert set(_draw(5000, top_k=2).tolist()) == {0, 1}
+    probs = torch.softmax(LOGITS, dim=-1)  # 0.57, 0.21, 0.13, ...: top_p 0.7 keeps the first two
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    assert set(_draw(5000, top_p=0.7).tolist()) == {0, 1}
+    assert set(_draw(500, top_p=0.01).tolist()) == {0}
+    assert set(_draw(500, top_k=1).tolist()) == {0}
+
+
+def test_greedy_rows_and_determinism() -> None:
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    temps = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0])
+    keys = row_keys(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([10, 10, 10, 10, 10]))
+    args = (torch.ones(5), torch.zeros(5, dtype=torch.int64))
+    a = sample(logits, temps, *args, keys)
+    assert a[0] == logits[0].argmax() and a[2] == logits[2].argmax()
+    assert torch.equal(a, sample(logits, temps, *args, keys))
+    # a row's token depends on its own logits and key only, not on the other rows of the batch
+    alone = sample(logits[3:4], temps[3:4], args[0][3:4], args[1][3:4], keys[3:4])
+    assert alone[0] == a[3]
+
+
+def test_keys_differ_by_seed_and_position() -> None:
+    keys = row_keys(torch.tensor([1, 1, 2, 2**62 + 1]), torch.tensor([0, 1, 0, 0]))
+    assert len(set(keys.tolist())) == 4
