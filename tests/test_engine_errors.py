@@ -121,3 +121,18 @@ def test_stop_strings_and_stop_token_ids(engine) -> None:
         by_id.finish_reason == "stop"
         and by_id.token_ids == full.token_ids[: full.token_ids.index(stop_id) + 1]
     )
+
+
+def test_prompt_forms(engine) -> None:
+    import numpy as np
+
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    ids = engine.tokenizer.encode("The sky is")
+    single_text = engine.generate("The sky is", params)
+    single_ids = engine.generate(ids, params)
+    rows = engine.generate(np.array([ids, ids], dtype=np.int32), params)
+    assert len(single_text) == len(single_ids) == 1 and len(rows) == 2
+    assert single_text[0].token_ids == single_ids[0].token_ids == rows[1].token_ids
+    assert engine.generate([], params) == []
+    with pytest.raises(ValueError, match=r"^prompts: each prompt must be"):
+        engine.generate([[1.5, 2.5]], params)

@@ -200,7 +200,10 @@ class Engine:
     # ---- request preparation ----------------------------------------------------------
 
     def _tokenize(self, prompts: Prompt | Sequence[Prompt]) -> list[np.ndarray]:
-        if isinstance(prompts, str | np.ndarray) or (
+        """Token id arrays of a prompt or a batch (texts, id lists, 1-D arrays, or a 2-D array of rows)."""
+        if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+            prompts = list(prompts)
+        elif isinstance(prompts, str | np.ndarray) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int | np.integer)
         ):
             prompts = [prompts]  # type: ignore[list-item]
