@@ -317,12 +317,11 @@ class Engine:
         label_ids: torch.Tensor | None = None,
     ) -> None:
         """Plan, schedule and run requests to completion; with label_ids, score labels instead of sampling."""
-        stats = EngineStats(num_requests=total, num_kv_blocks=self.num_kv_blocks)
-        self._stats = stats
-        logical = sum(int(r.tokens.size) * len(r.inputs) for r in requests)
-        stats.prompt_tokens_logical = logical
+        stats = self._stats = EngineStats(num_requests=total, num_kv_blocks=self.num_kv_blocks)
+        logical = stats.prompt_tokens_logical = sum(int(r.tokens.size) * len(r.inputs) for r in requests)
         groups, physical = self._plan_groups(requests, sharing)
         stats.plan_s = time.perf_counter() - t0
+        stats.num_groups = len(groups)
         if physical is not None and logical:
             stats.planned_saving_ratio = 1.0 - physical / logical
         scheduler = Scheduler(
@@ -332,28 +331,7 @@ class Engine:
             self.max_model_len,
             decode_fraction=self.decode_reserve,
         )
-        by_seq: dict[int, _Request] = {}
-        for prefix_len, members in groups:
-            seqs = []
-            for k in members:
-                req = requests[k]
-                p = req.params
-                seq = Seq(
-                    seq_id=len(by_seq),
-                    request_index=req.inputs[0],
-                    token_ids=req.tokens.tolist(),
-                    num_prompt_tokens=int(req.tokens.size),
-                    max_tokens=p.max_tokens,
-                    params=SeqSampling(p.temperature, p.top_p, p.top_k, req.seed),
-                )
-                req.seq = seq
-                by_seq[seq.seq_id] = req
-                seqs.append(seq)
-            prefix = requests[members[0]].tokens[:prefix_len].tolist()
-            scheduler.add_group(prefix, seqs)
-            for seq in seqs:
-                by_seq[seq.seq_id].cached_tokens = seq.num_shared_tokens
-        stats.num_groups = len(groups)
+        by_seq = self._submit(scheduler, requests, groups)
         num_done = total - sum(len(r.inputs) for r in requests)  # invalid inputs are done already
         for seq in scheduler.rejected:
             num_done += self._reject(by_seq[seq.seq_id], scheduler.rejection_reasons[seq.seq_id])
@@ -361,49 +339,75 @@ class Engine:
             progress(num_done, total)
         while scheduler.has_unfinished():
             batch = scheduler.schedule()
-            chunks, hidden = self.runner.forward(batch.chunks)
-            rows = [i for i, c in enumerate(chunks) if c.sample]
-            finished: list[int] = []
-            if rows:
-                seqs = [chunks[i].seq for i in rows]
-                if label_ids is not None:
-                    probs = self.runner.label_probs(hidden[rows], label_ids)
-                    best = label_ids[probs.argmax(dim=-1)].tolist()
-                    for seq, pr, tok in zip(seqs, probs.tolist(), best, strict=True):
-                        by_seq[seq.seq_id].probs = pr
-                        seq.token_ids.append(tok)  # the scheduler expects one token per sampled chunk
-                else:
-                    tokens = self.runner.sample(hidden[rows], seqs)
-                    now = time.perf_counter() - t0
-                    for seq, tok in zip(seqs, tokens, strict=True):
-                        seq.token_ids.append(tok)
-                        req = by_seq[seq.seq_id]
-                        if seq.num_generated == 1 and not req.first_token_s:
-                            req.first_token_s = now
-                        if self._stops(req, seq, tok):
-                            finished.append(seq.seq_id)
-            done = scheduler.on_step_done(batch, finished)
-            if done:
+            finished = self._step(batch.chunks, by_seq, t0, label_ids)
+            if done := scheduler.on_step_done(batch, finished):
                 now = time.perf_counter() - t0
                 for seq in done:
-                    req = by_seq[seq.seq_id]
-                    req.latency_s = now
-                    num_done += len(req.inputs)
+                    by_seq[seq.seq_id].latency_s = now
+                    num_done += len(by_seq[seq.seq_id].inputs)
                 if progress is not None:
                     progress(num_done, total)
         if progress is not None and num_done < total:
             progress(total, total)
         s = scheduler.stats
-        stats.steps = s.num_steps
-        stats.tokens_computed = s.num_tokens
+        stats.steps, stats.tokens_computed = s.num_steps, s.num_tokens
         stats.prompt_tokens_computed = s.num_prompt_tokens_computed
         stats.output_tokens = sum(r.seq.num_generated * len(r.inputs) for r in requests if r.seq is not None)
-        stats.mean_tokens_per_step = s.mean_tokens_per_step
-        stats.max_tokens_per_step = s.max_tokens_per_step
-        stats.peak_kv_blocks = s.peak_kv_blocks
-        stats.preemptions = s.num_preemptions
+        stats.mean_tokens_per_step, stats.max_tokens_per_step = s.mean_tokens_per_step, s.max_tokens_per_step
+        stats.peak_kv_blocks, stats.preemptions = s.peak_kv_blocks, s.num_preemptions
         stats.saving_ratio = 1.0 - stats.prompt_tokens_computed / logical if logical else 0.0
         stats.wall_s = time.perf_counter() - t0
+
+    def _submit(
+        self, scheduler: Scheduler, requests: list[_Request], groups: list[tuple[int, list[int]]]
+    ) -> dict[int, _Request]:
+        """One Sequence per request, handed to the scheduler group by group in plan order."""
+        by_seq: dict[int, _Request] = {}
+        for prefix_len, members in groups:
+            seqs = []
+            for k in members:
+                req, p = requests[k], requests[k].params
+                req.seq = Seq(
+                    seq_id=len(by_seq),
+                    request_index=req.inputs[0],
+                    token_ids=req.tokens.tolist(),
+                    num_prompt_tokens=int(req.tokens.size),
+                    max_tokens=p.max_tokens,
+                    params=SeqSampling(p.temperature, p.top_p, p.top_k, req.seed),
+                )
+                by_seq[req.seq.seq_id] = req
+                seqs.append(req.seq)
+            scheduler.add_group(requests[members[0]].tokens[:prefix_len].tolist(), seqs)
+            for seq in seqs:  # the scheduler decides how much of the prefix is shared (whole blocks)
+                by_seq[seq.seq_id].cached_tokens = seq.num_shared_tokens
+        return by_seq
+
+    def _step(
+        self, chunks: Sequence, by_seq: dict[int, _Request], t0: float, label_ids: torch.Tensor | None
+    ) -> list[int]:
+        """Run one batch, append one token per sampled chunk; returns the seq ids that stop here."""
+        chunks, hidden = self.runner.forward(chunks)
+        rows = [i for i, c in enumerate(chunks) if c.sample]
+        if not rows:
+            return []
+        seqs = [chunks[i].seq for i in rows]
+        if label_ids is not None:
+            probs = self.runner.label_probs(hidden[rows], label_ids)
+            best = label_ids[probs.argmax(dim=-1)].tolist()
+            for seq, pr, tok in zip(seqs, probs.tolist(), best, strict=True):
+                by_seq[seq.seq_id].probs = pr
+                seq.token_ids.append(tok)  # the scheduler expects one token per sampled chunk
+            return []
+        finished = []
+        now = time.perf_counter() - t0
+        for seq, tok in zip(seqs, self.runner.sample(hidden[rows], seqs), strict=True):
+            seq.token_ids.append(tok)
+            req = by_seq[seq.seq_id]
+            if not req.first_token_s:
+                req.first_token_s = now
+            if self._stops(req, seq, tok):
+                finished.append(seq.seq_id)
+        return finished
 
     def _reject(self, req: _Request, reason: str) -> int:
         req.finish_reason, req.stop_text, req.error = "error", "", f"prompt: {reason}"
