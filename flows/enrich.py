@@ -10,6 +10,7 @@ exists. Runs in Prefect's ephemeral mode without a server, or against one.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
 
 from batchllm import job, warehouse
 from batchllm.spec import JobSpec, SpecError, load_spec
@@ -64,11 +67,16 @@ def infer(
     """Run one shard on the job's device; returns its result rows and engine stats."""
     logger = get_run_logger()
     device = job.device_name(spec)
-    limit = "gpu" if device == "cuda" else "cpu"
+    limit = _device_limit(device)
     reporter = _Progress(progress_id, done_before, total)
     token_ids = [prepared.prompts.token_ids[i] for i in indices]
-    logger.info("shard: %d prompts on %s (concurrency limit %r)", len(indices), device, limit)
-    with concurrency(limit, occupy=1, strict=False):
+    if limit:
+        logger.info(
+            "shard: %d prompts on %s, holding a slot of concurrency limit %r", len(indices), device, limit
+        )
+    else:
+        logger.info("shard: %d prompts on %s (no concurrency limit for this device)", len(indices), device)
+    with concurrency(limit, occupy=1) if limit else nullcontext():
         outcomes, stats = job.infer_shard(spec, token_ids, progress=reporter)
     reporter.finish(len(indices))
     rows = job.result_rows(spec, prepared, indices, outcomes)
@@ -186,6 +194,17 @@ class _Progress:
         overall = self.done_before + shard_size
         job.notify_progress(overall, self.total)
         update_progress_artifact(self.artifact_id, progress=100.0 * overall / self.total)
+
+
+def _device_limit(device: str) -> str | None:
+    """The global concurrency limit named for the device ("gpu" or "cpu"), if the server has one."""
+    name = "gpu" if device == "cuda" else "cpu"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            return None
+    return name
 
 
 def _artifact_key(spec: JobSpec) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import duckdb
 import pytest
+import yaml
 
 from batchllm import job, warehouse
 from batchllm.spec import SpecError, parse_spec
@@ -25,13 +26,20 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     """A temporary Prefect server and database for this module; never the user's server."""
+    saved = dict(os.environ)
     os.environ.pop("PREFECT_API_URL", None)
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
+        with get_client(sync_client=True) as client:  # the limit the CPU inference task holds a slot of
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="cpu", limit=1))
         yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def _run(spec: Any) -> tuple[dict[str, Any], Any]:
@@ -178,6 +186,20 @@ def _check_prefect_records(flow_run_id: Any) -> None:
         )
         names = sorted({t.name.rsplit("-", 1)[0] for t in tasks})
         assert names == ["extract", "infer", "load", "plan", "prepare", "report", "stage"]
+        logs = client.request(
+            "POST",
+            "/logs/filter",
+            json={
+                "logs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+                "limit": 200,
+                "offset": 0,
+                "sort": "TIMESTAMP_ASC",
+            },
+        ).json()
+        messages = [entry["message"] for entry in logs]
+        assert any("holding a slot of concurrency limit 'cpu'" in m for m in messages), messages
+        assert any("12 rows read" in m for m in messages)
+        assert client.read_global_concurrency_limit_by_name("cpu").active_slots == 0  # released
 
 
 def test_bad_rows_get_error_status(tmp_path: Path, prefect_server: None) -> None:
@@ -221,6 +243,10 @@ def test_bad_spec_fails_before_the_model_loads(tmp_path: Path, prefect_server: N
     )
     with pytest.raises(SpecError, match=r"prompt\.system: uses 'plot', not in the query result"):
         _run(spec)
+    path = tmp_path / "job.yaml"  # the flow also takes a path to a spec (as deployments pass it)
+    path.write_text(yaml.safe_dump(spec_dict(db, output={"table": "labels", "mode": "sideways"})))
+    with pytest.raises(SpecError, match=r"output\.mode: Input should be 'merge' or 'replace'"):
+        _run(str(path))
     score = parse_spec(spec_dict(db, task={"kind": "score", "candidates": ["a", "b"]}))
     from batchllm.backends import supports
 
