@@ -141,6 +141,8 @@ def plan(
             summary = steps.dry_run(spec)
     except SpecError as exc:
         _fail(str(exc))
+    except Exception as exc:
+        _fail(f"plan failed: {type(exc).__name__}: {exc}", code=1)
     if as_json:
         print(json.dumps(summary))
         return

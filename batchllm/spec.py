@@ -110,9 +110,9 @@ class PromptSpec(_Strict):
                 raise ValueError(
                     f"prompt.{name}: template error at line {exc.lineno}: {exc.message}"
                 ) from None
-        for f in self.reorderable:
-            if not IDENTIFIER.match(f):
-                raise ValueError(f"prompt.reorderable: {f!r} is not a safe column name")
+        # Column names only (never put into SQL), so any non-empty, distinct names will do.
+        if any(not f for f in self.reorderable) or len(set(self.reorderable)) != len(self.reorderable):
+            raise ValueError("prompt.reorderable: column names must be non-empty and distinct")
         return self
 
     def templates(self) -> dict[str, str]:

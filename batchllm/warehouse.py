@@ -156,9 +156,12 @@ def extract(spec: JobSpec) -> pa.Table:
         except duckdb.Error as exc:
             raise SpecError(f"source.query: {exc}") from None
         validate_columns(spec, columns)
-        table = con.sql(
-            sql("extract", query=spec.source.query), params=[spec.limits.max_rows]
-        ).to_arrow_table()
+        try:
+            table = con.sql(
+                sql("extract", query=spec.source.query), params=[spec.limits.max_rows]
+            ).to_arrow_table()
+        except duckdb.Error as exc:  # e.g. a malformed CSV line: the query cannot run as written
+            raise SpecError(f"source.query: reading the rows failed: {exc}") from None
     check_ids(table.column(spec.source.id_column), spec.source.id_column)
     return table
 
@@ -188,13 +191,13 @@ def done_keys(spec: JobSpec, include_results: bool) -> pa.Table:
     """(id, prompt_hash) with an ok result for this model + params in staging (and the results table)."""
     parts: list[pa.Table] = []
     tables = [staging_table(spec)] + ([spec.output.table] if include_results else [])
-    if not Path(spec.output_database).exists():
-        tables = []  # nothing written yet (and a dry run must not create the file)
-    with connect(spec.output_database) as con:
-        for table in tables:
-            if table_exists(con, table):
-                q = sql("done_keys", table=table)
-                parts.append(con.sql(q, params=[spec.model, spec.params_hash]).to_arrow_table())
+    # Nothing written yet when the file is absent; opening it would create it (a dry run writes nothing).
+    if Path(spec.output_database).exists():
+        with connect(spec.output_database) as con:
+            for table in tables:
+                if table_exists(con, table):
+                    q = sql("done_keys", table=table)
+                    parts.append(con.sql(q, params=[spec.model, spec.params_hash]).to_arrow_table())
     if not parts:
         return pa.table({"id": pa.array([], pa.null()), "prompt_hash": pa.array([], pa.string())})
     if len(parts) == 2 and parts[0].schema != parts[1].schema:

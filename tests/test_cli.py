@@ -44,6 +44,10 @@ def test_plan_is_a_dry_run(tmp_path: Path) -> None:
     assert _tables(tmp_path / "w.duckdb") == ["reviews"]  # nothing written
     table = runner.invoke(app, ["plan", str(job)])
     assert table.exit_code == 0 and "saving_ratio" in table.stdout
+    # Results going to another database: the dry run does not create it.
+    other = _job(tmp_path, output={"table": "labels", "database": "results.duckdb"})
+    assert runner.invoke(app, ["plan", str(other), "--json"]).exit_code == 0
+    assert not (tmp_path / "results.duckdb").exists()
 
 
 def test_plan_generate_counts_decode(tmp_path: Path) -> None:

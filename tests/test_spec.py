@@ -160,5 +160,5 @@ def test_reorderable_fields(tmp_path: Path) -> None:
     validate_columns(spec, ["id", "plot", "review"])
     with pytest.raises(SpecError, match=r"prompt\.reorderable: 'plot' not in the query result"):
         validate_columns(spec, ["id", "review"])
-    d["prompt"] = {"template": "{{ review }}", "reorderable": ["plot; --"]}
+    d["prompt"] = {"template": "{{ review }}", "reorderable": ["plot", "plot"]}
     assert "prompt.reorderable" in _error(d)

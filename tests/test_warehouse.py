@@ -198,3 +198,17 @@ def test_show(tmp_path: Path) -> None:
     assert warehouse.show(str(db), "labels", limit=2).num_rows == 2
     with pytest.raises(SpecError, match="does not exist"):
         warehouse.show(str(db), "nope")
+
+
+def test_malformed_csv_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.csv"
+    path.write_text("id,plot,review\n" + "".join(f"{i},p,r\n" for i in range(30000)) + "30000,p,r,extra\n")
+    spec = parse_spec(
+        spec_dict(
+            ":memory:",
+            source={"database": ":memory:", "query": f"SELECT * FROM read_csv('{path}', quote = '\"')"},
+            output={"database": str(tmp_path / "out.duckdb"), "table": "labels"},
+        )
+    )
+    with pytest.raises(SpecError, match=r"^source\.query: .*CSV Error"):
+        warehouse.extract(spec)
