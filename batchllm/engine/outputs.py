@@ -14,6 +14,8 @@ class Result:
 
     finish_reason: "stop" (EOS, a stop token id or a stop string), "length"
     (max_tokens reached) or "error" (see ``error``; nothing was generated).
+    token_ids keeps every generated token (an EOS or stop token id included);
+    text is their decoding without special tokens, cut before a stop string.
     cached_tokens counts prompt tokens whose KV came from a shared group prefix
     or from an identical prompt computed once. latency_s runs from the start of
     ``generate`` to the request's last token; first_token_s to its first token.
