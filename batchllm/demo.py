@@ -120,13 +120,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_results(database: Path, table: str, limit: int = 8) -> None:
     """A few labelled reviews next to their gold label, and the accuracy of all labelled rows."""
-    with warehouse.connect(str(database)) as con:
+    with warehouse.connect(str(database), read_only=True) as con:
         rows = con.sql(
             warehouse.sql("demo_report", results=table, reviews="reviews", movies="movies"), params=[limit]
         ).fetchall()
         ok, errors, accuracy, positive = con.execute(
             warehouse.sql("demo_accuracy", results=table, reviews="reviews")
         ).fetchall()[0]
+        auc = warehouse.scalar(con, warehouse.sql("demo_auc", results=table, reviews="reviews"))
     print()
     for rid, title, review, gold, label, p, status in rows:
         print(
@@ -137,6 +138,10 @@ def print_results(database: Path, table: str, limit: int = 8) -> None:
         print(
             f"accuracy vs the Rotten Tomatoes label: {accuracy:.1%} over {ok} labelled reviews "
             f"({errors} errors; {positive:.0%} of them are fresh/positive)"
+        )
+    if auc is not None:
+        print(
+            f"ranking: P(positive) puts a fresh review above a rotten one in {auc:.1%} of pairs (AUC; 50% = chance)"
         )
 
 
