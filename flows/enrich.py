@@ -10,7 +10,8 @@ exists. Runs in Prefect's ephemeral mode without a server, or against one.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -113,19 +114,15 @@ def report(spec: JobSpec, run: dict[str, Any]) -> None:
 def enrich(spec: JobSpec | str) -> dict[str, Any]:
     """Enrich the rows of a SQL query with LLM outputs into a results table."""
     logger = get_run_logger()
-    if isinstance(spec, str | Path):
-        spec = load_spec(spec)
+    spec = load_spec(spec) if isinstance(spec, str | Path) else spec
     job.check(spec)
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    table = extract(spec)
-    timings["extract_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    prepared = prepare(spec, table)
-    timings["prepare_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    plan_info = plan(spec, prepared)
-    timings["plan_s"] = time.perf_counter() - t
+    with _timed(timings, "extract_s"):
+        table = extract(spec)
+    with _timed(timings, "prepare_s"):
+        prepared = prepare(spec, table)
+    with _timed(timings, "plan_s"):
+        plan_info = plan(spec, prepared)
     logger.info(
         "%d rows read, %d skipped (done), %d recovered from an interrupted run, %d to run (%d distinct prompts)",
         prepared.rows_total,
@@ -138,39 +135,55 @@ def enrich(spec: JobSpec | str) -> dict[str, Any]:
     errors = job.error_rows(spec, prepared)
     if errors.num_rows:
         stage(spec, errors)
-        counts["rows_processed"] += errors.num_rows
-        counts["rows_error"] += errors.num_rows
+        _count(counts, errors)
         logger.warning("%d rows failed before inference, e.g. %s", errors.num_rows, errors.column("error")[0])
-    engine_stats: list[dict[str, Any]] = []
-    t = time.perf_counter()
-    if plan_info.shards:
-        total = sum(len(s) for s in plan_info.shards)
-        progress_id = create_progress_artifact(
-            progress=0.0, key=f"{_artifact_key(spec)}-progress", description=f"prompts of {spec.output.table}"
-        )
-        done = 0
-        for indices in plan_info.shards:
-            rows, stats = infer(spec, prepared, indices, done, total, progress_id)
-            stage(spec, rows)
-            done += len(indices)
-            ok, err = job.count_status(rows)
-            counts["rows_processed"] += rows.num_rows
-            counts["rows_ok"] += ok
-            counts["rows_error"] += err
-            engine_stats.append(stats)
-    else:
-        logger.info("nothing to run: no model is loaded")
-    timings["infer_s"] = time.perf_counter() - t
+    with _timed(timings, "infer_s"):
+        engine_stats = _infer_shards(spec, prepared, plan_info, counts)
     device = job.device_name(spec) if plan_info.shards else "none"
     run = job.run_record(spec, prepared, plan_info, engine_stats, counts, timings, device)
-    t = time.perf_counter()
-    written = load(spec, run)
-    timings["load_s"] = time.perf_counter() - t
-    run["timings"]["load_s"] = timings["load_s"]
-    run["rows_written"] = written
+    with _timed(run["timings"], "load_s"):
+        run["rows_written"] = load(spec, run)
     report(spec, run)
     logger.info(job.markdown_report(run, spec.output.table))
     return _jsonable(run)
+
+
+def _infer_shards(
+    spec: JobSpec, prepared: job.Prepared, plan_info: job.PlanInfo, counts: dict[str, int]
+) -> list[dict[str, Any]]:
+    """Run the shards one after another, staging each as soon as it finishes."""
+    if not plan_info.shards:
+        get_run_logger().info("nothing to run: no model is loaded")
+        return []
+    total = sum(len(s) for s in plan_info.shards)
+    progress_id = create_progress_artifact(
+        progress=0.0, key=f"{_artifact_key(spec)}-progress", description=f"prompts of {spec.output.table}"
+    )
+    engine_stats = []
+    done = 0
+    for indices in plan_info.shards:
+        rows, stats = infer(spec, prepared, indices, done, total, progress_id)
+        stage(spec, rows)
+        _count(counts, rows)
+        engine_stats.append(stats)
+        done += len(indices)
+    return engine_stats
+
+
+def _count(counts: dict[str, int], rows: pa.Table) -> None:
+    ok, errors = job.count_status(rows)
+    counts["rows_processed"] += rows.num_rows
+    counts["rows_ok"] += ok
+    counts["rows_error"] += errors
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = time.perf_counter() - start
 
 
 class _Progress:
