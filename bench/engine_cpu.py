@@ -1,7 +1,8 @@
 """Throughput of the native engine vs transformers ``generate`` on the default model (CPU).
 
-256 chat prompts of varied length (movie descriptions from shared/data when
-present, otherwise built-in topics), D output tokens each (EOS ignored, so
+256 chat prompts of varied length (replies to movie reviews from shared/data
+when present: the reviews of one movie share its plot; otherwise built-in
+topics), D output tokens each (EOS ignored, so
 both sides generate exactly the same number of tokens). transformers runs
 left-padded batches in input order, as a user would. Prints tokens/s of both
 and the ratio; not a test.
@@ -26,15 +27,16 @@ TOPICS = ["rivers", "stars", "bread", "trains", "chess", "bees", "glaciers", "ja
 
 
 def chat_prompts(engine: Engine, n: int, data: Path) -> list[np.ndarray]:
+    """Reply-to-a-review prompts: movie plot (shared by the reviews of a movie) + one review per row."""
     tok = engine.tokenizer
     texts: list[str] = []
     if data.is_file():
         with data.open(newline="") as f:
             for row in csv.DictReader(f):
-                if row.get("movie_info"):
+                if row.get("review_content") and row.get("movie_info"):
                     texts.append(
-                        f"Movie: {row['movie_title']}\nPlot: {row['movie_info'][:700]}\n"
-                        "Write a one-sentence pitch for this movie."
+                        f"Movie: {row['movie_title']}\nPlot: {row['movie_info'][:400]}\n"
+                        f"Review: {row['review_content']}\nWrite a one-sentence reply to this reviewer."
                     )
                 if len(texts) == n:
                     break
