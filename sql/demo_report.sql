@@ -1,7 +1,7 @@
--- Demo: labels next to the gold label and the review, and the accuracy over ok rows.
+-- Demo: a spread-out sample of labels next to the gold label and the review.
 SELECT r.id, m.title, left(r.review, 70) AS review, r.gold, l.label, round(l.score, 3) AS p, l.status
 FROM @results AS l
 JOIN @reviews AS r USING (id)
 JOIN @movies AS m USING (movie)
-ORDER BY r.id
+ORDER BY hash(r.id), r.id
 LIMIT ?
