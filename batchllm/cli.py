@@ -135,8 +135,8 @@ def plan(
         spec = load_spec(path)
         overrides: dict[str, Any] = {"block_size": block_size}
         if max_tokens is not None:
-            overrides["sampling"] = spec.sampling.model_copy(update={"max_tokens": max_tokens})
-        spec = spec.model_copy(update=overrides)
+            overrides["sampling"] = {"max_tokens": max_tokens}
+        spec = spec.updated(**overrides)
         with console.status("extracting, rendering and planning..."):
             summary = steps.dry_run(spec)
     except SpecError as exc:

@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
             f"built {database}: {counts['movies']} movies, {counts['reviews']} reviews ({time.perf_counter() - t:.1f}s)"
         )
     spec = load_spec(EXAMPLE)
-    limits = spec.limits.model_copy(update={"max_rows": args.rows or None})
-    source = spec.source.model_copy(update={"database": str(database)})
-    spec = spec.model_copy(update={"source": source, "limits": limits, "device": args.device})
+    spec = spec.updated(
+        source={"database": str(database)}, limits={"max_rows": args.rows or None}, device=args.device
+    )
     print(f"job {EXAMPLE.name}: {spec.task.kind} {spec.task.labels} with model {spec.model!r}")
 
     from batchllm.cli import _print_run, run_with_progress

@@ -221,6 +221,16 @@ class JobSpec(_Strict):
             raise ValueError("output.runs_table: must differ from output.table")
         return self
 
+    def updated(self, **changes: Any) -> JobSpec:
+        """A validated copy with some fields changed; nested sections merge (``limits={"max_rows": 5}``)."""
+        data = self.model_dump()
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return parse_spec(data)
+
     @property
     def output_database(self) -> str:
         """The database that holds the results and runs tables (default: the source database)."""

@@ -255,3 +255,25 @@ def test_bad_spec_fails_before_the_model_loads(tmp_path: Path, prefect_server: N
             _run(score)
     assert loaded == []
     assert not query(db, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'labels'")[0][0]
+
+
+def test_generation_job_from_the_examples(tmp_path: Path, prefect_server: None) -> None:
+    from batchllm import demo
+    from batchllm.spec import load_spec
+
+    db = tmp_path / "warehouse.duckdb"
+    demo.build_warehouse(db)
+    spec = load_spec(Path(__file__).resolve().parent.parent / "examples" / "summarizing.yaml")
+    spec = spec.updated(
+        source={"database": str(db)}, limits={"max_rows": 3}, sampling={"max_tokens": 8}, device="cpu"
+    )
+    run, _ = _run(spec)
+    assert run["rows_ok"] == 3 and run["output_tokens"] > 0
+    rows = query(
+        db, "SELECT status, output, output_tokens, finish_reason, label FROM plot_summaries ORDER BY id"
+    )
+    assert len(rows) == 3
+    for status, output, output_tokens, finish_reason, label in rows:
+        assert status == "ok" and label is None
+        assert output.strip() and 1 <= output_tokens <= 8
+        assert finish_reason in ("stop", "length")

@@ -162,3 +162,15 @@ def test_reorderable_fields(tmp_path: Path) -> None:
         validate_columns(spec, ["id", "review"])
     d["prompt"] = {"template": "{{ review }}", "reorderable": ["plot", "plot"]}
     assert "prompt.reorderable" in _error(d)
+
+
+def test_updated_revalidates_and_rehashes(tmp_path: Path) -> None:
+    spec = parse_spec(spec_dict(tmp_path / "w.duckdb"))
+    before = (spec.spec_hash, spec.params_hash)
+    changed = spec.updated(sampling={"max_tokens": 3}, limits={"max_rows": 7})
+    assert changed.sampling.max_tokens == 3 and changed.limits.max_rows == 7
+    assert changed.sampling.temperature == spec.sampling.temperature
+    assert changed.spec_hash != before[0] and changed.params_hash != before[1]
+    assert (spec.spec_hash, spec.params_hash) == before
+    with pytest.raises(SpecError, match=r"sampling\.max_tokens"):
+        spec.updated(sampling={"max_tokens": -1})
