@@ -420,6 +420,10 @@ class Engine:
             req.finish_reason = "stop"
             return True
         if p.stop:
+            # a new match ends in the newest tokens: decode only a tail (a char can take 4 byte tokens)
+            tail = seq.completion_token_ids[-(4 * max(len(s) for s in p.stop) + 8) :]
+            if not any(s in self.tokenizer.decode(tail) for s in p.stop):
+                return False
             text = self.tokenizer.decode(seq.completion_token_ids)
             cut = min((i for s in p.stop if (i := text.find(s)) >= 0), default=-1)
             if cut >= 0:
