@@ -24,6 +24,7 @@ from rich.progress import (
 from rich.table import Table
 
 from batchllm.spec import SpecError
+from batchllm.warehouse import WarehouseError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console(stderr=True)
@@ -53,7 +54,7 @@ def run(
     try:
         spec = load_spec(job)
         steps.validate(spec)
-    except SpecError as exc:
+    except (SpecError, WarehouseError) as exc:
         _fail(str(exc))
     try:
         result = run_with_progress(spec, quiet=quiet)
@@ -139,7 +140,7 @@ def plan(
         spec = spec.updated(**overrides)
         with console.status("extracting, rendering and planning..."):
             summary = steps.dry_run(spec)
-    except SpecError as exc:
+    except (SpecError, WarehouseError) as exc:
         _fail(str(exc))
     except Exception as exc:
         _fail(f"plan failed: {type(exc).__name__}: {exc}", code=1)
@@ -179,7 +180,7 @@ def show(
         if database != ":memory:" and not Path(database).exists():
             _fail(f"database {database!r} does not exist")
         rows = warehouse.show(database, table, limit)
-    except (SpecError, ValueError) as exc:
+    except (SpecError, WarehouseError, ValueError) as exc:
         _fail(str(exc))
     names = rows.column_names if all_columns else _useful_columns(rows)
     grid = Table(title=f"{table} ({database})")

@@ -35,6 +35,10 @@ STATUS_ERROR = "error"
 _KEYWORD = re.compile(r"^[a-z]+$")
 
 
+class WarehouseError(RuntimeError):
+    """The warehouse could not be reached (missing, locked, unreadable); often transient."""
+
+
 def results_schema(id_type: pa.DataType) -> pa.Schema:
     """One row per source id: what was asked (hashes, model), what came back, and how it went."""
     return pa.schema(
@@ -100,8 +104,8 @@ def connect(
     """One connection to ``database`` (a file path or ``:memory:``), attached sources, closed on exit."""
     try:
         con = duckdb.connect(database, read_only=read_only and database != ":memory:")
-    except duckdb.Error as exc:
-        raise SpecError(f"database {database!r}: cannot open ({exc})") from None
+    except duckdb.Error as exc:  # e.g. locked by another process: worth a retry
+        raise WarehouseError(f"database {database!r}: cannot open ({exc})") from None
     try:
         for a in attach or []:
             try:
@@ -140,7 +144,11 @@ def staging_table(spec: JobSpec) -> str:
 
 def _source(spec: JobSpec) -> Any:
     """A connection for reading the source: read-only unless results go to the same file."""
-    read_only = spec.source.database != spec.output_database
+    database = spec.source.database
+    if database != ":memory:" and not Path(database).is_file():
+        # duckdb.connect would create an empty database and the query would fail confusingly.
+        raise SpecError(f"source.database: no such file {database!r}")
+    read_only = database != spec.output_database
     return connect(spec.source.database, spec.source.attach, read_only=read_only)
 
 

@@ -53,6 +53,7 @@ def test_extract_parquet_and_csv(tmp_path: Path) -> None:
 
 def test_extract_attached_database(tmp_path: Path) -> None:
     other = make_reviews_db(tmp_path / "other.duckdb", 7)
+    make_reviews_db(tmp_path / "main.duckdb", 1)
     spec = parse_spec(
         spec_dict(
             tmp_path / "main.duckdb",
@@ -212,3 +213,33 @@ def test_malformed_csv_is_a_clear_error(tmp_path: Path) -> None:
     )
     with pytest.raises(SpecError, match=r"^source\.query: .*CSV Error"):
         warehouse.extract(spec)
+
+
+def test_missing_source_database_is_named(tmp_path: Path) -> None:
+    spec = _spec(tmp_path / "nope.duckdb")
+    with pytest.raises(SpecError, match=r"source\.database: no such file"):
+        warehouse.extract(spec)
+    assert not (tmp_path / "nope.duckdb").exists()
+
+
+def test_locked_database_is_a_retryable_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    db = make_reviews_db(tmp_path / "w.duckdb", 3)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, sys, time; c = duckdb.connect({str(db)!r}); print('ok', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        with pytest.raises(warehouse.WarehouseError, match="cannot open"):
+            warehouse.stage(_spec(db), _results(_spec(db), [1], "r1", "positive"))
+    finally:
+        holder.kill()
+        holder.wait()
