@@ -277,3 +277,19 @@ def test_generation_job_from_the_examples(tmp_path: Path, prefect_server: None) 
         assert status == "ok" and label is None
         assert output.strip() and 1 <= output_tokens <= 8
         assert finish_reason in ("stop", "length")
+
+
+def test_deployment_file_points_at_real_flows_and_specs() -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    from batchllm.spec import load_spec
+
+    root = Path(__file__).resolve().parent.parent
+    config = yaml.safe_load((root / "deploy" / "prefect.yaml").read_text())
+    assert config["deployments"]
+    for deployment in config["deployments"]:
+        entrypoint = deployment["entrypoint"]
+        flow = load_flow_from_entrypoint(str(root / entrypoint))
+        assert flow.name == "enrich"
+        load_spec(root / deployment["parameters"]["spec"])
+        assert deployment["work_pool"]["name"]
