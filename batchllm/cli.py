@@ -62,7 +62,7 @@ def run(
         _fail(str(exc))
     except Exception as exc:
         _fail(f"run failed: {type(exc).__name__}: {exc}", code=1)
-    _print_run(result)
+    print_run(result)
 
 
 def run_with_progress(spec: Any, quiet: bool = False) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def run_with_progress(spec: Any, quiet: bool = False) -> dict[str, Any]:
         return enrich(spec)
 
 
-def _print_run(run: dict[str, Any]) -> None:
+def print_run(run: dict[str, Any]) -> None:
     table = Table(title=f"run {run['run_id']}", show_header=False)
     for key in (
         "rows_total",

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     database = (args.data_dir / "warehouse.duckdb").resolve()
     if args.rebuild:
         database.unlink(missing_ok=True)
+        Path(f"{database}.wal").unlink(missing_ok=True)
     if not database.exists():
         t = time.perf_counter()
         counts = build_warehouse(database)
@@ -106,12 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"job {EXAMPLE.name}: {spec.task.kind} {spec.task.labels} with model {spec.model!r}")
 
-    from batchllm.cli import _print_run, run_with_progress
+    from batchllm.cli import print_run, run_with_progress
 
     t = time.perf_counter()
     run = run_with_progress(spec)
     wall = time.perf_counter() - t
-    _print_run(run)
+    print_run(run)
     print_results(database, spec.output.table)
     print(
         f"demo finished in {wall:.1f}s (flow run incl. model load); results in {database}:{spec.output.table}"
