@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     print_run(run)
     print_results(database, spec.output.table)
     print(
-        f"demo finished in {wall:.1f}s (flow run incl. model load); results in {database}:{spec.output.table}"
+        f"demo finished in {wall:.1f}s (the flow run, model load included); results in {database}:{spec.output.table}"
     )
 
 
