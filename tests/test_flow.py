@@ -153,28 +153,23 @@ def test_lifecycle(tmp_path: Path, prefect_server: None, monkeypatch: pytest.Mon
 def _check_prefect_records(flow_run_id: Any) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
         FlowRunFilter,
         FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
     )
-    from prefect.client.schemas.objects import Artifact
     from prefect.client.schemas.sorting import TaskRunSort
 
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
         assert flow_run.state is not None and flow_run.state.is_completed()
         assert client.read_flow(flow_run.flow_id).name == "enrich"
-        # A raw filter request: the typed helper sends nulls for unset filters, which this server rejects.
-        response = client.request(
-            "POST",
-            "/artifacts/filter",
-            json={
-                "artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}},
-                "limit": 50,
-                "offset": 0,
-                "sort": "CREATED_DESC",
-            },
+        # The typed helpers send null for unset filters, as the UI does: the server must accept them.
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-        artifacts = Artifact.model_validate_list(response.json())
         by_type = {a.type: a for a in artifacts}
         assert {"markdown", "table", "progress"} <= set(by_type)
         assert by_type["progress"].data == 100.0
@@ -186,17 +181,10 @@ def _check_prefect_records(flow_run_id: Any) -> None:
         )
         names = sorted({t.name.rsplit("-", 1)[0] for t in tasks})
         assert names == ["extract", "infer", "load", "plan", "prepare", "report", "stage"]
-        logs = client.request(
-            "POST",
-            "/logs/filter",
-            json={
-                "logs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
-                "limit": 200,
-                "offset": 0,
-                "sort": "TIMESTAMP_ASC",
-            },
-        ).json()
-        messages = [entry["message"] for entry in logs]
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200
+        )
+        messages = [entry.message for entry in logs]
         assert any("holding a slot of concurrency limit 'cpu'" in m for m in messages), messages
         assert any("12 rows read" in m for m in messages)
         assert client.read_global_concurrency_limit_by_name("cpu").active_slots == 0  # released

@@ -85,7 +85,9 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
         """Render chat messages to the prompt text the model was trained on."""
         if self.chat_template is None:
             raise ValueError(f"model: {str(self.folder)!r} has no chat template; use a raw prompt template")
