@@ -96,6 +96,7 @@ def test_small_pool_computes_each_prefix_once(default_model_path, monkeypatch) -
     stats = engine.stats
     assert all(r.ok and len(r.token_ids) == max_tokens for r in results)
     assert stats.preemptions == 0
+    assert stats.prefixes_computed == 3 and stats.prefix_recomputations == 0
     assert 0 < stats.peak_kv_blocks <= num_blocks
     assert stats.max_tokens_per_step <= 64
     assert stats.planned_saving_ratio > 0.4

@@ -355,6 +355,8 @@ class Engine:
         stats.output_tokens = sum(r.seq.num_generated * len(r.inputs) for r in requests if r.seq is not None)
         stats.mean_tokens_per_step, stats.max_tokens_per_step = s.mean_tokens_per_step, s.max_tokens_per_step
         stats.peak_kv_blocks, stats.preemptions = s.peak_kv_blocks, s.num_preemptions
+        stats.prefixes_computed = len(s.prefix_computations)
+        stats.prefix_recomputations = sum(n - 1 for n in s.prefix_computations.values())
         stats.saving_ratio = 1.0 - stats.prompt_tokens_computed / logical if logical else 0.0
         stats.wall_s = time.perf_counter() - t0
 

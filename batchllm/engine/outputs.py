@@ -79,6 +79,8 @@ class EngineStats:
     peak_kv_blocks: int = 0
     num_kv_blocks: int = 0
     preemptions: int = 0
+    prefixes_computed: int = 0
+    prefix_recomputations: int = 0  # shared prefixes computed more than once (evicted, then needed again)
     plan_s: float = 0.0
     wall_s: float = 0.0
 
