@@ -1,0 +1,147 @@
+"""The engine on CUDA against itself on CPU and against transformers, on a random-weight Llama.
+
+GPU machines have no model hub and no shipped weights, so this builds a small
+Llama-architecture folder with random weights (transformers' own init, fixed
+seed) and a word-level tokenizer, then runs a shared-prefix workload (G groups
+x sd members, greedy, EOS ignored):
+
+- CUDA float32, sharing on and off, must give the CPU float32 tokens;
+- CUDA bfloat16, sharing on vs off, is reported (bf16 rounding depends on the
+  batch shape, so small differences are expected, not asserted);
+- transformers greedy `generate` on CUDA float32 vs the engine, first 4 prompts.
+
+    python -m bench.gpu_check [--groups 4 --members 8 --prefix 64 --decode 16]
+
+Prints one JSON object; exits non-zero when a float32 check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def build_model(folder: Path, vocab: int = 512) -> None:
+    """A 4-layer GQA Llama with random weights and a tokenizer of `vocab` word tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.25,  # wide enough that greedy tokens vary (0.02 collapses to one token)
+    )
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(folder, safe_serialization=True)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2", "bos_token": "w1"}))
+
+
+def workload(groups: int, members: int, prefix: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(groups):
+        shared = rng.integers(3, vocab, prefix).tolist()
+        for _ in range(members):
+            prompts.append(shared + rng.integers(3, vocab, int(rng.integers(4, 24))).tolist())
+    order = rng.permutation(len(prompts))
+    return [prompts[i] for i in order]
+
+
+def run(
+    folder: Path, prompts: list[list[int]], decode: int, **kwargs: object
+) -> tuple[list[list[int]], float]:
+    from batchllm.engine import Engine, SamplingParams
+
+    engine = Engine(folder, **kwargs)
+    params = SamplingParams(max_tokens=decode, ignore_eos=True)
+    engine.generate(prompts[:2], params)  # warm-up
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = engine.generate(prompts, params)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return [list(r.token_ids) for r in out], time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--members", type=int, default=8)
+    ap.add_argument("--prefix", type=int, default=64)
+    ap.add_argument("--decode", type=int, default=16)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print(json.dumps({"error": "CUDA is not available"}))
+        return 2
+    folder = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    build_model(folder)
+    prompts = workload(args.groups, args.members, args.prefix, 512)
+    cpu, cpu_s = run(folder, prompts, args.decode, device="cpu")
+    f32_on, f32_on_s = run(folder, prompts, args.decode, device="cuda", dtype="float32")
+    f32_off, f32_off_s = run(
+        folder, prompts, args.decode, device="cuda", dtype="float32", enable_sharing=False
+    )
+    bf_on, bf_on_s = run(folder, prompts, args.decode, device="cuda", dtype="bfloat16")
+    bf_off, bf_off_s = run(
+        folder, prompts, args.decode, device="cuda", dtype="bfloat16", enable_sharing=False
+    )
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+    hf_tokens = []
+    for prompt in prompts[:4]:
+        ids = torch.tensor([prompt], device="cuda")
+        out = hf.generate(ids, max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False)
+        hf_tokens.append(out[0, len(prompt) :].tolist())
+
+    def same(a: list[list[int]], b: list[list[int]]) -> int:
+        return sum(x == y for x, y in zip(a, b, strict=True))
+
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "requests": len(prompts),
+        "cuda_f32_sharing_vs_cpu_identical": same(f32_on, cpu),
+        "cuda_f32_plain_vs_cpu_identical": same(f32_off, cpu),
+        "cuda_bf16_sharing_vs_plain_identical": same(bf_on, bf_off),
+        "hf_cuda_f32_vs_engine_cuda_f32_identical": f"{same(hf_tokens, f32_on[:4])}/4",
+        "seconds": {
+            "cpu_f32_sharing": cpu_s,
+            "cuda_f32_sharing": f32_on_s,
+            "cuda_f32_plain": f32_off_s,
+            "cuda_bf16_sharing": bf_on_s,
+            "cuda_bf16_plain": bf_off_s,
+        },
+    }
+    print(json.dumps(report, indent=1))
+    ok = (
+        report["cuda_f32_sharing_vs_cpu_identical"] == len(prompts)
+        and report["cuda_f32_plain_vs_cpu_identical"] == len(prompts)
+        and same(hf_tokens, f32_on[:4]) == 4
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
