@@ -217,7 +217,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, list) and value and isinstance(value[0], tuple):  # a MAP as key/value pairs
-        return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in value)
+        value = dict(value)
     if isinstance(value, dict):
         return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
     text = str(value)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -97,14 +98,26 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def decode_budget(spec: JobSpec) -> int:
+    """Output tokens per prompt the plan and cost estimate count on (classify and score decode nothing)."""
+    return spec.sampling.max_tokens if spec.task.kind == "generate" else 0
+
+
+@cache
+def _tokenizer(folder: Path) -> Any:
+    """One parse of a model's tokenizer.json per process (validation and prepare both need it)."""
+    from batchllm.engine.tokenizer import Tokenizer
+
+    return Tokenizer(folder)
+
+
 def tokenizer_for(spec: JobSpec) -> tuple[Any, Path]:
     """The model's tokenizer (no weights); model errors become spec errors naming ``model``."""
-    from batchllm.engine.tokenizer import Tokenizer
     from batchllm.models import ModelError, resolve_model
 
     try:
         folder = resolve_model(spec.model)
-        return Tokenizer(folder), folder
+        return _tokenizer(folder), folder
     except (ModelError, ValueError) as exc:
         message = str(exc)
         raise SpecError(message if message.startswith("model") else f"model: {message}") from None
@@ -127,8 +140,9 @@ def prepare(spec: JobSpec, table: pa.Table, run_id: str | None = None, dry_run: 
     recovered_keys = warehouse.done_keys(spec, include_results=False)
     rows, recovered = render.drop_done(rows, recovered_keys)
     skipped = 0
-    if spec.incremental:
-        rows, skipped = render.drop_done(rows, warehouse.done_keys(spec, include_results=True))
+    if spec.incremental:  # staged rows were dropped just above: only the results table is left to check
+        done = warehouse.done_keys(spec, include_results=True, include_staging=False)
+        rows, skipped = render.drop_done(rows, done)
     t2 = time.perf_counter()
     context = render.context_len(folder)
     prompts = render.tokenize(rows, tokenizer, render.prompt_limit(spec, context))
@@ -153,11 +167,10 @@ def plan(spec: JobSpec, prepared: Prepared) -> PlanInfo:
     token_ids = prepared.prompts.token_ids
     if not token_ids:
         return PlanInfo(shards=[], stats={"logical_tokens": 0, "physical_tokens": 0, "saving_ratio": 0.0})
-    decode = spec.sampling.max_tokens if spec.task.kind == "generate" else 0
-    built = build_plan(token_ids, decode, block_size=spec.block_size)
+    built = build_plan(token_ids, decode_budget(spec), block_size=spec.block_size)
     parts = shard_plan(built, spec.shards) if spec.shards > 1 else [built]
     shards = [_shard_inputs(part) for part in parts]
-    return PlanInfo(shards=[s for s in shards if s], stats=_plain(built.stats))
+    return PlanInfo(shards=[s for s in shards if s], stats=dict(built.stats.to_dict()))
 
 
 def _shard_inputs(part: Any) -> list[int]:
@@ -166,16 +179,6 @@ def _shard_inputs(part: Any) -> list[int]:
     seen = set(members)
     extra = [int(i) for i in part.inputs() if int(i) not in seen]
     return members + extra
-
-
-def _plain(stats: Any) -> dict[str, Any]:
-    if hasattr(stats, "to_dict"):
-        return dict(stats.to_dict())
-    if hasattr(stats, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(stats)
-    return dict(stats)
 
 
 def infer_shard(
@@ -222,7 +225,7 @@ def _rows(spec: JobSpec, prepared: Prepared, positions: list[int], outcomes: lis
     rows = prepared.prompts.rows.take(pa.array(positions, pa.int64()))
     n = len(positions)
     schema = warehouse.results_schema(rows.schema.field("id").type)
-    lens = render.lengths(prepared.prompts.token_ids)
+    lens = prepared.prompts.lengths
     prompt_tokens = [
         int(lens[prepared.prompts.row_prompt[i]]) if prepared.prompts.row_prompt[i] >= 0 else o.prompt_tokens
         for i, o in zip(positions, outcomes, strict=True)
@@ -339,16 +342,13 @@ def count_status(table: pa.Table) -> tuple[int, int]:
     return ok, len(status) - ok
 
 
-Callback = Callable[[int, int], None]
-
-
 def dry_run(spec: JobSpec) -> dict[str, Any]:
     """What a run would do, without loading weights or writing anything: rows, tokens, sharing, cost."""
     check(spec)
     table = warehouse.extract(spec)
     prepared = prepare(spec, table, dry_run=True)
     info = plan(spec, prepared)
-    decode = spec.sampling.max_tokens if spec.task.kind == "generate" else 0
+    decode = decode_budget(spec)
     ok_prompts = sum(len(s) for s in info.shards)
     physical = int(info.stats.get("physical_tokens", 0))
     compute_tokens = physical + decode * ok_prompts

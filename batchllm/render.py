@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,6 @@ import pyarrow.compute as pc
 
 from batchllm.engine.tokenizer import Tokenizer
 from batchllm.spec import JobSpec, template_env
-
-# Columns of a rendered table (besides the id column, which keeps its name "id").
-RENDERED_SCHEMA_FIELDS = ("prompt_hash", "prompt", "error")
 
 
 @dataclass(frozen=True)
@@ -50,12 +47,16 @@ class Prompts:
     def num_prompts(self) -> int:
         return len(self.token_ids)
 
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """Token count of each distinct prompt (int64)."""
+        return np.fromiter((len(t) for t in self.token_ids), dtype=np.int64, count=len(self.token_ids))
+
     @property
     def prompt_tokens_logical(self) -> int:
         """Prompt tokens over all ok rows, duplicates counted."""
-        lens = np.array([len(t) for t in self.token_ids], dtype=np.int64)
         ok = self.row_prompt[self.row_prompt >= 0]
-        return int(lens[ok].sum()) if len(ok) else 0
+        return int(self.lengths[ok].sum()) if len(ok) else 0
 
 
 def prompt_hash(text: str) -> str:
@@ -231,8 +232,3 @@ def drop_done(rows: pa.Table, done: pa.Table) -> tuple[pa.Table, int]:
     keep_pos = np.sort(pc.filter(joined.column("_pos"), pc.is_null(joined.column("_done"))).to_numpy())
     kept = rows.take(pa.array(keep_pos))
     return kept, rows.num_rows - kept.num_rows
-
-
-def lengths(token_ids: Sequence[np.ndarray]) -> np.ndarray:
-    """Prompt lengths as an int64 array."""
-    return np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))

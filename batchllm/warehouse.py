@@ -159,11 +159,7 @@ def extract(spec: JobSpec) -> pa.Table:
     are present and unique (merge by id needs both).
     """
     with _source(spec) as con:
-        try:
-            columns = [d[0] for d in con.execute(sql("describe_query", query=spec.source.query)).description]
-        except duckdb.Error as exc:
-            raise SpecError(f"source.query: {exc}") from None
-        validate_columns(spec, columns)
+        validate_columns(spec, _columns(con, spec))
         try:
             table = con.sql(
                 sql("extract", query=spec.source.query), params=[spec.limits.max_rows]
@@ -177,10 +173,14 @@ def extract(spec: JobSpec) -> pa.Table:
 def describe(spec: JobSpec) -> list[str]:
     """Column names of the job's query result (validates the query without reading rows)."""
     with _source(spec) as con:
-        try:
-            return [d[0] for d in con.execute(sql("describe_query", query=spec.source.query)).description]
-        except duckdb.Error as exc:
-            raise SpecError(f"source.query: {exc}") from None
+        return _columns(con, spec)
+
+
+def _columns(con: duckdb.DuckDBPyConnection, spec: JobSpec) -> list[str]:
+    try:
+        return [d[0] for d in con.execute(sql("describe_query", query=spec.source.query)).description]
+    except duckdb.Error as exc:
+        raise SpecError(f"source.query: {exc}") from None
 
 
 def check_ids(ids: pa.ChunkedArray, column: str) -> None:
@@ -195,10 +195,12 @@ def check_ids(ids: pa.ChunkedArray, column: str) -> None:
         )
 
 
-def done_keys(spec: JobSpec, include_results: bool) -> pa.Table:
-    """(id, prompt_hash) with an ok result for this model + params in staging (and the results table)."""
+def done_keys(spec: JobSpec, include_results: bool, include_staging: bool = True) -> pa.Table:
+    """(id, prompt_hash) with an ok result for this model + params in staging and/or the results table."""
     parts: list[pa.Table] = []
-    tables = [staging_table(spec)] + ([spec.output.table] if include_results else [])
+    tables = ([staging_table(spec)] if include_staging else []) + (
+        [spec.output.table] if include_results else []
+    )
     # Nothing written yet when the file is absent; opening it would create it (a dry run writes nothing).
     if Path(spec.output_database).exists():
         with connect(spec.output_database) as con:
@@ -228,11 +230,8 @@ def prune_staging(spec: JobSpec, keys: pa.Table) -> int:
         staging = staging_table(spec)
         if not table_exists(con, staging):
             return 0
-        before = scalar(con, sql("count_rows", table=staging))
         view = _register(con, keys.select(["id", "prompt_hash"]))
-        con.execute(sql("prune_staging", staging=staging, keys=view))
-        after = scalar(con, sql("count_rows", table=staging))
-        return int(before - after)
+        return int(scalar(con, sql("prune_staging", staging=staging, keys=view)))  # DELETE returns its count
 
 
 def stage(spec: JobSpec, rows: pa.Table) -> int:

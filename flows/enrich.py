@@ -64,11 +64,11 @@ def infer(
     done_before: int,
     total: int,
     progress_id: Any,
+    device: str,
+    limit: str | None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Run one shard on the job's device; returns its result rows and engine stats."""
     logger = get_run_logger()
-    device = job.device_name(spec)
-    limit = _device_limit(device)
     reporter = _Progress(progress_id, done_before, total)
     token_ids = [prepared.prompts.token_ids[i] for i in indices]
     if limit:
@@ -159,10 +159,12 @@ def _infer_shards(
     progress_id = create_progress_artifact(
         progress=0.0, key=f"{_artifact_key(spec)}-progress", description=f"prompts of {spec.output.table}"
     )
+    device = job.device_name(spec)
+    limit = _device_limit(device)
     engine_stats = []
     done = 0
     for indices in plan_info.shards:
-        rows, stats = infer(spec, prepared, indices, done, total, progress_id)
+        rows, stats = infer(spec, prepared, indices, done, total, progress_id, device, limit)
         stage(spec, rows)
         _count(counts, rows)
         engine_stats.append(stats)
@@ -204,9 +206,8 @@ class _Progress:
             update_progress_artifact(self.artifact_id, progress=100.0 * overall / self.total)
 
     def finish(self, shard_size: int) -> None:
-        overall = self.done_before + shard_size
-        job.notify_progress(overall, self.total)
-        update_progress_artifact(self.artifact_id, progress=100.0 * overall / self.total)
+        self.last = 0.0  # the final update is never throttled away
+        self(shard_size, shard_size)
 
 
 def _device_limit(device: str) -> str | None:

@@ -79,7 +79,7 @@ def test_identical_prompts_are_computed_once(tmp_path: Path, tokenizer: Tokenize
     prompts = render.tokenize(render.render_rows(spec, table, tokenizer), tokenizer, None)
     assert prompts.num_prompts == 3
     assert prompts.row_prompt.tolist() == [0, 1, 0, 2]
-    lens = render.lengths(prompts.token_ids)
+    lens = prompts.lengths
     assert prompts.prompt_tokens_logical == int(lens[[0, 1, 0, 2]].sum())
     assert all(t.dtype == np.int32 for t in prompts.token_ids)
 

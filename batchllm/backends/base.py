@@ -8,7 +8,7 @@ outcomes with ``error`` set; only a failure of the whole engine raises.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,19 +33,8 @@ class Outcome:
     error: str | None = None
 
 
-@dataclass
-class ShardStats:
-    """Engine statistics of one shard, as a plain dict plus wall time."""
-
-    engine: dict[str, Any] = field(default_factory=dict)
-    wall_s: float = 0.0
-
-
 class Backend(Protocol):
     """One loaded model on one device."""
-
-    @property
-    def max_model_len(self) -> int: ...
 
     def run(
         self,

@@ -24,14 +24,9 @@ class NativeBackend:
     def supports(kind: str) -> str | None:
         from batchllm.engine import Engine
 
-        method = {"generate": "generate", "classify": "classify", "score": "score"}[kind]
-        if not callable(getattr(Engine, method, None)):
+        if not callable(getattr(Engine, kind, None)):
             return f"task.kind: {kind!r} is not supported by the native engine yet"
         return None
-
-    @property
-    def max_model_len(self) -> int:
-        return int(self._engine.max_model_len)
 
     def run(
         self,
