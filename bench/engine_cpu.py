@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from batchllm.engine import Engine, SamplingParams
+from bench.plan_real import DEFAULT_DATA
 
-DATA = Path("/work/shared/data/llm_sql/movies_demo.csv")
+DATA = DEFAULT_DATA / "llm_sql" / "movies_demo.csv"
 TOPICS = ["rivers", "stars", "bread", "trains", "chess", "bees", "glaciers", "jazz", "maps", "salt"]
 
 

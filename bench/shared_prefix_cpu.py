@@ -14,30 +14,13 @@ W(1000, 100, 32, 16, 8) of the issue; --quick runs W(256, 32, 16, 8, 4).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
 from batchllm.engine import Engine, SamplingParams
+from bench.engine_cpu import run_hf
 from bench.workloads import shared_prefix_workload
-
-
-def run_hf(model, prompts: list[np.ndarray], max_tokens: int, batch_size: int) -> float:
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for lo in range(0, len(prompts), batch_size):
-            ids = torch.from_numpy(np.stack(prompts[lo : lo + batch_size])).long()
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            assert out.shape[1] == ids.shape[1] + max_tokens
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -99,8 +82,8 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(engine.folder, dtype=torch.float32).eval()
-        run_hf(hf, prompts[:1], 2, 1)  # warm up
-        walls["transformers"] = run_hf(hf, prompts, args.decode, args.hf_batch_size)
+        run_hf(hf, prompts[:1], 2, 1, pad=0)  # warm up
+        walls["transformers"] = run_hf(hf, prompts, args.decode, args.hf_batch_size, pad=0)
         t = walls["transformers"]
         print(
             f"transformers     {t:8.1f}s  {n_out / t:7.1f} out tok/s  {(n_prompt + n_out) / t:8.1f} total tok/s "

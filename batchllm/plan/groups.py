@@ -45,10 +45,6 @@ class Group:
     prefix: np.ndarray
     members: np.ndarray
 
-    @property
-    def shared(self) -> bool:
-        return self.prefix_len > 0
-
 
 @dataclass
 class PlanStats:
@@ -108,11 +104,6 @@ class Plan:
     @property
     def group_sizes(self) -> np.ndarray:
         return np.diff(self.member_offsets)
-
-    @property
-    def member_group(self) -> np.ndarray:
-        """Group index of each entry of ``members``."""
-        return np.repeat(np.arange(self.num_groups, dtype=np.int64), self.group_sizes)
 
     @property
     def suffix_start(self) -> np.ndarray:
@@ -211,8 +202,8 @@ def build_plan(
                 table, _trie_with_retries(table, block_size, seed), block_size, duplicate_of, seed
             )
         reps = np.flatnonzero(duplicate_of == np.arange(n))
-        ones = np.zeros(reps.size, dtype=np.int64)
-        return make_plan(table, mt, duplicate_of, ones, np.arange(reps.size + 1), reps, block_size)
+        no_prefix = np.zeros(reps.size, dtype=np.int64)
+        return make_plan(table, mt, duplicate_of, no_prefix, np.arange(reps.size + 1), reps, block_size)
     from .order import execution_order, permute_groups
 
     trie = _trie_with_retries(table, block_size, seed)
@@ -236,7 +227,7 @@ def _trie_with_retries(table: TokenTable, block_size: int, seed: int) -> Trie:
     """The exact trie; a block-hash collision (detected, never silent) means another seed."""
     for attempt in range(_MAX_SEEDS):
         try:
-            return build_trie(table, np.arange(table.n, dtype=np.int64), block_size, seed + attempt)
+            return build_trie(table, block_size, seed + attempt)
         except HashCollision:
             continue
     raise RuntimeError("planner: block hashes kept colliding; this should not happen")
@@ -252,25 +243,10 @@ def make_plan(
     block_size: int,
     physical_first_level: int | None = None,
 ) -> Plan:
+    """A Plan over these groups, with its token accounting (PlanStats)."""
     prefix_len = np.asarray(prefix_len, dtype=np.int64)
     member_offsets = np.asarray(member_offsets, dtype=np.int64)
     members = np.asarray(members, dtype=np.int64)
-    stats = compute_stats(table, max_tokens, duplicate_of, prefix_len, member_offsets, members)
-    if physical_first_level is not None:
-        stats.physical_tokens_first_level = int(physical_first_level)
-        logical = stats.logical_tokens
-        stats.saving_ratio_first_level = (1.0 - physical_first_level / logical) if logical else 0.0
-    return Plan(table, max_tokens, duplicate_of, prefix_len, member_offsets, members, block_size, stats)
-
-
-def compute_stats(
-    table: TokenTable,
-    max_tokens: np.ndarray,
-    duplicate_of: np.ndarray,
-    prefix_len: np.ndarray,
-    member_offsets: np.ndarray,
-    members: np.ndarray,
-) -> PlanStats:
     lengths = table.lengths
     multiplicity = np.bincount(duplicate_of, minlength=duplicate_of.size)[members]
     sizes = np.diff(member_offsets)
@@ -280,7 +256,11 @@ def compute_stats(
     physical = int(mlen.sum() - ((sizes - 1) * prefix_len).sum())
     prompts = int(multiplicity.sum())
     rep_mt = representative_max_tokens(duplicate_of, max_tokens)
-    return PlanStats(
+
+    def saving(physical_tokens: int) -> float:
+        return (1.0 - physical_tokens / logical) if logical else 0.0
+
+    stats = PlanStats(
         prompts=prompts,
         unique_prompts=int(members.size),
         duplicates=prompts - int(members.size),
@@ -289,11 +269,15 @@ def compute_stats(
         shared_members=int(sizes[shared].sum()),
         logical_tokens=logical,
         physical_tokens=physical,
-        saving_ratio=(1.0 - physical / logical) if logical else 0.0,
+        saving_ratio=saving(physical),
         decode_tokens=int(rep_mt[members].sum()),
         prefix_len_hist=pow2_histogram(prefix_len[shared]),
         sharing_hist=pow2_histogram(sizes[shared]),
     )
+    if physical_first_level is not None:
+        stats.physical_tokens_first_level = int(physical_first_level)
+        stats.saving_ratio_first_level = saving(physical_first_level)
+    return Plan(table, max_tokens, duplicate_of, prefix_len, member_offsets, members, block_size, stats)
 
 
 def pow2_histogram(values: np.ndarray) -> dict[str, int]:
@@ -413,7 +397,7 @@ def _equal_tails(
     idx = (table.offsets[rows] + start)[:, None] + np.arange(block_size, dtype=np.int64)
     inside = np.arange(block_size) < (lengths - start)[:, None]
     tail = np.where(inside, table.values[np.minimum(idx, max(table.values.size - 1, 0))], -1)
-    words = np.concatenate((as_words(tail.astype(np.int64)), lengths.astype(np.uint64)[:, None]), axis=1)
+    words = np.concatenate((as_words(tail), lengths.astype(np.uint64)[:, None]), axis=1)
     key = hash_words(words, seed)
     order = np.lexsort((rows, key, run))
     w = words[order]

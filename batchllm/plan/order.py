@@ -23,7 +23,7 @@ import heapq
 
 import numpy as np
 
-from .groups import Plan, make_plan, representative_max_tokens
+from .groups import Plan, make_plan
 from .tree import concat_ranges
 
 _LPT_ITEMS_PER_SHARD = 64  # the largest groups placed one by one; the rest in one vectorized fill
@@ -72,10 +72,8 @@ def shard_plan(plan: Plan, n: int, split: bool = True) -> list[Plan]:
     """
     if n < 1:
         raise ValueError("shard_plan: n must be >= 1")
-    lengths = plan.table.lengths
-    decode = representative_max_tokens(plan.duplicate_of, plan.max_tokens)
     prefix_len, offsets, members = plan.prefix_len, plan.member_offsets, plan.members
-    own = (lengths[members] - np.repeat(prefix_len, np.diff(offsets)) + decode[members]).astype(np.float64)
+    own = (plan.table.lengths[members] - plan.suffix_start + plan.member_max_tokens).astype(np.float64)
     pieces = pack(prefix_len, offsets, own, n, split)
     out = []
     for s in range(n):

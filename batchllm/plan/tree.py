@@ -175,18 +175,13 @@ class BlockReader:
         return mat.view(np.uint64)
 
 
-def as_words(mat: np.ndarray, narrow: bool = False) -> np.ndarray:
-    """Rows of token ids as rows of uint64 words: two ids per word when they fit in 32 bits.
+def as_words(mat: np.ndarray) -> np.ndarray:
+    """Rows of token ids as rows of uint64 words, one id per word.
 
     The words depend on the ids only, not on the input dtype, so plans are the
     same whether the prompts came as int32 Arrow lists or int64 numpy arrays.
     """
-    if not narrow:
-        return mat.astype(np.int64).view(np.uint64)
-    mat = mat.astype(np.int32, copy=False)
-    if mat.shape[1] % 2:
-        mat = np.concatenate((mat, np.zeros((mat.shape[0], 1), dtype=np.int32)), axis=1)
-    return np.ascontiguousarray(mat).view(np.uint64)
+    return mat.astype(np.int64).view(np.uint64)
 
 
 def _fits_int32(values: np.ndarray) -> bool:
@@ -221,7 +216,7 @@ class HashCollision(Exception):
     """Two different blocks got the same hash; the caller rebuilds with another seed."""
 
 
-def build_trie(table: TokenTable, rows: np.ndarray, block_size: int, seed: int = 0) -> Trie:
+def build_trie(table: TokenTable, block_size: int, seed: int = 0) -> Trie:
     """MSD radix refinement over usable blocks: round j orders every still-tied segment by
     its rows' block j.
 
@@ -231,9 +226,9 @@ def build_trie(table: TokenTable, rows: np.ndarray, block_size: int, seed: int =
     equal hash are checked exactly too, so the trie is exact: a collision raises
     HashCollision instead of merging different prefixes.
     """
-    n = rows.size
+    n = table.n
     usable = (table.lengths - 1) // block_size
-    order = rows.astype(np.int64, copy=True)
+    order = np.arange(n, dtype=np.int64)
     lcp = np.zeros(n, dtype=np.int64)
     tie = np.full(n, -1, dtype=np.int64)
     levels: list[tuple[np.ndarray, np.ndarray]] = []
