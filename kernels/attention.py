@@ -191,12 +191,6 @@ def _decode_attend(
     return out, (m + torch.log(s)).squeeze(-1)
 
 
-def _causal_mask(n: int, num_keys: int, device: torch.device) -> torch.Tensor:
-    """Visibility of the last n of num_keys positions, each seeing itself and everything before."""
-    keys = torch.arange(num_keys, device=device)
-    return keys[None, :] <= torch.arange(num_keys - n, num_keys, device=device)[:, None]
-
-
 def torch_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, scale: float
 ) -> torch.Tensor:

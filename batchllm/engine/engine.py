@@ -208,16 +208,21 @@ class Engine:
         ):
             prompts = [prompts]  # type: ignore[list-item]
         out: list[np.ndarray] = []
+        texts: dict[int, str] = {}  # position -> text prompt, encoded in one batch below
         for p in prompts:  # type: ignore[union-attr]
             if isinstance(p, str):
-                out.append(np.asarray(self.tokenizer.encode(p), dtype=np.int64))
-            else:
-                arr = np.asarray(p)
-                if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-                    raise ValueError(
-                        f"prompts: each prompt must be a str or a 1-D sequence of token ids, got {p!r}"
-                    )
-                out.append(arr.astype(np.int64))
+                texts[len(out)] = p
+                out.append(np.empty(0, dtype=np.int64))
+                continue
+            arr = np.asarray(p)
+            if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+                raise ValueError(
+                    f"prompts: each prompt must be a str or a 1-D sequence of token ids, got {p!r}"
+                )
+            out.append(arr.astype(np.int64))
+        encoded = self.tokenizer.encode_batch(list(texts.values()))
+        for i, ids in zip(texts, encoded, strict=True):
+            out[i] = ids.astype(np.int64)
         return out
 
     def _params_list(

@@ -105,13 +105,6 @@ class ModelConfig:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
 
-    @property
-    def num_params(self) -> int:
-        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        mlp = 3 * self.hidden_size * self.intermediate_size
-        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attn + mlp) + embed
-
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim / 2] in float32, with Llama-3 or linear scaling applied."""
@@ -220,7 +213,7 @@ class CausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, max_len: int) -> None:
         super().__init__()
-        self.cfg, self.max_len = cfg, max_len
+        self.cfg = cfg
         self.register_buffer("rope", torch.empty(max_len, 2, cfg.head_dim), persistent=False)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))

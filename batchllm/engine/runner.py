@@ -67,7 +67,7 @@ class ModelRunner:
         plain = [c for c in chunks if c.seq.num_shared_tokens == 0]
         shared = sorted(
             (c for c in chunks if c.seq.num_shared_tokens > 0),
-            key=lambda c: (c.seq.group_id, c.seq.num_shared_tokens),
+            key=lambda c: c.seq.group_id,  # a group's members all share num_shared_tokens
         )
         return plain + shared
 
@@ -91,22 +91,15 @@ class ModelRunner:
             shared = seq.num_shared_tokens
             if shared > 0:
                 assert shared % bs == 0 and c.start >= shared, "a member never recomputes its group prefix"
-                last = groups[-1] if groups else None
                 prev = chunks[i - 1].seq if i > 0 else None
-                if (
-                    last is not None
-                    and last.seq_end == i
-                    and prev is not None
-                    and prev.group_id == seq.group_id
-                    and last.prefix_len == shared
-                ):
+                if groups and groups[-1].seq_end == i and prev is not None and prev.group_id == seq.group_id:
                     assert prev.block_table[: shared // bs] == seq.block_table[: shared // bs]
-                    groups[-1] = GroupSpan(last.seq_start, i + 1, shared)
+                    groups[-1] = GroupSpan(groups[-1].seq_start, i + 1, shared)
                 else:
                     groups.append(GroupSpan(i, i + 1, shared))
         positions = np.concatenate(pos)
-        row_tables = np.repeat(tables, q_lens, axis=0)
-        slots = row_tables[np.arange(len(positions)), positions // bs] * bs + positions % bs
+        rows = np.repeat(np.arange(num_seqs), q_lens)  # the chunk of each token
+        slots = tables[rows, positions // bs] * bs + positions % bs
         dev = self.device
         meta = AttentionMeta(
             slot_mapping=torch.from_numpy(slots).to(dev),
@@ -131,7 +124,7 @@ class ModelRunner:
     @torch.inference_mode()
     def sample(self, hidden: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
         """Next token of each sequence from its last hidden state [len(seqs), hidden]."""
-        logits = self.model.compute_logits(hidden).float()
+        logits = self.logits(hidden)
         params: list[SeqSampling] = [s.params for s in seqs]
         if all(p.temperature == 0.0 for p in params):
             return logits.argmax(dim=-1).tolist()

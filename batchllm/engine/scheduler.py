@@ -73,11 +73,9 @@ class SchedulerStats:
     max_tokens_per_step: int = 0
     num_prompt_tokens_logical: int = 0
     num_prompt_tokens_computed: int = 0
-    num_output_tokens_computed: int = 0
     peak_kv_blocks: int = 0
     num_preemptions: int = 0
     num_prefix_evictions: int = 0
-    num_rejected: int = 0
     # group_id -> how many times its prefix prefill ran from position 0 (1 unless preempted or evicted)
     prefix_computations: dict[int, int] = field(default_factory=dict)
 
@@ -214,9 +212,8 @@ class Scheduler:
         i = 0
         while i < len(running) and step.budget > 0:  # decode
             seq = running[i]
-            num_tokens = len(seq.token_ids)
-            if num_tokens - seq.num_computed_tokens == 1:
-                if len(seq.block_table) * bs < num_tokens and not self._make_room(seq, 1, step):
+            if seq.num_remaining == 1:
+                if len(seq.block_table) * bs < seq.num_tokens and not self._make_room(seq, step):
                     break  # seq was the newest running sequence and preempted itself
                 self._add_chunk(seq, 1, step)
             i += 1
@@ -247,12 +244,11 @@ class Scheduler:
         done: list[Sequence] = []
         changed = False
         for ch in batch.chunks:
-            seq, start, end = ch.seq, ch.start, ch.start + ch.num_tokens
+            seq, start, end = ch.seq, ch.start, ch.end
             assert seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens == start
             seq.num_computed_tokens = end
             num_prompt = max(0, min(end, seq.num_prompt_tokens) - start)
             stats.num_prompt_tokens_computed += num_prompt
-            stats.num_output_tokens_computed += ch.num_tokens - num_prompt
             if seq.is_prefix:
                 group = self._group_of(seq)
                 if start == 0:
@@ -410,7 +406,7 @@ class Scheduler:
         """Schedule the next prefill chunk of seq, shrunk to the free blocks; False if seq was preempted."""
         n = min(seq.num_remaining, step.budget, self._free_tokens(seq))
         if n <= 0 < step.budget:
-            if not self._make_room(seq, 1, step):
+            if not self._make_room(seq, step):
                 return False
             n = min(seq.num_remaining, step.budget, self._free_tokens(seq))
         if n > 0:
@@ -430,9 +426,9 @@ class Scheduler:
         step.chunks[seq.seq_id] = ScheduledChunk(seq, start, n, sample)
         step.budget -= n
 
-    def _make_room(self, seq: Sequence, num_blocks: int, step: _Step) -> bool:
-        """Free num_blocks for seq by preempting newer running sequences; False if seq itself had to go."""
-        while self.pool.num_free < num_blocks:
+    def _make_room(self, seq: Sequence, step: _Step) -> bool:
+        """Free a block for seq by preempting newer running sequences; False if seq itself had to go."""
+        while self.pool.num_free == 0:
             if self.running[-1] is not seq:
                 self._preempt(self.running.pop(), step)
             elif len(self.running) > 1:
@@ -518,4 +514,3 @@ class Scheduler:
         seq.status = SequenceStatus.REJECTED
         self.rejected.append(seq)
         self.rejection_reasons[seq.seq_id] = reason
-        self.stats.num_rejected += 1

@@ -63,15 +63,6 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
-    def num_blocks(self) -> int:
-        """Blocks currently in the block table (shared prefix blocks included)."""
-        return len(self.block_table)
-
-    @property
     def num_remaining(self) -> int:
         """Tokens whose KV is still to compute before the next sample (or, for a prefix, at all)."""
         return len(self.token_ids) - self.num_computed_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status in (SequenceStatus.FINISHED, SequenceStatus.REJECTED)
