@@ -1,8 +1,9 @@
-"""Attention kernels behind one backend-neutral interface (torch reference on CPU; Triton on CUDA later).
+"""Attention kernels: the torch reference (``attention``) and our Triton kernels (``paged_attention``).
 
-Nothing here imports batchllm: the kernels see tensors and an ``AttentionMeta``.
+Nothing here imports batchllm: kernels see tensors and index arrays. The
+Triton module is imported only by the backends that use it (it needs triton).
 """
 
-from .attention import AttentionMeta, GroupSpan, get_attention, read_kvcache, store_kvcache
+from .attention import AttentionMeta, GroupSpan, read_kvcache, store_kvcache, torch_attention
 
-__all__ = ["AttentionMeta", "GroupSpan", "get_attention", "read_kvcache", "store_kvcache"]
+__all__ = ["AttentionMeta", "GroupSpan", "read_kvcache", "store_kvcache", "torch_attention"]

@@ -17,15 +17,14 @@ Layout of one forward (the same for every implementation in this package):
   [prefix_len, kv_len) separately; the two partial results are merged through
   their log-sum-exps. Sequences outside groups take the plain path.
 
-Every query may see all positions up to its own (causal). ``get_attention``
-returns the implementation for a device; all share the signature
-``attention(q, k_cache, v_cache, meta, scale) -> out [num_tokens, num_heads, head_dim]``.
+Every query may see all positions up to its own (causal).
+``torch_attention(q, k_cache, v_cache, meta, scale) -> out [num_tokens, num_heads, head_dim]``
+is the reference every faster kernel is tested against.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -53,8 +52,8 @@ class AttentionMeta:
     # host copies, filled by the builder (metadata is built on the host anyway)
     q_lens_host: list[int] = field(default_factory=list)
     kv_lens_host: list[int] = field(default_factory=list)
-    # per-implementation scratch reused by every layer of the forward
-    cache: dict = field(default_factory=dict, repr=False)
+    # block indices and masks of the reference, built once per forward (``plan_reference``)
+    plan: RefPlan | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -129,10 +128,19 @@ def _block_range(table: torch.Tensor, first: torch.Tensor, width: int) -> torch.
     return table.gather(1, cols).clamp(min=0)
 
 
-def _plan(meta: AttentionMeta, block_size: int, device: torch.device) -> dict:
+@dataclass
+class RefPlan:
+    """What the reference reads per layer: decode rows batched, prefill chunks and groups one by one."""
+
+    decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # token rows, blocks, visible
+    prefill: list[tuple[int, int, torch.Tensor, torch.Tensor | None, bool]]  # rows, blocks, mask, needs lse
+    groups: list[tuple[int, int, torch.Tensor]]  # token rows, prefix blocks
+
+
+def plan_reference(meta: AttentionMeta, block_size: int, device: torch.device) -> RefPlan:
     """Block indices and masks for the reference, built once per forward and reused by every layer."""
-    if "plan" in meta.cache:
-        return meta.cache["plan"]
+    if meta.plan is not None:
+        return meta.plan
     bs = block_size
     q_lens, kv_lens = meta.q_lens_host, meta.kv_lens_host
     prefix_lens = meta.prefix_lens_host()
@@ -141,7 +149,7 @@ def _plan(meta: AttentionMeta, block_size: int, device: torch.device) -> dict:
     for n in q_lens:
         cu.append(cu[-1] + n)
     decode = [i for i, n in enumerate(q_lens) if n == 1]
-    plan: dict = {"decode": None, "prefill": [], "groups": []}
+    plan = RefPlan(decode=None, prefill=[], groups=[])
     if decode:
         # own positions start at the (block aligned) prefix end
         own = [kv_lens[i] - prefix_lens[i] for i in decode]
@@ -149,7 +157,7 @@ def _plan(meta: AttentionMeta, block_size: int, device: torch.device) -> dict:
         first = torch.tensor([prefix_lens[i] // bs for i in decode], device=device)
         blocks = _block_range(tables[torch.tensor(decode, device=device)], first, width)
         visible = torch.arange(width * bs, device=device)[None, :] < torch.tensor(own, device=device)[:, None]
-        plan["decode"] = (torch.tensor([cu[i] for i in decode], device=device), blocks, visible)
+        plan.decode = (torch.tensor([cu[i] for i in decode], device=device), blocks, visible)
     for i, n in enumerate(q_lens):
         if n > 1:
             lo, hi = prefix_lens[i], kv_lens[i]
@@ -157,11 +165,11 @@ def _plan(meta: AttentionMeta, block_size: int, device: torch.device) -> dict:
             keys = torch.arange(lo, lo + blocks.numel() * bs, device=device)
             mask = keys[None, :] <= torch.arange(hi - n, hi, device=device)[:, None]
             is_full_causal = lo == 0 and hi == n and hi % bs == 0
-            plan["prefill"].append((cu[i], cu[i + 1], blocks, None if is_full_causal else mask, lo > 0))
+            plan.prefill.append((cu[i], cu[i + 1], blocks, None if is_full_causal else mask, lo > 0))
     for g in meta.groups:
         blocks = tables[g.seq_start, : g.prefix_len // bs]
-        plan["groups"].append((cu[g.seq_start], cu[g.seq_end], blocks))
-    meta.cache["plan"] = plan
+        plan.groups.append((cu[g.seq_start], cu[g.seq_end], blocks))
+    meta.plan = plan
     return plan
 
 
@@ -198,17 +206,17 @@ def torch_attention(
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    plan = _plan(meta, block_size, q.device)
+    plan = plan_reference(meta, block_size, q.device)
     qg = q.float().view(num_tokens, num_kv_heads, group, head_dim)
     out = torch.empty(num_tokens, num_kv_heads, group, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(num_tokens, num_kv_heads, group, dtype=torch.float32, device=q.device)
     # own positions, decode rows batched
-    if plan["decode"] is not None:
-        rows, blocks, visible = plan["decode"]
+    if plan.decode is not None:
+        rows, blocks, visible = plan.decode
         k, v = k_cache[blocks].float(), v_cache[blocks].float()  # [B, nb, kvh, bs, d]
         out[rows], lse[rows] = _decode_attend(qg[rows], k, v, visible, scale)
     # own positions, one prefill chunk at a time: q [kvh, g, n, d], k [kvh, L, d]
-    for start, end, blocks, mask, needs_lse in plan["prefill"]:
+    for start, end, blocks, mask, needs_lse in plan.prefill:
         k, v = _gather(k_cache, blocks), _gather(v_cache, blocks)
         if needs_lse:
             o, s = _attend(qg[start:end].permute(1, 2, 0, 3), k, v, mask, scale)
@@ -225,19 +233,9 @@ def torch_attention(
             )
             out[start:end] = o[0].view(num_kv_heads, group, end - start, head_dim).permute(2, 0, 1, 3)
     # shared prefix, once per group for all of its members' rows (no mask: every row lies after it)
-    for start, end, blocks in plan["groups"]:
+    for start, end, blocks in plan.groups:
         k, v = _gather(k_cache, blocks), _gather(v_cache, blocks)
         o, s = _attend(qg[start:end].permute(1, 2, 0, 3), k, v, None, scale)
         o, s = o.permute(2, 0, 1, 3), s.permute(2, 0, 1)
         out[start:end] = merge_attention(out[start:end], lse[start:end], o, s)
     return out.view(num_tokens, num_heads, head_dim).to(q.dtype)
-
-
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMeta, float], torch.Tensor]
-
-_IMPLEMENTATIONS: dict[str, AttentionFn] = {"torch": torch_attention}
-
-
-def get_attention(device: torch.device | str) -> AttentionFn:
-    """The attention implementation for a device (only the torch reference so far)."""
-    return _IMPLEMENTATIONS["torch"]

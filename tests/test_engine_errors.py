@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchllm.engine import Engine, SamplingParams
-from batchllm.engine.model import UnsupportedModelError
+from batchllm.engine.config import UnsupportedModelError
 from batchllm.models import ModelError
 
 

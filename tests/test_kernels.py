@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from batchllm.kernels import AttentionMeta, GroupSpan, get_attention, read_kvcache, store_kvcache
+from batchllm.kernels import AttentionMeta, GroupSpan, read_kvcache, store_kvcache, torch_attention
 from batchllm.kernels.attention import merge_attention
 
 BLOCK = 4
@@ -98,7 +98,7 @@ def test_reference_matches_dense(name: str) -> None:
     specs, shared = CASES[name]
     k_cache, v_cache, meta, qs, full_k, full_v, new_k, new_v = _case(7, specs, shared)
     store_kvcache(new_k, new_v, k_cache, v_cache, meta.slot_mapping)
-    attention = get_attention("cpu")
+    attention = torch_attention
     out = attention(torch.cat(qs), k_cache, v_cache, meta, 1 / math.sqrt(DIM))
     for i, (kv_len, q_len, _) in enumerate(specs):
         ref = _dense(qs[i], full_k[i], full_v[i], kv_len - q_len)

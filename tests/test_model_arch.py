@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchllm.engine.model import ModelConfig, UnsupportedModelError, load_model, rope_inv_freq
-from batchllm.engine.runner import ModelRunner
+from batchllm.engine.config import ModelConfig, UnsupportedModelError
+from batchllm.engine.model import load_model, rope_inv_freq
+from batchllm.engine.runner import ModelRunner, build_layout
 from batchllm.engine.sequence import Sequence
 
 transformers = pytest.importorskip("transformers")
@@ -94,7 +95,9 @@ def _logits_all_positions(runner: ModelRunner, steps: list[list[_Chunk]]) -> dic
     with torch.inference_mode():
         for chunks in steps:
             chunks = runner.order(chunks)
-            ids, pos, meta = runner.prepare(chunks)
+            layout = build_layout(chunks, runner.block_size)
+            meta = runner.attention.prepare(layout)
+            ids, pos = torch.from_numpy(layout.input_ids), torch.from_numpy(layout.positions)
             logits = runner.model.compute_logits(runner.model(ids, pos, meta))
             for c, rows in zip(chunks, logits.split([c.num_tokens for c in chunks]), strict=True):
                 out.setdefault(c.seq.seq_id, []).append(rows)

@@ -67,7 +67,7 @@ def _workload(seed: int) -> list[list[int]]:
 @pytest.mark.slow
 def test_small_pool_computes_each_prefix_once(default_model_path, monkeypatch) -> None:
     from batchllm.engine import Engine
-    from batchllm.engine.model import ModelConfig
+    from batchllm.engine.config import ModelConfig
 
     cfg = ModelConfig.from_folder(default_model_path)
     block_bytes = 2 * cfg.num_layers * BLOCK_SIZE * cfg.num_kv_heads * cfg.head_dim * 4  # float32
@@ -112,7 +112,7 @@ def test_small_pool_computes_each_prefix_once(default_model_path, monkeypatch) -
 @pytest.mark.slow
 def test_request_larger_than_pool_is_an_error_not_a_hang(default_model_path) -> None:
     from batchllm.engine import Engine
-    from batchllm.engine.model import ModelConfig
+    from batchllm.engine.config import ModelConfig
 
     cfg = ModelConfig.from_folder(default_model_path)
     block_bytes = 2 * cfg.num_layers * BLOCK_SIZE * cfg.num_kv_heads * cfg.head_dim * 4

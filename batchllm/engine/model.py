@@ -3,14 +3,14 @@
 Architecture differences are config switches, not files: attention biases
 (Qwen2: q/k/v; Llama/Qwen3 ``attention_bias``: q/k/v/o), per-head q/k RMSNorm
 (Qwen3), tied embeddings, RoPE scaling (Llama-3, linear). The model sees token
-ids, positions and an ``AttentionMeta``; it never sees a request.
+ids, positions and the attention backend's metadata; it never sees a request.
+The runner installs the attention backend (``set_attention``), which owns the
+KV cache of every layer.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,92 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from batchllm.kernels import AttentionMeta, get_attention, store_kvcache
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-
-
-class UnsupportedModelError(ValueError):
-    """A model folder whose architecture or options this engine does not implement."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool
-    sliding_window: int | None
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> ModelConfig:
-        return cls.from_dict(json.loads((Path(folder) / "config.json").read_text()))
-
-    @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
-        archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise UnsupportedModelError(
-                f"model: unsupported architecture {archs or cfg.get('model_type')!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"model: unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
-        num_heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise UnsupportedModelError(
-                f"model: unsupported RoPE scaling {rope_type!r} (default, llama3, linear)"
-            )
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise UnsupportedModelError("model: partial rotary embeddings are not supported")
-        window = cfg.get("sliding_window")
-        uses_window = arch == "MistralForCausalLM" or cfg.get("use_sliding_window", False)
-        attention_bias = bool(cfg.get("attention_bias", False))
-        return cls(
-            architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=rope if rope_type != "default" else None,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
-            o_bias=arch != "Qwen2ForCausalLM" and attention_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=int(window) if uses_window and window else None,
-        )
-
-    @property
-    def max_context(self) -> int:
-        """Longest context computed exactly (full attention equals sliding-window attention up to the window)."""
-        if self.sliding_window:
-            return min(self.max_position_embeddings, self.sliding_window)
-        return self.max_position_embeddings
+from batchllm.engine.attention import AttentionBackend
+from batchllm.engine.config import ModelConfig, UnsupportedModelError
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -155,8 +71,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
@@ -164,12 +81,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_cache = self.v_cache = torch.empty(0)  # set by the runner
-        self.attn_fn = get_attention("cpu")
+        self.backend: AttentionBackend | None = None  # installed by the runner
 
-    def forward(
-        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMeta
-    ) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: Any) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -177,8 +91,9 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        o = self.attn_fn(q, self.k_cache, self.v_cache, meta, self.scale)
+        assert self.backend is not None, "the runner installs the attention backend"
+        self.backend.store(self.layer, k, v, meta)
+        o = self.backend.forward(self.layer, q, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -194,16 +109,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMeta
-    ) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: Any) -> torch.Tensor:
         x = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -216,14 +129,18 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.register_buffer("rope", torch.empty(max_len, 2, cfg.head_dim), persistent=False)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight
         else:
             self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    def set_attention(self, backend: AttentionBackend) -> None:
+        for layer in self.layers:
+            layer.self_attn.backend = backend
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cs = self.rope[positions]  # [T, 2, head_dim]
         rope = (cs[:, None, 0].to(x.dtype), cs[:, None, 1].to(x.dtype))
@@ -267,14 +184,40 @@ def _fused_offsets(cfg: ModelConfig, param: str) -> list[int]:
     return [0, cfg.intermediate_size, 2 * cfg.intermediate_size]
 
 
-def load_model(folder: Path, max_len: int, device: torch.device | str, dtype: torch.dtype) -> CausalLM:
-    """Build the model on the meta device, then fill every parameter from the folder's safetensors."""
+def load_model(
+    folder: Path, max_len: int, device: torch.device | str, dtype: torch.dtype, dummy: bool = False
+) -> CausalLM:
+    """Build the model on the meta device, then fill every parameter from the folder's safetensors.
+
+    dummy: random weights from config.json alone (benchmarks of a real architecture without its
+    checkpoint; seeded, so runs are repeatable).
+    """
     cfg = ModelConfig.from_folder(folder)
     with torch.device("meta"):
         model = CausalLM(cfg, max_len).to(dtype)  # free on meta: no float32 copy of a bf16 model
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head_weight = model.embed_tokens.weight
+    if dummy:
+        _fill_random(model)
+    else:
+        _load_safetensors(model, cfg, folder)
+    model.rope = rope_table(cfg, max_len, device)
+    return model.eval().requires_grad_(False)
+
+
+def _fill_random(model: CausalLM) -> None:
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        elif name.endswith("bias"):
+            param.data.zero_()
+        else:
+            param.data.normal_(0.0, 0.02, generator=gen)
+
+
+def _load_safetensors(model: CausalLM, cfg: ModelConfig, folder: Path) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     names = _hf_name_map(cfg)
     expected = {(ours, part) for ours, part in names.values() if ours in params}
@@ -297,5 +240,3 @@ def load_model(folder: Path, max_len: int, device: torch.device | str, dtype: to
                 loaded.add((ours, part))
     if missing := sorted(f"{n}[{p}]" if p is not None else n for n, p in expected - loaded):
         raise UnsupportedModelError(f"model: weights missing from {str(folder)!r}: {missing[:5]}")
-    model.rope = rope_table(cfg, max_len, device)
-    return model.eval().requires_grad_(False)

@@ -1,26 +1,28 @@
 """ModelRunner: the only code that turns a scheduled batch into tensors and runs the model.
 
-It owns the KV cache tensors and builds, per step, input ids, positions, the
-slot mapping, block tables and the two-level attention layout: chunks of the
-members of one group that read a shared prefix are placed next to each other
-so the attention kernel reads that prefix once per group. It never touches
-queues or block allocation (the scheduler does) and never decides when a
-request ends (the engine does).
+It describes each step once on the host (a ``BatchLayout`` of numpy arrays,
+built without per-token Python work), hands it to the attention backend, which
+owns the KV cache, and runs the forward: eagerly, or for decode steps on CUDA by
+replaying a captured graph of the padded batch size. It never touches queues or
+block allocation (the scheduler does) and never decides when a request ends
+(the engine does).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from itertools import chain
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from batchllm.engine.attention import BatchLayout, KVShape, create_backend
+from batchllm.engine.graphs import DecodeGraphs
 from batchllm.engine.model import CausalLM
 from batchllm.engine.sampling import label_probs, row_keys, sample
 from batchllm.engine.sequence import Sequence
-from batchllm.kernels import AttentionMeta, GroupSpan, get_attention
 
 
 class Chunk(Protocol):
@@ -44,23 +46,82 @@ class SeqSampling:
 
 def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
     cfg = model.cfg
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+def build_layout(chunks: Seq[Chunk], block_size: int) -> BatchLayout:
+    """The host description of one step; grouped chunks must be contiguous per group."""
+    bs, num = block_size, len(chunks)
+    q_lens = np.fromiter((c.num_tokens for c in chunks), np.int32, num)
+    starts = np.fromiter((c.start for c in chunks), np.int32, num)
+    shared = np.fromiter((c.seq.num_shared_tokens for c in chunks), np.int32, num)
+    kv_lens = starts + q_lens
+    num_blocks = (kv_lens + bs - 1) // bs
+    tables = np.full((num, int(num_blocks.max())), -1, dtype=np.int32)
+    used = np.arange(tables.shape[1])[None, :] < num_blocks[:, None]
+    tables[used] = np.fromiter(
+        chain.from_iterable(c.seq.block_table[:n] for c, n in zip(chunks, num_blocks.tolist(), strict=True)),
+        np.int32,
+        int(num_blocks.sum()),
+    )
+    total = int(q_lens.sum())
+    ids = np.fromiter(
+        chain.from_iterable(c.seq.token_ids[c.start : c.start + c.num_tokens] for c in chunks),
+        np.int64,
+        total,
+    )
+    rows = np.repeat(np.arange(num), q_lens)
+    cu = np.concatenate([[0], np.cumsum(q_lens)])
+    positions = (np.arange(total) - cu[rows] + starts[rows]).astype(np.int64)
+    slots = tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
+    # groups: plain chunks first, then each group's chunks as one run
+    gid = np.fromiter((c.seq.group_id if c.seq.num_shared_tokens else -1 for c in chunks), np.int64, num)
+    grouped = np.flatnonzero(gid >= 0)
+    firsts = grouped[np.r_[True, gid[grouped[1:]] != gid[grouped[:-1]]]] if grouped.size else grouped
+    assert not grouped.size or grouped[0] == num - grouped.size, "plain chunks come before grouped ones"
+    assert len(set(gid[firsts].tolist())) == len(firsts), "a group's chunks must be contiguous"
+    group_seqs = np.r_[firsts, num].astype(np.int32) if firsts.size else np.zeros(1, np.int32)
+    prefix_lens = shared[firsts]
+    assert np.all(prefix_lens % bs == 0) and np.all(starts[grouped] >= shared[grouped])
+    width = int(prefix_lens.max()) // bs if prefix_lens.size else 0
+    return BatchLayout(
+        input_ids=ids,
+        positions=positions,
+        slot_mapping=slots,
+        q_lens=q_lens,
+        kv_lens=kv_lens.astype(np.int32),
+        start_pos=shared,
+        block_tables=tables,
+        group_seqs=group_seqs,
+        group_prefix_lens=prefix_lens.astype(np.int32),
+        group_block_tables=np.ascontiguousarray(tables[firsts, :width]),
+    )
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        attention: str = "auto",
+        cuda_graphs: bool = True,
+    ) -> None:
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
         cfg = model.cfg
         param = model.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
-        # [k|v, layer, block, kv_head, offset, head_dim] (the layout of batchllm.kernels)
-        shape = (2, cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        attn_fn = get_attention(self.device)
-        for i, layer in enumerate(model.layers):
-            layer.self_attn.k_cache = self.kv_cache[0, i]
-            layer.self_attn.v_cache = self.kv_cache[1, i]
-            layer.self_attn.attn_fn = attn_fn
+        shape = KVShape(
+            cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
+        )
+        self.attention = create_backend(attention, shape)
+        model.set_attention(self.attention)
+        use_graphs = cuda_graphs and self.device.type == "cuda" and self.attention.supports_graphs
+        self.graphs = DecodeGraphs(model, self.attention) if use_graphs else None
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.attention.kv_cache
 
     def order(self, chunks: Seq[Chunk]) -> list[Chunk]:
         """Chunks with the members of one group (reading its shared prefix) next to each other."""
@@ -71,63 +132,31 @@ class ModelRunner:
         )
         return plain + shared
 
-    def prepare(self, chunks: Seq[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMeta]:
-        """Input ids, positions and attention layout of ``chunks`` (already in ``order``)."""
-        bs = self.block_size
-        num_seqs = len(chunks)
-        q_lens = [c.num_tokens for c in chunks]
-        kv_lens = [c.start + c.num_tokens for c in chunks]
-        max_blocks = max((k + bs - 1) // bs for k in kv_lens)
-        tables = np.full((num_seqs, max_blocks), -1, dtype=np.int64)
-        ids, pos = [], []
-        groups: list[GroupSpan] = []
-        for i, c in enumerate(chunks):
-            seq = c.seq
-            n_blocks = (kv_lens[i] + bs - 1) // bs
-            assert len(seq.block_table) >= n_blocks, "scheduler must allocate blocks before the step"
-            tables[i, :n_blocks] = seq.block_table[:n_blocks]
-            ids.append(np.asarray(seq.token_ids[c.start : c.start + c.num_tokens], dtype=np.int64))
-            pos.append(np.arange(c.start, c.start + c.num_tokens, dtype=np.int64))
-            shared = seq.num_shared_tokens
-            if shared > 0:
-                assert shared % bs == 0 and c.start >= shared, "a member never recomputes its group prefix"
-                prev = chunks[i - 1].seq if i > 0 else None
-                if groups and groups[-1].seq_end == i and prev is not None and prev.group_id == seq.group_id:
-                    assert prev.block_table[: shared // bs] == seq.block_table[: shared // bs]
-                    groups[-1] = GroupSpan(groups[-1].seq_start, i + 1, shared)
-                else:
-                    groups.append(GroupSpan(i, i + 1, shared))
-        positions = np.concatenate(pos)
-        rows = np.repeat(np.arange(num_seqs), q_lens)  # the chunk of each token
-        slots = tables[rows, positions // bs] * bs + positions % bs
-        dev = self.device
-        meta = AttentionMeta(
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            cu_seqlens_q=torch.from_numpy(np.cumsum([0, *q_lens]).astype(np.int32)).to(dev),
-            kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(tables.astype(np.int32)).to(dev),
-            groups=tuple(groups),
-            q_lens_host=q_lens,
-            kv_lens_host=kv_lens,
-        )
-        return torch.from_numpy(np.concatenate(ids)).to(dev), torch.from_numpy(positions).to(dev), meta
-
     @torch.inference_mode()
     def forward(self, chunks: Seq[Chunk]) -> tuple[list[Chunk], torch.Tensor]:
         """Run one step; returns the chunks in run order and the final hidden state of each chunk's last token."""
         chunks = self.order(chunks)
-        input_ids, positions, meta = self.prepare(chunks)
+        layout = build_layout(chunks, self.block_size)
+        if self.graphs is not None and layout.is_decode and self.graphs.fits(layout):
+            return chunks, self.graphs.run(layout)
+        meta = self.attention.prepare(layout)
+        dev = self.device
+        input_ids = torch.from_numpy(layout.input_ids).to(dev, non_blocking=True)
+        positions = torch.from_numpy(layout.positions).to(dev, non_blocking=True)
         hidden = self.model(input_ids, positions, meta)
-        last = meta.cu_seqlens_q[1:].to(torch.int64) - 1
+        if layout.is_decode:
+            return chunks, hidden
+        last = torch.from_numpy(layout.cu_seqlens_q[1:].astype(np.int64) - 1).to(dev, non_blocking=True)
         return chunks, hidden[last]
 
     @torch.inference_mode()
     def sample(self, hidden: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
         """Next token of each sequence from its last hidden state [len(seqs), hidden]."""
-        logits = self.logits(hidden)
         params: list[SeqSampling] = [s.params for s in seqs]
         if all(p.temperature == 0.0 for p in params):
-            return logits.argmax(dim=-1).tolist()
+            # argmax of the model-dtype logits equals that of their float32 copy (ties: the first)
+            return self.model.compute_logits(hidden).argmax(dim=-1).tolist()
+        logits = self.logits(hidden)
         dev = logits.device
         temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)

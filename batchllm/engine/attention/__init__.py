@@ -1,0 +1,34 @@
+"""Attention backends as registered objects, chosen by name and device.
+
+``torch``: the reference (plain torch, float32 math; CPU and CUDA).
+``triton``: our Triton kernels (paged prefill/decode, fused two-level attention;
+CUDA, or CPU under TRITON_INTERPRET=1 for tests). ``auto`` picks triton on CUDA
+and torch on CPU. Backends are imported when chosen, so triton stays optional.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape
+
+_MODULES = {"torch": "batchllm.engine.attention.torch_ref", "triton": "batchllm.engine.attention.triton"}
+BACKENDS = ("auto", *_MODULES)
+
+
+def resolve_name(name: str, device: str) -> str:
+    """The backend a name means on a device type ('auto' -> triton on CUDA, torch on CPU)."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention: must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "auto":
+        return "triton" if device == "cuda" else "torch"
+    return name
+
+
+def create_backend(name: str, shape: KVShape) -> AttentionBackend:
+    """A backend instance owning a KV pool of ``shape``."""
+    module = import_module(_MODULES[resolve_name(name, shape.device.type)])
+    return module.BACKEND(shape)
+
+
+__all__ = ["BACKENDS", "AttentionBackend", "BatchLayout", "KVShape", "create_backend", "resolve_name"]

@@ -1,0 +1,129 @@
+"""The attention-backend seam: one object owns the KV layout, its per-step metadata and the kernels.
+
+The runner describes a scheduled batch once, on the host, as a ``BatchLayout``
+(numpy arrays: no Python spans looped over per layer). A backend turns it into
+its own typed metadata in ``prepare``; every layer then calls ``store`` (write
+the new keys and values) and ``forward`` (attend). Backends that support CUDA
+graphs also build static metadata buffers (``graph_meta``) and refill them in
+place before a replay (``fill_graph_meta``).
+
+Two-level attention is part of the layout: rows of one group (sequences that
+share the same pinned prefix blocks) are contiguous; the group's queries read
+its prefix KV in one pass and each sequence's own KV in another; the two
+partial results merge through their log-sum-exps.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class BatchLayout:
+    """One step's batch on the host. B sequences (chunks), T tokens, G groups.
+
+    Sequence i computes tokens at positions kv_lens[i] - q_lens[i] .. kv_lens[i] - 1;
+    its keys [start_pos[i], kv_lens[i]) are its own, [0, start_pos[i]) the prefix of its
+    group (start_pos is 0 for a plain sequence). Group j covers sequences
+    group_seqs[j]:group_seqs[j+1] and token rows cu_seqlens_q[group_seqs[j]] ...
+    """
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    q_lens: np.ndarray  # [B] int32
+    kv_lens: np.ndarray  # [B] int32
+    start_pos: np.ndarray  # [B] int32
+    block_tables: np.ndarray  # [B, W] int32, -1 past the end
+    group_seqs: np.ndarray  # [G + 1] int32, sequence boundaries of the groups
+    group_prefix_lens: np.ndarray  # [G] int32
+    group_block_tables: np.ndarray  # [G, Wp] int32
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.q_lens.shape[0])
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_prefix_lens.shape[0])
+
+    @property
+    def cu_seqlens_q(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.q_lens)]).astype(np.int32)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes exactly one token (the case CUDA graphs replay)."""
+        return bool(self.num_seqs) and int(self.q_lens.max()) == 1
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What a backend needs to size its KV pool."""
+
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+class AttentionBackend(ABC):
+    """Owns the paged KV cache of every layer and computes attention over it."""
+
+    name: str = ""
+    supports_graphs: bool = False
+
+    def __init__(self, shape: KVShape) -> None:
+        self.shape = shape
+        # [k|v, layer, block, kv_head, offset, head_dim]: head-major inside a block
+        self.kv_cache = torch.zeros(
+            (2, shape.num_layers, shape.num_blocks, shape.num_kv_heads, shape.block_size, shape.head_dim),
+            dtype=shape.dtype,
+            device=shape.device,
+        )
+
+    @abstractmethod
+    def prepare(self, layout: BatchLayout) -> Any:
+        """Device metadata for one forward, shared by every layer."""
+
+    @abstractmethod
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: Any) -> None:
+        """Write the step's new keys/values [T, kv_heads, head_dim] into their slots."""
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, meta: Any, scale: float) -> torch.Tensor:
+        """Attention output [T, heads, head_dim] for queries q [T, heads, head_dim]."""
+
+    # ---- CUDA-graph hooks (backends with supports_graphs) ---------------------------------
+
+    def graph_meta(self, num_seqs: int, max_groups: int) -> Any:
+        """Static metadata buffers for a decode graph of num_seqs rows (captured once)."""
+        raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
+
+    def fill_graph_meta(self, meta: Any, layout: BatchLayout) -> None:
+        """Copy a decode layout (padded to the graph's size) into the static buffers, in place."""
+        raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device; pinned and non-blocking on CUDA (the step syncs on sampled ids anyway)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t

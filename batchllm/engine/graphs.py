@@ -1,0 +1,99 @@
+"""CUDA graphs of decode steps: capture the forward once per padded batch size, replay it per step.
+
+A decode step's shapes depend only on its number of sequences, so the forward
+of a padded size is captured once (lazily, the first time a step needs it) with
+static input buffers and the attention backend's static metadata, then
+replayed after copying the step's layout into those buffers. Padded rows read
+one token of block 0 and write nowhere (slot -1); their outputs are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from batchllm.engine.attention import AttentionBackend, BatchLayout
+from batchllm.engine.model import CausalLM
+
+
+def graph_sizes(max_seqs: int) -> list[int]:
+    """Padded batch sizes: powers of two up to 256, then steps of 256."""
+    sizes = [1, 2, 4, 8, 16, 32, 64, 128]
+    sizes += list(range(256, max_seqs + 1, 256))
+    return [s for s in sizes if s <= max_seqs] or [max_seqs]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: Any
+    hidden: torch.Tensor
+
+
+def pad_decode(layout: BatchLayout, size: int) -> BatchLayout:
+    """The layout with size - B padding sequences appended (one key each, in block 0, written nowhere)."""
+    pad = size - layout.num_seqs
+    if pad == 0:
+        return layout
+    tables = np.full((size, layout.block_tables.shape[1]), -1, dtype=np.int32)
+    tables[: layout.num_seqs] = layout.block_tables
+    tables[layout.num_seqs :, 0] = 0
+    zeros = np.zeros(pad, dtype=np.int32)
+    return BatchLayout(
+        input_ids=np.r_[layout.input_ids, np.zeros(pad, np.int64)],
+        positions=np.r_[layout.positions, np.zeros(pad, np.int64)],
+        slot_mapping=np.r_[layout.slot_mapping, np.full(pad, -1, np.int64)],
+        q_lens=np.r_[layout.q_lens, zeros + 1],
+        kv_lens=np.r_[layout.kv_lens, zeros + 1],
+        start_pos=np.r_[layout.start_pos, zeros],
+        block_tables=tables,
+        group_seqs=layout.group_seqs,
+        group_prefix_lens=layout.group_prefix_lens,
+        group_block_tables=layout.group_block_tables,
+    )
+
+
+class DecodeGraphs:
+    """Captured decode forwards keyed by padded batch size, sharing one memory pool."""
+
+    def __init__(self, model: CausalLM, backend: AttentionBackend, max_seqs: int = 2048) -> None:
+        self.model, self.backend = model, backend
+        self.sizes = graph_sizes(max_seqs)
+        self.graphs: dict[int, _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def fits(self, layout: BatchLayout) -> bool:
+        return layout.num_seqs <= self.sizes[-1]
+
+    def run(self, layout: BatchLayout) -> torch.Tensor:
+        """Hidden states [B, hidden] of a decode step, by replaying the graph of its padded size."""
+        size = next(s for s in self.sizes if s >= layout.num_seqs)
+        g = self.graphs.get(size) or self._capture(size)
+        padded = pad_decode(layout, size)
+        g.input_ids.copy_(torch.from_numpy(padded.input_ids), non_blocking=True)
+        g.positions.copy_(torch.from_numpy(padded.positions), non_blocking=True)
+        self.backend.fill_graph_meta(g.meta, padded)
+        g.graph.replay()
+        return g.hidden[: layout.num_seqs]
+
+    def _capture(self, size: int) -> _Graph:
+        dev = self.model.embed_tokens.weight.device
+        input_ids = torch.zeros(size, dtype=torch.int64, device=dev)
+        positions = torch.zeros(size, dtype=torch.int64, device=dev)
+        meta = self.backend.graph_meta(size, max_groups=size)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (Triton compiles, allocator settles)
+                self.model(input_ids, positions, meta)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            hidden = self.model(input_ids, positions, meta)
+        self.graphs[size] = _Graph(graph, input_ids, positions, meta, hidden)
+        return self.graphs[size]
