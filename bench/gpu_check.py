@@ -5,9 +5,11 @@ Llama-architecture folder with random weights (transformers' own init, fixed
 seed) and a word-level tokenizer, then runs a shared-prefix workload (G groups
 x sd members, greedy, EOS ignored):
 
-- CUDA float32, sharing on and off, must give the CPU float32 tokens;
-- CUDA bfloat16, sharing on vs off, is reported (bf16 rounding depends on the
-  batch shape, so small differences are expected, not asserted);
+- CUDA float32, sharing on and off, each attention backend, must give the CPU
+  float32 tokens;
+- CUDA bfloat16 (sharing on/off, CUDA graphs on/off) is reported as token
+  agreement with CPU float32 and its first divergences (bf16 rounding depends
+  on the batch shape, so small differences are expected, not asserted);
 - transformers greedy `generate` on CUDA float32 vs the engine, first 4 prompts.
 
     python -m bench.gpu_check [--groups 4 --members 8 --prefix 64 --decode 16]
@@ -83,12 +85,25 @@ def run(
     return [list(r.token_ids) for r in out], time.perf_counter() - t
 
 
+def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, list[tuple[int, int]]]:
+    """Share of equal tokens position by position, and (request, position) of the first divergences."""
+    same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
+    total = sum(len(r) for r in a)
+    firsts = [
+        (i, next(k for k, (x, y) in enumerate(zip(ra, rb, strict=True)) if x != y))
+        for i, (ra, rb) in enumerate(zip(a, b, strict=True))
+        if ra != rb
+    ]
+    return same / max(total, 1), firsts[:8]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--members", type=int, default=8)
     ap.add_argument("--prefix", type=int, default=64)
     ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--attention", default="torch,triton", help="backends to check, comma-separated")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"error": "CUDA is not available"}))
@@ -96,15 +111,40 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     build_model(folder)
     prompts = workload(args.groups, args.members, args.prefix, 512)
+    n = len(prompts)
     cpu, cpu_s = run(folder, prompts, args.decode, device="cpu")
-    f32_on, f32_on_s = run(folder, prompts, args.decode, device="cuda", dtype="float32")
-    f32_off, f32_off_s = run(
-        folder, prompts, args.decode, device="cuda", dtype="float32", enable_sharing=False
-    )
-    bf_on, bf_on_s = run(folder, prompts, args.decode, device="cuda", dtype="bfloat16")
-    bf_off, bf_off_s = run(
-        folder, prompts, args.decode, device="cuda", dtype="bfloat16", enable_sharing=False
-    )
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "requests": n}
+    seconds = report["seconds"] = {"cpu_f32_sharing": cpu_s}
+    ok = True
+    f32_on: list[list[int]] = []
+    for backend in args.attention.split(","):
+        checks = {}
+        for dtype in ("float32", "bfloat16"):
+            for sharing in (True, False):
+                for graphs in (True, False) if dtype == "bfloat16" else (True,):
+                    name = f"{dtype}_{'sharing' if sharing else 'plain'}{'' if graphs else '_eager'}"
+                    tokens, secs = run(
+                        folder,
+                        prompts,
+                        args.decode,
+                        device="cuda",
+                        dtype=dtype,
+                        enable_sharing=sharing,
+                        attention=backend,
+                        cuda_graphs=graphs,
+                    )
+                    seconds[f"{backend}_{name}"] = secs
+                    share, firsts = agreement(tokens, cpu)
+                    checks[name] = {
+                        "identical_to_cpu_f32": sum(a == b for a, b in zip(tokens, cpu, strict=True))
+                    }
+                    checks[name]["token_agreement"] = round(share, 4)
+                    checks[name]["first_divergences"] = firsts
+                    if dtype == "float32":
+                        ok = ok and checks[name]["identical_to_cpu_f32"] == n
+                        if sharing and backend == "torch":
+                            f32_on = tokens
+        report[backend] = checks
 
     from transformers import AutoModelForCausalLM
 
@@ -114,33 +154,10 @@ def main() -> int:
         ids = torch.tensor([prompt], device="cuda")
         out = hf.generate(ids, max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False)
         hf_tokens.append(out[0, len(prompt) :].tolist())
-
-    def same(a: list[list[int]], b: list[list[int]]) -> int:
-        return sum(x == y for x, y in zip(a, b, strict=True))
-
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "requests": len(prompts),
-        "cuda_f32_sharing_vs_cpu_identical": same(f32_on, cpu),
-        "cuda_f32_plain_vs_cpu_identical": same(f32_off, cpu),
-        "cuda_bf16_sharing_vs_plain_identical": same(bf_on, bf_off),
-        "hf_cuda_f32_vs_engine_cuda_f32_identical": f"{same(hf_tokens, f32_on[:4])}/4",
-        "seconds": {
-            "cpu_f32_sharing": cpu_s,
-            "cuda_f32_sharing": f32_on_s,
-            "cuda_f32_plain": f32_off_s,
-            "cuda_bf16_sharing": bf_on_s,
-            "cuda_bf16_plain": bf_off_s,
-        },
-    }
+    same_hf = sum(x == y for x, y in zip(hf_tokens, (f32_on or cpu)[:4], strict=True))
+    report["hf_cuda_f32_vs_engine_identical"] = f"{same_hf}/4"
     print(json.dumps(report, indent=1))
-    ok = (
-        report["cuda_f32_sharing_vs_cpu_identical"] == len(prompts)
-        and report["cuda_f32_plain_vs_cpu_identical"] == len(prompts)
-        and same(hf_tokens, f32_on[:4]) == 4
-    )
-    return 0 if ok else 1
+    return 0 if ok and same_hf == 4 else 1
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def test_probs_match_transformers(engine, hf_model, prompts) -> None:
             assert r.label == LABELS[max(range(3), key=lambda j: expected[j])]
             assert r.prompt_tokens == len(prompt)
     assert [r.index for r in results] == list(range(len(prompts)))
+    assert engine.stats.output_tokens == 0 and engine.stats.decode_steps == 0  # one forward, no token
     assert {r.label for r in results} == set(LABELS)  # the model gets these easy cases right
 
 

@@ -136,3 +136,84 @@ def test_prompt_forms(engine) -> None:
     assert engine.generate([], params) == []
     with pytest.raises(ValueError, match=r"^prompts: each prompt must be"):
         engine.generate([[1.5, 2.5]], params)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        (dict(block_size=0), "block_size"),
+        (dict(block_size=2.0), "block_size"),
+        (dict(kv_cache_gb=0), "kv_cache_gb"),
+        (dict(kv_cache_gb=float("inf")), "kv_cache_gb"),
+        (dict(kv_cache_tokens=0), "kv_cache_tokens"),
+        (dict(gpu_memory_utilization=0.0), "gpu_memory_utilization"),
+        (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+        (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
+        (dict(max_model_len=0), "max_model_len"),
+        (dict(decode_reserve=0.0), "decode_reserve"),
+        (dict(seed="x"), "seed"),
+        (dict(enable_sharing="yes"), "enable_sharing"),
+        (dict(attention="flash"), "attention"),
+        (dict(load_format="gguf"), "load_format"),
+        (dict(cuda_graphs=1), "cuda_graphs"),
+    ],
+)
+def test_invalid_engine_options_name_the_option(default_model_path: Path, kwargs: dict, option: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{option}:"):
+        Engine(default_model_path, **kwargs)
+
+
+def test_kv_cache_tokens_sizes_the_pool(default_model_path: Path) -> None:
+    engine = Engine(default_model_path, block_size=16, kv_cache_tokens=100, kv_cache_gb=5.0)
+    assert engine.num_kv_blocks == 7  # tokens win over GB, rounded up to whole blocks
+
+
+def test_kv_pool_on_a_gpu_leaves_room_for_activations() -> None:
+    from batchllm.engine.kv import pool_blocks
+
+    gib = 1 << 30
+    opts = dict(kv_cache_tokens=None, kv_cache_gb=None, gpu_memory_utilization=0.9)
+    # 100 GiB GPU, 20 GiB in use after loading: 90 - 20 - 2 (margin) = 68 GiB of 1 MiB blocks
+    n = pool_blocks(1 << 20, 16, gpu_memory=(80 * gib, 100 * gib), activation_margin=2 * gib, **opts)
+    assert n == 68 * 1024
+    with pytest.raises(ValueError, match=r"^gpu_memory_utilization: 0.9 of 100.0 GiB leaves no room"):
+        pool_blocks(1 << 20, 16, gpu_memory=(5 * gib, 100 * gib), activation_margin=gib, **opts)
+    assert pool_blocks(1 << 20, 16, gpu_memory=None, activation_margin=0, **opts) == 2048  # CPU: 2 GB
+
+
+@pytest.fixture(scope="module")
+def dummy_folder(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder with config.json alone (no weights, no tokenizer), as GPU benchmarks use."""
+    folder = tmp_path_factory.mktemp("dummy")
+    cfg = json.loads((default_model_path / "config.json").read_text())
+    cfg.update(num_hidden_layers=2, eos_token_id=[7, 9])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_dummy_weights_run_token_ids_without_a_tokenizer(dummy_folder: Path) -> None:
+    engine = Engine(dummy_folder, load_format="dummy", kv_cache_tokens=512)
+    out = engine.generate(
+        [[5, 6, 7, 8], list(range(100, 140))], SamplingParams(max_tokens=4, ignore_eos=True)
+    )
+    assert all(r.ok and len(r.token_ids) == 4 and r.text == "" for r in out)
+    eos = out[0].token_ids[1]
+    stopped = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, stop_token_ids=[eos]))[0]
+    cut = out[0].token_ids.index(eos) + 1
+    assert stopped.finish_reason == "stop" and stopped.token_ids == out[0].token_ids[:cut]
+    with pytest.raises(ValueError, match=r"^model: .* has no tokenizer.json; text prompts"):
+        engine.generate("Hello", SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match=r"^model: .* has no tokenizer.json"):
+        engine.classify([[5, 6]], ["yes", "no"])
+    with pytest.raises(ValueError, match=r"^params: stop strings need"):
+        engine.generate([[5, 6]], SamplingParams(max_tokens=2, stop=["x"]))
+
+
+def test_dummy_weights_take_eos_ids_from_the_config(dummy_folder: Path) -> None:
+    engine = Engine(dummy_folder, load_format="dummy", kv_cache_tokens=512)
+    assert engine.eos_token_ids == frozenset({7, 9})
+
+
+def test_safetensors_need_a_tokenizer(dummy_folder: Path) -> None:
+    with pytest.raises(ModelError, match="safetensors"):
+        Engine(dummy_folder)

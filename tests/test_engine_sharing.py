@@ -7,6 +7,8 @@ import pytest
 
 from batchllm.engine import Engine, SamplingParams
 
+pytestmark = pytest.mark.slow  # minutes on a 2-core CPU
+
 
 def shared_workload(seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
     """Groups with prefixes of several lengths and sharing degrees 1..64, duplicates, prompts that
@@ -99,3 +101,12 @@ def test_seeded_sampling_is_batch_independent(engine, workload) -> None:
         assert a.token_ids == b.token_ids
     greedy = engine.generate(prompts[:12], SamplingParams(max_tokens=6, ignore_eos=True))
     assert any(a.token_ids != b.token_ids for a, b in zip(batch, greedy, strict=True))
+
+
+def test_step_time_split(runs) -> None:
+    """Every step is decode-only or has prefill; runner time by kind plus host time fit in the wall time."""
+    _, _, _, stats = runs
+    assert stats.decode_steps > 0 and stats.decode_steps < stats.steps
+    assert stats.mixed_steps <= stats.steps - stats.decode_steps
+    assert stats.prefill_s > 0 and stats.decode_s > 0 and stats.host_s > 0
+    assert stats.prefill_s + stats.decode_s + stats.host_s <= stats.wall_s

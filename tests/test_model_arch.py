@@ -94,7 +94,6 @@ def _logits_all_positions(runner: ModelRunner, steps: list[list[_Chunk]]) -> dic
     out: dict[int, list[torch.Tensor]] = {}
     with torch.inference_mode():
         for chunks in steps:
-            chunks = runner.order(chunks)
             layout = build_layout(chunks, runner.block_size)
             meta = runner.attention.prepare(layout)
             ids, pos = torch.from_numpy(layout.input_ids), torch.from_numpy(layout.positions)

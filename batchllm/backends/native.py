@@ -1,8 +1,13 @@
-"""The native engine as a Backend: token-id prompts in, Outcomes out."""
+"""The native engine as a Backend: token-id prompts in, Outcomes out.
+
+The job plans once (``batchllm.plan``); ``run`` takes the shard's groups
+(``groups``, from ``batchllm.engine.requests.groups_from_plan``) and the engine
+runs them as given. Without groups the engine plans the shard itself.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -10,21 +15,22 @@ import numpy as np
 from batchllm.backends.base import Outcome, Progress
 from batchllm.spec import SamplingSpec, TaskSpec
 
+KINDS = ("generate", "classify")
+GroupSpec = tuple[int, Sequence[int]]  # (prefix_len, positions in the shard's prompts)
+
 
 class NativeBackend:
-    """batchllm's embedded engine on CPU or CUDA; prefix sharing is planned inside the engine."""
+    """batchllm's embedded engine on CPU or CUDA."""
 
-    def __init__(self, model: str, device: str) -> None:
+    def __init__(self, model: str, device: str, **engine_options: Any) -> None:
         from batchllm.engine import Engine
 
-        self._engine = Engine(model, device=device)
+        self._engine = Engine(model, device=device, **engine_options)
         self._stats: dict[str, Any] = {}
 
     @staticmethod
     def supports(kind: str) -> str | None:
-        from batchllm.engine import Engine
-
-        if not callable(getattr(Engine, kind, None)):
+        if kind not in KINDS:
             return f"task.kind: {kind!r} is not supported by the native engine yet"
         return None
 
@@ -34,20 +40,26 @@ class NativeBackend:
         task: TaskSpec,
         sampling: SamplingSpec,
         progress: Progress | None = None,
+        groups: Iterable[GroupSpec] | None = None,
     ) -> list[Outcome]:
+        """Outcomes in input order. groups: the plan's groups for this shard, run as given."""
         if not prompts:
             return []
+        if reason := self.supports(task.kind):
+            raise ValueError(reason)
         if task.kind == "generate":
-            out = self._generate(prompts, sampling, progress)
-        elif task.kind == "classify":
-            out = self._classify(prompts, list(task.labels or []), progress)
+            out = self._generate(prompts, sampling, progress, groups)
         else:
-            raise ValueError(f"task.kind: {task.kind!r} is not supported by the native engine yet")
+            out = self._classify(prompts, list(task.labels or []), progress, groups)
         self._stats = self._engine.stats.as_dict()
         return out
 
     def _generate(
-        self, prompts: Sequence[np.ndarray], sampling: SamplingSpec, progress: Progress | None
+        self,
+        prompts: Sequence[np.ndarray],
+        sampling: SamplingSpec,
+        progress: Progress | None,
+        groups: Iterable[GroupSpec] | None,
     ) -> list[Outcome]:
         from batchllm.engine import SamplingParams
 
@@ -58,7 +70,7 @@ class NativeBackend:
             seed=sampling.seed,
             stop=tuple(sampling.stop),
         )
-        results = self._engine.generate(list(prompts), params, progress=progress)
+        results = self._engine.generate(list(prompts), params, progress=progress, groups=groups)
         return [
             Outcome(
                 prompt_tokens=r.prompt_tokens,
@@ -72,9 +84,13 @@ class NativeBackend:
         ]
 
     def _classify(
-        self, prompts: Sequence[np.ndarray], labels: list[str], progress: Progress | None
+        self,
+        prompts: Sequence[np.ndarray],
+        labels: list[str],
+        progress: Progress | None,
+        groups: Iterable[GroupSpec] | None,
     ) -> list[Outcome]:
-        results = self._engine.classify(list(prompts), labels, progress=progress)
+        results = self._engine.classify(list(prompts), labels, progress=progress, groups=groups)
         return [
             Outcome(
                 prompt_tokens=r.prompt_tokens,

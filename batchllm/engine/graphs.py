@@ -3,8 +3,8 @@
 A decode step's shapes depend only on its number of sequences, so the forward
 of a padded size is captured once (lazily, the first time a step needs it) with
 static input buffers and the attention backend's static metadata, then
-replayed after copying the step's layout into those buffers. Padded rows read
-one token of block 0 and write nowhere (slot -1); their outputs are dropped.
+replayed after copying the step's layout into those buffers. Padded rows write
+and read one token of the backend's scratch block; their outputs are dropped.
 """
 
 from __future__ import annotations
@@ -35,19 +35,19 @@ class _Graph:
     hidden: torch.Tensor
 
 
-def pad_decode(layout: BatchLayout, size: int) -> BatchLayout:
-    """The layout with size - B padding sequences appended (one key each, in block 0, written nowhere)."""
+def pad_decode(layout: BatchLayout, size: int, scratch_block: int, block_size: int) -> BatchLayout:
+    """The layout with size - B padding sequences appended (one key each, in the scratch block)."""
     pad = size - layout.num_seqs
     if pad == 0:
         return layout
     tables = np.full((size, layout.block_tables.shape[1]), -1, dtype=np.int32)
     tables[: layout.num_seqs] = layout.block_tables
-    tables[layout.num_seqs :, 0] = 0
+    tables[layout.num_seqs :, 0] = scratch_block
     zeros = np.zeros(pad, dtype=np.int32)
     return BatchLayout(
         input_ids=np.r_[layout.input_ids, np.zeros(pad, np.int64)],
         positions=np.r_[layout.positions, np.zeros(pad, np.int64)],
-        slot_mapping=np.r_[layout.slot_mapping, np.full(pad, -1, np.int64)],
+        slot_mapping=np.r_[layout.slot_mapping, np.full(pad, scratch_block * block_size, np.int64)],
         q_lens=np.r_[layout.q_lens, zeros + 1],
         kv_lens=np.r_[layout.kv_lens, zeros + 1],
         start_pos=np.r_[layout.start_pos, zeros],
@@ -74,7 +74,7 @@ class DecodeGraphs:
         """Hidden states [B, hidden] of a decode step, by replaying the graph of its padded size."""
         size = next(s for s in self.sizes if s >= layout.num_seqs)
         g = self.graphs.get(size) or self._capture(size)
-        padded = pad_decode(layout, size)
+        padded = pad_decode(layout, size, self.backend.scratch_block, self.backend.shape.block_size)
         g.input_ids.copy_(torch.from_numpy(padded.input_ids), non_blocking=True)
         g.positions.copy_(torch.from_numpy(padded.positions), non_blocking=True)
         self.backend.fill_graph_meta(g.meta, padded)
@@ -85,7 +85,8 @@ class DecodeGraphs:
         dev = self.model.embed_tokens.weight.device
         input_ids = torch.zeros(size, dtype=torch.int64, device=dev)
         positions = torch.zeros(size, dtype=torch.int64, device=dev)
-        meta = self.backend.graph_meta(size, max_groups=size)
+        bs = self.backend.shape.block_size
+        meta = self.backend.graph_meta(size, max_groups=size, max_blocks=-(-self.model.rope.shape[0] // bs))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

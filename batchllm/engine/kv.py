@@ -1,4 +1,4 @@
-"""BlockPool: the ids of the paged KV cache, with reference counts and pins.
+"""BlockPool: the ids of the paged KV cache, with reference counts and pins; and how many blocks fit.
 
 The engine owns the KV tensors and indexes them by these block ids; the pool
 only decides which ids are free. The scheduler is its only caller.
@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
+
+_GIB = 1 << 30
 
 
 class BlockPool:
@@ -89,3 +92,47 @@ class BlockPool:
             assert in_use != (b in free), f"block {b}: ref count {self.ref_counts[b]} vs free list"
             assert self.pin_counts[b] == 0 or in_use, f"block {b}: pinned but free"
         assert self.peak_used >= self.num_used
+
+
+def pool_blocks(
+    bytes_per_block: int,
+    block_size: int,
+    *,
+    kv_cache_tokens: int | None,
+    kv_cache_gb: float | None,
+    gpu_memory: tuple[int, int] | None,
+    gpu_memory_utilization: float,
+    activation_margin: int,
+) -> int:
+    """Blocks of the KV pool: kv_cache_tokens if given, else kv_cache_gb, else on a GPU
+    (``gpu_memory`` = (free, total) bytes after loading the weights) utilization x total
+    minus the memory in use and an activation margin; else 2 GB (CPU).
+
+    A ValueError names the option that leaves no block.
+    """
+    if kv_cache_tokens is not None:
+        return -(-kv_cache_tokens // block_size)
+    if kv_cache_gb is None and gpu_memory is not None:
+        free, total = gpu_memory
+        budget = gpu_memory_utilization * total - (total - free) - activation_margin
+        if budget < bytes_per_block:
+            raise ValueError(
+                f"gpu_memory_utilization: {gpu_memory_utilization} of {total / _GIB:.1f} GiB leaves no room "
+                f"for the KV cache ({(total - free) / _GIB:.1f} GiB in use after loading the weights, "
+                f"{activation_margin / _GIB:.1f} GiB kept for activations); raise it or give "
+                "kv_cache_gb or kv_cache_tokens"
+            )
+        return int(budget) // bytes_per_block
+    gb = kv_cache_gb if kv_cache_gb is not None else 2.0
+    num_blocks = int(gb * _GIB) // bytes_per_block
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_gb: {gb} GB holds no KV block")
+    return num_blocks
+
+
+def activation_bytes(cfg: Any, num_tokens: int, itemsize: int) -> int:
+    """A rough bound on one step's transient memory (``cfg``: a ModelConfig): per token, the
+    layer activations (hidden states, q/k/v, the MLP's gate/up/act) and the logits in the
+    model dtype plus float32 twice (sampling sorts a copy)."""
+    per_token = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize + cfg.vocab_size * (itemsize + 8)
+    return num_tokens * per_token

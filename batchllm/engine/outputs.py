@@ -62,6 +62,14 @@ class EngineStats:
     "computed" when the model actually ran them (a recomputed preempted prompt
     counts again). saving_ratio = 1 - computed / logical prompt tokens;
     planned_saving_ratio is what the plan promised before running.
+
+    Time split of the step loop (wall clock; the runner syncs on each step's
+    outputs, so per-step times are meaningful): prefill_s is the runner and
+    head time of steps with a prefill chunk (mixed steps included), decode_s
+    that of decode-only steps, host_s the engine's own time around them
+    (scheduling, recording outputs, bookkeeping; the runner's host-side batch
+    preparation is inside prefill_s/decode_s). decode_steps have no prefill
+    chunk; mixed_steps have decode and prefill chunks.
     """
 
     num_requests: int = 0
@@ -83,6 +91,38 @@ class EngineStats:
     prefix_recomputations: int = 0  # shared prefixes computed more than once (evicted, then needed again)
     plan_s: float = 0.0
     wall_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    host_s: float = 0.0
+    decode_steps: int = 0
+    mixed_steps: int = 0
+
+    def add_step(self, num_chunks: int, num_decode_chunks: int, run_s: float, host_s: float) -> None:
+        """Account one step's time: runner+head time by step kind, the rest as host time."""
+        if num_decode_chunks == num_chunks:
+            self.decode_s += run_s
+            self.decode_steps += 1
+        else:
+            self.prefill_s += run_s
+            self.mixed_steps += num_decode_chunks > 0
+        self.host_s += host_s
+
+    def add_run(self, sched: Any, output_tokens: int, planned_physical: int | None) -> None:
+        """Fill the token and step counts from the scheduler's stats (``SchedulerStats``) at the end of a run."""
+        logical = self.prompt_tokens_logical
+        if planned_physical is not None and logical:
+            self.planned_saving_ratio = 1.0 - planned_physical / logical
+        self.steps, self.tokens_computed = sched.num_steps, sched.num_tokens
+        self.prompt_tokens_computed = sched.num_prompt_tokens_computed
+        self.output_tokens = output_tokens
+        self.mean_tokens_per_step, self.max_tokens_per_step = (
+            sched.mean_tokens_per_step,
+            sched.max_tokens_per_step,
+        )
+        self.peak_kv_blocks, self.preemptions = sched.peak_kv_blocks, sched.num_preemptions
+        self.prefixes_computed = len(sched.prefix_computations)
+        self.prefix_recomputations = sum(n - 1 for n in sched.prefix_computations.values())
+        self.saving_ratio = 1.0 - self.prompt_tokens_computed / logical if logical else 0.0
 
     @property
     def tokens_reused(self) -> int:

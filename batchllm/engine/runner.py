@@ -11,9 +11,7 @@ block allocation (the scheduler does) and never decides when a request ends
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 from itertools import chain
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,27 +19,7 @@ import torch
 from batchllm.engine.attention import BatchLayout, KVShape, create_backend
 from batchllm.engine.graphs import DecodeGraphs
 from batchllm.engine.model import CausalLM
-from batchllm.engine.sampling import label_probs, row_keys, sample
-from batchllm.engine.sequence import Sequence
-
-
-class Chunk(Protocol):
-    """What the runner needs from a scheduled chunk: compute seq.token_ids[start:start+num_tokens]."""
-
-    seq: Sequence
-    start: int
-    num_tokens: int
-    sample: bool
-
-
-@dataclass
-class SeqSampling:
-    """Sampling state the engine attaches to ``Sequence.params``."""
-
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int  # 64-bit; the random numbers of a token depend on (seed, position) only
+from batchllm.engine.sequence import ScheduledChunk
 
 
 def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -49,7 +27,7 @@ def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> 
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
 
-def build_layout(chunks: Seq[Chunk], block_size: int) -> BatchLayout:
+def build_layout(chunks: Seq[ScheduledChunk], block_size: int) -> BatchLayout:
     """The host description of one step; grouped chunks must be contiguous per group."""
     bs, num = block_size, len(chunks)
     q_lens = np.fromiter((c.num_tokens for c in chunks), np.int32, num)
@@ -123,54 +101,21 @@ class ModelRunner:
     def kv_cache(self) -> torch.Tensor:
         return self.attention.kv_cache
 
-    def order(self, chunks: Seq[Chunk]) -> list[Chunk]:
-        """Chunks with the members of one group (reading its shared prefix) next to each other."""
-        plain = [c for c in chunks if c.seq.num_shared_tokens == 0]
-        shared = sorted(
-            (c for c in chunks if c.seq.num_shared_tokens > 0),
-            key=lambda c: c.seq.group_id,  # a group's members all share num_shared_tokens
-        )
-        return plain + shared
-
     @torch.inference_mode()
-    def forward(self, chunks: Seq[Chunk]) -> tuple[list[Chunk], torch.Tensor]:
-        """Run one step; returns the chunks in run order and the final hidden state of each chunk's last token."""
-        chunks = self.order(chunks)
+    def forward(self, chunks: Seq[ScheduledChunk]) -> torch.Tensor:
+        """Run one step (chunks as the scheduler emits them: plain first, then group by group).
+
+        Returns the final hidden state of each chunk's last token [len(chunks), hidden].
+        """
         layout = build_layout(chunks, self.block_size)
         if self.graphs is not None and layout.is_decode and self.graphs.fits(layout):
-            return chunks, self.graphs.run(layout)
+            return self.graphs.run(layout)
         meta = self.attention.prepare(layout)
         dev = self.device
         input_ids = torch.from_numpy(layout.input_ids).to(dev, non_blocking=True)
         positions = torch.from_numpy(layout.positions).to(dev, non_blocking=True)
         hidden = self.model(input_ids, positions, meta)
         if layout.is_decode:
-            return chunks, hidden
+            return hidden
         last = torch.from_numpy(layout.cu_seqlens_q[1:].astype(np.int64) - 1).to(dev, non_blocking=True)
-        return chunks, hidden[last]
-
-    @torch.inference_mode()
-    def sample(self, hidden: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
-        """Next token of each sequence from its last hidden state [len(seqs), hidden]."""
-        params: list[SeqSampling] = [s.params for s in seqs]
-        if all(p.temperature == 0.0 for p in params):
-            # argmax of the model-dtype logits equals that of their float32 copy (ties: the first)
-            return self.model.compute_logits(hidden).argmax(dim=-1).tolist()
-        logits = self.logits(hidden)
-        dev = logits.device
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-        top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-        top_ks = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
-        seeds = torch.tensor([p.seed for p in params], dtype=torch.int64, device=dev)
-        # the sampled token's position is the current length of the sequence
-        positions = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int64, device=dev)
-        return sample(logits, temps, top_ps, top_ks, row_keys(seeds, positions)).tolist()
-
-    @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden).float()
-
-    @torch.inference_mode()
-    def label_probs(self, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
-        """Label-restricted distribution [rows, labels] at the given hidden states."""
-        return label_probs(hidden, self.model.lm_head_weight, label_ids.to(hidden.device))
+        return hidden[last]

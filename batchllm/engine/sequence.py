@@ -1,4 +1,4 @@
-"""Sequence: the per-request state shared by the engine and the scheduler.
+"""Sequence and ScheduledChunk: the per-request state shared by engine, scheduler and runner.
 
 One writer per field: the engine creates sequences and appends sampled tokens
 to ``token_ids`` (and owns ``params``); the scheduler writes ``group_id``,
@@ -66,3 +66,26 @@ class Sequence:
     def num_remaining(self) -> int:
         """Tokens whose KV is still to compute before the next sample (or, for a prefix, at all)."""
         return len(self.token_ids) - self.num_computed_tokens
+
+
+@dataclass(slots=True, eq=False)
+class ScheduledChunk:
+    """Compute KV for positions [start, start + num_tokens) of seq; run the output head when ``sample``.
+
+    The one chunk type of the engine: the scheduler creates it, the runner reads
+    it (``runner.Chunk`` names the same fields) and the engine feeds the head.
+    """
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    sample: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """A generated token's KV (one position past the prompt), as opposed to prompt prefill."""
+        return not self.seq.is_prefix and self.start >= self.seq.num_prompt_tokens

@@ -28,8 +28,6 @@ class Tokenizer:
             raise ValueError(f"model: {str(self.folder)!r} has no tokenizer.json")
         self._tok = HFTokenizer.from_file(str(path))
         self._config = _read_json(self.folder / "tokenizer_config.json")
-        self._model_config = _read_json(self.folder / "config.json")
-        self._generation_config = _read_json(self.folder / "generation_config.json")
 
     @property
     def vocab_size(self) -> int:
@@ -55,15 +53,9 @@ class Tokenizer:
     @cached_property
     def eos_token_ids(self) -> frozenset[int]:
         """Ids that end generation: the tokenizer's eos plus the model/generation config's eos ids."""
-        ids: set[int] = set()
+        ids = set(config_eos_token_ids(self.folder))
         if self.eos_token is not None and (tid := self.token_to_id(self.eos_token)) is not None:
             ids.add(tid)
-        for cfg in (self._generation_config, self._model_config):
-            value = cfg.get("eos_token_id")
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, list):
-                ids.update(int(v) for v in value)
         return frozenset(ids)
 
     @cached_property
@@ -97,6 +89,18 @@ class Tokenizer:
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
+
+
+def config_eos_token_ids(folder: Path) -> frozenset[int]:
+    """The eos ids of config.json and generation_config.json (all a model without tokenizer.json has)."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        value = _read_json(Path(folder) / name).get("eos_token_id")
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

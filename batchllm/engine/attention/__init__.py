@@ -3,16 +3,23 @@
 ``torch``: the reference (plain torch, float32 math; CPU and CUDA).
 ``triton``: our Triton kernels (paged prefill/decode, fused two-level attention;
 CUDA, or CPU under TRITON_INTERPRET=1 for tests). ``auto`` picks triton on CUDA
-and torch on CPU. Backends are imported when chosen, so triton stays optional.
+and torch on CPU. ``fa3``: FlashAttention-3 bundled in vLLM's wheel (CUDA,
+where vLLM is installed), the library bar. Backends are imported when chosen,
+so triton and vLLM stay optional.
 """
 
 from __future__ import annotations
 
+import os
 from importlib import import_module
 
 from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape
 
-_MODULES = {"torch": "batchllm.engine.attention.torch_ref", "triton": "batchllm.engine.attention.triton"}
+_MODULES = {
+    "torch": "batchllm.engine.attention.torch_ref",
+    "triton": "batchllm.engine.attention.triton",
+    "fa3": "batchllm.engine.attention.fa3",
+}
 BACKENDS = ("auto", *_MODULES)
 
 
@@ -27,7 +34,10 @@ def resolve_name(name: str, device: str) -> str:
 
 def create_backend(name: str, shape: KVShape) -> AttentionBackend:
     """A backend instance owning a KV pool of ``shape``."""
-    module = import_module(_MODULES[resolve_name(name, shape.device.type)])
+    name = resolve_name(name, shape.device.type)
+    if name == "triton" and shape.device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU: its interpreter (tests, CI)
+    module = import_module(_MODULES[name])
     return module.BACKEND(shape)
 
 

@@ -84,19 +84,24 @@ class KVShape:
 
 
 class AttentionBackend(ABC):
-    """Owns the paged KV cache of every layer and computes attention over it."""
+    """Owns the paged KV cache of every layer and computes attention over it.
+
+    The pool has one block more than the scheduler hands out: ``scratch_block``,
+    where padding rows of a CUDA-graph batch write and read.
+    """
 
     name: str = ""
     supports_graphs: bool = False
 
     def __init__(self, shape: KVShape) -> None:
         self.shape = shape
-        # [k|v, layer, block, kv_head, offset, head_dim]: head-major inside a block
-        self.kv_cache = torch.zeros(
-            (2, shape.num_layers, shape.num_blocks, shape.num_kv_heads, shape.block_size, shape.head_dim),
-            dtype=shape.dtype,
-            device=shape.device,
-        )
+        self.scratch_block = shape.num_blocks
+        self.kv_cache = torch.zeros(self.kv_cache_shape(), dtype=shape.dtype, device=shape.device)
+
+    def kv_cache_shape(self) -> tuple[int, ...]:
+        """[k|v, layer, block, kv_head, offset, head_dim]: head-major inside a block (the project's layout)."""
+        s = self.shape
+        return (2, s.num_layers, s.num_blocks + 1, s.num_kv_heads, s.block_size, s.head_dim)
 
     @abstractmethod
     def prepare(self, layout: BatchLayout) -> Any:
@@ -112,8 +117,8 @@ class AttentionBackend(ABC):
 
     # ---- CUDA-graph hooks (backends with supports_graphs) ---------------------------------
 
-    def graph_meta(self, num_seqs: int, max_groups: int) -> Any:
-        """Static metadata buffers for a decode graph of num_seqs rows (captured once)."""
+    def graph_meta(self, num_seqs: int, max_groups: int, max_blocks: int) -> Any:
+        """Static metadata buffers for a decode graph of num_seqs rows and tables of max_blocks (captured once)."""
         raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
 
     def fill_graph_meta(self, meta: Any, layout: BatchLayout) -> None:

@@ -1,0 +1,155 @@
+"""Our Triton kernels: paged attention and fused two-level attention, with CUDA-graph hooks.
+
+A step without groups takes one paged-attention launch. A step with groups
+takes the fused launch: group tiles (every member's queries against the group's
+prefix, read once per group) and per-sequence tiles (own keys), merged through
+their log-sum-exps. Decode graphs get static metadata of a padded size whose
+group arrays have room for one group per row; empty groups exit at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, to_device
+from batchllm.kernels.paged_attention import paged_attention, store_kv, two_level_attention
+
+
+@dataclass
+class TritonMeta:
+    slot_mapping: torch.Tensor  # [T] int64
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    kv_lens: torch.Tensor  # [B] int32
+    start_pos: torch.Tensor  # [B] int32 (the group's prefix length for members)
+    block_tables: torch.Tensor  # [B, W] int32
+    cu_group_rows: torch.Tensor  # [G + 1] int32, token rows of each group
+    group_prefix_lens: torch.Tensor  # [G] int32
+    group_block_tables: torch.Tensor  # [G, Wp] int32
+    max_q_len: int
+    max_kv_len: int
+    max_prefix_len: int
+    max_group_rows: int
+    grouped: bool  # any group in the step: take the fused two-level launch
+    workspace: dict = field(default_factory=dict, repr=False)  # the kernels' partial results
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+    supports_graphs = True
+
+    def __init__(self, shape: KVShape) -> None:
+        super().__init__(shape)
+        self.workspace: dict = {}  # shared by eager steps; each graph keeps its own
+
+    def prepare(self, layout: BatchLayout) -> TritonMeta:
+        dev = self.shape.device
+        cu = layout.cu_seqlens_q
+        cu_rows = cu[layout.group_seqs].astype(np.int32)
+        rows = np.diff(cu_rows)
+        return TritonMeta(
+            slot_mapping=to_device(layout.slot_mapping, dev),
+            cu_seqlens_q=to_device(cu, dev),
+            kv_lens=to_device(layout.kv_lens, dev),
+            start_pos=to_device(layout.start_pos, dev),
+            block_tables=to_device(layout.block_tables, dev),
+            cu_group_rows=to_device(cu_rows, dev),
+            group_prefix_lens=to_device(layout.group_prefix_lens, dev),
+            group_block_tables=to_device(layout.group_block_tables, dev),
+            max_q_len=int(layout.q_lens.max()),
+            max_kv_len=int(layout.kv_lens.max()),
+            max_prefix_len=int(layout.group_prefix_lens.max()) if layout.num_groups else 0,
+            max_group_rows=int(rows.max()) if rows.size else 0,
+            grouped=layout.num_groups > 0,
+            workspace=self.workspace,
+        )
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: TritonMeta) -> None:
+        store_kv(k, v, self.kv_cache[0, layer], self.kv_cache[1, layer], meta.slot_mapping)
+
+    def forward(self, layer: int, q: torch.Tensor, meta: TritonMeta, scale: float) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache[0, layer], self.kv_cache[1, layer]
+        if not meta.grouped:
+            out, _ = paged_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.cu_seqlens_q,
+                meta.kv_lens,
+                meta.block_tables,
+                None,
+                scale,
+                meta.max_q_len,
+                max_kv_len=meta.max_kv_len,
+                workspace=meta.workspace,
+            )
+            return out
+        out, _ = two_level_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.cu_seqlens_q,
+            meta.kv_lens,
+            meta.block_tables,
+            meta.start_pos,
+            meta.cu_group_rows,
+            meta.group_prefix_lens,
+            meta.group_block_tables,
+            scale,
+            meta.max_q_len,
+            max_kv_len=meta.max_kv_len,
+            max_prefix_len=meta.max_prefix_len,
+            max_group_rows=meta.max_group_rows,
+            workspace=meta.workspace,
+        )
+        return out
+
+    # ---- CUDA graphs -------------------------------------------------------------------
+
+    def graph_meta(self, num_seqs: int, max_groups: int, max_blocks: int) -> TritonMeta:
+        dev, bs = self.shape.device, self.shape.block_size
+        i32 = {"dtype": torch.int32, "device": dev}
+        tables = torch.full((num_seqs, max_blocks), -1, **i32)
+        tables[:, 0] = self.scratch_block
+        return TritonMeta(
+            slot_mapping=torch.full((num_seqs,), self.scratch_block * bs, dtype=torch.int64, device=dev),
+            cu_seqlens_q=torch.arange(num_seqs + 1, **i32),
+            kv_lens=torch.ones(num_seqs, **i32),
+            start_pos=torch.zeros(num_seqs, **i32),
+            block_tables=tables,
+            cu_group_rows=torch.zeros(max_groups + 1, **i32),
+            group_prefix_lens=torch.zeros(max_groups, **i32),
+            group_block_tables=torch.zeros((max_groups, max_blocks), **i32),
+            max_q_len=1,
+            max_kv_len=max_blocks * bs,
+            max_prefix_len=max_blocks * bs,
+            max_group_rows=num_seqs,
+            grouped=True,
+            workspace={},
+        )
+
+    def fill_graph_meta(self, meta: TritonMeta, layout: BatchLayout) -> None:
+        n, g = layout.num_seqs, layout.num_groups
+        assert meta.kv_lens.shape[0] == n and g <= meta.group_prefix_lens.shape[0]
+        width, pwidth = layout.block_tables.shape[1], layout.group_block_tables.shape[1]
+        cu_rows = np.full(meta.cu_group_rows.shape[0], layout.group_seqs[-1], dtype=np.int32)
+        cu_rows[: g + 1] = layout.group_seqs  # decode: one row per sequence
+        prefix = np.zeros(meta.group_prefix_lens.shape[0], dtype=np.int32)
+        prefix[:g] = layout.group_prefix_lens
+        _copy(meta.slot_mapping, layout.slot_mapping)
+        _copy(meta.kv_lens, layout.kv_lens)
+        _copy(meta.start_pos, layout.start_pos)
+        _copy(meta.block_tables[:, :width], layout.block_tables)
+        _copy(meta.cu_group_rows, cu_rows)
+        _copy(meta.group_prefix_lens, prefix)
+        if g and pwidth:
+            _copy(meta.group_block_tables[:g, :pwidth], layout.group_block_tables)
+
+
+def _copy(dst: torch.Tensor, src: np.ndarray) -> None:
+    dst.copy_(torch.from_numpy(np.ascontiguousarray(src)), non_blocking=True)
+
+
+BACKEND = TritonBackend

@@ -1,0 +1,169 @@
+"""Output heads: what the last hidden state of a request's sampled chunk turns into.
+
+A head computes its outputs for the rows of one step (``compute``), records
+each into its request and says whether the request ends there (``record``), and
+builds the per-input results at the end (``results``). The engine's step loop
+is the same for every head; adding scoring or grammar-masked generation means
+adding a head, not a flag.
+
+- ``TokenHead``: generation. The next token (greedy, or sampling keyed by
+  (seed, position)); ``StopRule`` is the one place that ends a generated
+  request: EOS, a stop token id, a stop string, max_tokens, max_model_len.
+- ``LabelHead``: classification. The label distribution at the last prompt
+  position from ``W_lm[label_ids] @ h`` (never the full vocabulary); the
+  request ends with that one forward, without appending any token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from batchllm.engine.outputs import ClassifyResult, Result
+from batchllm.engine.requests import Batch, Request
+from batchllm.engine.sampling import label_probs, row_keys, sample
+from batchllm.engine.sequence import Sequence as Seq
+
+Decode = Callable[[Sequence[int]], str]
+
+
+class Head(Protocol):
+    def compute(self, model: Any, hidden: torch.Tensor, seqs: Sequence[Seq]) -> list[Any]:
+        """One output per row of ``hidden`` [rows, hidden] (the last position of each sampled chunk)."""
+        ...
+
+    def record(self, req: Request, seq: Seq, output: Any, now: float) -> bool:
+        """Store one output in its request; True when the request ends with it."""
+        ...
+
+    def results(self, batch: Batch) -> list[Any]:
+        """One result per input, in input order."""
+        ...
+
+
+@dataclass
+class SeqSampling:
+    """Sampling state the engine attaches to ``Sequence.params``."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int  # 64-bit; the random numbers of a token depend on (seed, position) only
+
+
+@dataclass
+class StopRule:
+    """When a generated request ends; sets its finish_reason (and stop_text for a stop string)."""
+
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+    decode: Decode | None  # needed for stop strings only
+
+    def __call__(self, req: Request, seq: Seq) -> bool:
+        p, token = req.params, seq.token_ids[-1]
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            req.finish_reason = "stop"
+            return True
+        if p.stop and self._stop_string(req, seq):
+            return True
+        if seq.num_generated >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            req.finish_reason = "length"
+            return True
+        return False
+
+    def _stop_string(self, req: Request, seq: Seq) -> bool:
+        assert self.decode is not None, "stop strings need a tokenizer (checked before the run)"
+        stops = req.params.stop
+        # a new match ends in the newest tokens: decode only a tail (a char can take 4 byte tokens)
+        tail = seq.completion_token_ids[-(4 * max(len(s) for s in stops) + 8) :]
+        if not any(s in self.decode(tail) for s in stops):
+            return False
+        text = self.decode(seq.completion_token_ids)
+        cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+        if cut < 0:
+            return False
+        req.finish_reason, req.stop_text = "stop", text[:cut]
+        return True
+
+
+class TokenHead:
+    """Generation: one new token per row."""
+
+    def __init__(self, stop: StopRule, decode: Decode | None) -> None:
+        self.stop = stop
+        self.decode = decode  # None (no tokenizer): results carry token ids and empty text
+
+    @torch.inference_mode()
+    def compute(self, model: Any, hidden: torch.Tensor, seqs: Sequence[Seq]) -> list[int]:
+        params: list[SeqSampling] = [s.params for s in seqs]
+        if all(p.temperature == 0.0 for p in params):
+            # argmax of the model-dtype logits equals that of their float32 copy (ties: the first)
+            return model.compute_logits(hidden).argmax(dim=-1).tolist()
+        logits = model.compute_logits(hidden).float()
+        dev = logits.device
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+        top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        top_ks = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
+        seeds = torch.tensor([p.seed for p in params], dtype=torch.int64, device=dev)
+        # the sampled token's position is the current length of the sequence
+        positions = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int64, device=dev)
+        return sample(logits, temps, top_ps, top_ks, row_keys(seeds, positions)).tolist()
+
+    def record(self, req: Request, seq: Seq, output: int, now: float) -> bool:
+        seq.token_ids.append(output)
+        if not req.first_token_s:
+            req.first_token_s = now
+        return self.stop(req, seq)
+
+    def results(self, batch: Batch) -> list[Result]:
+        results = [Result(index=i, prompt_tokens=len(t)) for i, t in enumerate(batch.tokens)]
+        for i, e in batch.errors.items():
+            results[i].error, results[i].finish_reason = e, "error"
+        for req in batch.requests:
+            assert req.seq is not None
+            ids = req.seq.completion_token_ids
+            text = req.stop_text if req.stop_text is not None else self.decode(ids) if self.decode else ""
+            for n, i in enumerate(req.inputs):
+                r = results[i]
+                r.token_ids, r.text, r.finish_reason = list(ids), text, req.finish_reason  # type: ignore[assignment]
+                r.cached_tokens = req.cached_tokens if n == 0 else r.prompt_tokens
+                r.latency_s, r.first_token_s, r.error = req.latency_s, req.first_token_s, req.error
+        return results
+
+
+class LabelHead:
+    """Classification: a distribution over labels scored by their first tokens."""
+
+    def __init__(self, labels: Sequence[str], label_ids: Sequence[int]) -> None:
+        self.labels = list(labels)
+        self.label_ids = torch.tensor(list(label_ids), dtype=torch.int64)
+
+    @torch.inference_mode()
+    def compute(self, model: Any, hidden: torch.Tensor, seqs: Sequence[Seq]) -> list[list[float]]:
+        if self.label_ids.device != hidden.device:
+            self.label_ids = self.label_ids.to(hidden.device)
+        return label_probs(hidden, model.lm_head_weight, self.label_ids).tolist()
+
+    def record(self, req: Request, seq: Seq, output: list[float], now: float) -> bool:
+        req.probs, req.finish_reason = output, "stop"
+        return True
+
+    def results(self, batch: Batch) -> list[ClassifyResult]:
+        results = [ClassifyResult(index=i, prompt_tokens=len(t)) for i, t in enumerate(batch.tokens)]
+        for i, e in batch.errors.items():
+            results[i].error, results[i].status = e, "error"
+        labels = self.labels
+        for req in batch.requests:
+            for n, i in enumerate(req.inputs):
+                r = results[i]
+                r.latency_s = req.latency_s
+                if req.error is not None:
+                    r.error, r.status = req.error, "error"
+                    continue
+                best = max(range(len(labels)), key=lambda j: req.probs[j])
+                r.label, r.probs = labels[best], dict(zip(labels, req.probs, strict=True))
+                r.cached_tokens = req.cached_tokens if n == 0 else r.prompt_tokens
+        return results

@@ -1,0 +1,129 @@
+"""The attention-backend seam: the host batch layout, the registry, and backends agreeing with the reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from batchllm.engine.attention import KVShape, create_backend, resolve_name
+from batchllm.engine.graphs import graph_sizes, pad_decode
+from batchllm.engine.runner import build_layout
+from batchllm.engine.sequence import Sequence
+
+BS = 4
+
+
+@dataclass
+class _Chunk:
+    seq: Sequence
+    start: int
+    num_tokens: int
+    sample: bool = True
+
+
+def _seq(seq_id: int, n: int, blocks: list[int], group: int | None = None, shared: int = 0) -> Sequence:
+    s = Sequence(seq_id, seq_id, list(range(100 + seq_id, 100 + seq_id + n)), n, 4, block_table=blocks)
+    s.group_id, s.num_shared_tokens = group, shared
+    return s
+
+
+def _batch() -> list[_Chunk]:
+    """A plain prefill chunk, a plain decode row, then a group of three members sharing 8 prefix tokens."""
+    prefix = [20, 21]
+    return [
+        _Chunk(_seq(0, 10, [1, 2, 3]), 4, 6),  # chunked prefill after 4 cached tokens
+        _Chunk(_seq(1, 5, [4, 5]), 4, 1),  # decode
+        _Chunk(_seq(2, 12, [*prefix, 6]), 8, 4, True),  # member suffix prefill
+        _Chunk(_seq(3, 13, [*prefix, 7, 8]), 12, 1),  # member decode
+        _Chunk(_seq(4, 11, [*prefix, 9]), 10, 1),
+    ]
+
+
+def _set_groups(chunks: list[_Chunk]) -> None:
+    for c in chunks[2:]:
+        c.seq.group_id, c.seq.num_shared_tokens = 7, 8
+
+
+def test_layout_describes_the_batch() -> None:
+    chunks = _batch()
+    _set_groups(chunks)
+    lay = build_layout(chunks, BS)
+    assert lay.q_lens.tolist() == [6, 1, 4, 1, 1] and lay.kv_lens.tolist() == [10, 5, 12, 13, 11]
+    assert lay.positions.tolist() == [4, 5, 6, 7, 8, 9, 4, 8, 9, 10, 11, 12, 10]
+    assert lay.input_ids.tolist()[:6] == [104, 105, 106, 107, 108, 109]
+    # slot = block * BS + offset, through each chunk's own table
+    assert lay.slot_mapping.tolist()[:7] == [
+        2 * BS + 0,
+        2 * BS + 1,
+        2 * BS + 2,
+        2 * BS + 3,
+        3 * BS,
+        3 * BS + 1,
+        5 * BS,
+    ]
+    assert lay.start_pos.tolist() == [0, 0, 8, 8, 8]
+    assert lay.group_seqs.tolist() == [2, 5] and lay.group_prefix_lens.tolist() == [8]
+    assert lay.group_block_tables.tolist() == [[20, 21]]
+    assert lay.block_tables[1].tolist() == [4, 5, -1, -1]
+    assert not lay.is_decode
+
+
+def test_layout_rejects_interleaved_groups() -> None:
+    chunks = _batch()
+    _set_groups(chunks)
+    with pytest.raises(AssertionError):
+        build_layout([chunks[2], chunks[0], *chunks[3:]], BS)
+
+
+def test_decode_padding_uses_the_scratch_block() -> None:
+    chunks = [_Chunk(_seq(i, 5 + i, [i, 10 + i]), 4 + i, 1) for i in range(3)]
+    lay = build_layout(chunks, BS)
+    assert lay.is_decode
+    padded = pad_decode(lay, 8, scratch_block=50, block_size=BS)
+    assert padded.num_seqs == 8 and padded.slot_mapping[3:].tolist() == [200] * 5
+    assert padded.block_tables[3:, 0].tolist() == [50] * 5 and padded.kv_lens[3:].tolist() == [1] * 5
+    assert graph_sizes(600)[-3:] == [128, 256, 512] and graph_sizes(1) == [1]
+
+
+def test_registry() -> None:
+    assert resolve_name("auto", "cpu") == "torch" and resolve_name("auto", "cuda") == "triton"
+    with pytest.raises(ValueError, match="attention: must be one of"):
+        resolve_name("flash", "cpu")
+    shape = KVShape(2, 6, BS, 2, 8, torch.float32, torch.device("cpu"))
+    backend = create_backend("torch", shape)
+    assert backend.kv_cache.shape == (2, 2, 7, 2, BS, 8) and backend.scratch_block == 6
+
+
+def _run_backend(name: str, chunks: list[_Chunk], seed: int = 0) -> torch.Tensor:
+    """Store random keys for every cached position, then attend with the step's queries, layer 0."""
+    shape = KVShape(1, 32, BS, 2, 16, torch.float32, torch.device("cpu"))
+    backend = create_backend(name, shape)
+    gen = torch.Generator().manual_seed(seed)
+    backend.kv_cache.copy_(torch.randn(backend.kv_cache.shape, generator=gen))
+    lay = build_layout(chunks, BS)
+    meta = backend.prepare(lay)
+    q = torch.randn(lay.num_tokens, 4, 16, generator=gen)
+    k, v = torch.randn(2, lay.num_tokens, 2, 16, generator=gen).unbind(0)
+    backend.store(0, k, v, meta)
+    return backend.forward(0, q, meta, 0.25)
+
+
+def test_triton_backend_matches_the_reference() -> None:
+    pytest.importorskip("triton")
+    chunks = _batch()
+    _set_groups(chunks)
+    ref = _run_backend("torch", chunks)
+    got = _run_backend("triton", chunks)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_grouped_equals_plain_in_the_reference() -> None:
+    """Two-level attention over a shared prefix = plain attention over the same blocks."""
+    chunks = _batch()
+    plain = _run_backend("torch", chunks)
+    _set_groups(chunks)
+    grouped = _run_backend("torch", chunks)
+    np.testing.assert_allclose(grouped.numpy(), plain.numpy(), atol=1e-5)
