@@ -67,8 +67,6 @@ def run(
 
 def run_with_progress(spec: Any, quiet: bool = False) -> dict[str, Any]:
     """Run the enrich flow in this process with a terminal progress bar over the prompts."""
-    from batchllm import job as steps
-
     with console.status("starting Prefect..."):
         from batchllm.flows.enrich import enrich
     progress = Progress(
@@ -85,8 +83,8 @@ def run_with_progress(spec: Any, quiet: bool = False) -> dict[str, Any]:
     def update(done: int, total: int) -> None:
         progress.update(bar, completed=done, total=total)
 
-    with progress, steps.progress_listener(update):
-        return enrich(spec)
+    with progress:
+        return enrich(spec, progress=update)
 
 
 def print_run(run: dict[str, Any]) -> None:

@@ -1,45 +1,32 @@
-"""The steps of one batch job, engine-free except ``infer_shard``; the Prefect flow calls them in order.
+"""The steps of one batch job, free of Prefect and engine-free except ``infer_shard``.
 
 extract -> prepare (render, skip done rows, dedup, tokenize) -> plan (prefix
 groups, shards) -> infer_shard (one backend per shard) -> stage -> load ->
-report. ``batchllm plan`` runs the first three only: no weights are loaded.
+report; the Prefect flow calls them in order. Result rows are built in
+results.py, the run's statistics in report.py. ``batchllm plan`` runs the
+first three steps only: no weights are loaded.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from batchllm import render, warehouse
-from batchllm.backends.base import Outcome, Progress, create_backend, resolve_device, supports
+from batchllm.backends.base import GroupSpec, Outcome, Progress, create_backend, resolve_device, supports
+from batchllm.engine.config import ModelConfig, load_config
 from batchllm.spec import JobSpec, SpecError, validate_columns
 
-_listeners: list[Progress] = []
-
-
-@contextmanager
-def progress_listener(callback: Progress) -> Iterator[None]:
-    """Receive (done, total) inference progress of every shard while the block runs (e.g. a terminal bar)."""
-    _listeners.append(callback)
-    try:
-        yield
-    finally:
-        _listeners.remove(callback)
-
-
-def notify_progress(done: int, total: int) -> None:
-    for callback in list(_listeners):
-        callback(done, total)
+if TYPE_CHECKING:
+    from batchllm.plan import Plan
 
 
 @dataclass
@@ -59,10 +46,19 @@ class Prepared:
 
 @dataclass
 class PlanInfo:
-    """Shards of distinct-prompt indices (plan order) and the planner's statistics."""
+    """Shards of distinct-prompt indices (plan order), the plan of each, and the planner's statistics."""
 
     shards: list[list[int]]
     stats: dict[str, Any]
+    parts: list[Plan] = field(default_factory=list)
+
+    def groups(self, shard: int) -> list[GroupSpec] | None:
+        """The shard's groups as positions into its prompt list: the backend runs this plan as is."""
+        if not self.parts:
+            return None
+        from batchllm.engine.requests import groups_from_plan
+
+        return groups_from_plan(self.parts[shard], self.shards[shard])
 
 
 def check(spec: JobSpec) -> None:
@@ -123,6 +119,23 @@ def tokenizer_for(spec: JobSpec) -> tuple[Any, Path]:
         raise SpecError(message if message.startswith("model") else f"model: {message}") from None
 
 
+def model_config(folder: Path) -> ModelConfig | None:
+    """The model's config.json, parsed once (None for a folder without one: context and size unknown).
+
+    A config the engine cannot run fails here, as a spec error naming ``model``,
+    before any row is rendered.
+    """
+    if not (Path(folder) / "config.json").is_file():
+        return None
+    try:
+        return load_config(Path(folder))
+    except (ValueError, KeyError, TypeError) as exc:
+        message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        raise SpecError(
+            message if message.startswith("model") else f"model: config.json: {message}"
+        ) from None
+
+
 def prepare(spec: JobSpec, table: pa.Table, run_id: str | None = None, dry_run: bool = False) -> Prepared:
     """Render rows, drop those with a result already (incremental) or staged by an interrupted run, tokenize.
 
@@ -144,7 +157,8 @@ def prepare(spec: JobSpec, table: pa.Table, run_id: str | None = None, dry_run: 
         done = warehouse.done_keys(spec, include_results=True, include_staging=False)
         rows, skipped = render.drop_done(rows, done)
     t2 = time.perf_counter()
-    context = render.context_len(folder)
+    config = model_config(folder)
+    context = config.max_context if config else None
     prompts = render.tokenize(rows, tokenizer, render.prompt_limit(spec, context))
     t3 = time.perf_counter()
     return Prepared(
@@ -169,8 +183,12 @@ def plan(spec: JobSpec, prepared: Prepared) -> PlanInfo:
         return PlanInfo(shards=[], stats={"logical_tokens": 0, "physical_tokens": 0, "saving_ratio": 0.0})
     built = build_plan(token_ids, decode_budget(spec), block_size=spec.block_size)
     parts = shard_plan(built, spec.shards) if spec.shards > 1 else [built]
-    shards = [_shard_inputs(part) for part in parts]
-    return PlanInfo(shards=[s for s in shards if s], stats=dict(built.stats.to_dict()))
+    kept = [(inputs, part) for part in parts if (inputs := _shard_inputs(part))]
+    return PlanInfo(
+        shards=[inputs for inputs, _ in kept],
+        stats=dict(built.stats.to_dict()),
+        parts=[part for _, part in kept],
+    )
 
 
 def _shard_inputs(part: Any) -> list[int]:
@@ -182,14 +200,20 @@ def _shard_inputs(part: Any) -> list[int]:
 
 
 def infer_shard(
-    spec: JobSpec, token_ids: list[np.ndarray], progress: Progress | None = None
+    spec: JobSpec,
+    token_ids: list[np.ndarray],
+    progress: Progress | None = None,
+    groups: list[GroupSpec] | None = None,
 ) -> tuple[list[Outcome], dict[str, Any]]:
-    """Load the model on the job's device and run one shard. Returns outcomes (input order) and engine stats."""
+    """Load the model on the job's device and run one shard (``groups``: its plan, ``PlanInfo.groups``).
+
+    Returns outcomes (input order) and engine stats.
+    """
     t0 = time.perf_counter()
     backend = create_backend(spec.backend, spec.model, spec.device)
     t1 = time.perf_counter()
     try:
-        outcomes = backend.run(token_ids, spec.task, spec.sampling, progress=progress)
+        outcomes = backend.run(token_ids, spec.task, spec.sampling, progress=progress, groups=groups)
         stats = backend.stats()
     finally:
         backend.close()
@@ -202,146 +226,6 @@ def device_name(spec: JobSpec) -> str:
     return resolve_device(spec.device)
 
 
-def result_rows(spec: JobSpec, prepared: Prepared, indices: list[int], outcomes: list[Outcome]) -> pa.Table:
-    """Result rows (results schema) of every row whose prompt is among ``indices``; duplicates fan out."""
-    if len(indices) != len(outcomes):
-        raise RuntimeError(f"backend returned {len(outcomes)} outcomes for {len(indices)} prompts")
-    by_prompt = dict(zip(indices, outcomes, strict=True))
-    row_prompt = prepared.prompts.row_prompt
-    positions = [i for i, j in enumerate(row_prompt) if j >= 0 and int(j) in by_prompt]
-    picked = [by_prompt[int(row_prompt[i])] for i in positions]
-    return _rows(spec, prepared, positions, picked)
-
-
-def error_rows(spec: JobSpec, prepared: Prepared) -> pa.Table:
-    """Result rows for rows that failed before inference (render errors, too long)."""
-    positions = [i for i, j in enumerate(prepared.prompts.row_prompt) if j < 0]
-    errors = prepared.prompts.rows.column("error").to_pylist()
-    picked = [Outcome(prompt_tokens=0, finish_reason="error", error=errors[i]) for i in positions]
-    return _rows(spec, prepared, positions, picked)
-
-
-def _rows(spec: JobSpec, prepared: Prepared, positions: list[int], outcomes: list[Outcome]) -> pa.Table:
-    rows = prepared.prompts.rows.take(pa.array(positions, pa.int64()))
-    n = len(positions)
-    schema = warehouse.results_schema(rows.schema.field("id").type)
-    lens = prepared.prompts.lengths
-    prompt_tokens = [
-        int(lens[prepared.prompts.row_prompt[i]]) if prepared.prompts.row_prompt[i] >= 0 else o.prompt_tokens
-        for i, o in zip(positions, outcomes, strict=True)
-    ]
-    status = [warehouse.STATUS_ERROR if o.error else warehouse.STATUS_OK for o in outcomes]
-    columns: dict[str, Any] = {
-        "id": rows.column("id"),
-        "prompt_hash": rows.column("prompt_hash"),
-        "model": [spec.model] * n,
-        "params_hash": [spec.params_hash] * n,
-        "task": [spec.task.kind] * n,
-        "output": [o.output for o in outcomes],
-        "label": [o.label for o in outcomes],
-        "score": [o.score for o in outcomes],
-        "label_probs": [None if o.label_probs is None else list(o.label_probs.items()) for o in outcomes],
-        "prompt_tokens": prompt_tokens,
-        "output_tokens": [o.output_tokens for o in outcomes],
-        "cached_tokens": [o.cached_tokens for o in outcomes],
-        "finish_reason": [o.finish_reason for o in outcomes],
-        "status": status,
-        "error": [o.error for o in outcomes],
-        "run_id": [prepared.run_id] * n,
-        "created_at": warehouse.timestamps(n, warehouse.now()),
-    }
-    return pa.table(
-        [
-            pa.array(columns[f.name], f.type)
-            if not isinstance(columns[f.name], pa.ChunkedArray | pa.Array)
-            else columns[f.name].cast(f.type)
-            for f in schema
-        ],
-        schema=schema,
-    )
-
-
-def run_record(
-    spec: JobSpec,
-    prepared: Prepared,
-    plan_info: PlanInfo,
-    engine_stats: list[dict[str, Any]],
-    counts: dict[str, int],
-    timings: dict[str, float],
-    device: str,
-) -> dict[str, Any]:
-    """One row of the runs table: what ran, how much, how long, how much was shared."""
-    prompt_tokens = prepared.prompts.prompt_tokens_logical
-    output_tokens = sum(int(s.get("output_tokens", 0)) for s in engine_stats)
-    logical = sum(int(s.get("prompt_tokens_logical", 0)) for s in engine_stats)
-    computed = sum(int(s.get("prompt_tokens_computed", 0)) for s in engine_stats)
-    infer_s = timings.get("infer_s", 0.0)
-    processed = counts.get("rows_processed", 0)
-    return {
-        "run_id": prepared.run_id,
-        "job": spec.name,
-        "spec_hash": spec.spec_hash,
-        "params_hash": spec.params_hash,
-        "model": spec.model,
-        "task": spec.task.kind,
-        "device": device,
-        "mode": spec.output.mode,
-        "incremental": spec.incremental,
-        "started_at": prepared.started_at,
-        "finished_at": warehouse.now(),
-        "rows_total": prepared.rows_total,
-        "rows_skipped": prepared.rows_skipped,
-        "rows_recovered": prepared.rows_recovered,
-        "rows_processed": processed,
-        "rows_ok": counts.get("rows_ok", 0),
-        "rows_error": counts.get("rows_error", 0),
-        "distinct_prompts": prepared.prompts.num_prompts,
-        "prompt_tokens": prompt_tokens,
-        "output_tokens": output_tokens,
-        "planned_saving_ratio": float(plan_info.stats.get("saving_ratio", 0.0)),
-        "achieved_saving_ratio": (1.0 - computed / logical) if logical else 0.0,
-        "rows_per_s": processed / infer_s if infer_s > 0 else 0.0,
-        "tokens_per_s": (prompt_tokens + output_tokens) / infer_s if infer_s > 0 else 0.0,
-        "timings": {**prepared.timings, **timings},
-        "planner": plan_info.stats,
-        "engine": engine_stats,
-    }
-
-
-def markdown_report(run: dict[str, Any], table: str) -> str:
-    """The run's statistics as a short markdown page (Prefect artifact, terminal)."""
-    t = run["timings"]
-    lines = [
-        f"# batchllm run `{run['run_id']}` -> `{table}`",
-        "",
-        f"- model `{run['model']}` on {run['device']}, task {run['task']}, mode {run['mode']}",
-        f"- rows: {run['rows_total']} read, {run['rows_skipped']} skipped (done), "
-        f"{run['rows_recovered']} recovered, {run['rows_processed']} processed, "
-        f"{run['rows_ok']} ok, **{run['rows_error']} errors**",
-        f"- tokens: {run['prompt_tokens']} prompt ({run['distinct_prompts']} distinct prompts), "
-        f"{run['output_tokens']} output",
-        f"- prefix sharing: planned saving {run['planned_saving_ratio']:.1%}, "
-        f"achieved {run['achieved_saving_ratio']:.1%}",
-        f"- throughput: {run['rows_per_s']:.2f} rows/s, {run['tokens_per_s']:.1f} tokens/s",
-        "- durations: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def stats_table(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """The run's scalar statistics as (stat, value) rows for a table artifact."""
-    rows = [{"stat": k, "value": v} for k, v in run.items() if not isinstance(v, dict | list)]
-    rows += [{"stat": f"time.{k}", "value": round(v, 3)} for k, v in run["timings"].items()]
-    return [{"stat": r["stat"], "value": str(r["value"])} for r in rows]
-
-
-def count_status(table: pa.Table) -> tuple[int, int]:
-    """(ok, error) rows of a results batch."""
-    status = table.column("status").to_pylist()
-    ok = sum(1 for s in status if s == warehouse.STATUS_OK)
-    return ok, len(status) - ok
-
-
 def dry_run(spec: JobSpec) -> dict[str, Any]:
     """What a run would do, without loading weights or writing anything: rows, tokens, sharing, cost."""
     check(spec)
@@ -352,7 +236,8 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
     ok_prompts = sum(len(s) for s in info.shards)
     physical = int(info.stats.get("physical_tokens", 0))
     compute_tokens = physical + decode * ok_prompts
-    params = model_params(Path(prepared.model_folder))
+    config = model_config(Path(prepared.model_folder))
+    params = config.num_params if config else None
     return {
         "rows_total": prepared.rows_total,
         "rows_skipped": prepared.rows_skipped,
@@ -371,29 +256,3 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
         "estimated_tflop": 2.0 * params * compute_tokens / 1e12 if params else None,
         "planner": info.stats,
     }
-
-
-def model_params(folder: Path) -> int | None:
-    """Parameter count of a Llama-family config.json (for cost estimates; no weights read)."""
-    import json
-
-    path = folder / "config.json"
-    if not path.is_file():
-        return None
-    c = json.loads(path.read_text())
-    try:
-        h, inter, layers, vocab = (
-            c["hidden_size"],
-            c["intermediate_size"],
-            c["num_hidden_layers"],
-            c["vocab_size"],
-        )
-        heads = c["num_attention_heads"]
-        kv_heads = c.get("num_key_value_heads", heads)
-        head_dim = c.get("head_dim") or h // heads
-    except (KeyError, TypeError, ZeroDivisionError):
-        return None
-    attn = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2
-    per_layer = attn + 3 * h * inter + 2 * h
-    embed = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
-    return int(layers * per_layer + embed + h)

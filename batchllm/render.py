@@ -12,10 +12,8 @@ stops the others.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -154,15 +152,6 @@ def _render_one(
             messages.insert(0, {"role": "system", "content": rendered["system"]})
         chat_cache[key] = tokenizer.apply_chat_template(messages)
     return chat_cache[key]
-
-
-def context_len(model_folder: Path) -> int | None:
-    """The model's context length from its config.json, without loading weights."""
-    path = Path(model_folder) / "config.json"
-    if not path.is_file():
-        return None
-    value = json.loads(path.read_text()).get("max_position_embeddings")
-    return int(value) if isinstance(value, int) else None
 
 
 def tokenize(

@@ -1,6 +1,7 @@
 """DuckDB I/O: extract rows as Arrow, stage results, merge them in one transaction.
 
-Owns the results and runs table schemas. Every statement is a file in
+The results table's schema lives in results.py; the runs table takes the
+columns of the run record (report.py). Every statement is a file in
 ``batchllm.sql`` loaded by name; values are bound with ``?`` and identifiers
 (checked by the spec, then double-quoted here) are the only text substituted.
 
@@ -30,38 +31,11 @@ import pyarrow.compute as pc
 
 from batchllm.spec import JobSpec, SpecError, check_identifier, validate_columns
 
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
 _KEYWORD = re.compile(r"^[a-z]+$")
 
 
 class WarehouseError(RuntimeError):
     """The warehouse could not be reached (missing, locked, unreadable); often transient."""
-
-
-def results_schema(id_type: pa.DataType) -> pa.Schema:
-    """One row per source id: what was asked (hashes, model), what came back, and how it went."""
-    return pa.schema(
-        [
-            pa.field("id", id_type),
-            pa.field("prompt_hash", pa.string()),
-            pa.field("model", pa.string()),
-            pa.field("params_hash", pa.string()),
-            pa.field("task", pa.string()),
-            pa.field("output", pa.large_string()),
-            pa.field("label", pa.string()),
-            pa.field("score", pa.float64()),
-            pa.field("label_probs", pa.map_(pa.string(), pa.float64())),
-            pa.field("prompt_tokens", pa.int32()),
-            pa.field("output_tokens", pa.int32()),
-            pa.field("cached_tokens", pa.int32()),
-            pa.field("finish_reason", pa.string()),
-            pa.field("status", pa.string()),
-            pa.field("error", pa.string()),
-            pa.field("run_id", pa.string()),
-            pa.field("created_at", pa.timestamp("us", tz="UTC")),
-        ]
-    )
 
 
 class _SqlTemplate(string.Template):
@@ -235,7 +209,7 @@ def prune_staging(spec: JobSpec, keys: pa.Table) -> int:
 
 
 def stage(spec: JobSpec, rows: pa.Table) -> int:
-    """Append result rows (results_schema) to the spec's staging table, durably. Returns rows staged."""
+    """Append result rows (``results.results_schema``) to the spec's staging table, durably. Returns rows staged."""
     if rows.num_rows == 0:
         return 0
     with connect(spec.output_database) as con:

@@ -7,7 +7,7 @@ Prints prompts, seconds (build_plan wall time; generating the workload is not
 counted), peak_rss_mb (the process's RSS high-water mark while planning, the
 workload's token arrays included; the mark is reset after generating so the
 generator's temporaries do not count) and saving_ratio. With ``--baseline radix`` it also times the pure-Python radix-tree
-planner (batchllm.plan.reference) and the vectorized planner on the first
+planner (tests.radix_reference) and the vectorized planner on the first
 ``--baseline-prompts`` prompts, checks that both find the same groups, and
 extrapolates the radix time linearly to the full size (its work is linear in
 the number of tokens inserted, so that is its best case; it runs with the
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from batchllm.plan import TokenTable, build_plan
-from batchllm.plan.reference import reference_plan
 from bench.workloads import templated_prompts
+from tests.radix_reference import reference_plan
 
 
 def _rss_mb() -> float:
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         radix_mem = _peak_rss_mb() - rss0
         got = sorted((g.prefix_len, sorted(g.members.tolist())) for g in small.iter_groups() if g.prefix_len)
         out["baseline"] = {
-            "kind": "pure-Python radix tree (batchllm.plan.reference)",
+            "kind": "pure-Python radix tree (tests.radix_reference)",
             "prompts": m,
             "radix_seconds": round(radix_s, 3),
             "planner_seconds_same_input": round(vec_s, 3),

@@ -29,7 +29,8 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
-from batchllm import job, warehouse
+from batchllm import job, report, results, warehouse
+from batchllm.backends.base import GroupSpec, Progress
 from batchllm.spec import JobSpec, SpecError, load_spec
 
 
@@ -61,15 +62,17 @@ def infer(
     spec: JobSpec,
     prepared: job.Prepared,
     indices: list[int],
+    groups: list[GroupSpec] | None,
     done_before: int,
     total: int,
     progress_id: Any,
     device: str,
     limit: str | None,
+    progress: Progress | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Run one shard on the job's device; returns its result rows and engine stats."""
     logger = get_run_logger()
-    reporter = _Progress(progress_id, done_before, total)
+    reporter = _Progress(progress_id, done_before, total, progress)
     token_ids = [prepared.prompts.token_ids[i] for i in indices]
     if limit:
         logger.info(
@@ -78,10 +81,10 @@ def infer(
     else:
         logger.info("shard: %d prompts on %s (no concurrency limit for this device)", len(indices), device)
     with concurrency(limit, occupy=1) if limit else nullcontext():
-        outcomes, stats = job.infer_shard(spec, token_ids, progress=reporter)
+        outcomes, stats = job.infer_shard(spec, token_ids, progress=reporter, groups=groups)
     reporter.finish(len(indices))
-    rows = job.result_rows(spec, prepared, indices, outcomes)
-    ok, errors = job.count_status(rows)
+    rows = results.result_rows(spec, prepared, indices, outcomes)
+    ok, errors = results.count_status(rows)
     logger.info("shard done: %d rows ok, %d errors, %.1fs", ok, errors, stats.get("run_s", 0.0))
     return rows, stats
 
@@ -98,21 +101,25 @@ def load(spec: JobSpec, run: dict[str, Any]) -> int:
     return warehouse.load(spec, run)
 
 
-@task(cache_policy=NO_CACHE)
-def report(spec: JobSpec, run: dict[str, Any]) -> None:
+@task(name="report", cache_policy=NO_CACHE)
+def publish_report(spec: JobSpec, run: dict[str, Any]) -> None:
     """Publish the run's statistics as markdown and table artifacts."""
     key = _artifact_key(spec)
     create_markdown_artifact(
-        markdown=job.markdown_report(run, spec.output.table),
+        markdown=report.markdown_report(run, spec.output.table),
         key=f"{key}-report",
         description="run statistics",
     )
-    create_table_artifact(table=job.stats_table(run), key=f"{key}-stats", description="run statistics")
+    create_table_artifact(table=report.stats_table(run), key=f"{key}-stats", description="run statistics")
 
 
 @flow(name="enrich", log_prints=True)
-def enrich(spec: JobSpec | str) -> dict[str, Any]:
-    """Enrich the rows of a SQL query with LLM outputs into a results table."""
+def enrich(spec: JobSpec | str, progress: Progress | None = None) -> dict[str, Any]:
+    """Enrich the rows of a SQL query with LLM outputs into a results table.
+
+    ``progress(done, total)`` is called as prompts finish (the CLI's progress
+    bar); the Prefect progress artifact follows the same counts.
+    """
     logger = get_run_logger()
     spec = load_spec(spec) if isinstance(spec, str | Path) else spec
     job.check(spec)
@@ -132,24 +139,28 @@ def enrich(spec: JobSpec | str) -> dict[str, Any]:
         prepared.prompts.num_prompts,
     )
     counts = {"rows_processed": 0, "rows_ok": 0, "rows_error": 0}
-    errors = job.error_rows(spec, prepared)
+    errors = results.error_rows(spec, prepared)
     if errors.num_rows:
         stage(spec, errors)
         _count(counts, errors)
         logger.warning("%d rows failed before inference, e.g. %s", errors.num_rows, errors.column("error")[0])
     with _timed(timings, "infer_s"):
-        engine_stats = _infer_shards(spec, prepared, plan_info, counts)
+        engine_stats = _infer_shards(spec, prepared, plan_info, counts, progress)
     device = job.device_name(spec) if plan_info.shards else "none"
-    run = job.run_record(spec, prepared, plan_info, engine_stats, counts, timings, device)
+    run = report.run_record(spec, prepared, plan_info, engine_stats, counts, timings, device)
     with _timed(run["timings"], "load_s"):
         run["rows_written"] = load(spec, run)
-    report(spec, run)
-    logger.info(job.markdown_report(run, spec.output.table))
+    publish_report(spec, run)
+    logger.info(report.markdown_report(run, spec.output.table))
     return _jsonable(run)
 
 
 def _infer_shards(
-    spec: JobSpec, prepared: job.Prepared, plan_info: job.PlanInfo, counts: dict[str, int]
+    spec: JobSpec,
+    prepared: job.Prepared,
+    plan_info: job.PlanInfo,
+    counts: dict[str, int],
+    progress: Progress | None,
 ) -> list[dict[str, Any]]:
     """Run the shards one after another, staging each as soon as it finishes."""
     if not plan_info.shards:
@@ -163,8 +174,11 @@ def _infer_shards(
     limit = _device_limit(device)
     engine_stats = []
     done = 0
-    for indices in plan_info.shards:
-        rows, stats = infer(spec, prepared, indices, done, total, progress_id, device, limit)
+    for k, indices in enumerate(plan_info.shards):
+        groups = plan_info.groups(k)
+        rows, stats = infer(
+            spec, prepared, indices, groups, done, total, progress_id, device, limit, progress
+        )
         stage(spec, rows)
         _count(counts, rows)
         engine_stats.append(stats)
@@ -173,7 +187,7 @@ def _infer_shards(
 
 
 def _count(counts: dict[str, int], rows: pa.Table) -> None:
-    ok, errors = job.count_status(rows)
+    ok, errors = results.count_status(rows)
     counts["rows_processed"] += rows.num_rows
     counts["rows_ok"] += ok
     counts["rows_error"] += errors
@@ -189,17 +203,20 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 
 class _Progress:
-    """Engine progress -> the Prefect progress artifact (throttled) and any terminal listeners."""
+    """One shard's engine progress -> the run's overall count: the caller's callback and the
+    Prefect progress artifact (throttled)."""
 
-    def __init__(self, artifact_id: Any, done_before: int, total: int) -> None:
+    def __init__(self, artifact_id: Any, done_before: int, total: int, forward: Progress | None) -> None:
         self.artifact_id = artifact_id
         self.done_before = done_before
         self.total = max(total, 1)
+        self.forward = forward
         self.last = 0.0
 
     def __call__(self, done: int, total: int) -> None:
         overall = self.done_before + done
-        job.notify_progress(overall, self.total)
+        if self.forward is not None:
+            self.forward(overall, self.total)
         now = time.monotonic()
         if now - self.last >= 1.0:
             self.last = now

@@ -1,10 +1,44 @@
-"""Shared fixtures: the default model folder, one Engine and one HF reference model per session."""
+"""Shared fixtures (the default model folder, one Engine and one HF reference model per session)
+and the ``gpu`` marker: tests marked ``gpu`` run where CUDA is visible and are skipped elsewhere."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` tests without CUDA (torch is imported only when such tests were collected)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs CUDA")
+    for item in gpu:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_temporary_prefect_servers() -> Iterator[None]:
+    """Stop, before pytest closes its captured stderr, any temporary Prefect server this process started.
+
+    Prefect stops such a server at interpreter exit and logs that through its console
+    handler, whose stream is the stderr it found when logging was set up: pytest's
+    capture file, closed by then, so the log line became a "--- Logging error ---"
+    traceback after a green run. Tests use ``prefect_test_harness`` or a configured
+    PREFECT_API_URL; this catches any server started otherwise.
+    """
+    yield
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:
+        for instance in list(getattr(server.SubprocessASGIServer, "_instances", {}).values()):
+            instance.stop()
 
 
 @pytest.fixture(scope="session")

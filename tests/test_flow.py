@@ -245,6 +245,35 @@ def test_bad_spec_fails_before_the_model_loads(tmp_path: Path, prefect_server: N
     assert not query(db, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'labels'")[0][0]
 
 
+def test_supports_says_exactly_what_run_accepts() -> None:
+    """The pre-run check (``job.check``) and the loaded backend agree on every task kind: a kind
+    that passes the check is run, a refused one is refused by ``run`` with the same reason."""
+    import re
+    import typing
+
+    import numpy as np
+
+    from batchllm.backends import create_backend, supports
+    from batchllm.spec import SamplingSpec, TaskSpec
+
+    shapes = {"classify": {"labels": ["yes", "no"]}, "score": {"candidates": ["a", "b"]}}
+    kinds = typing.get_args(TaskSpec.model_fields["kind"].annotation)
+    backend = create_backend("native", "default", "cpu")
+    try:
+        for kind in kinds:
+            task = TaskSpec(kind=kind, **shapes.get(kind, {}))
+            reason = supports("native", kind)
+            prompts = [np.arange(1, 9, dtype=np.int32)]
+            if reason is None:
+                outcomes = backend.run(prompts, task, SamplingSpec(max_tokens=1))
+                assert len(outcomes) == 1 and outcomes[0].error is None, (kind, outcomes)
+            else:
+                with pytest.raises(ValueError, match=re.escape(reason)):
+                    backend.run(prompts, task, SamplingSpec(max_tokens=1))
+    finally:
+        backend.close()
+
+
 def test_generation_job_from_the_examples(tmp_path: Path, prefect_server: None) -> None:
     from batchllm import demo
     from batchllm.spec import load_spec

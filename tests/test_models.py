@@ -68,6 +68,7 @@ def test_manifest_detects_truncated_or_missing_files(tmp_path: Path, default_fol
     assert not is_complete(copy)
 
 
+@pytest.mark.slow  # rebuilds the default model from its GGUF file
 def test_corrupt_cache_is_rebuilt_and_failed_conversion_leaves_nothing(
     tmp_path: Path, default_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from batchllm.plan import Plan, build_plan, shard_plan
 from batchllm.plan import groups as groups_mod
 from batchllm.plan import tree as tree_mod
-from batchllm.plan.reference import reference_physical_tokens, reference_plan
 from bench.workloads import shared_prefix_workload
+from tests.radix_reference import reference_physical_tokens, reference_plan
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -10,7 +10,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from batchllm import warehouse
+from batchllm import results, warehouse
 from batchllm.spec import SpecError, parse_spec
 from tests.product_fixtures import make_reviews_db, query, review_rows, spec_dict
 
@@ -94,7 +94,7 @@ def test_identifiers_are_quoted() -> None:
 
 def _results(spec, ids: list[int], run_id: str, label: str, status: str = "ok") -> pa.Table:
     n = len(ids)
-    schema = warehouse.results_schema(pa.int32())
+    schema = results.results_schema(pa.int32())
     cols = {
         "id": ids,
         "prompt_hash": [f"h{i}" for i in ids],

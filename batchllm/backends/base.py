@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,6 +17,8 @@ import numpy as np
 from batchllm.spec import SamplingSpec, TaskSpec
 
 Progress = Callable[[int, int], None]
+# One group of the job's plan: (shared prefix length, positions of its prompts in the shard).
+GroupSpec = tuple[int, Sequence[int]]
 
 
 @dataclass
@@ -36,14 +39,26 @@ class Outcome:
 class Backend(Protocol):
     """One loaded model on one device."""
 
+    def __init__(self, model: str, device: str) -> None: ...
+
+    @staticmethod
+    def supports(kind: str) -> str | None:
+        """None when ``run`` accepts task ``kind``, else the reason it refuses it (no model loaded).
+
+        Checked before a run starts, so it must say exactly what ``run`` accepts.
+        """
+        ...
+
     def run(
         self,
         prompts: Sequence[np.ndarray],
         task: TaskSpec,
         sampling: SamplingSpec,
         progress: Progress | None = None,
+        groups: Sequence[GroupSpec] | None = None,
     ) -> list[Outcome]:
-        """Outcomes for ``prompts`` in input order."""
+        """Outcomes for ``prompts`` in input order; ``groups``, the job's plan for them, is run as
+        given (the job plans once), else the backend groups the prompts itself."""
         ...
 
     def stats(self) -> dict[str, Any]:
@@ -51,6 +66,20 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# Backends by name, as "module:Class": the interface names its implementations without
+# importing them (they import this module, and pull in their engine when loaded).
+_BACKENDS = {"native": "batchllm.backends.native:NativeBackend"}
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class of the named backend (imports its module, not yet its engine)."""
+    where = _BACKENDS.get(name)
+    if where is None:
+        raise ValueError(f"backend: unknown backend {name!r}")
+    module, _, attr = where.partition(":")
+    return getattr(import_module(module), attr)
 
 
 def resolve_device(device: str) -> str:
@@ -64,17 +93,13 @@ def resolve_device(device: str) -> str:
 
 def create_backend(name: str, model: str, device: str) -> Backend:
     """Load ``model`` on ``device`` with the named backend."""
-    if name == "native":
-        from batchllm.backends.native import NativeBackend
-
-        return NativeBackend(model=model, device=resolve_device(device))
-    raise ValueError(f"backend: unknown backend {name!r}")
+    return backend_class(name)(model=model, device=resolve_device(device))
 
 
 def supports(name: str, kind: str) -> str | None:
     """None when backend ``name`` can run task ``kind``, else the reason (checked before any model load)."""
-    if name == "native":
-        from batchllm.backends.native import NativeBackend
-
-        return NativeBackend.supports(kind)
-    return f"backend: unknown backend {name!r}"
+    try:
+        cls = backend_class(name)
+    except ValueError as exc:
+        return str(exc)
+    return cls.supports(kind)

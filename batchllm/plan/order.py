@@ -23,8 +23,8 @@ import heapq
 
 import numpy as np
 
-from .groups import Plan, make_plan
 from .tree import concat_ranges
+from .types import Plan, make_plan
 
 _LPT_ITEMS_PER_SHARD = 64  # the largest groups placed one by one; the rest in one vectorized fill
 _SPLIT_PREFILL_BUDGET = 0.1  # a piece of a split group recomputes the prefix: at most 10% of the piece

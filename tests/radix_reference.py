@@ -3,7 +3,7 @@
 It states the planning rules as directly as possible (one node object per
 radix-tree node, one Python step per token compared), so it serves as the
 oracle for the vectorized planner in tests and as the baseline it is timed
-against in ``bench.plan_scale``. Same rules as ``groups.build_plan``:
+against in ``bench.plan_scale``. Same rules as ``batchllm.plan.build_plan``:
 duplicates collapse onto their lowest input index; a prompt of length L can
 share at most its first ``(L - 1) // B * B`` tokens; group prefixes are whole
 blocks; first-level nodes are groups; a deeper node is promoted bottom-up when
