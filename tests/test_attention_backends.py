@@ -127,3 +127,21 @@ def test_grouped_equals_plain_in_the_reference() -> None:
     _set_groups(chunks)
     grouped = _run_backend("torch", chunks)
     np.testing.assert_allclose(grouped.numpy(), plain.numpy(), atol=1e-5)
+
+
+def test_engine_triton_equals_torch(tmp_path) -> None:
+    """The whole engine, sharing on and off: Triton kernels (interpreted on CPU) give the reference's tokens."""
+    pytest.importorskip("triton")
+    from batchllm.engine import Engine, SamplingParams
+    from bench.gpu_check import build_model, workload
+
+    build_model(tmp_path)
+    prompts = workload(2, 3, 32, 512)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    tokens = {}
+    for attention in ("torch", "triton"):
+        for sharing in (True, False):
+            engine = Engine(tmp_path, attention=attention, enable_sharing=sharing, kv_cache_tokens=2048)
+            tokens[attention, sharing] = [r.token_ids for r in engine.generate(prompts, params)]
+            assert engine.stats.saving_ratio > 0.4 if sharing else engine.stats.saving_ratio == 0.0
+    assert all(t == tokens["torch", True] for t in tokens.values())
