@@ -3,9 +3,7 @@
 ``torch``: the reference (plain torch, float32 math; CPU and CUDA).
 ``triton``: our Triton kernels (paged prefill/decode, fused two-level attention;
 CUDA, or CPU under TRITON_INTERPRET=1 for tests). ``auto`` picks triton on CUDA
-and torch on CPU. ``fa3``: FlashAttention-3 bundled in vLLM's wheel (CUDA,
-where vLLM is installed), the library bar. Backends are imported when chosen,
-so triton and vLLM stay optional.
+and torch on CPU. Backends are imported when chosen, so triton stays optional.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShap
 _MODULES = {
     "torch": "batchllm.engine.attention.torch_ref",
     "triton": "batchllm.engine.attention.triton",
-    "fa3": "batchllm.engine.attention.fa3",
 }
 BACKENDS = ("auto", *_MODULES)
 
