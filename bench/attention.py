@@ -20,12 +20,12 @@ It checks two_level (and paged, FA3) against a float32 dense reference on a
 sample of sequences, and reports bytes of KV read, GB/s and the floor: bytes /
 the device bandwidth measured in the same run (the better of a large
 device-to-device copy, counting read + write, and a large read-only sum).
---sweep CASE also times tile configurations (kernels.paged_attention.CONFIG_OVERRIDE).
+--sweep CASE also times tile configurations (kernels.paged.CONFIG_OVERRIDE).
 
     python -m bench.attention [--json out.json] [--cases main,sd1,p512] [--sweep]
 
 Run it from the repository root: it imports kernels/ as a top-level package
-(kernels.paged_attention), nothing else of the project. Prints one JSON object.
+(kernels.paged), nothing else of the project. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ import time
 
 import torch
 
-from kernels import paged_attention as pa
+from kernels import paged as pa
+from kernels.paged import fused
 
 CASES = {"main": (100, 16, 2000, 304), "sd1": (1600, 1, 2000, 304), "p512": (400, 4, 512, 304)}
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
@@ -312,7 +313,7 @@ def run_case(name: str, iters: int, bandwidth: float, fa) -> dict:
 def kernel_info(fn) -> dict:
     """Registers, spills, shared memory and MMA flavour of the attention kernel that fn launches last."""
     seen = []
-    jit = pa._attention_kernel
+    jit = fused._attention_kernel
     original = jit.run
 
     def spy(*args, **kwargs):

@@ -17,7 +17,11 @@ Layout of one forward (the same for every implementation in this package):
   [prefix_len, kv_len) separately; the two partial results are merged through
   their log-sum-exps. Sequences outside groups take the plain path.
 
-Every query may see all positions up to its own (causal).
+Every query may see all positions up to its own (causal). Tree sequences
+(multi-item packing, whole-label scoring) narrow that: with ``key_ends`` (per
+sequence, per own key position, concatenated over the batch) key k is seen by
+query q only when k <= q < key_ends[k]; stored depth first, that is "the shared
+prefix, then my own branch only". The group's shared prefix is seen by all.
 ``torch_attention(q, k_cache, v_cache, meta, scale) -> out [num_tokens, num_heads, head_dim]``
 is the reference every faster kernel is tested against.
 """
@@ -52,6 +56,9 @@ class AttentionMeta:
     # host copies, filled by the builder (metadata is built on the host anyway)
     q_lens_host: list[int] = field(default_factory=list)
     kv_lens_host: list[int] = field(default_factory=list)
+    # tree sequences: which ones (None: none), and the key ends [sum(kv_lens)] int32 of every sequence
+    tree_host: list[bool] | None = None
+    key_ends: torch.Tensor | None = None
     # block indices and masks of the reference, built once per forward (``plan_reference``)
     plan: RefPlan | None = field(default=None, repr=False)
 
@@ -148,7 +155,8 @@ def plan_reference(meta: AttentionMeta, block_size: int, device: torch.device) -
     cu = [0]
     for n in q_lens:
         cu.append(cu[-1] + n)
-    decode = [i for i, n in enumerate(q_lens) if n == 1]
+    tree = meta.tree_host or [False] * len(q_lens)
+    decode = [i for i, n in enumerate(q_lens) if n == 1 and not tree[i]]
     plan = RefPlan(decode=None, prefill=[], groups=[])
     if decode:
         # own positions start at the (block aligned) prefix end
@@ -158,13 +166,22 @@ def plan_reference(meta: AttentionMeta, block_size: int, device: torch.device) -
         blocks = _block_range(tables[torch.tensor(decode, device=device)], first, width)
         visible = torch.arange(width * bs, device=device)[None, :] < torch.tensor(own, device=device)[:, None]
         plan.decode = (torch.tensor([cu[i] for i in decode], device=device), blocks, visible)
+    key_off = [0]
+    for n in kv_lens:
+        key_off.append(key_off[-1] + n)
     for i, n in enumerate(q_lens):
-        if n > 1:
+        if n > 1 or tree[i]:
             lo, hi = prefix_lens[i], kv_lens[i]
             blocks = tables[i, lo // bs : -(-hi // bs)]
             keys = torch.arange(lo, lo + blocks.numel() * bs, device=device)
-            mask = keys[None, :] <= torch.arange(hi - n, hi, device=device)[:, None]
-            is_full_causal = lo == 0 and hi == n and hi % bs == 0
+            queries = torch.arange(hi - n, hi, device=device)[:, None]
+            mask = keys[None, :] <= queries
+            if tree[i]:
+                assert meta.key_ends is not None
+                ends = torch.zeros(keys.numel(), dtype=torch.int64, device=device)  # past hi: unseen anyway
+                ends[: hi - lo] = meta.key_ends[key_off[i] + lo : key_off[i] + hi]
+                mask &= queries < ends[None, :]
+            is_full_causal = lo == 0 and hi == n and hi % bs == 0 and not tree[i]
             plan.prefill.append((cu[i], cu[i + 1], blocks, None if is_full_causal else mask, lo > 0))
     for g in meta.groups:
         blocks = tables[g.seq_start, : g.prefix_len // bs]

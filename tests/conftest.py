@@ -1,8 +1,12 @@
 """Shared fixtures (the default model folder, one Engine and one HF reference model per session)
-and the ``gpu`` marker: tests marked ``gpu`` run where CUDA is visible and are skipped elsewhere."""
+and the ``gpu`` marker: tests marked ``gpu`` run where CUDA is visible and are skipped elsewhere.
+
+Without CUDA, Triton kernels run in Triton's interpreter: TRITON_INTERPRET=1 is set here, before
+any test imports triton (it is read when @triton.jit decorates a kernel), unless already set."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,8 +14,20 @@ from pathlib import Path
 import pytest
 
 
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``gpu`` tests without CUDA (torch is imported only when such tests were collected)."""
+    """Skip ``gpu`` tests without CUDA."""
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return

@@ -1,9 +1,8 @@
-"""The Triton attention kernels (kernels/paged_attention.py) against dense attention in plain torch.
+"""The Triton attention kernels (kernels/paged/) against dense attention in plain torch.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set
-only while this module loads its own copy of the kernels module, so nothing
-leaks into other tests) at tiny sizes; with CUDA the same cases run natively,
-plus the `gpu` tests at real sizes (head_dim 128, GQA 4, bf16).
+by conftest.py) at tiny sizes; with CUDA the same cases run natively, plus the
+`gpu` tests at real sizes (head_dim 128, GQA 4, bf16).
 
 Every case fills the whole KV pool with random values (so reading a wrong
 block shows), shuffles the block ids, poisons the outputs with NaN, and
@@ -13,9 +12,7 @@ the block tables.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -23,32 +20,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from batchllm.kernels import paged as pa
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-
-
-def _load_kernels():
-    """kernels/paged_attention.py; on CPU a private copy whose kernels run in Triton's interpreter."""
-    if CUDA:
-        from batchllm.kernels import paged_attention
-
-        return paged_attention
-    origin = importlib.util.find_spec("batchllm.kernels.paged_attention").origin
-    spec = importlib.util.spec_from_file_location("_paged_attention_interpreted", origin)
-    module = importlib.util.module_from_spec(spec)
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit decorates, i.e. while the module loads
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return module
-
-
-pa = _load_kernels()
 
 
 # --------------------------------------------------------------------------- cases

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, to_device
-from batchllm.kernels.paged_attention import paged_attention, store_kv, two_level_attention
+from batchllm.kernels.paged import paged_attention, store_kv, two_level_attention
 
 
 @dataclass

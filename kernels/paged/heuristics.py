@@ -1,0 +1,79 @@
+"""Launch heuristics: tile sizes, warps, pipeline stages and key splits, and CONFIG_OVERRIDE.
+
+No autotuning (it is slow and breaks graph capture): BLOCK_N 64 (128 columns
+for decode tiles), 4 warps, 2 pipeline stages for memory-bound launches and 3
+for prefill, key splits only when the tiles would not fill the GPU twice
+over. CONFIG_OVERRIDE changes them for benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+# Tuning knobs for benchmarks (empty = the built-in heuristic). Keys: block_n,
+# num_warps, num_stages, maxnreg, block_m_pre, block_m_own (rows of a tile:
+# tokens x padded g), target_programs, prefix_splits, own_splits, mix (own
+# programs after each prefix program in a fused launch), prefix_direct,
+# block_n_pre, block_n_own, prefix_split_loop, own_split_loop, heads_per_tile.
+CONFIG_OVERRIDE: dict[str, int] = {}
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: small, so that tests exercise the split paths
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _num_stages(device: torch.device, prefill: bool) -> int:
+    """2 for memory-bound launches (decode, shared prefix: measured best on H200), 3 for prefill
+    tiles on parts with 200+ KB of shared memory (A100/H100/H200/B200)."""
+    if "num_stages" in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE["num_stages"]
+    if device.type != "cuda":
+        return 1
+    major, minor = torch.cuda.get_device_capability(device)
+    return 3 if prefill and (major, minor) in ((8, 0), (9, 0), (10, 0)) else 2
+
+
+def _block_n(head_dim: int) -> int:
+    if "block_n" in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE["block_n"]
+    return 32 if head_dim > 128 else 64
+
+
+def _rows_pre(g_pad: int, head_dim: int, max_group_rows: int | None) -> int:
+    """Query tokens per shared-prefix tile: rows = tokens x g_pad, 16..64."""
+    if "block_m_pre" in CONFIG_OVERRIDE:
+        return max(1, CONFIG_OVERRIDE["block_m_pre"] // g_pad)
+    # 64 rows at most: a 128-row tile would need 8 warps, which the own-level tiles of a fused
+    # launch (same kernel, same warps) take badly; bigger groups take several tiles, adjacent
+    # programs, so their prefix is read from L2 after the first
+    rows = 64 if max_group_rows is None else triton.next_power_of_2(max(1, max_group_rows)) * g_pad
+    rows = min(max(rows, 16), 64)
+    return max(1, rows // g_pad)
+
+
+def _rows_own(g_pad: int, head_dim: int, max_q_len: int) -> int:
+    """Query tokens per own-level tile: one for decode-only batches, else 64 or 128 rows."""
+    if "block_m_own" in CONFIG_OVERRIDE:
+        return max(1, CONFIG_OVERRIDE["block_m_own"] // g_pad)
+    if max_q_len <= 1:
+        return 1
+    rows = 128 if max_q_len * g_pad >= 256 and head_dim <= 128 else 64
+    rows = min(rows, max(16, triton.next_power_of_2(max_q_len) * g_pad))
+    return max(1, rows // g_pad)
+
+
+def _splits(tiles: int, max_keys: int, device: torch.device, min_chunk: int) -> int:
+    """Key splits so that `tiles` work items fill the device (>= min_chunk keys per split)."""
+    target = CONFIG_OVERRIDE.get("target_programs", 2 * _sm_count(device))
+    if tiles >= target or max_keys <= min_chunk:
+        return 1
+    return max(1, min(triton.cdiv(target, max(tiles, 1)), triton.cdiv(max_keys, min_chunk), 32))
