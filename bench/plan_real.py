@@ -1,6 +1,6 @@
 """Planned saving ratio R on the real LLM-SQL tables (shared/data/llm_sql) with the paper's prompts.
 
-    python -m bench.plan_real [--data ../shared/data] [--model default] [--json]
+    python -m bench.plan_real [--data ../shared/data] [--model default] [--reorder none|ggr|level|all] [--json]
 
 Prompts follow queries.json (Liu et al.): system = the data-analyst system
 prompt; user = "Answer the below query:\\n{query}\\n Given the following data:\\n
@@ -13,6 +13,10 @@ Two field orders per query:
 - shared-first: columns by ascending number of distinct values, a static
   stand-in for GGR reordering (DESIGN 4.4), which puts the values rows share
   ahead of the ones they do not.
+With ``--reorder ggr|level|all``, also per-row orders planned from the paper
+order by batchllm.plan.fields (DESIGN 4.4): GGR (Liu et al.) and the
+level-synchronous greedy, with their planning time (reorder_seconds) and
+field-granular prefix-hit rate (field_hit_rate, fields.prefix_hits / total).
 Row order does not matter to the global planner (the tree is built over the
 whole batch); the benchmark checks that on a shuffled copy.
 The data is read in place; nothing is copied into the repository.
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from batchllm.plan import build_plan
+from batchllm.plan.fields import encode, reorder
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 MOVIES_COLUMNS = {
@@ -79,12 +84,20 @@ def workloads(data: Path) -> list[dict[str, Any]]:
 
 
 def render(
-    tok: Any, system: str, user_template: str, query: str, data: dict[str, list[str]], fields: list[str]
+    tok: Any,
+    system: str,
+    user_template: str,
+    query: str,
+    data: dict[str, list[str]],
+    fields: list[str] | list[list[str]],
 ) -> list[str]:
-    n = len(data[fields[0]])
+    """One prompt per row; ``fields`` is one column order for all rows or one per row."""
+    per_row = isinstance(fields[0], list)
+    n = len(next(iter(data.values())))
     texts = []
     for i in range(n):
-        row = {c: (data[c][i] if data[c][i] != "" else None) for c in fields}
+        cols = fields[i] if per_row else fields
+        row = {c: (data[c][i] if data[c][i] != "" else None) for c in cols}
         user = user_template.format(query=query, fields_json=str(row))
         texts.append(
             tok.apply_chat_template(
@@ -111,10 +124,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     rng = np.random.default_rng(0)
     for w in workloads(data):
-        orders = {"paper": w["fields"], "shared-first": shared_first(w["data"], w["fields"])}
+        orders: dict[str, Any] = {"paper": w["fields"], "shared-first": shared_first(w["data"], w["fields"])}
+        if orders["shared-first"] == w["fields"]:
+            del orders["shared-first"]
+        ft = encode({c: [v if v != "" else None for v in w["data"][c]] for c in w["fields"]})
+        total = max(int(ft.lengths[ft.codes].sum()), 1)
+        planned = {"paper": (0.0, reorder(ft, "none").hits / total)}
+        for method in ("ggr", "level") if args.reorder == "all" else (args.reorder,):
+            if method != "none":
+                t0 = time.perf_counter()
+                fo = reorder(ft, method)
+                planned[method] = (time.perf_counter() - t0, fo.hits / total)
+                orders[method] = fo.names(ft.names)
         for order_name, fields in orders.items():
-            if order_name == "shared-first" and fields == w["fields"]:
-                continue
             texts = render(tok, system, user_template, w["text"], w["data"], fields)
             ids = tok.encode_batch(texts)
             mt = decoding["max_tokens_filter_queries"] if w["filter"] else decoding["max_tokens_other"]
@@ -129,7 +151,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "table": w["table"],
                     "query": w["query"],
                     "field_order": order_name,
-                    "fields": fields,
+                    "fields": "per row" if order_name in ("ggr", "level") else fields,
                     "rows": s.prompts,
                     "duplicates": s.duplicates,
                     "mean_prompt_tokens": round(s.logical_tokens / max(s.prompts, 1), 1),
@@ -141,6 +163,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "plain": s.plain,
                     "saving_ratio_rows_shuffled": round(shuffled.stats.saving_ratio, 4),
                     "plan_seconds": round(secs, 3),
+                    "reorder_seconds": round(planned[order_name][0], 3) if order_name in planned else None,
+                    "field_hit_rate": round(planned[order_name][1], 4) if order_name in planned else None,
                 }
             )
     return results
@@ -153,6 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--model", default="default", help="model whose tokenizer and chat template to use")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--reorder",
+        choices=["none", "ggr", "level", "all"],
+        default="none",
+        help="also plan per-row field orders (batchllm.plan.fields); all = ggr and level",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     results = run(args)
@@ -165,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     table = Table(title=f"planned saving ratio R (block {args.block_size}, tokenizer {args.model})")
     cols = ["table", "query", "field_order", "rows", "mean_prompt_tokens", "saving_ratio"]
     cols += ["saving_ratio_first_level", "groups", "plain", "duplicates", "saving_ratio_rows_shuffled"]
+    cols += ["field_hit_rate", "reorder_seconds"]
     for c in cols:
         table.add_column(c)
     for r in results:
