@@ -62,10 +62,12 @@ class PlanInfo:
 
 
 def check(spec: JobSpec) -> None:
-    """Checks that need code but no data or weights: the backend can run the task kind."""
+    """Checks that need code but no data or weights: the backend can run the task kind on the device."""
     reason = supports(spec.backend, spec.task.kind)
     if reason:
         raise SpecError(reason)
+    if spec.device == "cuda" and resolve_device("auto") != "cuda":  # else it fails at model load
+        raise SpecError("device: 'cuda' but no CUDA device is visible here (use 'auto' or 'cpu')")
 
 
 def validate(spec: JobSpec) -> None:
@@ -76,18 +78,19 @@ def validate(spec: JobSpec) -> None:
 
 
 def check_labels(spec: JobSpec, tokenizer: Any) -> None:
-    """Labels are scored by their first token (as a reply starts), so first tokens must differ."""
-    first: dict[int, str] = {}
-    for label in spec.task.labels or []:
-        ids = tokenizer.encode(label)
+    """Every label must encode to at least one token (labels are scored on their whole token sequence,
+    so shared first tokens and multi-token labels are fine); distinct labels must encode differently."""
+    seen: dict[tuple[int, ...], str] = {}
+    task = spec.task
+    yes_no = task.kind == "score" and task.labels is None
+    for i, label in enumerate(task.answer_labels()):
+        field = ("task.no" if i else "task.yes") if yes_no else "task.labels"
+        ids = tuple(tokenizer.encode(label))
         if not ids:
-            raise SpecError(f"task.labels: {label!r} encodes to no token")
-        if ids[0] in first:
-            raise SpecError(
-                f"task.labels: {first[ids[0]]!r} and {label!r} start with the same token "
-                f"{tokenizer.decode(ids[:1])!r}; use labels whose first tokens differ"
-            )
-        first[ids[0]] = label
+            raise SpecError(f"{field}: {label!r} encodes to no token")
+        if ids in seen:
+            raise SpecError(f"{field}: {seen[ids]!r} and {label!r} encode to the same tokens")
+        seen[ids] = label
 
 
 def new_run_id() -> str:

@@ -12,6 +12,7 @@ stops the others.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchllm.engine.tokenizer import Tokenizer
+from batchllm.plan.fields import encode, reorder
 from batchllm.spec import JobSpec, template_env
 
 
@@ -62,20 +64,27 @@ def prompt_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
+REORDER_METHOD = "level"  # planner for prompt.reorderable (fields.METHODS); bench.plan_real compares
+
+
 def field_order(spec: JobSpec, table: pa.Table) -> list[list[str]] | None:
     """Per-row order of the reorderable fields (None when the template has none).
 
-    The declared order, the same for every row, so prompt hashes stay stable;
-    a per-row GGR order (DESIGN 4.4) is a drop-in replacement of this function.
+    Planned over the whole batch for shared prefixes (DESIGN 4.4, batchllm.plan.fields):
+    deterministic for a given table, the declared order when reordering would share less.
+    The order depends on the other rows, so a row's prompt (and hash) can change when the
+    batch does; whether answers may depend on field order is the user's call.
     """
     names = list(spec.prompt.reorderable)
     if not names:
         return None
-    return [names] * table.num_rows
+    planned = reorder(encode({n: table.column(n) for n in names}, names), REORDER_METHOD)
+    return planned.names(names)
 
 
 def render_rows(spec: JobSpec, table: pa.Table, tokenizer: Tokenizer | None) -> pa.Table:
-    """Render every row's prompt text and hash. Returns (id, prompt_hash, prompt, error).
+    """Render every row's prompt text and hash. Returns (id, prompt_hash, prompt, error), and for a
+    ``score`` task the join's keys (query_key, candidate_key) as the source typed them.
 
     ``tokenizer`` supplies the chat template for system/user messages; a raw
     ``template`` prompt needs none.
@@ -89,9 +98,15 @@ def render_rows(spec: JobSpec, table: pa.Table, tokenizer: Tokenizer | None) -> 
     texts: list[str | None] = []
     errors: list[str | None] = []
     chat_cache: dict[tuple[str | None, str], str] = {}
+    control = _chat_control(tokenizer)
+    keys = score_keys(spec, table)
+    key_errors = _key_errors(spec, keys)
     for i in range(table.num_rows):
         try:
+            if i in key_errors:
+                raise RowError(key_errors[i])
             values = {name: _value(name, col[i], types[name]) for name, col in columns.items()}
+            _check_control(values, control)
             if orders is not None:
                 values["fields"] = [(n, values[n]) for n in orders[i]]
             text = _render_one(spec, templates, values, tokenizer, chat_cache)
@@ -106,11 +121,39 @@ def render_rows(spec: JobSpec, table: pa.Table, tokenizer: Tokenizer | None) -> 
     return pa.table(
         {
             "id": table.column(spec.source.id_column),
+            **keys,
             "prompt_hash": pa.array(hashes, pa.string()),
             "prompt": pa.array(texts, pa.large_string()),
             "error": pa.array(errors, pa.string()),
         }
     )
+
+
+def score_keys(spec: JobSpec, table: pa.Table) -> dict[str, Any]:
+    """The join's key columns of a ``score`` task, as results columns (none for other tasks)."""
+    if spec.task.kind != "score":
+        return {}
+    assert spec.task.query_key is not None and spec.task.candidate_key is not None
+    return {
+        "query_key": table.column(spec.task.query_key),
+        "candidate_key": table.column(spec.task.candidate_key),
+    }
+
+
+def _key_errors(spec: JobSpec, keys: dict[str, Any]) -> dict[int, str]:
+    """Rows of a score task that lack a key: a query without candidates (an outer join's null)."""
+    if not keys:
+        return {}
+    out: dict[int, str] = {}
+    query = keys["query_key"]
+    for i in np.flatnonzero(pc.is_null(keys["candidate_key"]).to_numpy(zero_copy_only=False)).tolist():
+        out[i] = (
+            f"query {query[i].as_py()!r} has no candidates (task.candidate_key "
+            f"{spec.task.candidate_key!r} is null)"
+        )
+    for i in np.flatnonzero(pc.is_null(query).to_numpy(zero_copy_only=False)).tolist():
+        out[i] = f"task.query_key {spec.task.query_key!r} is null"
+    return out
 
 
 class RowError(ValueError):
@@ -128,6 +171,25 @@ def _value(name: str, value: Any, dtype: pa.DataType) -> Any:
     if pa.types.is_floating(dtype) and value != value:
         raise RowError(f"field {name!r} is NaN")
     return value
+
+
+def _chat_control(tokenizer: Tokenizer | None) -> re.Pattern[str] | None:
+    """The model's chat-structure tokens (those its chat template writes, and bos/eos) as one
+    pattern: in a field's text they would encode as control tokens, so data could open a turn."""
+    if tokenizer is None:
+        return None
+    frame = (tokenizer.chat_template or "", tokenizer.bos_token or "", tokenizer.eos_token or "")
+    found = [t for t in tokenizer.special_tokens if any(t in f for f in frame)]
+    return re.compile("|".join(map(re.escape, sorted(found, key=len, reverse=True)))) if found else None
+
+
+def _check_control(values: dict[str, Any], control: re.Pattern[str] | None) -> None:
+    for name, value in values.items():
+        if control is not None and isinstance(value, str) and (hit := control.search(value)):
+            raise RowError(
+                f"field {name!r} contains the model's control token {hit.group()!r} (as data it would "
+                "be read as chat structure); remove it in the query, e.g. with replace()"
+            )
 
 
 def _render_one(

@@ -79,7 +79,22 @@ def markdown_report(run: dict[str, Any], table: str) -> str:
         f"- throughput: {run['rows_per_s']:.2f} rows/s, {run['tokens_per_s']:.1f} tokens/s",
         "- durations: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()),
     ]
+    if run["task"] in ("classify", "score") and run["engine"]:
+        lines.insert(-1, _prefill_line(run["engine"]))
     return "\n".join(lines) + "\n"
+
+
+def _prefill_line(engine_stats: list[dict[str, Any]]) -> str:
+    """Prefill-only execution at a glance: steps, tokens computed (label positions), packing."""
+
+    def total(key: str) -> int:
+        return sum(int(s.get(key, 0)) for s in engine_stats)
+
+    return (
+        f"- prefill only (no decode): {total('steps')} steps, {total('tokens_computed')} tokens computed "
+        f"({total('label_tokens_computed')} for multi-token labels), {total('prefixes_computed')} shared "
+        f"prefixes, {total('packed_items')} candidates packed into {total('packs')} sequences"
+    )
 
 
 def stats_table(run: dict[str, Any]) -> list[dict[str, Any]]:

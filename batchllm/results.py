@@ -22,11 +22,20 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 
-def results_schema(id_type: pa.DataType) -> pa.Schema:
-    """One row per source id: what was asked (hashes, model), what came back, and how it went."""
+KEY_COLUMNS = ("query_key", "candidate_key")  # a score task's join keys (render.score_keys)
+
+
+def results_schema(id_type: pa.DataType, key_types: dict[str, pa.DataType] | None = None) -> pa.Schema:
+    """One row per source id: what was asked (hashes, model), what came back, and how it went.
+
+    A ``score`` task's rows also keep the join's keys (``key_types``: query_key,
+    candidate_key), so SQL ranks candidates per query: ``ORDER BY score DESC``.
+    """
+    keys = [pa.field(name, t) for name, t in (key_types or {}).items()]
     return pa.schema(
         [
             pa.field("id", id_type),
+            *keys,
             pa.field("prompt_hash", pa.string()),
             pa.field("model", pa.string()),
             pa.field("params_hash", pa.string()),
@@ -76,7 +85,8 @@ def count_status(table: pa.Table) -> tuple[int, int]:
 def _rows(spec: JobSpec, prepared: Prepared, positions: list[int], outcomes: list[Outcome]) -> pa.Table:
     rows = prepared.prompts.rows.take(pa.array(positions, pa.int64()))
     n = len(positions)
-    schema = results_schema(rows.schema.field("id").type)
+    keys = {name: rows.schema.field(name).type for name in KEY_COLUMNS if name in rows.column_names}
+    schema = results_schema(rows.schema.field("id").type, keys)
     lens = prepared.prompts.lengths
     row_prompt = prepared.prompts.row_prompt
     prompt_tokens = [
@@ -85,6 +95,7 @@ def _rows(spec: JobSpec, prepared: Prepared, positions: list[int], outcomes: lis
     ]
     columns: dict[str, Any] = {
         "id": rows.column("id"),
+        **{name: rows.column(name) for name in keys},
         "prompt_hash": rows.column("prompt_hash"),
         "model": [spec.model] * n,
         "params_hash": [spec.params_hash] * n,

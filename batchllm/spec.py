@@ -130,31 +130,77 @@ class PromptSpec(_Strict):
 
 
 class TaskSpec(_Strict):
-    """What to compute per row: free text, one of ``labels``, or a score per candidate."""
+    """What to compute per row: free text, one of ``labels``, or a score per (query, candidate) row.
+
+    classify: the distribution over ``labels`` (each scored on its whole token
+    sequence, so labels may share first tokens or span several tokens).
+    score: each row is one (query, candidate) pair of a SQL join; its score is
+    P(yes) / (P(yes) + P(no)) after the prompt (``yes``/``no``, default
+    "Yes"/"No"), or with ``labels`` the probability of the first of those
+    answers. ``query_key`` and ``candidate_key`` name the join's key columns;
+    both land in the results, so SQL ranks candidates per query by score.
+    pack: candidates sharing a prefix go into sequences of up to
+    ``pack_tokens`` tokens (null: wherever the attention backend supports it).
+    """
 
     kind: Literal["generate", "classify", "score"] = "generate"
     labels: list[str] | None = None
-    candidates: list[str] | None = None
+    yes: str | None = None
+    no: str | None = None
+    query_key: str | None = None
+    candidate_key: str | None = None
+    pack: bool | None = None
+    pack_tokens: int = Field(default=2048, ge=16, le=1 << 20)
 
     @model_validator(mode="after")
     def _shape(self) -> TaskSpec:
-        if self.kind == "classify":
-            if not self.labels or len(self.labels) < 2:
-                raise ValueError("task.labels: 'classify' needs at least two labels")
-            if len(set(self.labels)) != len(self.labels):
-                raise ValueError("task.labels: labels must be distinct")
-        elif self.labels is not None:
-            raise ValueError(f"task.labels: only used with kind 'classify' (kind is {self.kind!r})")
-        if self.kind == "score":
-            if not self.candidates:
-                raise ValueError("task.candidates: 'score' needs at least one candidate")
-        elif self.candidates is not None:
-            raise ValueError(f"task.candidates: only used with kind 'score' (kind is {self.kind!r})")
+        kind = self.kind
+        for name in ("yes", "no", "query_key", "candidate_key"):
+            if kind != "score" and getattr(self, name) is not None:
+                raise ValueError(f"task.{name}: only used with kind 'score' (kind is {kind!r})")
+        if kind == "generate" and self.labels is not None:
+            raise ValueError("task.labels: not used with kind 'generate'")
+        if kind == "generate" and self.pack is not None:
+            raise ValueError("task.pack: only used with kinds 'classify' and 'score'")
+        if kind == "classify" and (not self.labels or len(self.labels) < 2):
+            raise ValueError("task.labels: 'classify' needs at least two labels")
+        if self.labels is not None:
+            _check_labels(self.labels, "task.labels")
+        if kind == "score":
+            for name in ("query_key", "candidate_key"):
+                value = getattr(self, name)
+                if not value or not IDENTIFIER.match(value):
+                    raise ValueError(f"task.{name}: 'score' needs the column of the join's {name[:-4]} key")
+            if self.query_key == self.candidate_key:
+                raise ValueError("task.candidate_key: must differ from task.query_key")
+            if self.labels is not None and (self.yes is not None or self.no is not None):
+                raise ValueError("task.labels: give either labels or yes/no, not both")
+            if self.labels is not None and len(self.labels) < 2:
+                raise ValueError("task.labels: 'score' needs at least two answer labels")
+            for name in ("yes", "no"):
+                if getattr(self, name) == "":
+                    raise ValueError(f"task.{name}: must be a non-empty answer")
+            if self.labels is None and self.answer_labels()[0] == self.answer_labels()[1]:
+                raise ValueError("task.no: must differ from task.yes")
         return self
+
+    def answer_labels(self) -> list[str]:
+        """The labels the engine scores: classify's labels, or score's answers (the scored one first)."""
+        if self.kind == "score" and self.labels is None:
+            return [self.yes if self.yes is not None else "Yes", self.no if self.no is not None else "No"]
+        return list(self.labels or [])
+
+
+def _check_labels(labels: list[str], field: str) -> None:
+    if any(not label for label in labels):
+        raise ValueError(f"{field}: every label must be a non-empty string")
+    dups = sorted({label for label in labels if labels.count(label) > 1})
+    if dups:
+        raise ValueError(f"{field}: labels must be distinct ({', '.join(map(repr, dups))} given twice)")
 
 
 class SamplingSpec(_Strict):
-    """Decoding parameters (generation); classify/score read one position's logits."""
+    """Decoding parameters (generation); classify and score decode nothing (prefill only)."""
 
     max_tokens: int = Field(default=64, ge=1, le=32768)
     temperature: float = Field(default=0.0, ge=0.0, le=10.0)
@@ -284,15 +330,30 @@ def parse_spec(data: Any, origin: str = "job spec") -> JobSpec:
         raise SpecError(f"{origin}: " + "; ".join(lines)) from None
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which
+    would turn ``task.yes: Yes`` or ``labels: [Yes, No]`` into True/False."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SpecLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def load_spec(path: str | Path) -> JobSpec:
     """Read a YAML job spec. Relative database paths resolve against the YAML file's folder."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_SpecLoader)
     except OSError as exc:
         raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({exc})") from None
+    except RecursionError:  # the parser recurses per nesting level
+        raise SpecError(f"{path}: not valid YAML (nested too deeply)") from None
     if isinstance(data, dict):
         data = _resolve_paths(data, path.parent)
     return parse_spec(data, origin=str(path))
@@ -328,3 +389,9 @@ def validate_columns(spec: JobSpec, columns: list[str]) -> None:
     missing = sorted(set(spec.prompt.reorderable) - have)
     if missing:
         raise SpecError(f"prompt.reorderable: {', '.join(map(repr, missing))} not in the query result")
+    for name in ("query_key", "candidate_key"):
+        column = getattr(spec.task, name)
+        if column is not None and column not in have:
+            raise SpecError(
+                f"task.{name}: column {column!r} is not in the query result (columns: {', '.join(columns)})"
+            )

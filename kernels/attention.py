@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import pairwise
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,7 +60,7 @@ class AttentionMeta:
     kv_lens_host: list[int] = field(default_factory=list)
     # tree sequences: which ones (None: none), and the key ends [sum(kv_lens)] int32 of every sequence
     tree_host: list[bool] | None = None
-    key_ends: torch.Tensor | None = None
+    key_ends_host: np.ndarray | None = None
     # block indices and masks of the reference, built once per forward (``plan_reference``)
     plan: RefPlan | None = field(default=None, repr=False)
 
@@ -170,24 +172,58 @@ def plan_reference(meta: AttentionMeta, block_size: int, device: torch.device) -
     for n in kv_lens:
         key_off.append(key_off[-1] + n)
     for i, n in enumerate(q_lens):
-        if n > 1 or tree[i]:
-            lo, hi = prefix_lens[i], kv_lens[i]
+        lo, hi = prefix_lens[i], kv_lens[i]
+        if tree[i]:
+            assert meta.key_ends_host is not None
+            ends = meta.key_ends_host[key_off[i] + lo : key_off[i] + hi]
+            plan.prefill += _tree_chunks(tables[i], lo, hi, n, cu[i], ends, bs, device)
+        elif n > 1:
             blocks = tables[i, lo // bs : -(-hi // bs)]
             keys = torch.arange(lo, lo + blocks.numel() * bs, device=device)
-            queries = torch.arange(hi - n, hi, device=device)[:, None]
-            mask = keys[None, :] <= queries
-            if tree[i]:
-                assert meta.key_ends is not None
-                ends = torch.zeros(keys.numel(), dtype=torch.int64, device=device)  # past hi: unseen anyway
-                ends[: hi - lo] = meta.key_ends[key_off[i] + lo : key_off[i] + hi]
-                mask &= queries < ends[None, :]
-            is_full_causal = lo == 0 and hi == n and hi % bs == 0 and not tree[i]
+            mask = keys[None, :] <= torch.arange(hi - n, hi, device=device)[:, None]
+            is_full_causal = lo == 0 and hi == n and hi % bs == 0
             plan.prefill.append((cu[i], cu[i + 1], blocks, None if is_full_causal else mask, lo > 0))
     for g in meta.groups:
         blocks = tables[g.seq_start, : g.prefix_len // bs]
         plan.groups.append((cu[g.seq_start], cu[g.seq_end], blocks))
     meta.plan = plan
     return plan
+
+
+def _tree_chunks(
+    table: torch.Tensor,
+    lo: int,
+    hi: int,
+    n: int,
+    row0: int,
+    ends: np.ndarray,
+    bs: int,
+    device: torch.device,
+) -> list[tuple[int, int, torch.Tensor, torch.Tensor, bool]]:
+    """A tree sequence's queries [hi - n, hi) against its own keys [lo, hi), one segment at a time.
+
+    A segment starts at a key no earlier own key's subtree covers (a packed item):
+    no query reads keys of an earlier segment, so each is attended alone, with the
+    tree mask inside it, instead of one dense mask over the whole pack.
+    """
+    idx = np.arange(lo, hi)
+    covered = np.maximum.accumulate(np.r_[lo, ends[:-1].astype(np.int64)])  # max end of the keys before k
+    bounds = [*idx[covered <= idx].tolist(), hi]
+    out = []
+    for a, b in pairwise(bounds):
+        q0 = max(a, hi - n)
+        if q0 >= b:
+            continue
+        first = a // bs * bs
+        blocks = table[first // bs : -(-b // bs)]
+        keys = torch.arange(first, first + blocks.numel() * bs, device=device)
+        key_ends = torch.zeros(keys.numel(), dtype=torch.int64, device=device)
+        key_ends[a - first : b - first] = torch.from_numpy(ends[a - lo : b - lo].astype(np.int64)).to(device)
+        queries = torch.arange(q0, b, device=device)[:, None]
+        mask = (keys[None, :] >= a) & (keys[None, :] <= queries) & (queries < key_ends[None, :])
+        rows = row0 + q0 - (hi - n)
+        out.append((rows, rows + b - q0, blocks, mask, lo > 0))
+    return out
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

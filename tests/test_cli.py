@@ -73,8 +73,8 @@ def test_plan_prompt_file(tmp_path: Path) -> None:
         ({"output": {"table": "bad table"}}, "output.table"),
         ({"prompt": {"user": "{{ nosuchcolumn }}"}}, "prompt.user: uses 'nosuchcolumn'"),
         (
-            {"task": {"kind": "classify", "labels": ["The good", "The bad"]}},
-            "task.labels: 'The good' and 'The bad' start with the same token",
+            {"task": {"kind": "classify", "labels": ["good", "bad", "good"]}},
+            "task.labels: labels must be distinct ('good' given twice)",
         ),
         ({"model": "/nonexistent/model"}, "model: no such file or folder"),
     ],

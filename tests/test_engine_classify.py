@@ -56,11 +56,23 @@ def test_shared_instruction_is_computed_once(engine, prompts) -> None:
     assert shared[-1].cached_tokens == shared[-1].prompt_tokens  # the duplicate was answered once
 
 
-def test_labels_must_have_distinct_first_tokens(engine, prompts) -> None:
-    with pytest.raises(ValueError, match="labels: 'yes' and 'yes please'"):
-        engine.classify(prompts[:1], ["yes", "yes please", "no"])
-    with pytest.raises(ValueError, match="labels"):
-        engine.classify(prompts[:1], [])
+def test_labels_may_share_first_tokens(engine, prompts) -> None:
+    """Whole-label scoring: 'yes' and 'yes please' start alike and still get their own probabilities."""
+    results = engine.classify(prompts[:2], ["yes", "yes please", "no"])
+    for r in results:
+        assert r.ok and sum(r.probs.values()) == pytest.approx(1.0)
+        # a label whose tokens start another label's is at least as likely
+        assert r.probs["yes"] >= r.probs["yes please"]
+    assert engine.stats.label_tokens_computed == 2  # the node "yes" after each prompt
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [([], "labels: give a non-empty list"), (["a", "a"], "'a' is given twice"), (["a", ""], "non-empty str")],
+)
+def test_bad_label_sets_are_refused(engine, prompts, labels, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        engine.classify(prompts[:1], labels)
 
 
 def test_bad_prompt_gets_an_error_result(engine, prompts) -> None:

@@ -235,12 +235,9 @@ def test_bad_spec_fails_before_the_model_loads(tmp_path: Path, prefect_server: N
     path.write_text(yaml.safe_dump(spec_dict(db, output={"table": "labels", "mode": "sideways"})))
     with pytest.raises(SpecError, match=r"output\.mode: Input should be 'merge' or 'replace'"):
         _run(str(path))
-    score = parse_spec(spec_dict(db, task={"kind": "score", "candidates": ["a", "b"]}))
-    from batchllm.backends import supports
-
-    if supports("native", "score") is not None:
-        with pytest.raises(SpecError, match=r"task\.kind: 'score'"):
-            _run(score)
+    score = parse_spec(spec_dict(db, task={"kind": "score", "query_key": "plot", "candidate_key": "gold"}))
+    with pytest.raises(SpecError, match=r"task\.candidate_key: column 'gold' is not in the query result"):
+        _run(score)
     assert loaded == []
     assert not query(db, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'labels'")[0][0]
 
@@ -256,7 +253,7 @@ def test_supports_says_exactly_what_run_accepts() -> None:
     from batchllm.backends import create_backend, supports
     from batchllm.spec import SamplingSpec, TaskSpec
 
-    shapes = {"classify": {"labels": ["yes", "no"]}, "score": {"candidates": ["a", "b"]}}
+    shapes = {"classify": {"labels": ["yes", "no"]}, "score": {"query_key": "q", "candidate_key": "c"}}
     kinds = typing.get_args(TaskSpec.model_fields["kind"].annotation)
     backend = create_backend("native", "default", "cpu")
     try:

@@ -82,7 +82,9 @@ def test_task_shapes(tmp_path: Path) -> None:
     d = spec_dict(tmp_path / "w.duckdb", task={"kind": "generate", "labels": ["a", "b"]})
     assert "task.labels" in _error(d)
     d = spec_dict(tmp_path / "w.duckdb", task={"kind": "score"})
-    assert "task.candidates" in _error(d)
+    assert "task.query_key" in _error(d)
+    d = spec_dict(tmp_path / "w.duckdb", task={"kind": "score", "query_key": "plot", "candidate_key": "id"})
+    assert parse_spec(d).task.answer_labels() == ["Yes", "No"]
     d = spec_dict(tmp_path / "w.duckdb", task={"kind": "rank"})
     assert "task.kind" in _error(d)
 

@@ -15,7 +15,7 @@ import numpy as np
 from batchllm.backends.base import Outcome, Progress
 from batchllm.spec import SamplingSpec, TaskSpec
 
-KINDS = ("generate", "classify")
+KINDS = ("generate", "classify", "score")
 GroupSpec = tuple[int, Sequence[int]]  # (prefix_len, positions in the shard's prompts)
 
 
@@ -50,7 +50,7 @@ class NativeBackend:
         if task.kind == "generate":
             out = self._generate(prompts, sampling, progress, groups)
         else:
-            out = self._classify(prompts, list(task.labels or []), progress, groups)
+            out = self._classify(prompts, task, progress, groups)
         self._stats = self._engine.stats.as_dict()
         return out
 
@@ -86,16 +86,26 @@ class NativeBackend:
     def _classify(
         self,
         prompts: Sequence[np.ndarray],
-        labels: list[str],
+        task: TaskSpec,
         progress: Progress | None,
         groups: Iterable[GroupSpec] | None,
     ) -> list[Outcome]:
-        results = self._engine.classify(list(prompts), labels, progress=progress, groups=groups)
+        """classify: the most likely label and its probability; score: the first answer's probability."""
+        labels = task.answer_labels()
+        results = self._engine.classify(
+            list(prompts),
+            labels,
+            pack=task.pack,
+            pack_tokens=task.pack_tokens,
+            progress=progress,
+            groups=groups,
+        )
+        scored = labels[0] if task.kind == "score" else None
         return [
             Outcome(
                 prompt_tokens=r.prompt_tokens,
                 label=None if r.error else r.label,
-                score=None if r.error or r.label is None else float(r.probs.get(r.label, 0.0)),
+                score=None if r.error or r.label is None else float(r.probs[scored or r.label]),
                 label_probs=None if r.error else {k: float(v) for k, v in r.probs.items()},
                 cached_tokens=r.cached_tokens,
                 finish_reason="error" if r.error else "stop",

@@ -23,10 +23,13 @@ import torch
 
 from batchllm.engine.attention import resolve_name
 from batchllm.engine.config import ModelConfig
-from batchllm.engine.heads import Head, LabelHead, SeqSampling, StopRule, TokenHead
+from batchllm.engine.heads import Head, SeqSampling, StopRule, TokenHead
 from batchllm.engine.kv import activation_bytes, pool_blocks
+from batchllm.engine.labels import LabelSet
 from batchllm.engine.model import load_model
 from batchllm.engine.outputs import ClassifyResult, EngineStats, Result
+from batchllm.engine.prefill import PACK_TOKENS, run_prefill
+from batchllm.engine.prefill_scheduler import STARVATION_LAMBDA
 from batchllm.engine.requests import (
     Batch,
     GroupSpec,
@@ -34,7 +37,6 @@ from batchllm.engine.requests import (
     Prompt,
     Request,
     check_prompt,
-    label_token_ids,
     params_list,
     prepare,
     tokenize,
@@ -125,6 +127,7 @@ class Engine:
         )
         self.enable_sharing = enable_sharing
         self.decode_reserve = decode_reserve
+        self.starvation_lambda = STARVATION_LAMBDA  # prefill-only scheduling: miss tokens per second waited
         self._rng = random.Random(seed)
         self._stats = EngineStats(num_kv_blocks=self.num_kv_blocks)
 
@@ -182,24 +185,38 @@ class Engine:
     def classify(
         self,
         prompts: Prompt | Sequence[Prompt],
-        labels: Sequence[str],
+        labels: Sequence[str] | LabelSet,
         *,
+        pack: bool | None = None,
+        pack_tokens: int = PACK_TOKENS,
         progress: Progress | None = None,
         enable_sharing: bool | None = None,
         groups: Iterable[GroupSpec] | None = None,
     ) -> list[ClassifyResult]:
-        """Label distribution at each prompt's last position, over the labels' first tokens.
+        """Each prompt's distribution over the labels, every label scored on its whole token sequence.
 
-        Each label is tokenized as a reply would start (no leading space) and
-        scored by its first token only, so first tokens must be distinct. Only
-        ``W_lm[label_ids] @ h_last`` is computed, never the full vocabulary.
-        groups: as in ``generate``.
+        Prefill only (``prefill.run_prefill``, no token sampled). Labels are tokenized as a
+        reply starts; any distinct labels work (``labels.LabelSet``). pack: a group's members
+        in sequences of up to pack_tokens tokens (None: where the attention backend has the
+        tree mask it needs). groups: as in ``generate``.
         """
         t0 = time.perf_counter()
-        head = LabelHead(labels, label_token_ids(labels, self.tokenizer))
+        label_set = labels if isinstance(labels, LabelSet) else LabelSet.build(labels, self.tokenizer)
         tokens = tokenize(prompts, lambda: self.tokenizer)
-        params = [SamplingParams(max_tokens=1)] * len(tokens)
-        return self._run(self._prepare(tokens, params, enable_sharing, groups), head, t0, progress)
+        batch = self._prepare(tokens, [SamplingParams(max_tokens=1)] * len(tokens), enable_sharing, groups)
+        results, self._stats = run_prefill(
+            self, batch, label_set, pack=pack, pack_tokens=pack_tokens, progress=progress, t0=t0
+        )
+        return results
+
+    def score(
+        self, prompts: Prompt | Sequence[Prompt], yes: str = "Yes", no: str = "No", **options: Any
+    ) -> list[ClassifyResult]:
+        """P(yes) / (P(yes) + P(no)) after each prompt, as ``result.score`` (options: as in ``classify``)."""
+        results = self.classify(prompts, [yes, no], **options)
+        for r in results:
+            r.score = r.probs[yes] if r.ok else None
+        return results
 
     # ---- execution --------------------------------------------------------------------
 

@@ -2,16 +2,17 @@
 
 A head computes its outputs for the rows of one step (``compute``), records
 each into its request and says whether the request ends there (``record``), and
-builds the per-input results at the end (``results``). The engine's step loop
-is the same for every head; adding scoring or grammar-masked generation means
-adding a head, not a flag.
+builds the per-input results at the end (``results``). The engine's generation
+loop is the same for every head; adding grammar-masked generation means adding
+a head, not a flag.
 
 - ``TokenHead``: generation. The next token (greedy, or sampling keyed by
   (seed, position)); ``StopRule`` is the one place that ends a generated
   request: EOS, a stop token id, a stop string, max_tokens, max_model_len.
-- ``LabelHead``: classification. The label distribution at the last prompt
-  position from ``W_lm[label_ids] @ h`` (never the full vocabulary); the
-  request ends with that one forward, without appending any token.
+
+Classification and scoring need no head of this loop: they run prefill only
+(``prefill.run_prefill``: no decode, several read positions per chunk) and
+turn the hidden states they read into label probabilities in ``scoring``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from typing import Any, Protocol
 
 import torch
 
-from batchllm.engine.outputs import ClassifyResult, Result
+from batchllm.engine.outputs import Result
 from batchllm.engine.requests import Batch, Request
-from batchllm.engine.sampling import label_probs, row_keys, sample
+from batchllm.engine.sampling import row_keys, sample
 from batchllm.engine.sequence import Sequence as Seq
 
 Decode = Callable[[Sequence[int]], str]
@@ -131,39 +132,4 @@ class TokenHead:
                 r.token_ids, r.text, r.finish_reason = list(ids), text, req.finish_reason  # type: ignore[assignment]
                 r.cached_tokens = req.cached_tokens if n == 0 else r.prompt_tokens
                 r.latency_s, r.first_token_s, r.error = req.latency_s, req.first_token_s, req.error
-        return results
-
-
-class LabelHead:
-    """Classification: a distribution over labels scored by their first tokens."""
-
-    def __init__(self, labels: Sequence[str], label_ids: Sequence[int]) -> None:
-        self.labels = list(labels)
-        self.label_ids = torch.tensor(list(label_ids), dtype=torch.int64)
-
-    @torch.inference_mode()
-    def compute(self, model: Any, hidden: torch.Tensor, seqs: Sequence[Seq]) -> list[list[float]]:
-        if self.label_ids.device != hidden.device:
-            self.label_ids = self.label_ids.to(hidden.device)
-        return label_probs(hidden, model.lm_head_weight, self.label_ids).tolist()
-
-    def record(self, req: Request, seq: Seq, output: list[float], now: float) -> bool:
-        req.probs, req.finish_reason = output, "stop"
-        return True
-
-    def results(self, batch: Batch) -> list[ClassifyResult]:
-        results = [ClassifyResult(index=i, prompt_tokens=len(t)) for i, t in enumerate(batch.tokens)]
-        for i, e in batch.errors.items():
-            results[i].error, results[i].status = e, "error"
-        labels = self.labels
-        for req in batch.requests:
-            for n, i in enumerate(req.inputs):
-                r = results[i]
-                r.latency_s = req.latency_s
-                if req.error is not None:
-                    r.error, r.status = req.error, "error"
-                    continue
-                best = max(range(len(labels)), key=lambda j: req.probs[j])
-                r.label, r.probs = labels[best], dict(zip(labels, req.probs, strict=True))
-                r.cached_tokens = req.cached_tokens if n == 0 else r.prompt_tokens
         return results

@@ -38,12 +38,14 @@ class Result:
 
 @dataclass
 class ClassifyResult:
-    """One classification request: the label distribution at the last prompt position."""
+    """One classification (or scoring) request: the distribution over the labels, each label scored
+    on its whole token sequence. ``score`` (``Engine.score``) is the probability of the yes label."""
 
     index: int
     prompt_tokens: int
     label: str | None = None
     probs: dict[str, float] = field(default_factory=dict)
+    score: float | None = None
     status: Literal["ok", "error"] = "ok"
     error: str | None = None
     cached_tokens: int = 0
@@ -70,6 +72,10 @@ class EngineStats:
     (scheduling, recording outputs, bookkeeping; the runner's host-side batch
     preparation is inside prefill_s/decode_s). decode_steps have no prefill
     chunk; mixed_steps have decode and prefill chunks.
+
+    Prefill-only runs (classify, score): label_tokens_computed are the extra
+    positions that score multi-token labels (not prompt tokens); packs are
+    sequences holding several candidates (packed_items of them).
     """
 
     num_requests: int = 0
@@ -96,6 +102,9 @@ class EngineStats:
     host_s: float = 0.0
     decode_steps: int = 0
     mixed_steps: int = 0
+    label_tokens_computed: int = 0
+    packs: int = 0
+    packed_items: int = 0
 
     def add_step(self, num_chunks: int, num_decode_chunks: int, run_s: float, host_s: float) -> None:
         """Account one step's time: runner+head time by step kind, the rest as host time."""
@@ -122,6 +131,13 @@ class EngineStats:
         self.peak_kv_blocks, self.preemptions = sched.peak_kv_blocks, sched.num_preemptions
         self.prefixes_computed = len(sched.prefix_computations)
         self.prefix_recomputations = sum(n - 1 for n in sched.prefix_computations.values())
+        self.saving_ratio = 1.0 - self.prompt_tokens_computed / logical if logical else 0.0
+
+    def add_prefill(self, label_tokens: int, packs: int, packed_items: int) -> None:
+        """Prefill-only figures, after ``add_run``: label positions are computed but are no prompt tokens."""
+        self.label_tokens_computed, self.packs, self.packed_items = label_tokens, packs, packed_items
+        self.prompt_tokens_computed -= label_tokens
+        logical = self.prompt_tokens_logical
         self.saving_ratio = 1.0 - self.prompt_tokens_computed / logical if logical else 0.0
 
     @property

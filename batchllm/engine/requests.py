@@ -152,29 +152,6 @@ def check_prompt(tokens: np.ndarray, max_model_len: int, vocab_size: int) -> str
     return None
 
 
-def label_token_ids(labels: SequenceLike[str], tokenizer: Encoder) -> list[int]:
-    """First token of each label as a reply would start (no leading space); first tokens must differ."""
-    if isinstance(labels, str) or not labels:
-        raise ValueError("labels: give a non-empty list of label strings")
-    ids: list[int] = []
-    for label in labels:
-        if not isinstance(label, str) or not label:
-            raise ValueError(f"labels: every label must be a non-empty str, got {label!r}")
-        enc = tokenizer.encode(label)
-        if not enc:
-            raise ValueError(f"labels: {label!r} encodes to no token")
-        ids.append(enc[0])
-    first: dict[int, str] = {}
-    for label, tid in zip(labels, ids, strict=True):
-        if tid in first:
-            raise ValueError(
-                f"labels: {first[tid]!r} and {label!r} start with the same token "
-                f"{tokenizer.decode([tid], skip_special_tokens=False)!r}; use labels whose first tokens differ"
-            )
-        first[tid] = label
-    return ids
-
-
 # ---- grouping -----------------------------------------------------------------------
 
 

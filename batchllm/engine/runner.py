@@ -27,8 +27,11 @@ def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> 
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
 
-def build_layout(chunks: Seq[ScheduledChunk], block_size: int) -> BatchLayout:
-    """The host description of one step; grouped chunks must be contiguous per group."""
+def build_layout(chunks: Seq[ScheduledChunk], block_size: int, trees: bool = False) -> BatchLayout:
+    """The host description of one step; grouped chunks must be contiguous per group.
+
+    trees: the step may hold tree sequences (prefill-only scoring); generation never does.
+    """
     bs, num = block_size, len(chunks)
     q_lens = np.fromiter((c.num_tokens for c in chunks), np.int32, num)
     starts = np.fromiter((c.start for c in chunks), np.int32, num)
@@ -62,6 +65,7 @@ def build_layout(chunks: Seq[ScheduledChunk], block_size: int) -> BatchLayout:
     prefix_lens = shared[firsts]
     assert np.all(prefix_lens % bs == 0) and np.all(starts[grouped] >= shared[grouped])
     width = int(prefix_lens.max()) // bs if prefix_lens.size else 0
+    tree_seqs, key_ends = _tree_fields(chunks, kv_lens, cu, positions) if trees else (None, None)
     return BatchLayout(
         input_ids=ids,
         positions=positions,
@@ -73,7 +77,28 @@ def build_layout(chunks: Seq[ScheduledChunk], block_size: int) -> BatchLayout:
         group_seqs=group_seqs,
         group_prefix_lens=prefix_lens.astype(np.int32),
         group_block_tables=np.ascontiguousarray(tables[firsts, :width]),
+        tree_seqs=tree_seqs,
+        key_ends=key_ends,
     )
+
+
+def _tree_fields(
+    chunks: Seq[ScheduledChunk], kv_lens: np.ndarray, cu: np.ndarray, positions: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Tree sequences of prefill-only scoring (``Sequence.key_ends``): their RoPE positions are
+    written into ``positions`` in place (slots were computed from storage positions already);
+    returns which sequences are trees and every sequence's key ends (None when none is a tree)."""
+    tree = np.fromiter((c.seq.key_ends is not None for c in chunks), bool, len(chunks))
+    if not tree.any():
+        return None, None
+    ends = []
+    for i, (c, kv) in enumerate(zip(chunks, kv_lens.tolist(), strict=True)):
+        if tree[i]:
+            positions[cu[i] : cu[i + 1]] = c.seq.rope_positions[c.start : c.end]
+            ends.append(c.seq.key_ends[:kv])
+        else:
+            ends.append(np.full(kv, np.iinfo(np.int32).max, np.int32))
+    return tree, np.concatenate(ends).astype(np.int32)
 
 
 class ModelRunner:
@@ -102,19 +127,25 @@ class ModelRunner:
         return self.attention.kv_cache
 
     @torch.inference_mode()
-    def forward(self, chunks: Seq[ScheduledChunk]) -> torch.Tensor:
+    def forward(self, chunks: Seq[ScheduledChunk], rows: np.ndarray | None = None) -> torch.Tensor:
         """Run one step (chunks as the scheduler emits them: plain first, then group by group).
 
-        Returns the final hidden state of each chunk's last token [len(chunks), hidden].
+        Returns the final hidden state of each chunk's last token [len(chunks), hidden], or with
+        ``rows`` (token indices into the step's concatenated chunks) of those tokens [len(rows), hidden]:
+        prefill-only scoring reads several positions per chunk.
         """
-        layout = build_layout(chunks, self.block_size)
-        if self.graphs is not None and layout.is_decode and self.graphs.fits(layout):
+        layout = build_layout(chunks, self.block_size, trees=rows is not None)
+        if rows is None and self.graphs is not None and layout.is_decode and self.graphs.fits(layout):
             return self.graphs.run(layout)
+        if layout.tree_seqs is not None and not self.attention.supports_tree_mask:
+            raise ValueError(f"attention: backend {self.attention.name!r} has no tree (multi-item) mask")
         meta = self.attention.prepare(layout)
         dev = self.device
         input_ids = torch.from_numpy(layout.input_ids).to(dev, non_blocking=True)
         positions = torch.from_numpy(layout.positions).to(dev, non_blocking=True)
         hidden = self.model(input_ids, positions, meta)
+        if rows is not None:
+            return hidden[torch.from_numpy(rows.astype(np.int64)).to(dev, non_blocking=True)]
         if layout.is_decode:
             return hidden
         last = torch.from_numpy(layout.cu_seqlens_q[1:].astype(np.int64) - 1).to(dev, non_blocking=True)

@@ -130,9 +130,3 @@ def _apply_top_k_top_p(x: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tens
     drop |= (probs.cumsum(dim=-1) - probs) >= top_ps[:, None]
     sorted_x = sorted_x.masked_fill(drop, -math.inf)
     return torch.full_like(x, -math.inf).scatter(-1, order, sorted_x)
-
-
-def label_probs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
-    """Softmax over label tokens only: W[label_ids] @ h_last, never the full vocabulary."""
-    logits = hidden.float() @ lm_head_weight[label_ids].float().T  # [rows, labels]
-    return torch.softmax(logits, dim=-1)

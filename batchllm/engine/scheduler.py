@@ -34,7 +34,7 @@ from batchllm.engine.admission import Admission, Group
 from batchllm.engine.kv import BlockPool
 from batchllm.engine.sequence import ScheduledChunk, Sequence, SequenceStatus
 
-__all__ = ["ScheduleBatch", "ScheduledChunk", "Scheduler", "SchedulerStats"]
+__all__ = ["ScheduleBatch", "ScheduledChunk", "Scheduler", "SchedulerStats", "grouped_chunks"]
 
 
 @dataclass
@@ -143,7 +143,7 @@ class Scheduler:
                 break
             i += 1
         self._admit(step)
-        batch = ScheduleBatch(_grouped(step.chunks.values()), self.max_num_batched_tokens - step.budget)
+        batch = ScheduleBatch(grouped_chunks(step.chunks.values()), self.max_num_batched_tokens - step.budget)
         assert batch.chunks or not self.has_unfinished(), "scheduler made no progress"
         self.stats.peak_kv_blocks = self.pool.peak_used
         return batch
@@ -362,7 +362,7 @@ class Scheduler:
             self.admission.remove(group)
 
 
-def _grouped(chunks: Iterable[ScheduledChunk]) -> list[ScheduledChunk]:
+def grouped_chunks(chunks: Iterable[ScheduledChunk]) -> list[ScheduledChunk]:
     """Plain chunks first (scheduling order), then grouped chunks contiguous by ascending group id.
 
     A chunk is grouped when it reads a shared prefix (num_shared_tokens > 0);

@@ -45,6 +45,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_preemptions: int = 0
     params: Any = None  # engine-owned sampling parameters; the scheduler never reads them
+    # prefill-only tree sequences (packing.Unit): RoPE position and visibility end of each stored token;
+    # None for a plain causal sequence (position = storage index)
+    rope_positions: Any = None  # np.ndarray [num_tokens] int64
+    key_ends: Any = None  # np.ndarray [num_tokens] int32: key k is seen by queries k <= q < key_ends[k]
 
     def __post_init__(self) -> None:
         assert 0 < self.num_prompt_tokens <= len(self.token_ids), "a sequence needs at least one prompt token"

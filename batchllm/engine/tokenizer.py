@@ -59,6 +59,11 @@ class Tokenizer:
         return frozenset(ids)
 
     @cached_property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The text of each special token: in a prompt's text it encodes as that control token."""
+        return tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
+
+    @cached_property
     def chat_template(self) -> str | None:
         jinja = self.folder / "chat_template.jinja"
         if jinja.is_file():

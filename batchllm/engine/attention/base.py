@@ -43,6 +43,9 @@ class BatchLayout:
     group_seqs: np.ndarray  # [G + 1] int32, sequence boundaries of the groups
     group_prefix_lens: np.ndarray  # [G] int32
     group_block_tables: np.ndarray  # [G, Wp] int32
+    # prefill-only tree sequences (packed items, label nodes); None in steps without one:
+    tree_seqs: np.ndarray | None = None  # [B] bool
+    key_ends: np.ndarray | None = None  # [sum(kv_lens)] int32: key k is seen by queries k <= q < key_ends[k]
 
     @property
     def num_tokens(self) -> int:
@@ -63,7 +66,7 @@ class BatchLayout:
     @property
     def is_decode(self) -> bool:
         """Every sequence computes exactly one token (the case CUDA graphs replay)."""
-        return bool(self.num_seqs) and int(self.q_lens.max()) == 1
+        return bool(self.num_seqs) and int(self.q_lens.max()) == 1 and self.tree_seqs is None
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class AttentionBackend(ABC):
 
     name: str = ""
     supports_graphs: bool = False
+    supports_tree_mask: bool = False  # reads BatchLayout.key_ends (prefill-only packing, multi-token labels)
 
     def __init__(self, shape: KVShape) -> None:
         self.shape = shape

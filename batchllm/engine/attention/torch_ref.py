@@ -10,6 +10,7 @@ from batchllm.kernels import AttentionMeta, GroupSpan, store_kvcache, torch_atte
 
 class TorchBackend(AttentionBackend):
     name = "torch"
+    supports_tree_mask = True
 
     def prepare(self, layout: BatchLayout) -> AttentionMeta:
         dev = self.shape.device
@@ -23,6 +24,8 @@ class TorchBackend(AttentionBackend):
             groups=groups,
             q_lens_host=layout.q_lens.tolist(),
             kv_lens_host=layout.kv_lens.tolist(),
+            tree_host=None if layout.tree_seqs is None else layout.tree_seqs.tolist(),
+            key_ends_host=layout.key_ends,
         )
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> None:
