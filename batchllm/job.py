@@ -213,7 +213,7 @@ def infer_shard(
     Returns outcomes (input order) and engine stats.
     """
     t0 = time.perf_counter()
-    backend = create_backend(spec.backend, spec.model, spec.device)
+    backend = create_backend(spec.backend, spec.model, spec.device, **spec.engine_options)
     t1 = time.perf_counter()
     try:
         outcomes = backend.run(token_ids, spec.task, spec.sampling, progress=progress, groups=groups)

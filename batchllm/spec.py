@@ -244,7 +244,9 @@ class JobSpec(_Strict):
     task: TaskSpec = Field(default_factory=TaskSpec)
     model: str = "default"
     device: Literal["cpu", "cuda", "auto"] = "auto"
-    backend: Literal["native"] = "native"
+    backend: Literal["native", "vllm"] = "native"
+    # passed as is to the backend's engine (native: Engine options; vllm: LLM/EngineArgs options)
+    engine_options: dict[str, Any] = Field(default_factory=dict)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     output: OutputSpec
     incremental: bool = False

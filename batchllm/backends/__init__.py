@@ -1,4 +1,4 @@
-"""Inference backends behind one interface (``Backend``): native (default), vLLM later."""
+"""Inference backends behind one interface (``Backend``): native (default) and vllm (optional extra)."""
 
 from batchllm.backends.base import Backend, Outcome, create_backend, resolve_device, supports
 

@@ -1,6 +1,6 @@
 """The backend interface: run one shard of token-id prompts for one task kind.
 
-A backend wraps an inference engine (the native one, vLLM later) and returns
+A backend wraps an inference engine (the native one, or vLLM) and returns
 one ``Outcome`` per prompt, in input order. Per-prompt failures come back as
 outcomes with ``error`` set; only a failure of the whole engine raises.
 """
@@ -39,7 +39,7 @@ class Outcome:
 class Backend(Protocol):
     """One loaded model on one device."""
 
-    def __init__(self, model: str, device: str) -> None: ...
+    def __init__(self, model: str, device: str, **engine_options: Any) -> None: ...
 
     @staticmethod
     def supports(kind: str) -> str | None:
@@ -70,7 +70,10 @@ class Backend(Protocol):
 
 # Backends by name, as "module:Class": the interface names its implementations without
 # importing them (they import this module, and pull in their engine when loaded).
-_BACKENDS = {"native": "batchllm.backends.native:NativeBackend"}
+_BACKENDS = {
+    "native": "batchllm.backends.native:NativeBackend",
+    "vllm": "batchllm.backends.vllm:VllmBackend",
+}
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -91,9 +94,9 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def create_backend(name: str, model: str, device: str) -> Backend:
-    """Load ``model`` on ``device`` with the named backend."""
-    return backend_class(name)(model=model, device=resolve_device(device))
+def create_backend(name: str, model: str, device: str, **engine_options: Any) -> Backend:
+    """Load ``model`` on ``device`` with the named backend (``engine_options``: the job's, passed through)."""
+    return backend_class(name)(model=model, device=resolve_device(device), **engine_options)
 
 
 def supports(name: str, kind: str) -> str | None:
