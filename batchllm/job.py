@@ -68,6 +68,12 @@ def check(spec: JobSpec) -> None:
         raise SpecError(reason)
     if spec.device == "cuda" and resolve_device("auto") != "cuda":  # else it fails at model load
         raise SpecError("device: 'cuda' but no CUDA device is visible here (use 'auto' or 'cpu')")
+    if spec.task.format is not None:  # typed output: the backend, the grammar, the result columns
+        from batchllm.constrained import check_format
+        from batchllm.results import check_typed_columns
+
+        check_format(spec)
+        check_typed_columns(spec)
 
 
 def validate(spec: JobSpec) -> None:
@@ -213,7 +219,12 @@ def infer_shard(
     Returns outcomes (input order) and engine stats.
     """
     t0 = time.perf_counter()
-    backend = create_backend(spec.backend, spec.model, spec.device, **spec.engine_options)
+    if spec.task.format is None:
+        backend = create_backend(spec.backend, spec.model, spec.device, **spec.engine_options)
+    else:  # typed output: the native engine decoding under the task's grammar
+        from batchllm.constrained import ConstrainedNativeBackend
+
+        backend = ConstrainedNativeBackend(spec.model, resolve_device(spec.device), **spec.engine_options)
     t1 = time.perf_counter()
     try:
         outcomes = backend.run(token_ids, spec.task, spec.sampling, progress=progress, groups=groups)
@@ -255,6 +266,7 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
         "shards": len(info.shards),
         "max_decode_tokens": decode * ok_prompts,
         "estimated_compute_tokens": compute_tokens,
+        "format": spec.task.format.describe() if spec.task.format else None,
         "model_params": params,
         "estimated_tflop": 2.0 * params * compute_tokens / 1e12 if params else None,
         "planner": info.stats,

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from batchllm import warehouse
+from batchllm import typed, warehouse
 from batchllm.backends.base import Outcome
+from batchllm.spec import SpecError
 
 if TYPE_CHECKING:
     from batchllm.job import Prepared
@@ -25,11 +26,16 @@ STATUS_ERROR = "error"
 KEY_COLUMNS = ("query_key", "candidate_key")  # a score task's join keys (render.score_keys)
 
 
-def results_schema(id_type: pa.DataType, key_types: dict[str, pa.DataType] | None = None) -> pa.Schema:
+def results_schema(
+    id_type: pa.DataType,
+    key_types: dict[str, pa.DataType] | None = None,
+    typed: list[pa.Field] | None = None,
+) -> pa.Schema:
     """One row per source id: what was asked (hashes, model), what came back, and how it went.
 
     A ``score`` task's rows also keep the join's keys (``key_types``: query_key,
     candidate_key), so SQL ranks candidates per query: ``ORDER BY score DESC``.
+    A typed generate task's rows have its columns (``typed``, after ``output``).
     """
     keys = [pa.field(name, t) for name, t in (key_types or {}).items()]
     return pa.schema(
@@ -41,6 +47,7 @@ def results_schema(id_type: pa.DataType, key_types: dict[str, pa.DataType] | Non
             pa.field("params_hash", pa.string()),
             pa.field("task", pa.string()),
             pa.field("output", pa.large_string()),
+            *(typed or []),
             pa.field("label", pa.string()),
             pa.field("score", pa.float64()),
             pa.field("label_probs", pa.map_(pa.string(), pa.float64())),
@@ -75,6 +82,20 @@ def error_rows(spec: JobSpec, prepared: Prepared) -> pa.Table:
     return _rows(spec, prepared, positions, picked)
 
 
+def check_typed_columns(spec: JobSpec) -> None:
+    """A flat typed column must not take the name of a results column (checked before a run)."""
+    fmt = spec.task.format
+    if fmt is None or fmt.columns != "flat":
+        return
+    taken = set(results_schema(pa.int64()).names) | set(KEY_COLUMNS)
+    for f in typed.typed_fields(fmt):
+        if f.name in taken:
+            raise SpecError(
+                f"task.format: field {f.name!r} would replace the results column of that name "
+                "(rename it, or use columns: struct)"
+            )
+
+
 def count_status(table: pa.Table) -> tuple[int, int]:
     """(ok, error) rows of a results batch."""
     status = table.column("status").to_pylist()
@@ -86,7 +107,15 @@ def _rows(spec: JobSpec, prepared: Prepared, positions: list[int], outcomes: lis
     rows = prepared.prompts.rows.take(pa.array(positions, pa.int64()))
     n = len(positions)
     keys = {name: rows.schema.field(name).type for name in KEY_COLUMNS if name in rows.column_names}
-    schema = results_schema(rows.schema.field("id").type, keys)
+    fmt = spec.task.format
+    typed_cols: dict[str, Any] = {}
+    errors = [o.error for o in outcomes]
+    if fmt is not None:  # a valid output gets typed values; an invalid one becomes an error row
+        typed_cols, invalid = typed.typed_columns(
+            fmt, [o.output for o in outcomes], [o.finish_reason for o in outcomes]
+        )
+        errors = [e or v for e, v in zip(errors, invalid, strict=True)]
+    schema = results_schema(rows.schema.field("id").type, keys, typed.typed_fields(fmt) if fmt else None)
     lens = prepared.prompts.lengths
     row_prompt = prepared.prompts.row_prompt
     prompt_tokens = [
@@ -101,6 +130,7 @@ def _rows(spec: JobSpec, prepared: Prepared, positions: list[int], outcomes: lis
         "params_hash": [spec.params_hash] * n,
         "task": [spec.task.kind] * n,
         "output": [o.output for o in outcomes],
+        **typed_cols,
         "label": [o.label for o in outcomes],
         "score": [o.score for o in outcomes],
         "label_probs": [None if o.label_probs is None else list(o.label_probs.items()) for o in outcomes],
@@ -108,8 +138,8 @@ def _rows(spec: JobSpec, prepared: Prepared, positions: list[int], outcomes: lis
         "output_tokens": [o.output_tokens for o in outcomes],
         "cached_tokens": [o.cached_tokens for o in outcomes],
         "finish_reason": [o.finish_reason for o in outcomes],
-        "status": [STATUS_ERROR if o.error else STATUS_OK for o in outcomes],
-        "error": [o.error for o in outcomes],
+        "status": [STATUS_ERROR if e else STATUS_OK for e in errors],
+        "error": errors,
         "run_id": [prepared.run_id] * n,
         "created_at": warehouse.timestamps(n, warehouse.now()),
     }

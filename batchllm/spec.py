@@ -21,6 +21,8 @@ from jinja2 import TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from batchllm.shape import FormatSpec
+
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 MEMORY = ":memory:"
 
@@ -132,15 +134,11 @@ class PromptSpec(_Strict):
 class TaskSpec(_Strict):
     """What to compute per row: free text, one of ``labels``, or a score per (query, candidate) row.
 
-    classify: the distribution over ``labels`` (each scored on its whole token
-    sequence, so labels may share first tokens or span several tokens).
-    score: each row is one (query, candidate) pair of a SQL join; its score is
-    P(yes) / (P(yes) + P(no)) after the prompt (``yes``/``no``, default
-    "Yes"/"No"), or with ``labels`` the probability of the first of those
-    answers. ``query_key`` and ``candidate_key`` name the join's key columns;
-    both land in the results, so SQL ranks candidates per query by score.
-    pack: candidates sharing a prefix go into sequences of up to
-    ``pack_tokens`` tokens (null: wherever the attention backend supports it).
+    classify: the distribution over ``labels``, each scored on its whole token sequence. score: a
+    (query, candidate) row of a SQL join (``query_key``/``candidate_key``: its key columns, kept in
+    the results) scored P(yes) / (P(yes) + P(no)) (``yes``/``no``, default "Yes"/"No") or, with
+    ``labels``, the first one's probability. pack: candidates sharing a prefix in sequences of up to
+    ``pack_tokens`` tokens (null: where the backend can). format: typed output (shape.py).
     """
 
     kind: Literal["generate", "classify", "score"] = "generate"
@@ -151,6 +149,7 @@ class TaskSpec(_Strict):
     candidate_key: str | None = None
     pack: bool | None = None
     pack_tokens: int = Field(default=2048, ge=16, le=1 << 20)
+    format: FormatSpec | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> TaskSpec:
@@ -162,6 +161,8 @@ class TaskSpec(_Strict):
             raise ValueError("task.labels: not used with kind 'generate'")
         if kind == "generate" and self.pack is not None:
             raise ValueError("task.pack: only used with kinds 'classify' and 'score'")
+        if kind != "generate" and self.format is not None:
+            raise ValueError(f"task.format: only used with kind 'generate' (kind is {kind!r})")
         if kind == "classify" and (not self.labels or len(self.labels) < 2):
             raise ValueError("task.labels: 'classify' needs at least two labels")
         if self.labels is not None:

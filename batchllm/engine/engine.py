@@ -11,22 +11,22 @@ request stops.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from batchllm.engine.attention import resolve_name
 from batchllm.engine.config import ModelConfig
+from batchllm.engine.grammar import Constraint, GrammarCache, GrammarHead
 from batchllm.engine.heads import Head, SeqSampling, StopRule, TokenHead
 from batchllm.engine.kv import activation_bytes, pool_blocks
 from batchllm.engine.labels import LabelSet
 from batchllm.engine.model import load_model
+from batchllm.engine.options import check_options, model_folder
 from batchllm.engine.outputs import ClassifyResult, EngineStats, Result
 from batchllm.engine.prefill import PACK_TOKENS, run_prefill
 from batchllm.engine.prefill_scheduler import STARVATION_LAMBDA
@@ -46,10 +46,8 @@ from batchllm.engine.sampling import SamplingParams
 from batchllm.engine.scheduler import ScheduledChunk, Scheduler
 from batchllm.engine.sequence import Sequence as Seq
 from batchllm.engine.tokenizer import Tokenizer, config_eos_token_ids
-from batchllm.models import DEFAULT_MODEL, ModelError, resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LOAD_FORMATS = ("safetensors", "dummy")
 
 
 class Engine:
@@ -129,6 +127,7 @@ class Engine:
         self.decode_reserve = decode_reserve
         self.starvation_lambda = STARVATION_LAMBDA  # prefill-only scheduling: miss tokens per second waited
         self._rng = random.Random(seed)
+        self._grammars: GrammarCache | None = None
         self._stats = EngineStats(num_kv_blocks=self.num_kv_blocks)
 
     @property
@@ -163,6 +162,7 @@ class Engine:
         progress: Progress | None = None,
         enable_sharing: bool | None = None,
         groups: Iterable[GroupSpec] | None = None,
+        constraint: Constraint | None = None,
     ) -> list[Result]:
         """Generate for every prompt (text or token ids); results in input order.
 
@@ -171,6 +171,7 @@ class Engine:
         (prefix_len, [input indices]) per group in execution order (a job's
         plan, see ``requests.groups_from_plan``), run as given instead of
         planning here; prefix lengths are rounded down to whole KV blocks.
+        constraint: every output follows this grammar (``grammar.Constraint``).
         """
         t0 = time.perf_counter()
         tokens = tokenize(prompts, lambda: self.tokenizer)
@@ -178,9 +179,24 @@ class Engine:
         if any(p.stop for p in per_input) and not self._has_tokenizer:
             raise ValueError("params: stop strings need the model's tokenizer.json; use stop_token_ids")
         decode = self.tokenizer.decode if self._has_tokenizer else None
-        head = TokenHead(StopRule(self.eos_token_ids, self.max_model_len, decode), decode)
+        stop = StopRule(self.eos_token_ids, self.max_model_len, decode)
+        head: TokenHead = TokenHead(stop, decode)
+        if constraint is not None:
+            compiled = self.grammars.get(constraint)
+            head = GrammarHead(stop, decode, compiled, self.config.vocab_size, constraint.jump_forward)
         batch = self._prepare(tokens, per_input, enable_sharing, groups)
-        return self._run(batch, head, t0, progress)
+        results = self._run(batch, head, t0, progress)
+        if isinstance(head, GrammarHead):
+            self._stats.grammar_mask_s, self._stats.forced_tokens = head.mask_s, head.forced_tokens
+        return results
+
+    @property
+    def grammars(self) -> GrammarCache:
+        """Grammars compiled for this model's tokenizer, cached by constraint (needs tokenizer.json)."""
+        if self._grammars is None:
+            self.tokenizer  # noqa: B018 - a clear error when there is no tokenizer.json
+            self._grammars = GrammarCache(self.folder, self.config.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def classify(
         self,
@@ -320,76 +336,3 @@ def submit(scheduler: Scheduler, batch: Batch) -> dict[int, Request]:
         req.finish_reason, req.stop_text = "error", ""
         req.error = f"prompt: {scheduler.rejection_reasons[seq.seq_id]}"
     return by_seq
-
-
-# ---- options --------------------------------------------------------------------------
-
-
-def check_options(
-    *,
-    device: str,
-    dtype: str | None,
-    max_model_len: int | None,
-    block_size: int,
-    kv_cache_gb: float | None,
-    kv_cache_tokens: int | None,
-    gpu_memory_utilization: float,
-    max_num_batched_tokens: int | None,
-    enable_sharing: bool,
-    decode_reserve: float,
-    seed: int | None,
-    attention: str,
-    load_format: str,
-    cuda_graphs: bool,
-) -> None:
-    """Every Engine option that can be checked before the model loads; a ValueError names the option."""
-    if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"device: must be 'cpu' or 'cuda', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' requested but CUDA is not available")
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype: must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    for name, value, low in (
-        ("max_model_len", max_model_len, 1),
-        ("kv_cache_tokens", kv_cache_tokens, 1),
-        ("max_num_batched_tokens", max_num_batched_tokens, 1),
-    ):
-        if value is not None and (not _is_int(value) or value < low):
-            raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
-    if not _is_int(block_size) or block_size < 1:
-        raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
-    if kv_cache_gb is not None and not (
-        _is_real(kv_cache_gb) and math.isfinite(kv_cache_gb) and kv_cache_gb > 0
-    ):
-        raise ValueError(f"kv_cache_gb: must be a number > 0, got {kv_cache_gb!r}")
-    if not _is_real(gpu_memory_utilization) or not 0.0 < gpu_memory_utilization <= 1.0:
-        raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
-    if not _is_real(decode_reserve) or not 0.0 < decode_reserve <= 1.0:
-        raise ValueError(f"decode_reserve: must be in (0, 1], got {decode_reserve!r}")
-    if seed is not None and not _is_int(seed):
-        raise ValueError(f"seed: must be an integer or None, got {seed!r}")
-    if not isinstance(attention, str):
-        raise ValueError(f"attention: must be a backend name, got {attention!r}")
-    if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format: must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
-    for name, flag in (("enable_sharing", enable_sharing), ("cuda_graphs", cuda_graphs)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name}: must be a bool, got {flag!r}")
-
-
-def model_folder(model: str | os.PathLike[str], load_format: str) -> Path:
-    """The HF folder; dummy weights need only its config.json (no safetensors)."""
-    if load_format == "dummy" and str(model) != DEFAULT_MODEL:
-        path = Path(model).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model: {str(path)!r} has no config.json; expected an HF model folder")
-        return path
-    return resolve_model(model)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)

@@ -9,6 +9,8 @@ a head, not a flag.
 - ``TokenHead``: generation. The next token (greedy, or sampling keyed by
   (seed, position)); ``StopRule`` is the one place that ends a generated
   request: EOS, a stop token id, a stop string, max_tokens, max_model_len.
+- ``grammar.GrammarHead``: a TokenHead whose logits are masked by each
+  sequence's grammar matcher before the token is chosen.
 
 Classification and scoring need no head of this loop: they run prefill only
 (``prefill.run_prefill``: no decode, several read positions per chunk) and
@@ -99,11 +101,15 @@ class TokenHead:
 
     @torch.inference_mode()
     def compute(self, model: Any, hidden: torch.Tensor, seqs: Sequence[Seq]) -> list[int]:
+        return self.choose(model.compute_logits(hidden), seqs)
+
+    def choose(self, logits: torch.Tensor, seqs: Sequence[Seq]) -> list[int]:
+        """The next token per row of logits [rows, vocab]: greedy, or keyed sampling per (seed, position)."""
         params: list[SeqSampling] = [s.params for s in seqs]
         if all(p.temperature == 0.0 for p in params):
             # argmax of the model-dtype logits equals that of their float32 copy (ties: the first)
-            return model.compute_logits(hidden).argmax(dim=-1).tolist()
-        logits = model.compute_logits(hidden).float()
+            return logits.argmax(dim=-1).tolist()
+        logits = logits.float()
         dev = logits.device
         temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)

@@ -105,6 +105,8 @@ class EngineStats:
     label_tokens_computed: int = 0
     packs: int = 0
     packed_items: int = 0
+    grammar_mask_s: float = 0.0  # typed output: filling and applying token masks
+    forced_tokens: int = 0  # typed output: tokens appended by jump-forward, never sampled
 
     def add_step(self, num_chunks: int, num_decode_chunks: int, run_s: float, host_s: float) -> None:
         """Account one step's time: runner+head time by step kind, the rest as host time."""

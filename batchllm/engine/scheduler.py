@@ -152,9 +152,10 @@ class Scheduler:
         """Advance computed lengths and finish the sequences the engine lists; returns them.
 
         The engine decides every ending (EOS, stop, max_tokens, max_model_len, a
-        head that answers in one forward). It must have appended exactly one
-        token to each ``sample`` chunk's sequence that goes on; a finishing one
-        may have none appended (a head that yields no token).
+        head that answers in one forward). It must have appended at least one
+        token to each ``sample`` chunk's sequence that goes on (more when a
+        grammar forces them: their KV is the next chunk); a finishing one may
+        have none appended (a head that yields no token).
         """
         finished_ids = set(finished_seq_ids)
         stats = self.stats
@@ -179,13 +180,14 @@ class Scheduler:
                     changed = True
             elif ch.sample:
                 if seq.seq_id in finished_ids:
-                    assert seq.num_tokens in (end, end + 1), "at most one token per sampled chunk"
+                    assert seq.num_tokens >= end, "a finished sequence keeps its tokens"
                     finished_ids.discard(seq.seq_id)
                     self._finish(seq)
                     done.append(seq)
                     changed = True
                 else:
-                    assert seq.num_tokens == end + 1, "the engine appends one token per sampled chunk"
+                    # one sampled token, then any tokens a grammar forces (jump-forward)
+                    assert seq.num_tokens >= end + 1, "the engine appends a token per sampled chunk"
                     assert seq.num_tokens < self.max_model_len, (
                         "the engine must end a sequence at max_model_len"
                     )
