@@ -1,13 +1,20 @@
 """The `batchllm` command line: run a job, plan it (dry run), show result rows.
 
 Spec errors print one line naming the field and exit with status 2; a failed
-run exits with status 1. Prefect is imported only by ``run``.
+run exits with status 1; a run stopped by Ctrl-C or SIGTERM exits with 128 +
+the signal (130, 143). Failed and stopped runs say what they leave for the
+rerun (docs/faults.md). Prefect is imported only by ``run``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,7 +41,7 @@ DEFAULT_DATABASE = "demo/warehouse.duckdb"
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line
     raise typer.Exit(code)
 
 
@@ -51,24 +58,73 @@ def run(
     from batchllm import job as steps
     from batchllm.spec import load_spec
 
+    received: list[int] = []
+    spec: Any = None
     try:
-        spec = load_spec(job)
-        steps.validate(spec)
-    except (SpecError, WarehouseError) as exc:
-        _fail(str(exc))
-    try:
-        result = run_with_progress(spec, quiet=quiet)
-    except SpecError as exc:
-        _fail(str(exc))
-    except Exception as exc:
-        _fail(f"run failed: {type(exc).__name__}: {exc}", code=1)
+        with _stop_on_signals(received):
+            try:
+                spec = load_spec(job)
+                steps.validate(spec)
+            except SpecError as exc:
+                _fail(str(exc))
+            except WarehouseError as exc:
+                _fail(str(exc), code=1)
+            try:
+                result = run_with_progress(spec, quiet=quiet)
+            except SpecError as exc:
+                _fail(str(exc))
+            except WarehouseError as exc:
+                _fail(f"run failed: {exc}{_resume_hint(spec)}", code=1)
+            except Exception as exc:
+                _fail(f"run failed: {type(exc).__name__}: {exc}{_resume_hint(spec)}", code=1)
+    except KeyboardInterrupt:
+        signum = received[0] if received else signal.SIGINT
+        hint = _resume_hint(spec) if spec is not None else ""
+        _fail(f"interrupted by {signal.Signals(signum).name}{hint}", code=128 + signum)
     print_run(result)
+
+
+@contextmanager
+def _stop_on_signals(received: list[int]) -> Iterator[None]:
+    """SIGTERM stops a run like Ctrl-C: the exception unwinds (open transactions roll back) and the
+    command exits with a message; a second signal during that cleanup is ignored."""
+
+    def stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _resume_hint(spec: Any) -> str:
+    """What a failed or stopped run left: the results table changes only in the last step, all at once."""
+    from batchllm.warehouse import staged_rows
+
+    staged = staged_rows(spec, wait=False)
+    if staged == {}:
+        return ""  # nothing finished: there is nothing to resume from
+    kept = "" if staged is None else f" ({sum(staged.values())} rows staged)"
+    return (
+        f"; finished shards are kept{kept} and {spec.output.table!r} is written only by a run's "
+        "last step, all at once: rerun the same job to resume"
+    )
 
 
 def run_with_progress(spec: Any, quiet: bool = False) -> dict[str, Any]:
     """Run the enrich flow in this process with a terminal progress bar over the prompts."""
     with console.status("starting Prefect..."):
         from batchllm.flows.enrich import enrich
+        from batchllm.flows.ephemeral import start_detached
+
+        start_detached()  # Ctrl-C stops the run, not the temporary server it reports to
+    _quiet_expected_errors()
     progress = Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
@@ -85,6 +141,31 @@ def run_with_progress(spec: Any, quiet: bool = False) -> dict[str, Any]:
 
     with progress:
         return enrich(spec, progress=update)
+
+
+class _NoTraceback(logging.Formatter):
+    """A console formatter that prints an expected failure (a spec error, a locked or full
+    warehouse, a stop signal) as its one-line log message: the traceback says nothing more.
+    The Prefect server's log handler still gets the whole record."""
+
+    EXPECTED = (SpecError, WarehouseError, KeyboardInterrupt)
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and isinstance(record.exc_info[1], self.EXPECTED):
+            record = copy.copy(record)
+            record.exc_info, record.exc_text = None, None
+        return self.inner.format(record)
+
+
+def _quiet_expected_errors() -> None:
+    for handler in logging.getLogger().handlers:
+        inner = handler.formatter
+        if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(inner, _NoTraceback):
+            handler.setFormatter(_NoTraceback(inner or logging.Formatter()))
 
 
 def print_run(run: dict[str, Any]) -> None:

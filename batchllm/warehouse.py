@@ -10,6 +10,12 @@ after the spec hash, in its own transaction. ``load`` merges staging into the
 results table, records the run and drops staging in one transaction. A crash
 before ``load`` leaves the results table untouched and the finished shards in
 staging; the rerun of the same spec picks them up instead of recomputing.
+
+Faults (docs/faults.md): ``connect`` waits, bounded, for another process's
+lock on the file and every write is one transaction that rolls back on any
+failure (connection.py); tables written by an older version gain the newer
+columns (merged by name, never by position) instead of failing the load; a
+retried load of a run already recorded writes nothing.
 """
 
 from __future__ import annotations
@@ -27,15 +33,12 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from batchllm.connection import WarehouseError, open_database, transaction
+from batchllm.faults import pause_point
 from batchllm.spec import JobSpec, SpecError, check_identifier, validate_columns
 
 _KEYWORD = re.compile(r"^[a-z]+$")
-
-
-class WarehouseError(RuntimeError):
-    """The warehouse could not be reached (missing, locked, unreadable); often transient."""
 
 
 class _SqlTemplate(string.Template):
@@ -73,13 +76,13 @@ def sql(
 
 @contextmanager
 def connect(
-    database: str, attach: list[Any] | None = None, read_only: bool = False
+    database: str, attach: list[Any] | None = None, read_only: bool = False, wait: bool = True
 ) -> Iterator[duckdb.DuckDBPyConnection]:
-    """One connection to ``database`` (a file path or ``:memory:``), attached sources, closed on exit."""
-    try:
-        con = duckdb.connect(database, read_only=read_only and database != ":memory:")
-    except duckdb.Error as exc:  # e.g. locked by another process: worth a retry
-        raise WarehouseError(f"database {database!r}: cannot open ({exc})") from None
+    """One connection to ``database`` (a file path or ``:memory:``), attached sources, closed on exit.
+
+    A file locked by another process is waited for (``wait``, bounded) rather than failed at once.
+    """
+    con = open_database(database, read_only and database != ":memory:", wait)
     try:
         for a in attach or []:
             try:
@@ -140,7 +143,7 @@ def extract(spec: JobSpec) -> pa.Table:
             ).to_arrow_table()
         except duckdb.Error as exc:  # e.g. a malformed CSV line: the query cannot run as written
             raise SpecError(f"source.query: reading the rows failed: {exc}") from None
-    check_ids(table.column(spec.source.id_column), spec.source.id_column)
+        check_ids(con, table, spec.source.id_column)
     return table
 
 
@@ -151,19 +154,45 @@ def describe(spec: JobSpec) -> list[str]:
 
 
 def _columns(con: duckdb.DuckDBPyConnection, spec: JobSpec) -> list[str]:
+    """The query's column names (bound, not run); the id column's type is checked here too."""
     try:
-        return [d[0] for d in con.execute(sql("describe_query", query=spec.source.query)).description]
+        relation = con.sql(sql("describe_query", query=spec.source.query))
+        names, types = relation.columns, relation.types
     except duckdb.Error as exc:
         raise SpecError(f"source.query: {exc}") from None
+    if spec.source.id_column in names:
+        check_id_type(spec.source.id_column, types[names.index(spec.source.id_column)])
+    return names
 
 
-def check_ids(ids: pa.ChunkedArray, column: str) -> None:
-    nulls = ids.null_count
+# Id types that survive DuckDB -> Arrow -> DuckDB with their values, equality and type. Not:
+# HUGEINT (DECIMAL(38,0), wraps beyond 38 digits), UUID (VARCHAR), TIMETZ (loses its zone),
+# BIT and BIGNUM (bytes), ENUM and nested types (not joinable in Arrow).
+ID_TYPES = frozenset(
+    {
+        *("tinyint", "smallint", "integer", "bigint", "utinyint", "usmallint", "uinteger", "ubigint"),
+        *("decimal", "float", "double", "varchar", "blob", "boolean", "interval", "date", "time"),
+        *("timestamp", "timestamp_s", "timestamp_ms", "timestamp_ns", "timestamp with time zone"),
+    }
+)
+
+
+def check_id_type(column: str, dtype: Any) -> None:
+    if getattr(dtype, "id", str(dtype).lower()) not in ID_TYPES:
+        raise SpecError(
+            f"source.id_column: {column!r} has type {dtype}, which results cannot be merged by; "
+            f"cast it in the query (e.g. CAST({column} AS VARCHAR) AS {column})"
+        )
+
+
+def check_ids(con: duckdb.DuckDBPyConnection, table: pa.Table, column: str) -> None:
+    """Every id present and unique by DuckDB's own equality, the one the MERGE uses (INTERVAL
+    '1 day' = '24 hours', 0.0 = -0.0): a duplicate here would be a row silently lost there."""
+    ids = _register(con, table.select([column]).rename_columns(["id"]))
+    nulls, dup = con.execute(sql("check_ids", ids=ids)).fetchall()[0]
     if nulls:
         raise SpecError(f"source.id_column: {nulls} row(s) have a null {column!r}; every row needs an id")
-    if pc.count_distinct(ids).as_py() != len(ids):
-        counts = pc.value_counts(ids)
-        dup = next(c["values"] for c in counts.to_pylist() if c["counts"] > 1)
+    if dup is not None:
         raise SpecError(
             f"source.id_column: {column!r} is not unique in the query result (e.g. {dup!r} repeats)"
         )
@@ -215,14 +244,11 @@ def stage(spec: JobSpec, rows: pa.Table) -> int:
     with connect(spec.output_database) as con:
         staging = staging_table(spec)
         view = _register(con, rows)
-        con.begin()
-        try:
+        with transaction(con, "staging results", spec.output_database):
             con.execute(sql("create_like", table=staging, like=view))
+            _widen(con, staging, view)
             con.execute(sql("insert_by_name", table=staging, batch=view))
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
+            pause_point("stage")
     return rows.num_rows
 
 
@@ -231,29 +257,58 @@ def load(spec: JobSpec, run: dict[str, Any]) -> int:
 
     Returns the number of rows written. With nothing staged the results table is
     left as it is (merge) or emptied (replace), and the run is still recorded.
+    A run already recorded (a retry after a commit whose reply was lost) writes nothing.
     """
     with connect(spec.output_database) as con:
         staging = staging_table(spec)
         results = spec.output.table
+        runs = spec.output.runs_table
         run_row = _register(con, runs_row(run))
-        con.begin()
-        try:
+        with transaction(con, "loading the results", spec.output_database):
+            if table_exists(con, runs) and scalar(con, sql("run_recorded", table=runs), [run["run_id"]]):
+                return 0
             written = 0
             if table_exists(con, staging):
                 written = int(scalar(con, sql("count_rows", table=staging)))
                 con.execute(sql("create_like", table=results, like=staging))
                 statement = "replace_results" if spec.output.mode == "replace" else "merge_results"
+                if statement == "merge_results":  # merged by name: both sides get the other's columns
+                    _widen(con, results, staging)
+                    _widen(con, staging, results)
                 con.execute(sql(statement, table=results, staging=staging))
                 con.execute(sql("drop_table", table=staging))
             elif spec.output.mode == "replace" and table_exists(con, results):
                 con.execute(sql("delete_all", table=results))
-            con.execute(sql("create_like", table=spec.output.runs_table, like=run_row))
-            con.execute(sql("insert_by_name", table=spec.output.runs_table, batch=run_row))
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
+            con.execute(sql("create_like", table=runs, like=run_row))
+            _widen(con, runs, run_row)
+            con.execute(sql("insert_by_name", table=runs, batch=run_row))
+            pause_point("load")
     return written
+
+
+def _columns_of(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    return [d[0] for d in con.execute(sql("columns", table=table)).description]
+
+
+def _widen(con: duckdb.DuckDBPyConnection, table: str, like: str) -> None:
+    """Give ``table`` the columns of ``like`` it lacks (NULL in its rows): a table written by an
+    older version takes a newer version's rows instead of failing the run at its last step."""
+    if set(_columns_of(con, like)) - set(_columns_of(con, table)):
+        con.execute(sql("widen_table", table=table, like=like))
+
+
+def staged_rows(spec: JobSpec, wait: bool = True) -> dict[str, int] | None:
+    """Rows per run id in the spec's staging table: what a rerun recovers (None when unknown)."""
+    if not Path(spec.output_database).exists():
+        return {}
+    try:
+        with connect(spec.output_database, wait=wait) as con:
+            staging = staging_table(spec)
+            if not table_exists(con, staging):
+                return {}
+            return dict(con.execute(sql("staged_runs", table=staging)).fetchall())
+    except (WarehouseError, duckdb.Error):
+        return None
 
 
 def runs_row(run: dict[str, Any]) -> pa.Table:

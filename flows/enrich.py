@@ -31,6 +31,8 @@ from prefect.exceptions import ObjectNotFound
 
 from batchllm import job, report, results, warehouse
 from batchllm.backends.base import GroupSpec, Progress
+from batchllm.connection import check_writable
+from batchllm.faults import pause_point
 from batchllm.spec import JobSpec, SpecError, load_spec
 
 
@@ -123,6 +125,7 @@ def enrich(spec: JobSpec | str, progress: Progress | None = None) -> dict[str, A
     logger = get_run_logger()
     spec = load_spec(spec) if isinstance(spec, str | Path) else spec
     job.check(spec)
+    check_writable(spec)  # a read-only folder fails here, not after inference
     timings: dict[str, float] = {}
     with _timed(timings, "extract_s"):
         table = extract(spec)
@@ -138,6 +141,9 @@ def enrich(spec: JobSpec | str, progress: Progress | None = None) -> dict[str, A
         prepared.prompts.num_rows,
         prepared.prompts.num_prompts,
     )
+    recovered_runs = sorted(warehouse.staged_rows(spec) or {}) if prepared.rows_recovered else []
+    if recovered_runs:
+        logger.info("recovering staged rows of interrupted run(s) %s", ", ".join(recovered_runs))
     counts = {"rows_processed": 0, "rows_ok": 0, "rows_error": 0}
     errors = results.error_rows(spec, prepared)
     if errors.num_rows:
@@ -148,6 +154,7 @@ def enrich(spec: JobSpec | str, progress: Progress | None = None) -> dict[str, A
         engine_stats = _infer_shards(spec, prepared, plan_info, counts, progress)
     device = job.device_name(spec) if plan_info.shards else "none"
     run = report.run_record(spec, prepared, plan_info, engine_stats, counts, timings, device)
+    run["recovered_runs"] = recovered_runs  # the runs table says whose work this run finished
     with _timed(run["timings"], "load_s"):
         run["rows_written"] = load(spec, run)
     publish_report(spec, run)
@@ -212,8 +219,12 @@ class _Progress:
         self.total = max(total, 1)
         self.forward = forward
         self.last = 0.0
+        self.reported = False
 
     def __call__(self, done: int, total: int) -> None:
+        if not self.reported:  # fault tests stop the n-th shard here, its engine running
+            self.reported = True
+            pause_point("infer")
         overall = self.done_before + done
         if self.forward is not None:
             self.forward(overall, self.total)

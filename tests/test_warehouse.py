@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -169,7 +168,7 @@ def test_failed_load_changes_nothing_and_keeps_staging(tmp_path: Path) -> None:
     warehouse.load(spec, {"run_id": "r1", "rows_ok": 2})
     warehouse.stage(spec, _results(spec, [2, 3], "r2", "negative"))
     # A run record whose column type clashes with the runs table makes the load fail half-way.
-    with pytest.raises(duckdb.Error):
+    with pytest.raises(warehouse.WarehouseError, match="loading the results failed, nothing was written"):
         warehouse.load(spec, {"run_id": "r2", "rows_ok": "not a number"})
     assert query(db, "SELECT id, label FROM labels ORDER BY id") == [(1, "positive"), (2, "positive")]
     assert query(db, "SELECT count(*) FROM batchllm_runs") == [(1,)]
@@ -222,24 +221,33 @@ def test_missing_source_database_is_named(tmp_path: Path) -> None:
     assert not (tmp_path / "nope.duckdb").exists()
 
 
-def test_locked_database_is_a_retryable_error(tmp_path: Path) -> None:
+def _hold(db: Path, seconds: float):
+    """Another process holding ``db`` open for writing for ``seconds``; returns once it holds it."""
     import subprocess
     import sys
 
+    code = f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('ok', flush=True); time.sleep({seconds})"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+    return holder
+
+
+def test_locked_database_is_waited_for_then_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     db = make_reviews_db(tmp_path / "w.duckdb", 3)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import duckdb, sys, time; c = duckdb.connect({str(db)!r}); print('ok', flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    spec = _spec(db)
+    monkeypatch.setenv("BATCHLLM_LOCK_TIMEOUT_S", "1")
+    holder = _hold(db, 60)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
-        with pytest.raises(warehouse.WarehouseError, match="cannot open"):
-            warehouse.stage(_spec(db), _results(_spec(db), [1], "r1", "positive"))
+        with pytest.raises(warehouse.WarehouseError, match=r"is locked by another process .*held by .*PID"):
+            warehouse.stage(spec, _results(spec, [1], "r1", "positive"))
     finally:
         holder.kill()
         holder.wait()
+    # A lock released within the bounded wait is waited out: the write goes through.
+    monkeypatch.setenv("BATCHLLM_LOCK_TIMEOUT_S", "60")
+    holder = _hold(db, 1.5)
+    try:
+        assert warehouse.stage(spec, _results(spec, [1], "r1", "positive")) == 1
+    finally:
+        holder.wait()
+    assert warehouse.done_keys(spec, include_results=False).num_rows == 1
