@@ -116,7 +116,25 @@ class FormatSpec(BaseModel):
             return "choice: " + " | ".join(self.choice)
         if self.regex is not None:
             return f"regex: {self.regex}"
-        return "json: " + json.dumps(self.schema(), separators=(",", ":"))
+        where = "a column per field" if self.columns == "flat" else "STRUCT parsed"
+        return f"{self.kind} ({where}): {_summary(self.schema() or {})}"
+
+
+def _summary(node: dict[str, Any]) -> str:
+    """A schema in one short line: {name: type, ...}, [item], enum values as a|b, nullable as T?."""
+    if "anyOf" in node:
+        rest = [o for o in node["anyOf"] if o != {"type": "null"}]
+        return _summary(rest[0]) + "?" if len(rest) == 1 else "anyOf"
+    kind = node.get("type")
+    null = "?" if isinstance(kind, list) and "null" in kind else ""
+    if "enum" in node:
+        return "|".join(str(v) for v in node["enum"] if v is not None) + null
+    if "properties" in node:
+        return "{" + ", ".join(f"{k}: {_summary(v)}" for k, v in node["properties"].items()) + "}" + null
+    if "items" in node:
+        return f"[{_summary(node['items'])}]{null}"
+    names = [t for t in kind if t != "null"] if isinstance(kind, list) else [kind]
+    return "|".join(str(t) for t in names) + null
 
 
 def _check_choice(choice: list[str]) -> None:

@@ -35,6 +35,11 @@ def test_field_list_compiles_to_a_typed_schema(tmp_path: Path) -> None:
     schema = fmt.schema()
     assert schema["required"] == list(FIELDS) and schema["additionalProperties"] is False
     assert schema["properties"]["summary"] == {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    assert fmt.describe().startswith("fields (STRUCT parsed): {sentiment: positive|negative|mixed, mentions")
+    assert (
+        "summary: string?, score: number, tags: [string], cast: [{name: string, age: integer?}]"
+        in fmt.describe()
+    )
     [field] = typed_fields(fmt)
     assert field.name == "parsed"
     assert field.type == pa.struct(
