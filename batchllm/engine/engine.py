@@ -23,7 +23,7 @@ from batchllm.engine.attention import resolve_name
 from batchllm.engine.config import ModelConfig
 from batchllm.engine.grammar import Constraint, GrammarCache, GrammarHead
 from batchllm.engine.heads import Head, SeqSampling, StopRule, TokenHead
-from batchllm.engine.kv import activation_bytes, pool_blocks
+from batchllm.engine.kv import activation_bytes, gpu_memory, pool_blocks
 from batchllm.engine.labels import LabelSet
 from batchllm.engine.model import load_model
 from batchllm.engine.options import check_options, model_folder
@@ -114,7 +114,7 @@ class Engine:
             block_size,
             kv_cache_tokens=kv_cache_tokens,
             kv_cache_gb=kv_cache_gb,
-            gpu_memory=torch.cuda.mem_get_info(self.device) if cuda else None,
+            gpu_memory=gpu_memory(self.device) if cuda else None,
             gpu_memory_utilization=gpu_memory_utilization,
             activation_margin=activation_bytes(
                 self.config, self.max_num_batched_tokens, torch_dtype.itemsize

@@ -20,9 +20,11 @@ from batchllm.engine.model import CausalLM
 
 
 def graph_sizes(max_seqs: int) -> list[int]:
-    """Padded batch sizes: powers of two up to 256, then steps of 256."""
-    sizes = [1, 2, 4, 8, 16, 32, 64, 128]
-    sizes += list(range(256, max_seqs + 1, 256))
+    """Padded batch sizes: powers of two up to 64, then steps of 64 (a padded row costs a whole row of
+    every GEMM: 400 sequences padded to 512 ran 28% more rows than needed; steps of 64 keep it under
+    16% from 400 rows up). Graphs are captured lazily, so unused sizes cost nothing."""
+    sizes = [1, 2, 4, 8, 16, 32]
+    sizes += list(range(64, max_seqs + 1, 64))
     return [s for s in sizes if s <= max_seqs] or [max_seqs]
 
 

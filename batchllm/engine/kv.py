@@ -16,6 +16,7 @@ Contract:
 
 from __future__ import annotations
 
+import gc
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -128,6 +129,16 @@ def pool_blocks(
     if num_blocks < 1:
         raise ValueError(f"kv_cache_gb: {gb} GB holds no KV block")
     return num_blocks
+
+
+def gpu_memory(device: Any) -> tuple[int, int]:
+    """(free, total) bytes of the GPU, after handing back what this process's allocator caches unused
+    (an engine freed earlier in the same process must not count as memory in use)."""
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)
 
 
 def activation_bytes(cfg: Any, num_tokens: int, itemsize: int) -> int:

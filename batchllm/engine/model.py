@@ -44,16 +44,30 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; with a residual, of x + residual, returning (normed, x + residual) as one fused pass."""
+
+    fused = False  # one Triton kernel (kernels/elementwise.py) instead of plain torch; set per model
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        if self.fused and x.dim() == 2:
+            from batchllm.kernels.elementwise import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
 
 
 def rope_table(cfg: ModelConfig, max_len: int, device: torch.device | str) -> torch.Tensor:
@@ -70,6 +84,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
+class Rope:
+    """One forward's rotary embedding: the fused in-place kernel, or cos/sin gathered once for all layers."""
+
+    def __init__(self, table: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, fused: bool) -> None:
+        half = table.shape[-1] // 2
+        self.fused = fused and (half & (half - 1)) == 0  # the kernel's tl.arange needs a power of two
+        self.table, self.positions = table, positions
+        if not self.fused:
+            cs = table[positions]  # [T, 2, head_dim]
+            self.cos, self.sin = cs[:, None, 0].to(dtype), cs[:, None, 1].to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from batchllm.kernels.elementwise import rope_
+
+            return rope_(x, self.positions, self.table)
+        return apply_rope(x, self.cos, self.sin)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -83,14 +116,14 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.backend: AttentionBackend | None = None  # installed by the runner
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: Any) -> torch.Tensor:
+    def forward(self, rope: Rope, x: torch.Tensor, meta: Any) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = rope(q), rope(k)
         assert self.backend is not None, "the runner installs the attention backend"
         self.backend.store(self.layer, k, v, meta)
         o = self.backend.forward(self.layer, q, meta, self.scale)
@@ -103,8 +136,15 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
+    fused = False  # silu(gate) * up as one Triton kernel; set per model
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused:
+            from batchllm.kernels.elementwise import silu_mul
+
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
@@ -116,9 +156,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: Any) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, rope: Rope, x: torch.Tensor, residual: torch.Tensor | None, meta: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream): the add of each block's output into the residual stream
+        happens in the next norm, fused with it (x + residual, summed in the same order as before)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(rope, h, meta), residual)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
@@ -140,13 +188,24 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             layer.self_attn.backend = backend
 
+    def use_fused_kernels(self, on: bool) -> None:
+        """The Triton elementwise kernels (norms, SiLU-and-mul, RoPE) instead of plain torch (CUDA)."""
+        self.fused = on
+        for m in self.modules():
+            if isinstance(m, RMSNorm | MLP):
+                m.fused = on
+
+    fused = False
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cs = self.rope[positions]  # [T, 2, head_dim]
-        rope = (cs[:, None, 0].to(x.dtype), cs[:, None, 1].to(x.dtype))
+        rope = Rope(self.rope, positions, x.dtype, self.fused)
+        residual = None
         for layer in self.layers:
-            x = layer(rope, x, meta)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, meta)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.lm_head_weight.T
@@ -203,6 +262,7 @@ def load_model(
     else:
         _load_safetensors(model, cfg, folder)
     model.rope = rope_table(cfg, max_len, device)
+    model.use_fused_kernels(torch.device(device).type == "cuda")
     return model.eval().requires_grad_(False)
 
 

@@ -1,0 +1,132 @@
+"""Where the native engine's GPU time goes: torch.profiler over a W(P, S, D, sd, G) case, by kernel kind.
+
+Two profiled generates of the same seeded prompts after a warm-up: the case
+with one output token (its prefill) and the whole case; decode is their
+difference. Kernels are grouped by kind (GEMM, attention, KV store, norms and
+other elementwise work, copies, sampling) so a step's breakdown can be set
+against its floor (bench.floor): GEMMs near the matmul peak, attention near
+bandwidth, and the rest small.
+
+    python -m bench.profile --case 2000,200,100,16,25 --out /tmp/prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.floor import Case, make_prompts, shuffled_order
+from bench.generate import warmup_case
+
+KINDS = (
+    ("attention", ("_attention_kernel", "_reduce_kernel", "attn", "flash")),
+    ("kv_store", ("store",)),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "matmul")),
+    ("sampling", ("argmax", "topk", "sort")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("index", ("index", "gather", "embedding")),
+    ("norm_reduce", ("reduce_kernel", "norm")),
+    ("cat", ("cat",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
+
+
+def kernel_table(prof: Any) -> dict[str, Any]:
+    """Device time per kernel name and per kind (ms), from the profiler's events."""
+    per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        per_name[ev.name][0] += ev.device_time_total / 1e3 if hasattr(ev, "device_time_total") else 0.0
+        per_name[ev.name][1] += 1
+    kinds: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in per_name.items():
+        kinds[kind_of(name)] += ms
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:30]
+    return {
+        "total_ms": sum(kinds.values()),
+        "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top": [{"name": n[:120], "ms": ms, "calls": c, "kind": kind_of(n)} for n, (ms, c) in top],
+    }
+
+
+def profiled(engine: Any, prompts: list, decode: int) -> dict[str, Any]:
+    from batchllm.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=decode, ignore_eos=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        engine.generate(prompts, params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    stats = engine.stats
+    s = stats.as_dict() if hasattr(stats, "as_dict") else dict(vars(stats))
+    return {"wall_s": wall, "stats": s, **kernel_table(prof)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="bench/configs/llama31-8b")
+    ap.add_argument("--case", type=Case.parse, default=Case.parse("2000,200,100,16,25"))
+    ap.add_argument("--kv-tokens", type=int, default=300_000)
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    from batchllm.engine import Engine, SamplingParams
+    from batchllm.engine.config import load_config
+
+    folder = Path(args.model)
+    vocab = load_config(folder).vocab_size
+    engine = Engine(
+        folder,
+        device="cuda",
+        dtype="bfloat16",
+        load_format="dummy",
+        kv_cache_tokens=args.kv_tokens,
+        cuda_graphs=not args.no_cuda_graphs,
+    )
+    case = args.case
+    w = warmup_case(case)
+    engine.generate(
+        list(make_prompts(w, vocab, 10_000)), SamplingParams(max_tokens=w.decode, ignore_eos=True)
+    )
+    prompts = make_prompts(case, vocab, 0)
+    prompts = list(prompts[shuffled_order(case.requests, 0)])
+    report = {
+        "case": case.label,
+        "prefill": profiled(engine, prompts, 1),
+        "whole": profiled(engine, prompts, case.decode),
+    }
+    pre, whole = report["prefill"], report["whole"]
+    kinds = set(pre["kinds_ms"]) | set(whole["kinds_ms"])
+    report["decode_kinds_ms"] = {
+        k: whole["kinds_ms"].get(k, 0.0) - pre["kinds_ms"].get(k, 0.0) for k in kinds
+    }
+    print(f"{case.label}: prefill-only wall {pre['wall_s']:.2f} s, whole {whole['wall_s']:.2f} s")
+    print("| kind | prefill ms | decode ms (whole - prefill) |\n|---|---|---|")
+    for k in sorted(kinds, key=lambda k: -whole["kinds_ms"].get(k, 0.0)):
+        print(f"| {k} | {pre['kinds_ms'].get(k, 0.0):.1f} | {report['decode_kinds_ms'][k]:.1f} |")
+    for phase in ("prefill", "whole"):
+        print(f"\ntop kernels, {phase}:")
+        for row in report[phase]["top"][:18]:
+            print(f"  {row['ms']:9.1f} ms {row['calls']:7d}x {row['kind']:11s} {row['name']}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile.json").write_text(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The fused elementwise kernels (kernels/elementwise.py) against the plain-torch expressions they replace.
+
+On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py); on CUDA natively.
+Compiled, bf16 results round where torch rounds (to nearest even), so sums and RoPE are bit-equal
+to the torch path; the interpreter truncates float32 to bf16, so on CPU bf16 is checked to one
+bf16 step. float32 results match up to the reduction order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from batchllm.kernels.elementwise import rms_norm, rope_, silu_mul
+
+from batchllm.engine.model import RMSNorm, Rope, apply_rope
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [64, 96])
+def test_rms_norm(dtype: torch.dtype, n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    x = (3 * torch.randn(5, n, generator=g)).to(dtype).to(DEVICE)
+    r = torch.randn(5, n, generator=g).to(dtype).to(DEVICE)
+    w = (1 + torch.randn(n, generator=g) / 4).to(dtype).to(DEVICE)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1.6e-2}
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), _torch_norm(x, w, 1e-5), **tol)
+    out, res = rms_norm(x, w, 1e-5, residual=r)
+    torch.testing.assert_close(res, x + r, **tol)
+    assert torch.equal(res, x + r) or (DEVICE == "cpu" and dtype == torch.bfloat16)
+    torch.testing.assert_close(out, _torch_norm(res, w, 1e-5), **tol)  # the norm of the sum it returned
+    # strided rows (a view of a wider tensor) read correctly
+    wide = torch.cat([x, x], dim=1)[:, :n]
+    torch.testing.assert_close(rms_norm(wide, w, 1e-5), _torch_norm(x, w, 1e-5), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(dtype: torch.dtype) -> None:
+    gate_up = (2 * torch.randn(4, 2 * 80, generator=torch.Generator().manual_seed(1))).to(dtype).to(DEVICE)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1.6e-2}
+    torch.testing.assert_close(silu_mul(gate_up), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_place_on_a_strided_view(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(2)
+    heads, kv_heads, dim, tokens = 4, 2, 16, 6
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype).to(DEVICE)
+    half = torch.randn(64, 2, dim // 2, generator=g)  # any angles, halves repeated as in rope_table
+    table = torch.cat([half, half], dim=-1).to(DEVICE)
+    positions = torch.tensor([0, 5, 9, 33, 63, 7], device=DEVICE)
+    cs = table[positions]
+    cos, sin = cs[:, None, 0].to(dtype), cs[:, None, 1].to(dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+    want_q, want_k, v_before = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.clone()
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1.6e-2}
+    torch.testing.assert_close(rope_(q, positions, table), want_q, **tol)
+    torch.testing.assert_close(rope_(k, positions, table), want_k, **tol)
+    assert torch.equal(q, want_q) or dtype == torch.float32 or DEVICE == "cpu"  # compiled bf16: bit-equal
+    assert torch.equal(v, v_before)  # the values beside them untouched
+
+
+def test_model_modules_take_the_fused_path() -> None:
+    norm = RMSNorm(32, 1e-6).to(DEVICE)
+    x, r = torch.randn(3, 32, device=DEVICE), torch.randn(3, 32, device=DEVICE)
+    plain_out, plain_res = norm(x, r)
+    norm.fused = True
+    fused_out, fused_res = norm(x, r)
+    assert torch.equal(plain_res, fused_res)
+    torch.testing.assert_close(fused_out, plain_out, atol=1e-5, rtol=1e-5)
+    table = torch.randn(8, 2, 8).repeat(1, 1, 2).to(DEVICE)
+    pos = torch.tensor([3, 1, 7], device=DEVICE)
+    xq = torch.randn(3, 2, 16, device=DEVICE)
+    want = Rope(table, pos, xq.dtype, fused=False)(xq.clone())
+    torch.testing.assert_close(Rope(table, pos, xq.dtype, fused=True)(xq.clone()), want, atol=1e-6, rtol=1e-5)
