@@ -219,12 +219,7 @@ def infer_shard(
     Returns outcomes (input order) and engine stats.
     """
     t0 = time.perf_counter()
-    if spec.task.format is None:
-        backend = create_backend(spec.backend, spec.model, spec.device, **spec.engine_options)
-    else:  # typed output: the native engine decoding under the task's grammar
-        from batchllm.constrained import ConstrainedNativeBackend
-
-        backend = ConstrainedNativeBackend(spec.model, resolve_device(spec.device), **spec.engine_options)
+    backend = create_backend(spec.backend, spec.model, spec.device, **spec.engine_options)
     t1 = time.perf_counter()
     try:
         outcomes = backend.run(token_ids, spec.task, spec.sampling, progress=progress, groups=groups)

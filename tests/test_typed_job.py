@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from batchllm.constrained import ConstrainedNativeBackend
+from batchllm.backends.native import NativeBackend
 from tests.product_fixtures import make_reviews_db, query, spec_dict
 from tests.test_scoring_job import run_job
 
@@ -17,13 +17,13 @@ FIELDS = {"sentiment": ["positive", "negative"], "mentions_acting": "bool", "wor
 
 @pytest.fixture
 def shared_engine(engine, monkeypatch: pytest.MonkeyPatch):
-    """The session's engine behind the typed backend (no second model load)."""
+    """The session's engine behind the native backend (no second model load)."""
 
     def init(self, model: str, device: str, **options) -> None:
         self._engine, self._stats = engine, {}
 
-    monkeypatch.setattr(ConstrainedNativeBackend, "__init__", init)
-    monkeypatch.setattr(ConstrainedNativeBackend, "close", lambda self: None)
+    monkeypatch.setattr(NativeBackend, "__init__", init)
+    monkeypatch.setattr(NativeBackend, "close", lambda self: None)
     return engine
 
 

@@ -48,7 +48,7 @@ class NativeBackend:
         if reason := self.supports(task.kind):
             raise ValueError(reason)
         if task.kind == "generate":
-            out = self._generate(prompts, sampling, progress, groups)
+            out = self._generate(prompts, task, sampling, progress, groups)
         else:
             out = self._classify(prompts, task, progress, groups)
         self._stats = self._engine.stats.as_dict()
@@ -57,10 +57,13 @@ class NativeBackend:
     def _generate(
         self,
         prompts: Sequence[np.ndarray],
+        task: TaskSpec,
         sampling: SamplingSpec,
         progress: Progress | None,
         groups: Iterable[GroupSpec] | None,
     ) -> list[Outcome]:
+        """generate; with ``task.format``, decoding under the format's grammar (typed output)."""
+        from batchllm.constrained import constraint_of
         from batchllm.engine import SamplingParams
 
         params = SamplingParams(
@@ -70,7 +73,10 @@ class NativeBackend:
             seed=sampling.seed,
             stop=tuple(sampling.stop),
         )
-        results = self._engine.generate(list(prompts), params, progress=progress, groups=groups)
+        constraint = constraint_of(task.format) if task.format is not None else None
+        results = self._engine.generate(
+            list(prompts), params, progress=progress, groups=groups, constraint=constraint
+        )
         return [
             Outcome(
                 prompt_tokens=r.prompt_tokens,
