@@ -22,6 +22,7 @@ class _Chunk:
     start: int
     num_tokens: int
     sample: bool = True
+    two_level: bool = True
 
 
 def _seq(seq_id: int, n: int, blocks: list[int], group: int | None = None, shared: int = 0) -> Sequence:
@@ -145,3 +146,25 @@ def test_engine_triton_equals_torch(tmp_path) -> None:
             tokens[attention, sharing] = [r.token_ids for r in engine.generate(prompts, params)]
             assert engine.stats.saving_ratio > 0.4 if sharing else engine.stats.saving_ratio == 0.0
     assert all(t == tokens["torch", True] for t in tokens.values())
+
+
+def test_cost_model_sends_small_groups_to_the_plain_path() -> None:
+    from batchllm.engine.attention.cost import two_level_pays
+    from batchllm.engine.scheduler import grouped_chunks
+
+    assert not two_level_pays(1, 4000)  # a group of one never pays (sd=1 measured 5% slower)
+    assert two_level_pays(4, 512) and two_level_pays(16, 2000)  # measured wins
+    assert not two_level_pays(2, 128) and two_level_pays(2, 144) and two_level_pays(4, 64)
+    plain = _Chunk(_seq(0, 10, [1, 2, 3]), 4, 6)
+    pair = [_Chunk(_seq(i, 10, [20, 21, 5 + i]), 9, 1) for i in (1, 2)]  # a pair sharing 8 tokens
+    four = [_Chunk(_seq(i, 70, [*range(30, 48), 50 + i]), 69, 1) for i in (3, 4, 5, 6)]  # 4 x 64
+    for c in pair:
+        c.seq.group_id, c.seq.num_shared_tokens = 1, 8
+    for c in four:
+        c.seq.group_id, c.seq.num_shared_tokens = 2, 64
+    ordered = grouped_chunks([four[0], pair[0], plain, *four[1:], pair[1]])
+    assert [c.seq.seq_id for c in ordered] == [0, 1, 2, 3, 4, 5, 6]  # the pair went plain
+    assert [c.two_level for c in ordered] == [True, False, False, True, True, True, True]
+    lay = build_layout(ordered, BS)
+    assert lay.group_seqs.tolist() == [3, 7] and lay.group_prefix_lens.tolist() == [64]
+    assert lay.start_pos.tolist() == [0, 0, 0, 64, 64, 64, 64]  # the pair reads its prefix as its own keys

@@ -139,6 +139,7 @@ class _Chunk:
     start: int
     num_tokens: int
     sample: bool = True
+    two_level: bool = True
 
 
 def test_first_position_logits_match_transformers(engine, prompts, reference) -> None:

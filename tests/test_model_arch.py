@@ -87,6 +87,7 @@ class _Chunk:
     start: int
     num_tokens: int
     sample: bool = False
+    two_level: bool = True
 
 
 def _logits_all_positions(runner: ModelRunner, steps: list[list[_Chunk]]) -> dict[int, list[torch.Tensor]]:

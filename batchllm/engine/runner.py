@@ -35,7 +35,7 @@ def build_layout(chunks: Seq[ScheduledChunk], block_size: int, trees: bool = Fal
     bs, num = block_size, len(chunks)
     q_lens = np.fromiter((c.num_tokens for c in chunks), np.int32, num)
     starts = np.fromiter((c.start for c in chunks), np.int32, num)
-    shared = np.fromiter((c.seq.num_shared_tokens for c in chunks), np.int32, num)
+    shared = np.fromiter((c.seq.num_shared_tokens if c.two_level else 0 for c in chunks), np.int32, num)
     kv_lens = starts + q_lens
     num_blocks = (kv_lens + bs - 1) // bs
     tables = np.full((num, int(num_blocks.max())), -1, dtype=np.int32)
@@ -56,7 +56,7 @@ def build_layout(chunks: Seq[ScheduledChunk], block_size: int, trees: bool = Fal
     positions = (np.arange(total) - cu[rows] + starts[rows]).astype(np.int64)
     slots = tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
     # groups: plain chunks first, then each group's chunks as one run
-    gid = np.fromiter((c.seq.group_id if c.seq.num_shared_tokens else -1 for c in chunks), np.int64, num)
+    gid = np.where(shared > 0, np.fromiter((c.seq.group_id or 0 for c in chunks), np.int64, num), -1)
     grouped = np.flatnonzero(gid >= 0)
     firsts = grouped[np.r_[True, gid[grouped[1:]] != gid[grouped[:-1]]]] if grouped.size else grouped
     assert not grouped.size or grouped[0] == num - grouped.size, "plain chunks come before grouped ones"

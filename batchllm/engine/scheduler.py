@@ -31,6 +31,7 @@ from collections.abc import Sequence as SequenceLike
 from dataclasses import dataclass, field
 
 from batchllm.engine.admission import Admission, Group
+from batchllm.engine.attention.cost import two_level_pays
 from batchllm.engine.kv import BlockPool
 from batchllm.engine.sequence import ScheduledChunk, Sequence, SequenceStatus
 
@@ -367,13 +368,23 @@ class Scheduler:
 def grouped_chunks(chunks: Iterable[ScheduledChunk]) -> list[ScheduledChunk]:
     """Plain chunks first (scheduling order), then grouped chunks contiguous by ascending group id.
 
-    A chunk is grouped when it reads a shared prefix (num_shared_tokens > 0);
-    a group prefix's own chunks are plain. The sort is stable, so members keep
-    their scheduling order inside a group.
+    A chunk is grouped when it reads a shared prefix (num_shared_tokens > 0)
+    and its group's chunks in this step make two-level attention pay
+    (``attention.cost``); otherwise it is plain, as a group prefix's own chunks
+    are. The sort is stable, so members keep their scheduling order inside a group.
     """
     plain: list[ScheduledChunk] = []
-    shared: list[ScheduledChunk] = []
+    by_group: dict[int, list[ScheduledChunk]] = {}
     for c in chunks:
-        (shared if c.seq.num_shared_tokens else plain).append(c)
-    shared.sort(key=lambda c: c.seq.group_id)  # type: ignore[arg-type, return-value]
+        if c.seq.num_shared_tokens:
+            by_group.setdefault(c.seq.group_id, []).append(c)  # type: ignore[arg-type]
+        else:
+            plain.append(c)
+    shared: list[ScheduledChunk] = []
+    for gid in sorted(by_group):
+        members = by_group[gid]
+        pays = two_level_pays(len(members), members[0].seq.num_shared_tokens)
+        for c in members:
+            c.two_level = pays
+        (shared if pays else plain).extend(members)
     return plain + shared

@@ -84,6 +84,9 @@ class ScheduledChunk:
     start: int
     num_tokens: int
     sample: bool
+    # reads its group's prefix through two-level attention (False: a plain chunk over its whole
+    # block table, prefix blocks included; ``attention.cost.two_level_pays`` decides per step)
+    two_level: bool = True
 
     @property
     def end(self) -> int:
