@@ -235,6 +235,30 @@ def plan(
 
 
 @app.command()
+def batch(
+    input_path: Annotated[Path, typer.Argument(help="OpenAI-style batch file (JSONL of chat requests)")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="output JSONL (rerun: only missing ids run)")
+    ],
+    model: Annotated[str, typer.Option(help="model folder or 'default'")] = "default",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of requests whose body gives none")] = 256,
+) -> None:
+    """Answer an OpenAI-style batch file; custom_ids already answered ok in the output are kept, not rerun."""
+    from batchllm.batchfile import BatchFileError, run_batch
+    from batchllm.models import ModelError
+
+    if not input_path.is_file():
+        _fail(f"batch: no such file {str(input_path)!r}")
+    try:
+        with console.status("running batch requests..."):
+            counts = run_batch(input_path, output, model=model, device=device, default_max_tokens=max_tokens)
+    except (BatchFileError, ModelError, SpecError) as exc:
+        _fail(str(exc))
+    out.print(", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {output}", highlight=False)
+
+
+@app.command()
 def show(
     table: Annotated[
         str, typer.Argument(help="results table name, or a job spec (YAML) to show its output table")

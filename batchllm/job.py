@@ -185,13 +185,19 @@ def prepare(spec: JobSpec, table: pa.Table, run_id: str | None = None, dry_run: 
 
 def plan(spec: JobSpec, prepared: Prepared) -> PlanInfo:
     """Group the distinct prompts by shared prefix and cut whole groups into ``spec.shards`` shards."""
+    return plan_prompts(prepared.prompts.token_ids, decode_budget(spec), spec.block_size, spec.shards)
+
+
+def plan_prompts(
+    token_ids: list[np.ndarray], decode: np.ndarray | int, block_size: int = 16, shards: int = 1
+) -> PlanInfo:
+    """The planning step on bare token ids (``decode``: output tokens per prompt), for table and file jobs."""
     from batchllm.plan import build_plan, shard_plan
 
-    token_ids = prepared.prompts.token_ids
     if not token_ids:
         return PlanInfo(shards=[], stats={"logical_tokens": 0, "physical_tokens": 0, "saving_ratio": 0.0})
-    built = build_plan(token_ids, decode_budget(spec), block_size=spec.block_size)
-    parts = shard_plan(built, spec.shards) if spec.shards > 1 else [built]
+    built = build_plan(token_ids, decode, block_size=block_size)
+    parts = shard_plan(built, shards) if shards > 1 else [built]
     kept = [(inputs, part) for part in parts if (inputs := _shard_inputs(part))]
     return PlanInfo(
         shards=[inputs for inputs, _ in kept],

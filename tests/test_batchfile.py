@@ -1,0 +1,163 @@
+"""OpenAI-style batch files: bad lines, a round trip on the default model, idempotent reruns, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from batchllm.backends.base import create_backend
+from batchllm.batchfile import parse_requests, read_answered, run_batch
+from batchllm.cli import app
+from batchllm.engine.tokenizer import Tokenizer
+
+SYSTEM = "You answer in one short sentence."
+ENGINE = {"kv_cache_gb": 0.25, "max_num_batched_tokens": 512}
+
+
+def request(cid: str, user: str, **body: Any) -> dict[str, Any]:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return {
+        "custom_id": cid,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "default", "messages": messages, "max_tokens": 6, "temperature": 0, **body},
+    }
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def no_model(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the model was loaded although every request was answered")
+
+
+def test_bad_lines_get_error_lines_and_the_rest_parse(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            request("a", "hi"),
+            "{not json",
+            {"body": {"messages": [{"role": "user", "content": "x"}]}},
+            request("a", "again"),
+            {"custom_id": "b", "body": {"max_tokens": 3}},
+            request("c", "x", max_tokens=0),
+            {"custom_id": "d", "body": {"messages": [{"role": "tool", "content": "x"}]}},
+            request("e", "x", stop="\n", seed=3, temperature=0.5),
+        ],
+    )
+    parsed = parse_requests(path, default_max_tokens=9)
+    assert [r.custom_id for r in parsed.requests] == ["a", "e"]
+    assert parsed.requests[1].params == (6, 0.5, 1.0, 3, ("\n",))
+    codes = [(e["custom_id"], e["error"]["code"]) for e in parsed.errors]
+    assert codes == [
+        (None, "invalid_json"),
+        (None, "missing_custom_id"),
+        (None, "duplicate_custom_id"),
+        ("b", "invalid_request"),
+        ("c", "invalid_request"),
+        ("d", "invalid_request"),
+    ]
+    messages = [e["error"]["message"] for e in parsed.errors]
+    assert messages[0].startswith("line 2: not JSON")
+    assert "duplicate custom_id 'a' (first on line 1)" in messages[2]
+    assert "messages is missing" in messages[3]
+    assert messages[4].startswith("line 6: body.max_tokens")
+    assert all(e["response"] is None for e in parsed.errors)
+
+
+def test_round_trip_then_reruns_only_what_is_missing(tmp_path: Path, default_model_path: Path) -> None:
+    rows = [
+        request("r1", "Say hello."),
+        request("r2", "Name a color."),
+        request("r3", "Say hello.", max_tokens=3),
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", [*rows, "oops"])
+    out = tmp_path / "out.jsonl"
+    loads: list[str] = []
+
+    def backend(*args: Any, **kwargs: Any) -> Any:
+        loads.append(args[1])
+        return create_backend(*args, **kwargs)
+
+    kw = {"model": str(default_model_path), "device": "cpu", "engine_options": ENGINE}
+    counts = run_batch(src, out, backend=backend, **kw)
+    assert counts == {"requests": 3, "skipped": 0, "ran": 3, "ok": 3, "errors": 1}
+    lines = read_lines(out)
+    assert sorted(str(x["custom_id"]) for x in lines) == ["None", "r1", "r2", "r3"]
+    by_id = {x["custom_id"]: x for x in lines}
+    tok = Tokenizer(default_model_path)
+    for row in rows:
+        line = by_id[row["custom_id"]]
+        assert line["error"] is None and line["response"]["status_code"] == 200
+        body = line["response"]["body"]
+        choice = body["choices"][0]
+        assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
+        assert choice["finish_reason"] in ("stop", "length")
+        usage = body["usage"]
+        prompt = tok.apply_chat_template(row["body"]["messages"])  # the chat template, as rows get it
+        assert usage["prompt_tokens"] == len(tok.encode(prompt))
+        assert 1 <= usage["completion_tokens"] <= row["body"]["max_tokens"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert by_id["r3"]["response"]["body"]["usage"]["completion_tokens"] <= 3
+
+    # everything answered: no model work, ok lines kept as they were, the bad line reported once
+    before = {k: json.dumps(v) for k, v in by_id.items() if k}
+    counts = run_batch(src, out, backend=no_model, **kw)
+    assert counts == {"requests": 3, "skipped": 3, "ran": 0, "ok": 0, "errors": 1}
+    again = read_lines(out)
+    assert (
+        len(again) == 4 and {k: json.dumps(v) for k, v in ((x["custom_id"], x) for x in again) if k} == before
+    )
+
+    # r2's answer lost and a torn line left by a crash: only r2 runs, greedy gives the same text
+    kept = [line for line in out.read_text().splitlines() if '"r2"' not in line]
+    out.write_text("\n".join(kept) + '\n{"id": "batch_req_x", "custom_id": "r2", "respo')
+    counts = run_batch(src, out, backend=backend, **kw)
+    assert counts["ran"] == 1 and counts["skipped"] == 2 and len(loads) == 2
+    final = read_lines(out)
+    ids = [x["custom_id"] for x in final if x["custom_id"]]
+    assert sorted(ids) == ["r1", "r2", "r3"]
+    content = {
+        x["custom_id"]: x["response"]["body"]["choices"][0]["message"]["content"]
+        for x in final
+        if x["custom_id"]
+    }
+    assert content["r2"] == by_id["r2"]["response"]["body"]["choices"][0]["message"]["content"]
+    assert set(read_answered(out)) == {"r1", "r2", "r3"}
+
+
+def test_cli_batch_keeps_answered_lines(tmp_path: Path) -> None:
+    answered = {
+        "id": "batch_req_1",
+        "custom_id": "r1",
+        "response": {"status_code": 200, "body": {"choices": []}},
+        "error": None,
+    }
+    src = write_jsonl(tmp_path / "in.jsonl", [request("r1", "hi"), "[1, 2"])
+    out = write_jsonl(
+        tmp_path / "out.jsonl", [answered, {**answered, "custom_id": "old", "error": {"code": "x"}}]
+    )
+    result = CliRunner().invoke(app, ["batch", str(src), "-o", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1, ran 0" in result.output
+    lines = read_lines(out)
+    assert [x["custom_id"] for x in lines] == ["r1", None]  # the old error line is dropped, not duplicated
+    assert lines[1]["error"]["code"] == "invalid_json"
+    missing = CliRunner().invoke(app, ["batch", str(tmp_path / "nope.jsonl"), "-o", str(out)])
+    assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+@pytest.mark.parametrize("body", [{"n": 2}, {"temperature": "hot"}])
+def test_unsupported_bodies_are_bad_lines(tmp_path: Path, body: dict[str, Any]) -> None:
+    parsed = parse_requests(write_jsonl(tmp_path / "in.jsonl", [request("x", "hi", **body)]), 8)
+    assert not parsed.requests and parsed.errors[0]["custom_id"] == "x"
