@@ -294,6 +294,40 @@ def show(
     out.print(grid)
 
 
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="run id (or a unique prefix), as `batchllm run` prints it")],
+    database: Annotated[
+        str | None, typer.Option("--database", "-d", help=f"DuckDB file (default {DEFAULT_DATABASE})")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="HTML file, or .png for the chart alone")
+    ] = None,
+    runs_table: Annotated[str, typer.Option(help="the runs table")] = "batchllm_runs",
+) -> None:
+    """Write a recorded run's report (the flow's markdown report, chart and stats table) as HTML or PNG."""
+    from batchllm import report as reports
+    from batchllm import warehouse
+    from batchllm.chart import chart_png
+
+    database = database or DEFAULT_DATABASE
+    if not Path(database).exists():
+        _fail(f"database {database!r} does not exist")
+    try:
+        run = warehouse.read_run(database, run_id, runs_table)
+    except (SpecError, WarehouseError) as exc:
+        _fail(str(exc))
+    output = output or Path(f"run-{run['run_id']}.html")
+    if output.suffix.lower() == ".png":
+        png = chart_png(run)
+        if png is None:
+            _fail(f"run {run['run_id']} has no metrics over time (run by a backend that records none)")
+        output.write_bytes(png)
+    else:
+        output.write_text(reports.html_report(run, run.get("table") or "?"), encoding="utf-8")
+    out.print(f"run {run['run_id']} -> {output}", highlight=False)
+
+
 RESULT_COLUMNS = (
     "id",
     "status",

@@ -6,9 +6,12 @@ the record; all three read the one dict ``run_record`` builds.
 
 from __future__ import annotations
 
+import html
+import re
 from typing import TYPE_CHECKING, Any
 
 from batchllm import warehouse
+from batchllm.chart import chart_png, data_uri
 
 if TYPE_CHECKING:
     from batchllm.job import PlanInfo, Prepared
@@ -34,6 +37,7 @@ def run_record(
     return {
         "run_id": prepared.run_id,
         "job": spec.name,
+        "table": spec.output.table,
         "spec_hash": spec.spec_hash,
         "params_hash": spec.params_hash,
         "model": spec.model,
@@ -62,8 +66,11 @@ def run_record(
     }
 
 
-def markdown_report(run: dict[str, Any], table: str) -> str:
-    """The run's statistics as a short markdown page (Prefect artifact, terminal)."""
+def markdown_report(run: dict[str, Any], table: str, chart: bool = False) -> str:
+    """The run's statistics as a short markdown page (Prefect artifact, terminal).
+
+    ``chart``: embed the metrics-over-time chart as a PNG data URI (the artifact, not the log).
+    """
     t = run["timings"]
     lines = [
         f"# batchllm run `{run['run_id']}` -> `{table}`",
@@ -81,7 +88,49 @@ def markdown_report(run: dict[str, Any], table: str) -> str:
     ]
     if run["task"] in ("classify", "score") and run["engine"]:
         lines.insert(-1, _prefill_line(run["engine"]))
+    if chart and (png := chart_png(run)) is not None:
+        lines += ["", f"![metrics over time]({data_uri(png)})"]
     return "\n".join(lines) + "\n"
+
+
+def html_report(run: dict[str, Any], table: str) -> str:
+    """The markdown report and the stats table as one self-contained HTML page (the chart inlined)."""
+    title, items, images = "", [], []
+    for line in markdown_report(run, table, chart=True).splitlines():
+        if line.startswith("![") and "](" in line:
+            alt, src = line[2:-1].split("](", 1)
+            images.append(f'<p><img alt="{html.escape(alt)}" src="{src}"></p>')
+        elif line.startswith("# "):
+            title = _inline(line[2:])
+        elif line.startswith("- "):
+            items.append(f"<li>{_inline(line[2:])}</li>")
+    rows = "".join(
+        f"<tr><td>{html.escape(r['stat'])}</td><td>{html.escape(r['value'])}</td></tr>"
+        for r in stats_table(run)
+    )
+    head = (
+        f'<meta charset="utf-8"><title>batchllm run {html.escape(run["run_id"])}</title><style>{_CSS}</style>'
+    )
+    parts = [
+        f"<h1>{title}</h1>",
+        "<ul>",
+        *items,
+        "</ul>",
+        *images,
+        "<h2>statistics</h2>",
+        f"<table>{rows}</table>",
+    ]
+    return f"<!DOCTYPE html>\n<html><head>{head}</head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+
+
+_CSS = "body{font-family:sans-serif;max-width:960px;margin:2em auto}td{padding:2px 8px;border-bottom:1px solid #ddd}"
+
+
+def _inline(text: str) -> str:
+    """Markdown's inline code and bold, escaped for HTML."""
+    text = html.escape(text)
+    text = re.sub(r"`([^`]*)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]*)\*\*", r"<b>\1</b>", text)
 
 
 def _prefill_line(engine_stats: list[dict[str, Any]]) -> str:

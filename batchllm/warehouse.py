@@ -343,6 +343,28 @@ def show(database: str, table: str, limit: int = 5) -> pa.Table:
         return con.sql(sql("show_rows", table=table), params=[limit]).to_arrow_table()
 
 
+RUN_JSON_COLUMNS = ("timings", "planner", "engine", "recovered_runs")
+
+
+def read_run(database: str, run_id: str, runs_table: str = "batchllm_runs") -> dict[str, Any]:
+    """One run as recorded by ``load`` (``run_id``: the id or an unambiguous prefix), stats decoded."""
+    import json
+
+    check_identifier(runs_table, "runs table")
+    with connect(database) as con:
+        if not table_exists(con, runs_table):
+            raise SpecError(f"table {runs_table!r} does not exist in {database!r}")
+        found = con.sql(sql("read_run", table=runs_table), params=[run_id]).to_arrow_table().to_pylist()
+    if len(found) != 1:
+        what = "no run" if not found else "more than one run"
+        raise SpecError(f"{what} with id {run_id!r} in {runs_table!r} of {database!r}")
+    run = found[0]
+    for key in RUN_JSON_COLUMNS:
+        if isinstance(run.get(key), str):
+            run[key] = json.loads(run[key])
+    return run
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 

@@ -108,7 +108,7 @@ def publish_report(spec: JobSpec, run: dict[str, Any]) -> None:
     """Publish the run's statistics as markdown and table artifacts."""
     key = _artifact_key(spec)
     create_markdown_artifact(
-        markdown=report.markdown_report(run, spec.output.table),
+        markdown=report.markdown_report(run, spec.output.table, chart=True),
         key=f"{key}-report",
         description="run statistics",
     )

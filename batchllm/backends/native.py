@@ -47,11 +47,16 @@ class NativeBackend:
             return []
         if reason := self.supports(task.kind):
             raise ValueError(reason)
-        if task.kind == "generate":
-            out = self._generate(prompts, task, sampling, progress, groups)
-        else:
-            out = self._classify(prompts, task, progress, groups)
+        from batchllm.timeline import Timeline
+
+        timeline = Timeline(self._engine.num_kv_blocks)
+        with timeline.watch(self._engine.runner, progress) as counted:
+            if task.kind == "generate":
+                out = self._generate(prompts, task, sampling, counted, groups)
+            else:
+                out = self._classify(prompts, task, counted, groups)
         self._stats = self._engine.stats.as_dict()
+        self._stats["timeline"] = timeline.as_dict()  # the run report's chart
         return out
 
     def _generate(

@@ -1,0 +1,137 @@
+"""The run report: metrics over time from the engine's steps, the chart, the HTML/PNG the CLI writes."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.image import imread
+from typer.testing import CliRunner
+
+from batchllm import job, report, results, warehouse
+from batchllm.chart import chart_png, figure, run_series
+from batchllm.cli import app
+from batchllm.spec import parse_spec
+from batchllm.timeline import Timeline
+from tests.product_fixtures import make_reviews_db, spec_dict
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class FakeSeq:
+    block_table: list[int] = field(default_factory=list)
+
+
+@dataclass
+class FakeChunk:
+    seq: FakeSeq
+    num_tokens: int
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def forward(self, chunks: list[FakeChunk], rows: Any = None) -> str:
+        self.calls += 1
+        return "hidden"
+
+
+def test_timeline_counts_every_step_and_restores_the_runner() -> None:
+    runner = FakeRunner()
+    timeline = Timeline(kv_blocks_total=10, interval=0.0, max_samples=4)
+    seen: list[tuple[int, int]] = []
+    shared = FakeSeq([0, 1])
+    with timeline.watch(runner, lambda d, t: seen.append((d, t))) as progress:
+        assert runner.forward([FakeChunk(shared, 5), FakeChunk(FakeSeq([0, 1, 2]), 3)]) == "hidden"
+        progress(1, 2)
+        runner.forward([FakeChunk(FakeSeq([4]), 1)], np.arange(1))
+        progress(2, 2)
+    assert runner.calls == 2 and "forward" not in vars(runner)  # the class's method again
+    assert seen == [(1, 2), (2, 2)]
+    d = timeline.as_dict()
+    assert d["steps"] == [1, 2, 2] and d["tokens"] == [8, 9, 9]
+    assert d["kv_blocks"] == [3, 1, 0]  # distinct blocks of the step's sequences; none after the run
+    assert d["rows_done"] == [0, 1, 2] and d["kv_blocks_total"] == 10
+    for _ in range(5):  # over max_samples: every other sample goes, the interval doubles
+        timeline.step([FakeChunk(shared, 1)])
+    assert len(timeline.samples) <= 4 and timeline.interval == 0.0
+
+
+def _shard(
+    started: float, t: list[float], steps: list[int], tokens: list[int], kv: list[int], rows: list[int]
+):
+    timeline = {"t": t, "steps": steps, "tokens": tokens, "kv_blocks": kv, "rows_done": rows}
+    return {"timeline": {**timeline, "started": started, "kv_blocks_total": 100}}
+
+
+def test_series_join_shards_and_the_chart_shows_them() -> None:
+    engine = [
+        _shard(1000.0, [1.0, 2.0], [2, 6], [100, 140], [50, 0], [3, 10]),
+        _shard(1010.0, [0.5], [4], [20], [25], [5]),
+        {"steps": 3},  # a backend without a timeline adds nothing
+    ]
+    s = run_series(engine)
+    assert s is not None
+    np.testing.assert_allclose(s["t"], [1.0, 2.0, 10.5])
+    np.testing.assert_allclose(s["rows_done"], [3, 10, 15])  # the second shard continues the count
+    np.testing.assert_allclose(s["tokens_per_s"], [100, 40, 40])
+    np.testing.assert_allclose(s["tokens_per_step"], [50, 10, 5])
+    np.testing.assert_allclose(s["kv_use"], [50, 0, 25])
+    run = {"run_id": "abc", "engine": engine, "rows_processed": 15, "achieved_saving_ratio": 0.5}
+    fig = figure(run)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["rows done", "throughput", "tokens per step", "KV cache in use"]
+    np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), s["tokens_per_s"])
+    png = chart_png(run)
+    assert png is not None and png.startswith(PNG_MAGIC)
+    assert imread(io.BytesIO(png)).shape[:2] == (440, 720)  # 9 x 5.5 inches at 80 dpi
+    assert run_series([{"steps": 1}]) is None and chart_png({"run_id": "x", "engine": []}) is None
+
+
+def test_recorded_run_report_from_the_cli(tmp_path: Path) -> None:
+    """A real generate run on the default model (the flow's steps without Prefect), recorded, then
+    `batchllm report` writes its HTML page and its chart from the runs table."""
+    db = make_reviews_db(tmp_path / "w.duckdb", 4)
+    spec = parse_spec(
+        spec_dict(
+            db, task={"kind": "generate"}, sampling={"max_tokens": 4}, engine_options={"kv_cache_gb": 0.25}
+        )
+    )
+    prepared = job.prepare(spec, warehouse.extract(spec))
+    info = job.plan(spec, prepared)
+    stats = []
+    for k, indices in enumerate(info.shards):
+        token_ids = [prepared.prompts.token_ids[i] for i in indices]
+        outcomes, shard_stats = job.infer_shard(spec, token_ids, groups=info.groups(k))
+        warehouse.stage(spec, results.result_rows(spec, prepared, indices, outcomes))
+        stats.append(shard_stats)
+    counts = {"rows_processed": 4, "rows_ok": 4, "rows_error": 0}
+    run = report.run_record(spec, prepared, info, stats, counts, {"infer_s": 1.0}, "cpu")
+    warehouse.load(spec, run)
+    timeline = stats[0]["timeline"]
+    assert timeline["steps"][-1] >= 4 and timeline["rows_done"][-1] == prepared.prompts.num_prompts
+    assert max(timeline["kv_blocks"]) > 0 and timeline["kv_blocks"][-1] == 0
+    assert "data:image/png;base64," in report.markdown_report(run, "labels", chart=True)
+    assert "data:image" not in report.markdown_report(run, "labels")  # the log stays readable
+
+    html_out, png_out = tmp_path / "r.html", tmp_path / "r.png"
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", run["run_id"][:8], "-d", str(db), "-o", str(html_out)])
+    assert result.exit_code == 0, result.output
+    page = html_out.read_text()
+    assert (
+        page.startswith("<!DOCTYPE html>")
+        and '<img alt="metrics over time" src="data:image/png;base64,' in page
+    )
+    assert f"batchllm run <code>{run['run_id']}</code> -&gt; <code>labels</code>" in page
+    assert "<td>rows_ok</td><td>4</td>" in page
+    result = runner.invoke(app, ["report", run["run_id"], "-d", str(db), "-o", str(png_out)])
+    assert result.exit_code == 0, result.output
+    assert png_out.read_bytes().startswith(PNG_MAGIC) and imread(str(png_out)).ndim == 3
+    result = runner.invoke(app, ["report", "nope", "-d", str(db)])
+    assert result.exit_code == 2 and "no run with id 'nope'" in result.output
