@@ -174,6 +174,7 @@ def _check_prefect_records(flow_run_id: Any) -> None:
         assert {"markdown", "table", "progress"} <= set(by_type)
         assert by_type["progress"].data == 100.0
         assert "12 ok" in str(by_type["markdown"].data)
+        assert "![metrics over time](data:image/png;base64," in str(by_type["markdown"].data)  # the chart
         tasks = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
             sort=TaskRunSort.EXPECTED_START_TIME_DESC,
