@@ -6,12 +6,14 @@ answers one ``custom_id`` with ``response`` (status 200, a chat.completion body)
 or ``error``. The requests run through the job's own steps: messages go through
 the model's chat template and are hashed, deduplicated and length-checked as table
 rows are (render.py), requests with equal sampling parameters are planned together
-by shared prefix (``job.plan_prompts``) and run as one backend call.
+by shared prefix (``job.plan_prompts``) on one loaded model.
 
 Reruns are idempotent by custom_id: lines already answered ok are kept and their
 requests not run again; everything else (errors, a torn last line) is dropped and
-redone, so a custom_id appears at most once. Finished lines are appended and
-flushed group by group: a crash loses no finished line.
+redone, so a custom_id appears at most once. The plan runs in chunks of about
+``shard_size`` prompts in plan order (a larger prefix group is split); each
+chunk's lines are appended and flushed as soon as it finishes, so a crash loses
+at most the chunk that was running, never a finished line.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pyarrow as pa
 from pydantic import ValidationError
 
 from batchllm import job, render
-from batchllm.backends.base import Backend, Outcome, create_backend
+from batchllm.backends.base import Backend, GroupSpec, Outcome, create_backend
 from batchllm.spec import SamplingSpec, TaskSpec
 
 URL = "/v1/chat/completions"
@@ -209,6 +211,7 @@ def run_batch(
     block_size: int = 16,
     engine_options: dict[str, Any] | None = None,
     backend: Callable[..., Backend] = create_backend,
+    shard_size: int = 512,
 ) -> dict[str, int]:
     """Answer every request of ``input_path`` not yet answered ok in ``output_path``.
 
@@ -233,7 +236,8 @@ def run_batch(
 
         write(parsed.errors)
         if todo:
-            _run(todo, model, device, block_size, engine_options or {}, backend, write, counts)
+            options = engine_options or {}
+            _run(todo, model, device, (block_size, shard_size), options, backend, write, counts)
     return counts
 
 
@@ -241,7 +245,7 @@ def _run(
     todo: list[Request],
     model: str,
     device: str,
-    block_size: int,
+    sizes: tuple[int, int],
     engine_options: dict[str, Any],
     backend: Callable[..., Backend],
     write: Callable[[list[dict[str, Any]]], None],
@@ -273,28 +277,48 @@ def _run(
             if not prompts.token_ids:
                 continue
             loaded = loaded or backend("native", model, device, **engine_options)
-            info = job.plan_prompts(prompts.token_ids, key[0], block_size)
-            order = info.shards[0]
+            info = job.plan_prompts(prompts.token_ids, key[0], sizes[0])
+            order, planned = info.shards[0], info.groups(0) or [(0, list(range(len(info.shards[0]))))]
             sampling = SamplingSpec(
                 max_tokens=key[0], temperature=key[1], top_p=key[2], seed=key[3], stop=list(key[4])
             )
-            outcomes = loaded.run(
-                [prompts.token_ids[i] for i in order],
-                TaskSpec(kind="generate"),
-                sampling,
-                groups=info.groups(0),
-            )
-            by_prompt = dict(zip(order, outcomes, strict=True))
-            lines = [
-                _response_line(r.custom_id, model, by_prompt[int(j)])
-                for r, j in zip(requests, prompts.row_prompt, strict=True)
-                if j >= 0
-            ]
-            counts["ran"] += len(lines)
-            write(lines)
+            for chunk in _chunks(planned, sizes[1]):
+                positions = [p for _, members in chunk for p in members]
+                local = {p: k for k, p in enumerate(positions)}
+                groups = [(prefix, [local[p] for p in members]) for prefix, members in chunk]
+                token_ids = [prompts.token_ids[order[p]] for p in positions]
+                outcomes = loaded.run(token_ids, TaskSpec(kind="generate"), sampling, groups=groups)
+                by_prompt = {order[p]: o for p, o in zip(positions, outcomes, strict=True)}
+                lines = [
+                    _response_line(r.custom_id, model, by_prompt[int(j)])
+                    for r, j in zip(requests, prompts.row_prompt, strict=True)
+                    if int(j) in by_prompt
+                ]
+                counts["ran"] += len(lines)
+                write(lines)
     finally:
         if loaded is not None:
             loaded.close()
+
+
+def _chunks(groups: list[GroupSpec], size: int) -> list[list[GroupSpec]]:
+    """The plan's groups (execution order) in runs of about ``size`` prompts, each written when done;
+    a larger group is split, each part computing its shared prefix once more."""
+    size = max(size, 1)
+    out: list[list[GroupSpec]] = []
+    current: list[GroupSpec] = []
+    count = 0
+    for prefix_len, members in groups:
+        for start in range(0, len(members), size):
+            part = list(members[start : start + size])
+            if count and count + len(part) > size:
+                out.append(current)
+                current, count = [], 0
+            current.append((prefix_len, part))
+            count += len(part)
+    if current:
+        out.append(current)
+    return out
 
 
 def _rows(requests: list[Request], tokenizer: Any) -> pa.Table:

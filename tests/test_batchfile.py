@@ -161,3 +161,62 @@ def test_cli_batch_keeps_answered_lines(tmp_path: Path) -> None:
 def test_unsupported_bodies_are_bad_lines(tmp_path: Path, body: dict[str, Any]) -> None:
     parsed = parse_requests(write_jsonl(tmp_path / "in.jsonl", [request("x", "hi", **body)]), 8)
     assert not parsed.requests and parsed.errors[0]["custom_id"] == "x"
+
+
+class TokenCountBackend:
+    """Answers from prompt lengths (no weights) and fails on its ``crash_at``-th run: a crash mid-file."""
+
+    def __init__(self, crash_at: int = 0) -> None:
+        self.crash_at = crash_at
+        self.runs: list[int] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TokenCountBackend:
+        return self
+
+    def run(
+        self, prompts: list[Any], task: Any, sampling: Any, progress: Any = None, groups: Any = None
+    ) -> list[Any]:
+        from batchllm.backends.base import Outcome
+
+        assert groups is not None and sampling.max_tokens == 6
+        self.runs.append(len(prompts))
+        if len(self.runs) == self.crash_at:
+            raise RuntimeError("device lost")
+        return [
+            Outcome(prompt_tokens=len(p), output=f"n={len(p)}", output_tokens=1, finish_reason="stop")
+            for p in prompts
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_crash_keeps_finished_shards_and_the_rerun_does_the_rest(
+    tmp_path: Path, default_model_path: Path
+) -> None:
+    users = ["a", "a b", "a b c", "a b c d", "a b c d e", "a b c d e f"]
+    src = write_jsonl(tmp_path / "in.jsonl", [request(f"q{i}", u) for i, u in enumerate(users)])
+    out = tmp_path / "out.jsonl"
+    kw = {"model": str(default_model_path), "device": "cpu", "shard_size": 2}
+    crashing = TokenCountBackend(crash_at=2)
+    with pytest.raises(RuntimeError, match="device lost"):
+        run_batch(src, out, backend=crashing, **kw)
+    assert crashing.runs == [2, 2]  # three shards of two prompts; the second one failed
+    first = read_lines(out)
+    assert len(first) == 2 and all(x["error"] is None for x in first)
+    counts = run_batch(src, out, backend=TokenCountBackend(), **kw)
+    assert counts == {"requests": 6, "skipped": 2, "ran": 4, "ok": 4, "errors": 0}
+    final = read_lines(out)
+    assert final[:2] == first and sorted(x["custom_id"] for x in final) == [f"q{i}" for i in range(6)]
+    lengths = [
+        x["response"]["body"]["usage"]["prompt_tokens"] for x in sorted(final, key=lambda x: x["custom_id"])
+    ]
+    assert lengths == sorted(lengths) and len(set(lengths)) == 6  # each answer belongs to its own prompt
+
+
+def test_chunks_keep_plan_order_and_split_only_large_groups() -> None:
+    from batchllm.batchfile import _chunks
+
+    groups = [(32, [0, 1, 2]), (0, [3]), (16, [4, 5])]
+    assert _chunks(groups, 2) == [[(32, [0, 1])], [(32, [2]), (0, [3])], [(16, [4, 5])]]
+    assert _chunks(groups, 10) == [groups]
