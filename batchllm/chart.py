@@ -1,4 +1,4 @@
-"""The run report's chart: rows done, throughput, tokens per step and KV use over the run's time.
+"""The run report's chart: prompts done, throughput, tokens per step and KV use over the run's time.
 
 Reads the per-shard timelines the native backend stores in the engine stats
 (``batchllm.timeline``), joins them on one clock and draws them with matplotlib's
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 PANELS = (  # (series, title, y label)
-    ("rows_done", "rows done", "rows"),
+    ("prompts_done", "prompts done", "prompts"),
     ("tokens_per_s", "throughput", "tokens/s"),
     ("tokens_per_step", "tokens per step", "tokens"),
     ("kv_use", "KV cache in use", "% of the pool"),
@@ -24,7 +24,7 @@ PANELS = (  # (series, title, y label)
 def run_series(engine_stats: list[dict[str, Any]]) -> dict[str, np.ndarray] | None:
     """The shards' timelines on one clock (s since the first shard started); None without any.
 
-    Rates are per sampling interval (the first from the shard's start); rows done add up
+    Rates are per sampling interval (the first from the shard's start); prompts done add up
     over shards, which run one after another.
     """
     shards = [
@@ -34,7 +34,7 @@ def run_series(engine_stats: list[dict[str, Any]]) -> dict[str, np.ndarray] | No
         return None
     first = min(float(s["started"]) for s in shards)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("t", *(p[0] for p in PANELS))}
-    rows_before = 0
+    done_before = 0
     for s in sorted(shards, key=lambda s: float(s["started"])):
         t = np.asarray(s["t"], dtype=np.float64)
         tokens = np.asarray(s["tokens"], dtype=np.float64)
@@ -42,14 +42,14 @@ def run_series(engine_stats: list[dict[str, Any]]) -> dict[str, np.ndarray] | No
         dt = np.diff(t, prepend=0.0)
         dtok = np.diff(tokens, prepend=0.0)
         dsteps = np.diff(steps, prepend=0.0)
-        rows = np.asarray(s["rows_done"], dtype=np.float64) + rows_before
+        rows = np.asarray(s["prompts_done"], dtype=np.float64) + done_before
         parts["t"].append(t + float(s["started"]) - first)
-        parts["rows_done"].append(rows)
+        parts["prompts_done"].append(rows)
         parts["tokens_per_s"].append(np.divide(dtok, dt, out=np.zeros_like(dt), where=dt > 0))
         parts["tokens_per_step"].append(np.divide(dtok, dsteps, out=np.zeros_like(dt), where=dsteps > 0))
         total = max(int(s.get("kv_blocks_total") or 0), 1)
         parts["kv_use"].append(100.0 * np.asarray(s["kv_blocks"], dtype=np.float64) / total)
-        rows_before = int(rows[-1])
+        done_before = int(rows[-1])
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 

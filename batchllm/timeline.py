@@ -1,4 +1,4 @@
-"""A run's metrics over time: steps, tokens, KV blocks in use and rows done, sampled as the engine runs.
+"""A run's metrics over time: steps, tokens, KV blocks in use and prompts done, sampled as the engine runs.
 
 The engine keeps totals only (``EngineStats``); the run report wants their course.
 ``Timeline.watch`` wraps one runner's ``forward`` for the length of a run: each step
@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-FIELDS = ("t", "steps", "tokens", "kv_blocks", "rows_done")
+FIELDS = ("t", "steps", "tokens", "kv_blocks", "prompts_done")
 
 
 class Timeline:
-    """Cumulative steps and tokens, KV blocks in use and rows done, at times ``t`` (s since start)."""
+    """Cumulative steps and tokens, KV blocks in use and prompts done, at times ``t`` (s since start)."""
 
     def __init__(self, kv_blocks_total: int, interval: float = 0.25, max_samples: int = 1000) -> None:
         self.kv_blocks_total = kv_blocks_total
@@ -31,7 +31,7 @@ class Timeline:
         self.steps = 0
         self.tokens = 0
         self.kv_blocks = 0
-        self.rows_done = 0
+        self.prompts_done = 0
         self.samples: list[tuple[float, int, int, int, int]] = []
 
     def step(self, chunks: Sequence[Any]) -> None:
@@ -44,11 +44,11 @@ class Timeline:
             self._sample(now)
 
     def progress(self, done: int, total: int) -> None:
-        self.rows_done = done
+        self.prompts_done = done
 
     def _sample(self, now: float) -> None:
         self._last = now
-        self.samples.append((round(now, 4), self.steps, self.tokens, self.kv_blocks, self.rows_done))
+        self.samples.append((round(now, 4), self.steps, self.tokens, self.kv_blocks, self.prompts_done))
         if len(self.samples) > self.max_samples:
             self.samples = self.samples[::2]
             self.interval *= 2
@@ -69,7 +69,7 @@ class Timeline:
         self, runner: Any, progress: Callable[[int, int], None] | None
     ) -> Iterator[Callable[[int, int], None]]:
         """Count every ``runner.forward`` while inside; yields the progress callback to hand the engine
-        (it records rows done, then calls ``progress``)."""
+        (it records prompts done, then calls ``progress``)."""
         forward = runner.forward
 
         def counted(chunks: Sequence[Any], *args: Any, **kwargs: Any) -> Any:

@@ -56,7 +56,7 @@ def test_timeline_counts_every_step_and_restores_the_runner() -> None:
     d = timeline.as_dict()
     assert d["steps"] == [1, 2, 2] and d["tokens"] == [8, 9, 9]
     assert d["kv_blocks"] == [3, 1, 0]  # distinct blocks of the step's sequences; none after the run
-    assert d["rows_done"] == [0, 1, 2] and d["kv_blocks_total"] == 10
+    assert d["prompts_done"] == [0, 1, 2] and d["kv_blocks_total"] == 10
     for _ in range(5):  # over max_samples: every other sample goes, the interval doubles
         timeline.step([FakeChunk(shared, 1)])
     assert len(timeline.samples) <= 4 and timeline.interval == 0.0
@@ -65,7 +65,7 @@ def test_timeline_counts_every_step_and_restores_the_runner() -> None:
 def _shard(
     started: float, t: list[float], steps: list[int], tokens: list[int], kv: list[int], rows: list[int]
 ):
-    timeline = {"t": t, "steps": steps, "tokens": tokens, "kv_blocks": kv, "rows_done": rows}
+    timeline = {"t": t, "steps": steps, "tokens": tokens, "kv_blocks": kv, "prompts_done": rows}
     return {"timeline": {**timeline, "started": started, "kv_blocks_total": 100}}
 
 
@@ -78,14 +78,14 @@ def test_series_join_shards_and_the_chart_shows_them() -> None:
     s = run_series(engine)
     assert s is not None
     np.testing.assert_allclose(s["t"], [1.0, 2.0, 10.5])
-    np.testing.assert_allclose(s["rows_done"], [3, 10, 15])  # the second shard continues the count
+    np.testing.assert_allclose(s["prompts_done"], [3, 10, 15])  # the second shard continues the count
     np.testing.assert_allclose(s["tokens_per_s"], [100, 40, 40])
     np.testing.assert_allclose(s["tokens_per_step"], [50, 10, 5])
     np.testing.assert_allclose(s["kv_use"], [50, 0, 25])
     run = {"run_id": "abc", "engine": engine, "rows_processed": 15, "achieved_saving_ratio": 0.5}
     fig = figure(run)
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["rows done", "throughput", "tokens per step", "KV cache in use"]
+    assert titles == ["prompts done", "throughput", "tokens per step", "KV cache in use"]
     np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), s["tokens_per_s"])
     png = chart_png(run)
     assert png is not None and png.startswith(PNG_MAGIC)
@@ -114,7 +114,7 @@ def test_recorded_run_report_from_the_cli(tmp_path: Path) -> None:
     run = report.run_record(spec, prepared, info, stats, counts, {"infer_s": 1.0}, "cpu")
     warehouse.load(spec, run)
     timeline = stats[0]["timeline"]
-    assert timeline["steps"][-1] >= 4 and timeline["rows_done"][-1] == prepared.prompts.num_prompts
+    assert timeline["steps"][-1] >= 4 and timeline["prompts_done"][-1] == prepared.prompts.num_prompts
     assert max(timeline["kv_blocks"]) > 0 and timeline["kv_blocks"][-1] == 0
     assert "data:image/png;base64," in report.markdown_report(run, "labels", chart=True)
     assert "data:image" not in report.markdown_report(run, "labels")  # the log stays readable
