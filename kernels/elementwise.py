@@ -6,8 +6,9 @@ multiplies, a cast back); at 8192 prefill tokens of an 8B model they took a
 fifth of a step's GPU time. Here each is one pass over memory.
 
 Every kernel rounds where the torch expressions round (the model dtype after
-each torch op), so bf16 results match the plain-torch path almost bit for bit
-and float32 results differ by reduction order only. Reductions go through
+each torch op), so bf16 results stay within a rounding step of the plain-torch
+path and float32 results differ by reduction order only (on an H200 the engine
+in float32 gives the CPU's greedy tokens with these kernels, bench/gpu_check.py). Reductions go through
 tl.reduce with the combine functions of paged/tiles.py (interpreter-safe, see
 there).
 """

@@ -1,9 +1,9 @@
 """The fused elementwise kernels (kernels/elementwise.py) against the plain-torch expressions they replace.
 
 On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py); on CUDA natively.
-Compiled, bf16 results round where torch rounds (to nearest even), so sums and RoPE are bit-equal
-to the torch path; the interpreter truncates float32 to bf16, so on CPU bf16 is checked to one
-bf16 step. float32 results match up to the reduction order.
+bf16 results round where torch rounds, so they match the torch path within one bf16 step (the
+interpreter truncates float32 to bf16 where compiled code rounds to nearest; compiled code may
+contract a multiply and an add); float32 results match up to the reduction order.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ def test_rms_norm(dtype: torch.dtype, n: int) -> None:
     torch.testing.assert_close(rms_norm(x, w, 1e-5), _torch_norm(x, w, 1e-5), **tol)
     out, res = rms_norm(x, w, 1e-5, residual=r)
     torch.testing.assert_close(res, x + r, **tol)
-    assert torch.equal(res, x + r) or (DEVICE == "cpu" and dtype == torch.bfloat16)
     torch.testing.assert_close(out, _torch_norm(res, w, 1e-5), **tol)  # the norm of the sum it returned
     # strided rows (a view of a wider tensor) read correctly
     wide = torch.cat([x, x], dim=1)[:, :n]
@@ -68,7 +67,6 @@ def test_rope_in_place_on_a_strided_view(dtype: torch.dtype) -> None:
     tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1.6e-2}
     torch.testing.assert_close(rope_(q, positions, table), want_q, **tol)
     torch.testing.assert_close(rope_(k, positions, table), want_k, **tol)
-    assert torch.equal(q, want_q) or dtype == torch.float32 or DEVICE == "cpu"  # compiled bf16: bit-equal
     assert torch.equal(v, v_before)  # the values beside them untouched
 
 
