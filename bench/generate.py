@@ -148,9 +148,16 @@ def sync(device: str) -> None:
 
 
 def warmup_case(case: Case) -> Case:
-    """A short case with as many sequences: compiles the kernels and captures the decode graphs of
-    the batch sizes the timed run will use (vLLM captures its graphs at start-up)."""
+    """A short case with as many sequences: captures the decode graphs of the batch sizes the timed
+    run will use (vLLM captures its graphs at start-up)."""
     return Case(min(case.prefix, 64), min(case.suffix, 16), min(case.decode, 3), case.members, case.groups)
+
+
+def warmup_cases(case: Case) -> list[Case]:
+    """The warm-ups before a timed run: a few groups at the real prompt lengths (Triton compiles a
+    kernel variant per tile shape, and prefill tiles follow the chunk lengths), then ``warmup_case``."""
+    real = Case(case.prefix, case.suffix, min(case.decode, 2), case.members, min(case.groups, 4))
+    return [real, warmup_case(case)]
 
 
 def native_run(engine: Any, case: Case, vocab: int, seed: int, device: str) -> dict[str, Any]:
@@ -160,10 +167,9 @@ def native_run(engine: Any, case: Case, vocab: int, seed: int, device: str) -> d
     prompts = make_prompts(case, vocab, seed)
     shuffled = list(prompts[shuffled_order(case.requests, seed)])
     params = SamplingParams(max_tokens=case.decode, ignore_eos=True)
-    w = warmup_case(case)
-    engine.generate(
-        list(make_prompts(w, vocab, seed + 10_000)), SamplingParams(max_tokens=w.decode, ignore_eos=True)
-    )
+    for k, w in enumerate(warmup_cases(case)):
+        warm = list(make_prompts(w, vocab, seed + 10_000 + k))
+        engine.generate(warm, SamplingParams(max_tokens=w.decode, ignore_eos=True))
     sync(device)
     t = time.perf_counter()
     results = engine.generate(shuffled, params)
