@@ -57,7 +57,11 @@ def _modules() -> dict[str, Module]:
             rel = path.relative_to(folder).with_suffix("")
             parts = [p for p in rel.parts if p != "__init__"]
             name = ".".join([package, *parts])
-            if any(name.startswith(f"{other}.") or name == other for other in FOLDERS if other.startswith(f"{package}.")):
+            if any(
+                name.startswith(f"{other}.") or name == other
+                for other in FOLDERS
+                if other.startswith(f"{package}.")
+            ):
                 continue  # a mapped folder nested in its parent's tree is walked once, as its own package
             out[name] = Module(name, path, path.name == "__init__.py")
     return out
