@@ -330,6 +330,8 @@ def report(
 
 RESULT_COLUMNS = (
     "id",
+    "query_key",
+    "candidate_key",
     "status",
     "label",
     "label_probs",
@@ -339,13 +341,22 @@ RESULT_COLUMNS = (
     "prompt_tokens",
     "output_tokens",
 )
+# bookkeeping columns of a results table that a reader skims past
+META_COLUMNS = frozenset(
+    {"prompt_hash", "model", "params_hash", "task", "cached_tokens", "finish_reason", "run_id", "created_at"}
+)
 
 
 def _useful_columns(rows: Any) -> list[str]:
-    """For a results table, the columns a reader wants (skipping all-null ones); else all columns."""
-    if not {"status", "prompt_hash", "run_id"} <= set(rows.column_names):
-        return list(rows.column_names)
-    return [c for c in RESULT_COLUMNS if c == "id" or rows.column(c).null_count < rows.num_rows]
+    """For a results table, the columns a reader wants (skipping all-null ones): the known result
+    columns, then any other column that is not bookkeeping (typed output: ``parsed`` or one per
+    field); else all columns."""
+    names = rows.column_names
+    if not {"status", "prompt_hash", "run_id"} <= set(names):
+        return list(names)
+    known = [c for c in RESULT_COLUMNS if c in names]
+    extra = [c for c in names if c not in RESULT_COLUMNS and c not in META_COLUMNS]
+    return [c for c in known + extra if c == "id" or rows.column(c).null_count < rows.num_rows]
 
 
 def _cell(value: Any) -> str:

@@ -108,3 +108,24 @@ def test_run_and_show_through_the_entry_point(tmp_path: Path) -> None:
     shown = subprocess.run([str(BIN), "show", str(job), "-n", "3"], env=env, capture_output=True, text=True)
     assert shown.returncode == 0
     assert shown.stdout.count("│ ok ") == 3
+
+
+def test_show_picks_typed_and_key_columns() -> None:
+    import pyarrow as pa
+
+    from batchllm.cli import _useful_columns
+
+    rows = pa.table(
+        {
+            "id": [1, 2],
+            "prompt_hash": ["a", "b"],
+            "run_id": ["r", "r"],
+            "status": ["ok", "ok"],
+            "parsed": [{"sentiment": "positive"}, {"sentiment": "negative"}],
+            "output": ['{"sentiment": "positive"}', '{"sentiment": "negative"}'],
+            "error": pa.array([None, None], pa.string()),
+            "sector": ["x", "y"],
+            "created_at": ["t", "t"],
+        }
+    )
+    assert _useful_columns(rows) == ["id", "status", "output", "parsed", "sector"]
