@@ -43,6 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench.compiles import compile_log
 from bench.floor import (
     Case,
     ModelShape,
@@ -78,6 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-cuda-graphs", action="store_true", help="native engine without CUDA graphs")
     ap.add_argument("--peer", default="vllm", choices=["vllm", "none"])
     ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=None, help="default: vLLM's")
+    ap.add_argument("--repeat", type=int, default=1, help="timed native runs per case (the last is reported)")
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; later runs are skipped")
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json, table.md, vllm.json")
     return ap.parse_args(argv)
@@ -160,8 +162,11 @@ def warmup_cases(case: Case) -> list[Case]:
     return [real, warmup_case(case)]
 
 
-def native_run(engine: Any, case: Case, vocab: int, seed: int, device: str) -> dict[str, Any]:
-    """One timed generate of the case, prompts in a random order; throughput, stats and the time split."""
+def native_run(
+    engine: Any, case: Case, vocab: int, seed: int, device: str, repeat: int = 1
+) -> dict[str, Any]:
+    """Timed generates of the case (prompts in a random order), ``repeat`` times; throughput, stats and
+    the time split of the last, the wall time and Triton compiles of each."""
     from batchllm.engine import SamplingParams
 
     prompts = make_prompts(case, vocab, seed)
@@ -170,11 +175,16 @@ def native_run(engine: Any, case: Case, vocab: int, seed: int, device: str) -> d
     for k, w in enumerate(warmup_cases(case)):
         warm = list(make_prompts(w, vocab, seed + 10_000 + k))
         engine.generate(warm, SamplingParams(max_tokens=w.decode, ignore_eos=True))
-    sync(device)
-    t = time.perf_counter()
-    results = engine.generate(shuffled, params)
-    sync(device)
-    wall = time.perf_counter() - t
+    walls, compiles = [], []
+    for _ in range(repeat):  # later repeats: the same run on a warmer process (variance, caches)
+        sync(device)
+        with compile_log() as log:
+            t = time.perf_counter()
+            results = engine.generate(shuffled, params)
+            sync(device)
+            wall = time.perf_counter() - t
+        walls.append(wall)
+        compiles.append(log.as_dict())
     stats = engine.stats
     s = stats.as_dict() if hasattr(stats, "as_dict") else dict(vars(stats))
     out_tokens = sum(len(r.token_ids) for r in results)
@@ -191,6 +201,8 @@ def native_run(engine: Any, case: Case, vocab: int, seed: int, device: str) -> d
         "prompt_tokens_computed": s.get("prompt_tokens_computed"),
         "first_error": next((r.error for r in results if r.error is not None), None),
         "stats": s,
+        "walls_s": walls,
+        "compiles": compiles,
     }
     steps, decode_steps = s.get("steps"), s.get("decode_steps")
     decode_s, host_s = s.get("decode_s"), s.get("host_s")
@@ -222,11 +234,15 @@ def run_native(
                 runs[i] = {"skipped": "time budget"}
                 continue
             try:
-                runs[i] = native_run(engine, case, vocab, args.seed + i, args.device)
+                runs[i] = native_run(engine, case, vocab, args.seed + i, args.device, args.repeat)
                 r = runs[i]
                 fails = f", {r['wrong_length']} FAILED: {r['first_error']}" if r["wrong_length"] else ""
+                walls = ", ".join(f"{w:.2f}" for w in r["walls_s"])
+                comp = ", ".join(f"{c['count']} ({c['seconds']:.1f} s)" for c in r["compiles"])
                 print(
-                    f"NATIVE {case.label}: {r['wall_s']:.2f} s, {r['req_per_s']:.2f} req/s{fails}", flush=True
+                    f"NATIVE {case.label}: {r['wall_s']:.2f} s, {r['req_per_s']:.2f} req/s{fails}; "
+                    f"walls {walls}; Triton compiles {comp}",
+                    flush=True,
                 )
             except Exception:
                 runs[i] = {"error": traceback.format_exc()}

@@ -19,7 +19,25 @@ from .own import _own_program
 from .prefix import _prefix_program
 
 
-@triton.jit
+# Counts, tile totals and block-table widths change every step: specializing on them (divisibility
+# by 16, == 1) would compile a new variant of this large kernel in the middle of a run.
+@triton.jit(
+    do_not_specialize=[
+        "n_seqs",
+        "seq_steps",
+        "stride_tab",
+        "n_own_vt",
+        "n_groups",
+        "group_steps",
+        "stride_gtab",
+        "n_pre_vt",
+        "mix",
+        "stride_pos",
+        "stride_pot",
+        "stride_pls",
+        "stride_plt",
+    ]
+)
 def _attention_kernel(
     q_ptr,
     k_ptr,
@@ -261,7 +279,7 @@ def _attention_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_groups", "n_seqs", "stride_pos", "stride_pot", "stride_pls", "stride_plt"])
 def _reduce_kernel(
     po_ptr,
     pl_ptr,

@@ -72,8 +72,11 @@ def _rows_own(g_pad: int, head_dim: int, max_q_len: int) -> int:
 
 
 def _splits(tiles: int, max_keys: int, device: torch.device, min_chunk: int) -> int:
-    """Key splits so that `tiles` work items fill the device (>= min_chunk keys per split)."""
+    """Key splits so that `tiles` work items fill the device (>= min_chunk keys per split), rounded down
+    to a power of two."""
     target = CONFIG_OVERRIDE.get("target_programs", 2 * _sm_count(device))
     if tiles >= target or max_keys <= min_chunk:
         return 1
-    return max(1, min(triton.cdiv(target, max(tiles, 1)), triton.cdiv(max_keys, min_chunk), 32))
+    # a power of two: the split count is a compile-time constant, and a run meets only a few of them
+    splits = min(triton.cdiv(target, max(tiles, 1)), triton.cdiv(max_keys, min_chunk), 32)
+    return 1 << (max(1, splits).bit_length() - 1)
