@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         yield {**base, "PREFECT_API_URL": url + "/api"}
     finally:
         _stop(proc)
-    assert proc.returncode is not None
+    assert _leftovers(home) == []
+
+
+def _leftovers(home: str, wait_s: float = 15.0) -> list[str]:
+    """Processes still running with this PREFECT_HOME (server, worker, flow runs), after a grace period."""
+    needle = f"PREFECT_HOME={home}".encode()
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if needle in environ.read_bytes().split(b"\0"):
+                    found.append((environ.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def _run(args: list[str], env: dict[str, str]) -> str:
