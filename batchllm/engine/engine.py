@@ -108,7 +108,7 @@ class Engine:
         dummy = {"dummy": True} if load_format == "dummy" else {}  # load_model reads safetensors by default
         self.model = load_model(self.folder, self.max_model_len, self.device, torch_dtype, **dummy)
         self.block_size = block_size
-        self.max_num_batched_tokens = max_num_batched_tokens or (8192 if cuda else 1024)
+        self.max_num_batched_tokens = max_num_batched_tokens or (16384 if cuda else 1024)
         self.num_kv_blocks = pool_blocks(
             kv_bytes_per_block(self.model, block_size, torch_dtype),
             block_size,

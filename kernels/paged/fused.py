@@ -32,6 +32,8 @@ from .prefix import _prefix_program
         "stride_gtab",
         "n_pre_vt",
         "mix",
+        "pre_splits",
+        "own_splits",
         "stride_pos",
         "stride_pot",
         "stride_pls",
@@ -82,12 +84,12 @@ def _attention_kernel(
     stride_plh,
     group,
     qk_scale,
+    pre_splits,
+    own_splits,
     NUM_KV_HEADS: tl.constexpr,
     HAS_PRE: tl.constexpr,
     HAS_OWN: tl.constexpr,
     HAS_START: tl.constexpr,
-    PRE_SPLITS: tl.constexpr,
-    OWN_SPLITS: tl.constexpr,
     DIRECT: tl.constexpr,
     SEARCH_PRE: tl.constexpr,
     SEARCH_OWN: tl.constexpr,
@@ -111,12 +113,12 @@ def _attention_kernel(
     Within a level: kv heads fastest, then row tile (or item), then key split.
     DIRECT (one level, one split) writes out/lse; otherwise split s of the
     prefix writes workspace slot s and split s of the own level slot
-    PRE_SPLITS + s, and _reduce_kernel combines them.
+    pre_splits + s, and _reduce_kernel combines them.
     """
     pid = tl.program_id(0)
     if HAS_PRE:
         # prefix program k sits at pid k * (mix + 1): mix own programs follow each prefix program
-        n_pre = n_pre_vt * (((NUM_KV_HEADS + HPT_PRE - 1) // HPT_PRE) * PRE_SPLITS)
+        n_pre = n_pre_vt * (((NUM_KV_HEADS + HPT_PRE - 1) // HPT_PRE) * pre_splits)
         period = mix + 1
         if (pid % period == 0) & (pid // period < n_pre):
             _prefix_program(
@@ -156,7 +158,7 @@ def _attention_kernel(
                 group,
                 qk_scale,
                 NUM_KV_HEADS,
-                PRE_SPLITS,
+                pre_splits,
                 DIRECT,
                 SEARCH_PRE,
                 BQ_PRE,
@@ -209,8 +211,8 @@ def _attention_kernel(
                 qk_scale,
                 NUM_KV_HEADS,
                 HAS_START,
-                OWN_SPLITS,
-                PRE_SPLITS,
+                own_splits,
+                pre_splits,
                 DIRECT,
                 SEARCH_OWN,
                 BQ_OWN,
@@ -263,7 +265,7 @@ def _attention_kernel(
             qk_scale,
             NUM_KV_HEADS,
             HAS_START,
-            OWN_SPLITS,
+            own_splits,
             0,
             DIRECT,
             SEARCH_OWN,
@@ -279,7 +281,18 @@ def _attention_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["n_groups", "n_seqs", "stride_pos", "stride_pot", "stride_pls", "stride_plt"])
+@triton.jit(
+    do_not_specialize=[
+        "n_groups",
+        "n_seqs",
+        "stride_pos",
+        "stride_pot",
+        "stride_pls",
+        "stride_plt",
+        "pre_slots",
+        "own_slots",
+    ]
+)
 def _reduce_kernel(
     po_ptr,
     pl_ptr,
@@ -300,8 +313,8 @@ def _reduce_kernel(
     stride_oh,
     stride_lt,
     stride_lh,
-    PRE_SLOTS: tl.constexpr,
-    OWN_SLOTS: tl.constexpr,
+    pre_slots,
+    own_slots,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -317,17 +330,13 @@ def _reduce_kernel(
     h_ok = h < num_heads
     d_ok = d < HEAD_DIM
     row64 = row.to(tl.int64)
-    in_pre = row < 0
-    in_own = row < 0
-    if PRE_SLOTS > 0:
-        in_pre = (row >= tl.load(cu_g_ptr)) & (row < tl.load(cu_g_ptr + n_groups))
-    if OWN_SLOTS > 0:
-        in_own = row < tl.load(cu_q_ptr + n_seqs)
+    in_pre = (row >= tl.load(cu_g_ptr)) & (row < tl.load(cu_g_ptr + n_groups)) & (pre_slots > 0)
+    in_own = (row < tl.load(cu_q_ptr + n_seqs)) & (own_slots > 0)
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_sum = tl.full([BLOCK_H], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_H, BLOCK_D], 0.0, dtype=tl.float32)
-    for s in tl.static_range(PRE_SLOTS + OWN_SLOTS):
-        valid = in_pre if s < PRE_SLOTS else in_own
+    for s in range(pre_slots + own_slots):
+        valid = tl.where(s < pre_slots, in_pre, in_own)
         ls = tl.load(
             pl_ptr + s * stride_pls + row64 * stride_plt + h * stride_plh,
             mask=h_ok & valid,

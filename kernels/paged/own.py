@@ -55,8 +55,8 @@ def _own_tile(
     group,
     qk_scale,
     NUM_KV_HEADS: tl.constexpr,
-    SPLITS: tl.constexpr,
-    SLOT0: tl.constexpr,
+    splits,
+    slot0,
     DIRECT: tl.constexpr,
     BQ: tl.constexpr,
     HPT: tl.constexpr,
@@ -74,7 +74,7 @@ def _own_tile(
     end = qpos0 + n_tok  # keys past the tile's last query are never visible
     span = tl.maximum(end - first, 0)
     step = BLOCK_N // HPT
-    chunk = ((span + SPLITS - 1) // SPLITS + step - 1) // step * step
+    chunk = ((span + splits - 1) // splits + step - 1) // step * step
     lo = tl.minimum(first + split * chunk, end)
     hi = tl.minimum(lo + chunk, end)
     row0 = s_row0 + q_start
@@ -134,7 +134,7 @@ def _own_tile(
             HEAD_DIM,
         )
     else:
-        slot = split + SLOT0
+        slot = split + slot0
         _store_tile(
             acc,
             m_i,
@@ -198,8 +198,8 @@ def _own_program(
     qk_scale,
     NUM_KV_HEADS: tl.constexpr,
     HAS_START: tl.constexpr,
-    SPLITS: tl.constexpr,
-    SLOT0: tl.constexpr,
+    splits,
+    slot0,
     DIRECT: tl.constexpr,
     SEARCH: tl.constexpr,
     BQ: tl.constexpr,
@@ -275,8 +275,8 @@ def _own_program(
                 group,
                 qk_scale,
                 NUM_KV_HEADS,
-                SPLITS,
-                SLOT0,
+                splits,
+                slot0,
                 DIRECT,
                 BQ,
                 HPT,
@@ -330,8 +330,8 @@ def _own_program(
                 group,
                 qk_scale,
                 NUM_KV_HEADS,
-                SPLITS,
-                SLOT0,
+                splits,
+                slot0,
                 DIRECT,
                 BQ,
                 HPT,

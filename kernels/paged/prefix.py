@@ -186,7 +186,7 @@ def _prefix_program(
     group,
     qk_scale,
     NUM_KV_HEADS: tl.constexpr,
-    SPLITS: tl.constexpr,
+    splits,
     DIRECT: tl.constexpr,
     SEARCH: tl.constexpr,
     BQ: tl.constexpr,
@@ -221,7 +221,7 @@ def _prefix_program(
     t_hi = tl.minimum(t_lo + BQ, n_rows) if SEARCH else n_rows
     plen = tl.load(g_lens_ptr + j)
     step = BLOCK_N // HPT
-    chunk = ((plen + SPLITS - 1) // SPLITS + step - 1) // step * step
+    chunk = ((plen + splits - 1) // splits + step - 1) // step * step
     lo = tl.minimum(split * chunk, plen)
     hi = tl.minimum(lo + chunk, plen)
     if SEARCH:
