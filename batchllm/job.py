@@ -21,7 +21,15 @@ import numpy as np
 import pyarrow as pa
 
 from batchllm import render, warehouse
-from batchllm.backends.base import GroupSpec, Outcome, Progress, create_backend, resolve_device, supports
+from batchllm.backends.base import (
+    Backend,
+    GroupSpec,
+    Outcome,
+    Progress,
+    create_backend,
+    resolve_device,
+    supports,
+)
 from batchllm.engine.config import ModelConfig, load_config
 from batchllm.spec import JobSpec, SpecError, validate_columns
 
@@ -66,7 +74,8 @@ def check(spec: JobSpec) -> None:
     reason = supports(spec.backend, spec.task.kind)
     if reason:
         raise SpecError(reason)
-    if spec.device == "cuda" and resolve_device("auto") != "cuda":  # else it fails at model load
+    # else it fails at model load; on Ray the GPUs are the cluster's (checked when it is joined)
+    if spec.device == "cuda" and spec.executor.kind == "local" and resolve_device("auto") != "cuda":
         raise SpecError("device: 'cuda' but no CUDA device is visible here (use 'auto' or 'cpu')")
     if spec.task.format is not None:  # typed output: the backend, the grammar, the result columns
         from batchllm.constrained import check_format
@@ -183,9 +192,11 @@ def prepare(spec: JobSpec, table: pa.Table, run_id: str | None = None, dry_run: 
     )
 
 
-def plan(spec: JobSpec, prepared: Prepared) -> PlanInfo:
-    """Group the distinct prompts by shared prefix and cut whole groups into ``spec.shards`` shards."""
-    return plan_prompts(prepared.prompts.token_ids, decode_budget(spec), spec.block_size, spec.shards)
+def plan(spec: JobSpec, prepared: Prepared, shards: int | None = None) -> PlanInfo:
+    """Group the distinct prompts by shared prefix and cut whole groups into ``shards`` shards
+    (default ``spec.shards``; on Ray at least one per engine actor)."""
+    count = shards or spec.shards
+    return plan_prompts(prepared.prompts.token_ids, decode_budget(spec), spec.block_size, count)
 
 
 def plan_prompts(
@@ -214,24 +225,33 @@ def _shard_inputs(part: Any) -> list[int]:
     return members + extra
 
 
+def load_backend(spec: JobSpec) -> Backend:
+    """The job's model on the job's device, through the job's backend."""
+    return create_backend(spec.backend, spec.model, spec.device, **spec.engine_options)
+
+
 def infer_shard(
     spec: JobSpec,
     token_ids: list[np.ndarray],
     progress: Progress | None = None,
     groups: list[GroupSpec] | None = None,
+    backend: Backend | None = None,
 ) -> tuple[list[Outcome], dict[str, Any]]:
-    """Load the model on the job's device and run one shard (``groups``: its plan, ``PlanInfo.groups``).
+    """Run one shard (``groups``: its plan, ``PlanInfo.groups``) on ``backend``, or on a backend
+    loaded for this shard alone and closed after it (an engine actor passes its own, kept loaded).
 
     Returns outcomes (input order) and engine stats.
     """
     t0 = time.perf_counter()
-    backend = create_backend(spec.backend, spec.model, spec.device, **spec.engine_options)
+    owned = backend is None
+    engine = load_backend(spec) if backend is None else backend
     t1 = time.perf_counter()
     try:
-        outcomes = backend.run(token_ids, spec.task, spec.sampling, progress=progress, groups=groups)
-        stats = backend.stats()
+        outcomes = engine.run(token_ids, spec.task, spec.sampling, progress=progress, groups=groups)
+        stats = engine.stats()
     finally:
-        backend.close()
+        if owned:
+            engine.close()
     stats["load_s"] = t1 - t0
     stats["run_s"] = time.perf_counter() - t1
     return outcomes, stats
