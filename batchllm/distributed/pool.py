@@ -61,7 +61,7 @@ class ActorPool:
         self._options: dict[str, Any] = {
             "num_cpus": cluster.num_cpus,
             "num_gpus": cluster.num_gpus,
-            "max_concurrency": 2,  # poll answers while run computes
+            "max_concurrency": 4,  # poll and status answer while load and run compute
             "max_restarts": 0,  # a dead actor is replaced here, its shard retried by the flow
             "namespace": NAMESPACE,
         }

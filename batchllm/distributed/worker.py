@@ -3,7 +3,7 @@
 The model loads once per actor, when the actor starts, and serves every shard
 the actor is given; ``infer_shard`` runs each one with the shard's own groups, so
 an actor computes each prefix of its shards once. The actor is threaded
-(``max_concurrency=2``): ``poll`` answers while ``run`` computes, with the
+(``max_concurrency=4``): ``poll`` answers while ``run`` computes, with the
 shard's progress and the log lines written since the last poll, which the
 flow forwards to Prefect. Nothing here writes to the warehouse.
 """
@@ -98,16 +98,16 @@ class ShardWorker:
         """Run one shard: outcomes in the shard's prompt order, and the engine's stats."""
         from batchllm import job
 
-        load_s = self.load() if self._backend is None else 0.0
         self._shard, self._done, self._total = shard, 0, len(token_ids)
-        self.log.info(
-            "actor %d: shard %d, %d prompts in %d groups",
-            self.index,
-            shard,
-            len(token_ids),
-            len(groups or []),
-        )
         try:
+            load_s = self.load() if self._backend is None else 0.0
+            self.log.info(
+                "actor %d: shard %d, %d prompts in %d groups",
+                self.index,
+                shard,
+                len(token_ids),
+                len(groups or []),
+            )
             outcomes, stats = job.infer_shard(
                 self.spec, token_ids, progress=self._progress, groups=groups, backend=self._backend
             )
@@ -123,6 +123,16 @@ class ShardWorker:
     def poll(self) -> tuple[int | None, int, list[str]]:
         """(shard running or None, its prompts done, log lines since the last poll)."""
         return self._shard, self._done, self._lines.drain()
+
+    def status(self) -> dict[str, Any]:
+        """What runs here now, without taking the log lines: for operators and fault tests."""
+        return {
+            "index": self.index,
+            "pid": os.getpid(),
+            "shard": self._shard,
+            "done": self._done,
+            "total": self._total,
+        }
 
     def close(self) -> None:
         """Free the engine (the actor process ends when the pool lets it go)."""
