@@ -54,7 +54,7 @@ def run_prefill(
     if (pack or labels.num_nodes) and not trees:
         what = "packing" if pack else f"multi-token labels ({', '.join(map(repr, labels.labels))})"
         raise ValueError(
-            f"attention: {what} needs a backend with a tree mask (attention='torch'); "
+            f"attention: {what} needs a backend with a tree mask (attention='torch' or 'triton'); "
             f"{engine.attention!r} has none yet"
         )
     _check_label_room(batch, labels, engine.max_model_len)

@@ -30,6 +30,10 @@ Kernels:
 - ``two_level_attention``: both levels in ONE launch (prefix programs first,
   then per-sequence programs), partial results into a workspace, then one
   reduce launch.
+- Tree sequences (prefill-only scoring: packed items, label nodes): with
+  ``key_ends`` (and ``tree_bounds``' offsets and open ends) the own level also
+  hides key k from queries at or past key_ends[k]; a separate kernel variant,
+  so steps without a tree sequence run the plain kernel.
 
 All launchers are free of host synchronisation: grids depend on tensor shapes
 and host integers only, so they can be captured in a CUDA graph once the
@@ -38,7 +42,8 @@ kernels are compiled (run them once before capture).
 Modules: store (store_kv); tiles (the inner loop and the tile helpers);
 prefix and own (the programs of the two levels); fused (the one attention
 kernel over both levels, and the reduce); merge (merge_attention);
-heuristics (tile sizes, splits, CONFIG_OVERRIDE); launch (one launch of the
+heuristics (tile sizes, splits, CONFIG_OVERRIDE); tree (host bounds of the
+tree mask); launch (one launch of the
 fused kernel and the reduce); api (the public attention launchers);
 interpreter (a fix for Triton's interpreter, applied under TRITON_INTERPRET=1).
 """
@@ -48,6 +53,7 @@ from .heuristics import CONFIG_OVERRIDE
 from .interpreter import patch_if_interpreted
 from .merge import merge_attention
 from .store import store_kv
+from .tree import tree_bounds
 
 patch_if_interpreted()
 
@@ -57,5 +63,6 @@ __all__ = [
     "paged_attention",
     "prefix_attention",
     "store_kv",
+    "tree_bounds",
     "two_level_attention",
 ]

@@ -19,6 +19,19 @@ def _outputs(q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None
     return out, lse
 
 
+def _tree(
+    key_ends: torch.Tensor | None, key_offsets: torch.Tensor | None, open_ends: torch.Tensor | None, kv_lens
+) -> tuple | None:
+    """The tree-mask arguments of a launch (None: plain causal); open_ends defaults to none open."""
+    if key_ends is None:
+        return None
+    assert key_offsets is not None and key_offsets.shape == kv_lens.shape, "key_offsets: one per sequence"
+    if open_ends is None:
+        open_ends = torch.zeros_like(kv_lens)
+    assert open_ends.shape == kv_lens.shape, "open_ends: one per sequence"
+    return (key_ends, key_offsets, open_ends)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -35,6 +48,9 @@ def paged_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     workspace: dict | None = None,
+    key_ends: torch.Tensor | None = None,
+    key_offsets: torch.Tensor | None = None,
+    open_ends: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal paged attention of each sequence's queries to its keys [start_pos[i], kv_lens[i]).
 
@@ -45,6 +61,12 @@ def paged_attention(
     key splits for decode rows (num_splits overrides; > 1 needs a workspace
     and a reduce launch). Returns (out [T, H, D] in q's dtype, lse [T, H] fp32).
     Rows past cu_seqlens_q[B] are left as they are (split path: 0 / -inf).
+
+    Tree sequences (packed items, label nodes): with key_ends [sum of the
+    sequences' key counts] int32, query q of sequence i sees key k only when
+    k <= q < key_ends[key_offsets[i] + k]; open_ends[i] (default: none) bounds
+    the keys every later query sees (``tree_bounds`` makes both on the host;
+    plain sequences of the step get key ends past every query).
     """
     out, lse = _outputs(q, out, lse)
     bs = k_cache.shape[2]
@@ -64,6 +86,7 @@ def paged_attention(
         own_splits=num_splits,
         prefix_splits=None,
         workspace=workspace,
+        tree=_tree(key_ends, key_offsets, open_ends, kv_lens),
     )
     return out, lse
 
@@ -138,6 +161,9 @@ def two_level_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     workspace: dict | None = None,
+    key_ends: torch.Tensor | None = None,
+    key_offsets: torch.Tensor | None = None,
+    open_ends: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused two-level attention: one launch for both levels, then one reduce.
 
@@ -159,7 +185,9 @@ def two_level_attention(
     prefix_splits override). The partial results need a workspace of (prefix
     splits + own splits) x T x H x D values in q's dtype plus as many float32
     lse / D, kept in `workspace` (a dict reused across layers and CUDA-graph
-    replays) when given.
+    replays) when given. key_ends, key_offsets, open_ends: the tree mask of the
+    own level, as in paged_attention (a group's prefix keys must be seen by
+    every member query: prefix tiles take no mask).
     """
     out, lse = _outputs(q, out, lse)
     bs = k_cache.shape[2]
@@ -179,5 +207,6 @@ def two_level_attention(
         own_splits=own_splits,
         prefix_splits=prefix_splits,
         workspace=workspace,
+        tree=_tree(key_ends, key_offsets, open_ends, kv_lens),
     )
     return out, lse

@@ -52,6 +52,9 @@ def _attention_kernel(
     seq_steps,
     stride_tab,
     n_own_vt,
+    ends_ptr,
+    ends_off_ptr,
+    open_ptr,
     cu_g_ptr,
     g_lens_ptr,
     g_tables_ptr,
@@ -91,6 +94,7 @@ def _attention_kernel(
     HAS_OWN: tl.constexpr,
     HAS_START: tl.constexpr,
     DIRECT: tl.constexpr,
+    TREE: tl.constexpr,
     SEARCH_PRE: tl.constexpr,
     SEARCH_OWN: tl.constexpr,
     BQ_PRE: tl.constexpr,
@@ -113,7 +117,9 @@ def _attention_kernel(
     Within a level: kv heads fastest, then row tile (or item), then key split.
     DIRECT (one level, one split) writes out/lse; otherwise split s of the
     prefix writes workspace slot s and split s of the own level slot
-    pre_splits + s, and _reduce_kernel combines them.
+    pre_splits + s, and _reduce_kernel combines them. TREE: own tiles also
+    take the tree mask (key ends ends_ptr[ends_off_ptr[i] + k], keys before
+    open_ptr[i] seen by every later query of the step); prefix tiles never do.
     """
     pid = tl.program_id(0)
     if HAS_PRE:
@@ -185,6 +191,9 @@ def _attention_kernel(
                 seq_steps,
                 stride_tab,
                 n_own_vt,
+                ends_ptr,
+                ends_off_ptr,
+                open_ptr,
                 out_ptr,
                 lse_ptr,
                 po_ptr,
@@ -214,6 +223,7 @@ def _attention_kernel(
                 own_splits,
                 pre_splits,
                 DIRECT,
+                TREE,
                 SEARCH_OWN,
                 BQ_OWN,
                 HPT_OWN,
@@ -239,6 +249,9 @@ def _attention_kernel(
             seq_steps,
             stride_tab,
             n_own_vt,
+            ends_ptr,
+            ends_off_ptr,
+            open_ptr,
             out_ptr,
             lse_ptr,
             po_ptr,
@@ -268,6 +281,7 @@ def _attention_kernel(
             own_splits,
             0,
             DIRECT,
+            TREE,
             SEARCH_OWN,
             BQ_OWN,
             HPT_OWN,

@@ -61,15 +61,21 @@ def _launch(
     own_splits: int | None,
     prefix_splits: int | None,
     workspace: dict | None,
+    tree: tuple | None = None,
 ) -> None:
-    """One attention launch over prefix tiles (groups) and/or own tiles (seqs), plus a reduce when needed."""
+    """One attention launch over prefix tiles (groups) and/or own tiles (seqs), plus a reduce when needed.
+
+    tree: (key_ends, offsets, open_ends) int32 of the own level's tree mask (tree.py), or None: the
+    TREE variant of the kernel is compiled only for steps that hold a tree sequence.
+    """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, g, block_size = _check_cache(q, k_cache, v_cache)
     has_pre = groups is not None and groups[0].shape[0] > 1
     has_own = seqs is not None and seqs[0].shape[0] > 1
     if num_tokens == 0 or not (has_pre or has_own):
         return
-    for t in (*(seqs or ()), *(groups or ())):
+    use_tree = tree is not None and has_own
+    for t in (*(seqs or ()), *(groups or ()), *(tree if use_tree else ())):
         assert t is None or (t.dtype == torch.int32 and t.device == q.device), (
             "index tensors: int32, q's device"
         )
@@ -125,6 +131,7 @@ def _launch(
     else:
         cu_q = kv_lens = tables = any_index
         start, n_seqs, n_own_vt, os_, search_own, hpt, own_chunks = None, 0, 0, 0, False, 1, 0
+    ends, ends_off, open_ends = tree if use_tree else (any_index, any_index, any_index)
     direct = ps + os_ == 1
     if direct:
         po, pl = out, lse  # not used
@@ -153,6 +160,9 @@ def _launch(
         max(1, n_seqs.bit_length()),
         tables.stride(0),
         n_own_vt,
+        ends,
+        ends_off,
+        open_ends,
         cu_g,
         g_lens,
         g_tables,
@@ -188,6 +198,7 @@ def _launch(
         HAS_OWN=has_own,
         HAS_START=start is not None,
         DIRECT=direct,
+        TREE=use_tree,
         SEARCH_PRE=search_pre,
         SEARCH_OWN=search_own,
         BQ_PRE=bq_pre,

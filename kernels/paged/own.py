@@ -2,6 +2,8 @@
 
 An own program attends BQ query tokens of one sequence (x the g heads of HPT
 kv heads) to the sequence's keys [start, kv_len), causal, over one key split.
+Tree sequences (TREE launches: packed items, label nodes) add their key ends'
+mask (see tiles._attend_tile); the TREE=False variant is the plain kernel.
 Results go to out/lse directly or to a workspace slot for the reduce (see
 fused.py).
 """
@@ -25,6 +27,8 @@ def _own_tile(
     first,
     split,
     kvh,
+    ends_ptr,
+    open_end,
     q_ptr,
     k_ptr,
     v_ptr,
@@ -58,6 +62,7 @@ def _own_tile(
     splits,
     slot0,
     DIRECT: tl.constexpr,
+    TREE: tl.constexpr,
     BQ: tl.constexpr,
     HPT: tl.constexpr,
     G_PAD: tl.constexpr,
@@ -99,8 +104,11 @@ def _own_tile(
         hi,
         qpos0,
         qk_scale,
+        ends_ptr,
+        open_end,
         NUM_KV_HEADS,
         True,
+        TREE,
         SPLIT_LOOP,
         BQ,
         HPT,
@@ -172,6 +180,9 @@ def _own_program(
     seq_steps,
     stride_tab,
     n_own_vt,
+    ends_ptr,
+    ends_off_ptr,
+    open_ptr,
     out_ptr,
     lse_ptr,
     po_ptr,
@@ -201,6 +212,7 @@ def _own_program(
     splits,
     slot0,
     DIRECT: tl.constexpr,
+    TREE: tl.constexpr,
     SEARCH: tl.constexpr,
     BQ: tl.constexpr,
     HPT: tl.constexpr,
@@ -212,7 +224,8 @@ def _own_program(
     BLOCK_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Own-level tiles of one (sequence, HPT kv heads, key split): BQ query tokens x their heads, causal.
+    """Own-level tiles of one (sequence, HPT kv heads, key split): BQ query tokens x their heads, causal
+    (TREE: and the tree mask of the sequence's key ends, ends_ptr + ends_off_ptr[i]).
 
     SEARCH: the program is one virtual tile (found by binary search); else it
     is sequence `vt` and loops over its row tiles (one when max_q_len holds).
@@ -233,6 +246,13 @@ def _own_program(
     t_hi = tl.minimum(t_lo + BQ, q_len) if SEARCH else q_len
     kv_len = tl.load(kv_lens_ptr + i)
     first = tl.load(start_ptr + i) if HAS_START else kv_len * 0
+    if TREE:
+        # the sequence's key ends (key k of the sequence at ends_i[k]) and its open end (host-made)
+        ends_i = ends_ptr + tl.load(ends_off_ptr + i)
+        open_i = tl.load(open_ptr + i)
+    else:
+        ends_i = ends_ptr
+        open_i = kv_len
     if SEARCH:
         if t_hi > t_lo:
             _own_tile(
@@ -245,6 +265,8 @@ def _own_program(
                 first,
                 split,
                 kvh,
+                ends_i,
+                open_i,
                 q_ptr,
                 k_ptr,
                 v_ptr,
@@ -278,6 +300,7 @@ def _own_program(
                 splits,
                 slot0,
                 DIRECT,
+                TREE,
                 BQ,
                 HPT,
                 G_PAD,
@@ -300,6 +323,8 @@ def _own_program(
                 first,
                 split,
                 kvh,
+                ends_i,
+                open_i,
                 q_ptr,
                 k_ptr,
                 v_ptr,
@@ -333,6 +358,7 @@ def _own_program(
                 splits,
                 slot0,
                 DIRECT,
+                TREE,
                 BQ,
                 HPT,
                 G_PAD,

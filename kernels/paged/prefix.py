@@ -90,7 +90,10 @@ def _prefix_tile(
         hi,
         lo,
         qk_scale,
+        g_tables_ptr,  # key ends: prefix tiles take no tree mask (every member query sees its prefix)
+        hi,
         NUM_KV_HEADS,
+        False,
         False,
         SPLIT_LOOP,
         BQ,

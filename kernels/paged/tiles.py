@@ -77,8 +77,11 @@ def _attend_tile(
     key_hi,
     qpos0,
     qk_scale,
+    ends_ptr,
+    open_end,
     NUM_KV_HEADS: tl.constexpr,
     CAUSAL: tl.constexpr,
+    TREE: tl.constexpr,
     SPLIT_LOOP: tl.constexpr,
     BQ: tl.constexpr,
     HPT: tl.constexpr,
@@ -97,6 +100,12 @@ def _attend_tile(
     tl.dot needs) the key columns are HPT runs of BLOCK_N // HPT keys, one run
     per kv head, and a row only sees its own head's run. Returns (acc
     unnormalised, m in log2 units, l).
+
+    TREE (causal tiles of tree sequences): key n is also hidden from queries at
+    or past ends_ptr[n] (the sequence's key ends). The unmasked loop stops at
+    open_end (keys before it are seen by every later query of the step), and
+    the masked loop skips, without loading K or V, every key run that no
+    query of the tile sees (the earlier items of a pack).
     """
     BM: tl.constexpr = BQ * HPT * G_PAD if BQ * HPT * G_PAD > 16 else 16  # tl.dot needs 16 rows
     BNH: tl.constexpr = BLOCK_N // HPT  # keys per kv head and step
@@ -124,6 +133,8 @@ def _attend_tile(
         # keys every row of the tile sees: whole tiles need no mask at all (prefix and prefill
         # tiles; decode tiles take one loop, without a pipeline drain between two)
         all_see = tl.minimum(key_hi, qpos0 + 1) if CAUSAL else key_hi
+        if TREE:
+            all_see = tl.minimum(all_see, open_end)
         full_end = key_lo + tl.maximum(all_see - key_lo, 0) // BNH * BNH
     else:
         full_end = key_lo
@@ -154,30 +165,130 @@ def _attend_tile(
 
     # the rest (all of it without SPLIT_LOOP): a ragged end and/or the causal diagonal
     qpos = qpos0 + t
-    for start in range(full_end, key_hi, BNH):
+    if TREE:
+        acc, m_i, l_i = _tree_masked(
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_ptr,
+            v_ptr,
+            table_ptr,
+            ends_ptr,
+            stride_kb,
+            stride_ko,
+            stride_vb,
+            stride_vo,
+            k_hoff,
+            v_hoff,
+            full_end,
+            key_hi,
+            qpos0,
+            qpos,
+            c_row,
+            c_col,
+            col_ok,
+            d,
+            d_ok,
+            qk_scale,
+            HPT,
+            BLOCK_N,
+            BNH,
+            BLOCK_SIZE,
+            DOT_PRECISION,
+        )
+    else:
+        for start in range(full_end, key_hi, BNH):
+            n = start + cols % BNH
+            n_ok = n < key_hi
+            blk = tl.load(table_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+            off = n % BLOCK_SIZE
+            k_rows = blk * stride_kb + off * stride_ko + k_hoff
+            v_rows = blk * stride_vb + off * stride_vo + v_hoff
+            kv_mask = (n_ok & col_ok)[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s = s * qk_scale
+            vis = n_ok[None, :] & (n[None, :] <= qpos[:, None]) if CAUSAL else n_ok[None, :]
+            if HPT > 1:
+                vis = vis & (c_row[:, None] == c_col[None, :])
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _tree_masked(
+    q,
+    acc,
+    m_i,
+    l_i,
+    k_ptr,
+    v_ptr,
+    table_ptr,
+    ends_ptr,
+    stride_kb,
+    stride_ko,
+    stride_vb,
+    stride_vo,
+    k_hoff,
+    v_hoff,
+    key_lo,
+    key_hi,
+    qpos0,
+    qpos,
+    c_row,
+    c_col,
+    col_ok,
+    d,
+    d_ok,
+    qk_scale,
+    HPT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BNH: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The masked loop of a tree tile over keys [key_lo, key_hi): causal and k <= q < key_end[k].
+
+    A run of keys whose ends all lie at or before the tile's first query is seen by no query of
+    the tile (in a pack: an earlier item and its label nodes): only its key ends are read.
+    """
+    cols = tl.arange(0, BLOCK_N)
+    for start in range(key_lo, key_hi, BNH):
         n = start + cols % BNH
         n_ok = n < key_hi
-        blk = tl.load(table_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        off = n % BLOCK_SIZE
-        k_rows = blk * stride_kb + off * stride_ko + k_hoff
-        v_rows = blk * stride_vb + off * stride_vo + v_hoff
-        kv_mask = (n_ok & col_ok)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = s * qk_scale
-        vis = n_ok[None, :] & (n[None, :] <= qpos[:, None]) if CAUSAL else n_ok[None, :]
-        if HPT > 1:
-            vis = vis & (c_row[:, None] == c_col[None, :])
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        ends = tl.load(ends_ptr + n, mask=n_ok, other=0)
+        if tl.reduce(ends, 0, _MAX) > qpos0:
+            blk = tl.load(table_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+            off = n % BLOCK_SIZE
+            k_rows = blk * stride_kb + off * stride_ko + k_hoff
+            v_rows = blk * stride_vb + off * stride_vo + v_hoff
+            kv_mask = (n_ok & col_ok)[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s = s * qk_scale
+            vis = n_ok[None, :] & (n[None, :] <= qpos[:, None]) & (qpos[:, None] < ends[None, :])
+            if HPT > 1:
+                vis = vis & (c_row[:, None] == c_col[None, :])
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
     return acc, m_i, l_i
 
 

@@ -5,6 +5,11 @@ takes the fused launch: group tiles (every member's queries against the group's
 prefix, read once per group) and per-sequence tiles (own keys), merged through
 their log-sum-exps. Decode graphs get static metadata of a padded size whose
 group arrays have room for one group per row; empty groups exit at once.
+
+Tree sequences (prefill-only scoring: packed items, label nodes) take the
+kernels' tree mask: the step's key ends, each sequence's offset into them and
+its open end (``tree_bounds``, on the host in ``prepare``). Steps without one,
+and every decode graph, run the plain kernel variant.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 import torch
 
 from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, to_device
-from batchllm.kernels.paged import paged_attention, store_kv, two_level_attention
+from batchllm.kernels.paged import paged_attention, store_kv, tree_bounds, two_level_attention
 
 
 @dataclass
@@ -34,11 +39,14 @@ class TritonMeta:
     max_group_rows: int
     grouped: bool  # any group in the step: take the fused two-level launch
     workspace: dict = field(default_factory=dict, repr=False)  # the kernels' partial results
+    # tree steps only (None otherwise): key ends [sum(kv_lens)], offsets [B] and open ends [B], int32
+    tree: dict[str, torch.Tensor] | None = None
 
 
 class TritonBackend(AttentionBackend):
     name = "triton"
     supports_graphs = True
+    supports_tree_mask = True
 
     def __init__(self, shape: KVShape) -> None:
         super().__init__(shape)
@@ -64,7 +72,21 @@ class TritonBackend(AttentionBackend):
             max_group_rows=int(rows.max()) if rows.size else 0,
             grouped=layout.num_groups > 0,
             workspace=self.workspace,
+            tree=self._tree(layout),
         )
+
+    def _tree(self, layout: BatchLayout) -> dict[str, torch.Tensor] | None:
+        """The tree-mask arguments of a step that holds a tree sequence (raises if a tree member would
+        not see its group's whole shared prefix: prefix tiles take no mask)."""
+        if layout.tree_seqs is None or layout.key_ends is None:
+            return None
+        dev = self.shape.device
+        offsets, open_ends = tree_bounds(layout.key_ends, layout.kv_lens, layout.start_pos)
+        return {
+            "key_ends": to_device(layout.key_ends.astype(np.int32, copy=False), dev),
+            "key_offsets": to_device(offsets, dev),
+            "open_ends": to_device(open_ends, dev),
+        }
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: TritonMeta) -> None:
         store_kv(k, v, self.kv_cache[0, layer], self.kv_cache[1, layer], meta.slot_mapping)
@@ -84,6 +106,7 @@ class TritonBackend(AttentionBackend):
                 meta.max_q_len,
                 max_kv_len=meta.max_kv_len,
                 workspace=meta.workspace,
+                **(meta.tree or {}),
             )
             return out
         out, _ = two_level_attention(
@@ -103,6 +126,7 @@ class TritonBackend(AttentionBackend):
             max_prefix_len=meta.max_prefix_len,
             max_group_rows=meta.max_group_rows,
             workspace=meta.workspace,
+            **(meta.tree or {}),
         )
         return out
 
