@@ -164,6 +164,20 @@ def record(w: Workload, name: str, wall: float, **extra: Any) -> dict[str, Any]:
     return run
 
 
+def warm_generate(engine: Any, w: Workload, vocab: int) -> None:
+    """Warm-ups as bench.generate's: a few groups at the real prompt lengths (Triton compiles its tile
+    variants), then as many short sequences as the run (its decode graphs are captured)."""
+    from batchllm.engine import SamplingParams
+
+    few = [w.prompts[i] for _, members in w.groups[:4] for i in members]
+    engine.generate(few, SamplingParams(max_tokens=2, ignore_eos=True))
+    groups = max(1, len(w.groups))
+    wc = warmup_case(Case(64, 16, min(w.decode, 3), max(1, len(w.prompts) // groups), groups))
+    engine.generate(
+        list(make_prompts(wc, vocab, 10_000)), SamplingParams(max_tokens=wc.decode, ignore_eos=True)
+    )
+
+
 def run_native(args: argparse.Namespace, workloads: list[Workload], meta: dict[str, Any]) -> None:
     """All workloads on one native engine (warm-up first), then the engine is freed."""
     from batchllm.engine import Engine, SamplingParams
@@ -181,11 +195,7 @@ def run_native(args: argparse.Namespace, workloads: list[Workload], meta: dict[s
         vocab = engine.config.vocab_size
         for w in workloads:
             if w.decode:
-                wc = warmup_case(Case(256, 64, w.decode, 4, 2))
-                engine.generate(
-                    list(make_prompts(wc, vocab, 10_000)),
-                    SamplingParams(max_tokens=wc.decode, ignore_eos=True),
-                )
+                warm_generate(engine, w, vocab)
                 params = SamplingParams(max_tokens=w.decode, ignore_eos=True)
                 res, wall = timed(args.device, engine.generate, w.prompts, params, groups=w.groups)
                 bad = sum(len(r.token_ids) != w.decode for r in res)
