@@ -106,6 +106,12 @@ def test_executor_fields_are_checked_before_any_work(tmp_path: Path) -> None:
         parse_spec(spec_dict(db, executor={"kind": "mpi"}))
     with pytest.raises(SpecError, match=r"executor\.max_attempts"):
         parse_spec(spec_dict(db, executor={"kind": "ray", "max_attempts": 0}))
+    from batchllm.distributed.cluster import _check_reachable
+
+    with pytest.raises(SpecError, match=r"^executor\.address: nothing answers at 127\.0\.0\.1:1 "):
+        _check_reachable("127.0.0.1:1")  # Ray itself would retry it for minutes
+    with pytest.raises(SpecError, match=r"^executor\.address: 'head' is not host:port"):
+        _check_reachable("head")
     local = parse_spec(spec_dict(db))
     on_ray = parse_spec(spec_dict(db, executor={"kind": "ray", "actors": 2}))
     assert local.spec_hash == on_ray.spec_hash  # where it runs is not what it computes

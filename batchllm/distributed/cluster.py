@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,7 @@ def connect(spec: JobSpec) -> Cluster:
             "log_to_driver": False,  # actor logs are forwarded to the flow's logger instead
             "include_dashboard": False,
         }
+        _check_reachable(address)
         if address is None:  # a local cluster: as many CPUs as the actors need, else all of them
             wanted = (executor.actors or 0) * executor.cpus_per_actor
             options["num_cpus"] = max(math.ceil(wanted), 1) if wanted else os.cpu_count() or 1
@@ -101,6 +103,20 @@ def connect(spec: JobSpec) -> Cluster:
     )
     _check_fits(cluster)
     return cluster
+
+
+def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
+    """Fail fast on a ``host:port`` (or ``ray://host:port``) nobody listens on: Ray itself keeps
+    retrying such an address for minutes."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"executor.address: {address!r} is not host:port, ray://host:port or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise SpecError(f"executor.address: nothing answers at {address} ({exc.strerror or exc})") from None
 
 
 def close(cluster: Cluster) -> None:
