@@ -194,8 +194,8 @@ def prepare(spec: JobSpec, table: pa.Table, run_id: str | None = None, dry_run: 
 
 def plan(spec: JobSpec, prepared: Prepared, shards: int | None = None) -> PlanInfo:
     """Group the distinct prompts by shared prefix and cut whole groups into ``shards`` shards
-    (default ``spec.shards``; on Ray at least one per engine actor)."""
-    count = shards or spec.shards
+    (default ``spec.shards``, and at least one per engine actor when the spec sets ``actors``)."""
+    count = shards or max(spec.shards, spec.executor.actors or 1)
     return plan_prompts(prepared.prompts.token_ids, decode_budget(spec), spec.block_size, count)
 
 
