@@ -335,3 +335,60 @@ def test_steps_without_a_tree_take_the_plain_kernel() -> None:
     )  # fmt: skip
     torch.testing.assert_close(out, plain_out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lse, plain_lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_earlier_items_are_never_read(block_n: int) -> None:
+    """A chunk of a pack's last item and its label nodes: the keys of the earlier items (NaN here) are
+    skipped from their key ends alone, never loaded; narrow key steps too (block_n 16)."""
+    specs = [
+        Spec(3, (21, 34, 9, 17), True, q_len=17 + 3),
+        Spec(16 + 1, (18, 25, 12), False, q_len=12, group=0),
+    ]
+    st = build_step(specs, [16], g=4, dim=32, seed=7)
+    ref = reference(st)
+    bs = st.k_cache.shape[2]
+    # the plain pack's keys of items 0-2 and their nodes, the grouped pack's items 0-1
+    for q_len, (lo, hi) in ((20, (3, 3 + 21 + 3 + 34 + 3 + 9 + 3)), (12, (17, 17 + 18 + 25))):
+        i = st.q_lens.index(q_len)
+        pos = torch.arange(lo, hi, device=DEVICE)
+        blocks = st.tables[i].long()[pos // bs]
+        st.k_cache[blocks, :, pos % bs] = float("nan")
+        st.v_cache[blocks, :, pos % bs] = float("nan")
+    pa.CONFIG_OVERRIDE["block_n"] = block_n
+    try:
+        out, lse = run_kernel(st)
+    finally:
+        pa.CONFIG_OVERRIDE.pop("block_n")
+    assert torch.isfinite(lse).all()
+    torch.testing.assert_close(out, ref, rtol=_tol(torch.float32), atol=_tol(torch.float32))
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def test_engine_packed_and_label_scores_on_triton_equal_torch(tmp_path) -> None:
+    """Packed scoring and whole-label scoring of multi-token labels with attention='triton' (interpreted
+    on CPU) give the torch backend's probabilities; 4-token blocks and a 64-token step budget cut packs
+    into chunks."""
+    from batchllm.engine import Engine
+    from bench.gpu_check import build_model, workload
+
+    build_model(tmp_path)
+    prompts = workload(2, 2, 8, 512, seed=3)
+    labels = LabelSet.from_token_ids(["a", "b", "c", "d"], [[5, 6, 7], [5, 8], [9, 10], [11]])
+    probs = {}
+    for attention in ("torch", "triton"):
+        engine = Engine(
+            tmp_path, attention=attention, kv_cache_tokens=1024, block_size=4, max_num_batched_tokens=64
+        )
+        for mode, pack in (("packed", True), ("members", False)):
+            results = engine.classify(prompts, labels, pack=pack)
+            assert all(r.ok for r in results)
+            probs[attention, mode] = [list(r.probs.values()) for r in results]
+            if pack:
+                assert engine.stats.packs >= 2
+            assert engine.stats.label_tokens_computed > 0
+    for mode in ("packed", "members"):
+        for got, want in zip(probs["triton", mode], probs["torch", mode], strict=True):
+            assert got == pytest.approx(want, abs=1e-4)

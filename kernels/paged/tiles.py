@@ -31,11 +31,17 @@ def _max_combine(a, b):
 
 
 @triton.jit
+def _min_combine(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
 def _add_combine(a, b):
     return a + b
 
 
 _MAX = getattr(tl.standard, "_elementwise_max", _max_combine)
+_MIN = getattr(tl.standard, "_elementwise_min", _min_combine)
 _SUM = getattr(tl.standard, "_sum_combine", _add_combine)
 
 
@@ -104,8 +110,8 @@ def _attend_tile(
     TREE (causal tiles of tree sequences): key n is also hidden from queries at
     or past ends_ptr[n] (the sequence's key ends). The unmasked loop stops at
     open_end (keys before it are seen by every later query of the step), and
-    the masked loop skips, without loading K or V, every key run that no
-    query of the tile sees (the earlier items of a pack).
+    the masked loop starts at the first key a query of the tile sees, past
+    the earlier items of a pack (found from the key ends, without K or V).
     """
     BM: tl.constexpr = BQ * HPT * G_PAD if BQ * HPT * G_PAD > 16 else 16  # tl.dot needs 16 rows
     BNH: tl.constexpr = BLOCK_N // HPT  # keys per kv head and step
@@ -166,7 +172,11 @@ def _attend_tile(
     # the rest (all of it without SPLIT_LOOP): a ragged end and/or the causal diagonal
     qpos = qpos0 + t
     if TREE:
-        acc, m_i, l_i = _tree_masked(
+        # keys every query of the tile sees that the unmasked loop left (less than one step), then,
+        # from the first key a query of the tile sees, the rest: the earlier items of a pack are
+        # skipped from their key ends alone, without reading their K or V
+        see_all = tl.maximum(tl.minimum(tl.minimum(key_hi, qpos0 + 1), open_end), full_end)
+        acc, m_i, l_i = _tree_range(
             q,
             acc,
             m_i,
@@ -182,8 +192,38 @@ def _attend_tile(
             k_hoff,
             v_hoff,
             full_end,
+            see_all,
+            qpos,
+            c_row,
+            c_col,
+            col_ok,
+            d,
+            d_ok,
+            qk_scale,
+            HPT,
+            BLOCK_N,
+            BNH,
+            BLOCK_SIZE,
+            DOT_PRECISION,
+        )
+        first = _first_seen(ends_ptr, see_all, key_hi, qpos0)
+        acc, m_i, l_i = _tree_range(
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_ptr,
+            v_ptr,
+            table_ptr,
+            ends_ptr,
+            stride_kb,
+            stride_ko,
+            stride_vb,
+            stride_vo,
+            k_hoff,
+            v_hoff,
+            first,
             key_hi,
-            qpos0,
             qpos,
             c_row,
             c_col,
@@ -226,7 +266,21 @@ def _attend_tile(
 
 
 @triton.jit
-def _tree_masked(
+def _first_seen(ends_ptr, key_lo, key_hi, qpos0):
+    """The first key in [key_lo, key_hi) whose end lies past qpos0 (key_hi if none): keys before it
+    are seen by no query at or after qpos0. Reads the key ends only (4 bytes a key)."""
+    SCAN: tl.constexpr = 256
+    scan = tl.arange(0, SCAN)
+    first = key_hi
+    for s0 in range(key_lo, key_hi, SCAN):
+        k = s0 + scan
+        seen = tl.load(ends_ptr + k, mask=k < key_hi, other=0) > qpos0
+        first = tl.minimum(first, tl.reduce(tl.where(seen, k, key_hi), 0, _MIN))
+    return first
+
+
+@triton.jit
+def _tree_range(
     q,
     acc,
     m_i,
@@ -243,7 +297,6 @@ def _tree_masked(
     v_hoff,
     key_lo,
     key_hi,
-    qpos0,
     qpos,
     c_row,
     c_col,
@@ -259,36 +312,35 @@ def _tree_masked(
 ):
     """The masked loop of a tree tile over keys [key_lo, key_hi): causal and k <= q < key_end[k].
 
-    A run of keys whose ends all lie at or before the tile's first query is seen by no query of
-    the tile (in a pack: an earlier item and its label nodes): only its key ends are read.
+    The same steps as _attend_tile's masked loop, plus the key ends' term (no branch inside the
+    loop, so it pipelines as that one does).
     """
     cols = tl.arange(0, BLOCK_N)
     for start in range(key_lo, key_hi, BNH):
         n = start + cols % BNH
         n_ok = n < key_hi
         ends = tl.load(ends_ptr + n, mask=n_ok, other=0)
-        if tl.reduce(ends, 0, _MAX) > qpos0:
-            blk = tl.load(table_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-            off = n % BLOCK_SIZE
-            k_rows = blk * stride_kb + off * stride_ko + k_hoff
-            v_rows = blk * stride_vb + off * stride_vo + v_hoff
-            kv_mask = (n_ok & col_ok)[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s = s * qk_scale
-            vis = n_ok[None, :] & (n[None, :] <= qpos[:, None]) & (qpos[:, None] < ends[None, :])
-            if HPT > 1:
-                vis = vis & (c_row[:, None] == c_col[None, :])
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-            m_i = m_new
+        blk = tl.load(table_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        off = n % BLOCK_SIZE
+        k_rows = blk * stride_kb + off * stride_ko + k_hoff
+        v_rows = blk * stride_vb + off * stride_vo + v_hoff
+        kv_mask = (n_ok & col_ok)[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = s * qk_scale
+        vis = n_ok[None, :] & (n[None, :] <= qpos[:, None]) & (qpos[:, None] < ends[None, :])
+        if HPT > 1:
+            vis = vis & (c_row[:, None] == c_col[None, :])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
     return acc, m_i, l_i
 
 
