@@ -392,3 +392,122 @@ def test_engine_packed_and_label_scores_on_triton_equal_torch(tmp_path) -> None:
     for mode in ("packed", "members"):
         for got, want in zip(probs["triton", mode], probs["torch", mode], strict=True):
             assert got == pytest.approx(want, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- GPU, real sizes
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    ("g", "kv_heads", "dim", "dtype"),
+    [
+        (4, 8, 128, torch.bfloat16),
+        (1, 16, 128, torch.bfloat16),
+        (4, 4, 64, torch.bfloat16),
+        (4, 2, 128, torch.float32),
+        (1, 4, 64, torch.float32),
+    ],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gpu_random_tree_layouts(g: int, kv_heads: int, dim: int, dtype: torch.dtype, seed: int) -> None:
+    """Packs of up to 4 items of up to 400 tokens behind 512- and 1024-token group prefixes, plain
+    prompts and chunks cut mid-pack, 16 sequences in one launch."""
+    rng = np.random.default_rng(100 + seed)
+    prefixes = [512, 1024]
+    specs = random_specs(rng, 16, prefixes, block=16, max_item=400)
+    st = build_step(specs, prefixes, kv_heads=kv_heads, g=g, dim=dim, dtype=dtype, seed=seed)
+    check(st, _tol(dtype))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_packs_without_groups_and_short_chunks(dtype: torch.dtype) -> None:
+    """The plain-path launch (no group): 2048-token packs whole, with key splits on short chunks,
+    and one-token chunks (decode tiles)."""
+    rng = np.random.default_rng(7)
+    specs = [Spec(300, tuple(int(x) for x in rng.integers(50, 500, 4)), bool(i % 2)) for i in range(6)]
+    specs += [Spec(200, (700, 900), True, q_len=9, cut=100), Spec(100, (60,), False, q_len=1)]
+    st = build_step(specs, [], kv_heads=8, g=4, dim=128, dtype=dtype, seed=8)
+    check(st, _tol(dtype))
+    short = build_step(specs[6:], [], kv_heads=8, g=4, dim=128, dtype=dtype, seed=9)
+    check(short, _tol(dtype))
+    check(short, _tol(dtype), own_splits=4)
+    ones = [Spec(100, (300, 200, 250), True, q_len=1, cut=k) for k in (0, 1, 5, 200)]
+    check(build_step(ones, [], kv_heads=8, g=4, dim=128, dtype=dtype, seed=10), _tol(dtype))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_tree_launch_skips_other_items() -> None:
+    """A step of 8 packs of 4 x 480-token items behind a 1024-token prefix: the tree launch reads each
+    item's own keys only, so it takes less time than the plain kernel's causal attention over the
+    same keys (about 0.65x the work)."""
+    specs = [Spec(1024, (480, 480, 480, 480), True, group=0) for _ in range(8)]
+    st = build_step(specs, [1024], kv_heads=8, g=4, dim=128, dtype=torch.bfloat16, seed=11)
+    check(st, _tol(torch.bfloat16))
+    offsets, open_ends = pa.tree_bounds(st.key_ends, np.array(st.kv_host), st.start_pos.cpu().numpy())
+    tree = {
+        "key_ends": torch.from_numpy(st.key_ends).to(DEVICE),
+        "key_offsets": torch.from_numpy(offsets).to(DEVICE),
+        "open_ends": torch.from_numpy(open_ends).to(DEVICE),
+    }
+    out, workspace = torch.empty_like(st.q), {}
+    rows = int(max(torch.diff(st.cu_g).tolist()))
+
+    def time_ms(**kw) -> float:
+        def launch() -> None:
+            pa.two_level_attention(
+                st.q, st.k_cache, st.v_cache, st.cu_q, st.kv_lens, st.tables, st.start_pos,
+                st.cu_g, st.g_lens, st.g_tables, st.scale, max(st.q_lens),
+                max_group_rows=rows, out=out, workspace=workspace, **kw,
+            )  # fmt: skip
+
+        for _ in range(3):
+            launch()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            launch()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 20
+
+    tree_ms, causal_ms = time_ms(**tree), time_ms()
+    print(f"tree {tree_ms:.3f} ms, plain causal {causal_ms:.3f} ms")
+    assert tree_ms < causal_ms
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_gpu_engine_packed_and_label_scores_equal_torch(tmp_path, dtype: str, tol: float) -> None:
+    """The engine on CUDA: packed and per-member multi-token label scores, triton against torch."""
+    from batchllm.engine import Engine
+    from bench.gpu_check import build_model, workload
+
+    build_model(tmp_path)
+    rng = np.random.default_rng(12)
+    prompts = [
+        p + rng.integers(3, 512, int(rng.integers(0, 300))).tolist() for p in workload(4, 16, 256, 512)
+    ]
+    labels = LabelSet.from_token_ids(["a", "b", "c", "d"], [[5, 6, 7], [5, 8], [9, 10], [11]])
+    probs = {}
+    for attention in ("torch", "triton"):
+        engine = Engine(
+            tmp_path, device="cuda", dtype=dtype, attention=attention, kv_cache_tokens=65536,
+            max_num_batched_tokens=2048,
+        )  # fmt: skip
+        for pack in (True, False):
+            results = engine.classify(prompts, labels, pack=pack)
+            assert all(r.ok for r in results)
+            probs[attention, pack] = np.array([list(r.probs.values()) for r in results])
+            if pack:
+                assert engine.stats.packs >= 4
+    for pack in (True, False):
+        diff = np.abs(probs["triton", pack] - probs["torch", pack])
+        assert diff.max() < tol, (pack, diff.max())
