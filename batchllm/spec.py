@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ from jinja2 import TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from batchllm.distributed.executor_spec import ExecutorSpec
 from batchllm.shape import FormatSpec
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -236,38 +237,6 @@ class LimitsSpec(_Strict):
     max_prompt_tokens: int | None = Field(default=None, ge=1)
 
 
-class ExecutorSpec(_Strict):
-    """Where the shards run: ``local`` (this process, one after another) or ``ray`` (engine actors of
-    a Ray cluster, fed whole prefix groups; see docs/ray.md). The other fields are Ray's only.
-
-    address: the cluster to join ("auto", "host:6379", "ray://host:10001"); unset: ``RAY_ADDRESS``,
-    else a local cluster in this process. actors: engine actors; unset: one per GPU of the cluster
-    (device cuda), else one per ``cpus_per_actor`` CPUs. gpus_per_actor: unset: 1 on CUDA (vllm:
-    tensor x pipeline parallel size), 0 on CPU. max_attempts: a shard that fails this often becomes
-    per-row errors. runtime_env: passed to the actors as is (env_vars, pip, working_dir ...).
-    """
-
-    kind: Literal["local", "ray"] = "local"
-    address: str | None = None
-    actors: int | None = Field(default=None, ge=1, le=4096)
-    cpus_per_actor: float = Field(default=1.0, gt=0, le=1024)
-    gpus_per_actor: float | None = Field(default=None, ge=0, le=64)
-    max_attempts: int = Field(default=2, ge=1, le=10)
-    start_timeout_s: float = Field(default=600.0, gt=0)
-    runtime_env: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _ray_only(self) -> ExecutorSpec:
-        if self.kind == "local":
-            for name in sorted(self.model_fields_set - {"kind"}):
-                raise ValueError(f"executor.{name}: only used with kind 'ray' (kind is 'local')")
-        if self.address is not None and not self.address.strip():
-            raise ValueError(
-                "executor.address: empty address (leave it out for RAY_ADDRESS or a local cluster)"
-            )
-        return self
-
-
 class JobSpec(_Strict):
     """A whole job. ``spec_hash`` identifies it; ``params_hash`` the task + sampling part."""
 
@@ -320,8 +289,7 @@ class JobSpec(_Strict):
 
     @cached_property
     def spec_hash(self) -> str:
-        """What the job computes; where it runs (``executor``) is left out, so a run interrupted on
-        one executor is finished from staging by a rerun on another."""
+        """What the job computes: not where (``executor``), so another executor's rerun finds the staging."""
         return _hash(self.model_dump(mode="json", exclude={"executor"}))
 
     @cached_property
@@ -337,17 +305,12 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-_jinja: SandboxedEnvironment | None = None
-
-
+@cache
 def template_env() -> SandboxedEnvironment:
     """The one Jinja2 environment for prompt templates (sandboxed, no autoescape)."""
-    global _jinja
-    if _jinja is None:
-        from jinja2 import StrictUndefined
+    from jinja2 import StrictUndefined
 
-        _jinja = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
-    return _jinja
+    return SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
 
 
 def parse_spec(data: Any, origin: str = "job spec") -> JobSpec:

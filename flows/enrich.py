@@ -9,17 +9,16 @@ exists. Runs in Prefect's ephemeral mode without a server, or against one.
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from batchllm.flows import ray_shards
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -31,15 +30,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
-from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from batchllm import job, report, results, warehouse
-from batchllm.backends.base import GroupSpec, Outcome, Progress
+from batchllm.backends.base import GroupSpec, Progress
 from batchllm.connection import check_writable
 from batchllm.distributed import cluster as ray_cluster
-from batchllm.distributed import dispatch
-from batchllm.distributed.pool import ActorPool
 from batchllm.faults import pause_point
 from batchllm.spec import JobSpec, SpecError, load_spec
 
@@ -99,55 +94,6 @@ def infer(
     return rows, stats
 
 
-@task(cache_policy=NO_CACHE, task_run_name="infer-shard-{shard}")
-def infer_remote(
-    spec: JobSpec,
-    prepared: job.Prepared,
-    shard: int,
-    indices: list[int],
-    prompts: Any,
-    groups: list[GroupSpec] | None,
-    ray_run: RayRun,
-) -> tuple[pa.Table, dict[str, Any]]:
-    """Run one shard on an engine actor of the Ray cluster (a retry goes to another actor)."""
-    logger = get_run_logger()
-    attempt = len(ray_run.ledger.attempts.get(shard, [])) + 1
-    logger.info("shard %d: %d prompts, attempt %d", shard, len(indices), attempt)
-    ray_run.progress.update(shard, 0)
-
-    def forward(member: Any, line: str) -> None:
-        level, _, text = line.partition(" ")
-        logger.log(
-            getattr(logging, level, logging.INFO),
-            "[actor %d pid %s] %s",
-            member.index,
-            member.info.get("pid"),
-            text,
-        )
-
-    outcomes, stats = dispatch.run_shard(
-        ray_run.pool,
-        ray_run.ledger,
-        shard,
-        prompts,
-        groups,
-        lambda done: ray_run.progress.update(shard, done),
-        forward,
-    )
-    ray_run.progress.update(shard, len(indices), final=True)
-    rows = results.result_rows(spec, prepared, indices, outcomes)
-    ok, errors = results.count_status(rows)
-    logger.info(
-        "shard %d done on actor %d: %d rows ok, %d errors, %.1fs",
-        shard,
-        stats["actor"]["index"],
-        ok,
-        errors,
-        stats.get("run_s", 0.0),
-    )
-    return rows, stats
-
-
 @task(retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
 def stage(spec: JobSpec, rows: pa.Table) -> int:
     """Append result rows to the job's staging table (durable before the merge)."""
@@ -185,7 +131,7 @@ def enrich(spec: JobSpec | str, progress: Progress | None = None) -> dict[str, A
     with ExitStack() as stack:
         cluster = None
         if spec.executor.kind == "ray":  # joined first: a cluster that cannot run the job fails early
-            cluster = _join(spec)
+            cluster = ray_shards.join(spec)
             stack.callback(ray_cluster.close, cluster)
         return _enrich(spec, progress, cluster)
 
@@ -222,7 +168,15 @@ def _enrich(spec: JobSpec, progress: Progress | None, cluster: ray_cluster.Clust
         if cluster is None:
             engine_stats = _infer_shards(spec, prepared, plan_info, counts, progress)
         else:
-            engine_stats, executor = _infer_on_ray(spec, prepared, plan_info, counts, progress, cluster)
+            engine_stats, executor = ray_shards.infer_on_ray(
+                spec,
+                prepared,
+                plan_info,
+                cluster,
+                progress,
+                _artifact_key(spec),
+                partial(_stage_counted, spec, counts),
+            )
     device = (cluster.device if cluster else job.device_name(spec)) if plan_info.shards else "none"
     run = report.run_record(spec, prepared, plan_info, engine_stats, counts, timings, device)
     run["recovered_runs"] = recovered_runs  # the runs table says whose work this run finished
@@ -265,119 +219,10 @@ def _infer_shards(
     return engine_stats
 
 
-def _join(spec: JobSpec) -> ray_cluster.Cluster:
-    """Join the job's Ray cluster (or start a local one), logging its shape."""
-    cluster = ray_cluster.connect(spec)
-    info = cluster.describe()
-    get_run_logger().info(
-        "ray cluster %s: %g CPUs, %g GPUs; %d engine actors on %s (%g CPUs, %g GPUs each)",
-        info["address"],
-        info["cluster_cpus"],
-        info["cluster_gpus"],
-        cluster.actors,
-        cluster.device,
-        cluster.num_cpus,
-        cluster.num_gpus,
-    )
-    return cluster
-
-
-@dataclass
-class RayRun:
-    """What the shard tasks of one run share: the actor pool, the ledger of attempts, the progress."""
-
-    pool: ActorPool
-    ledger: dispatch.ShardLedger
-    progress: _SharedProgress
-
-
-def _infer_on_ray(
-    spec: JobSpec,
-    prepared: job.Prepared,
-    plan_info: job.PlanInfo,
-    counts: dict[str, int],
-    progress: Progress | None,
-    cluster: ray_cluster.Cluster,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run the shards on the cluster's engine actors, largest first, one task per shard; stage each
-    shard as it finishes. A shard that fails ``executor.max_attempts`` times becomes error rows."""
-    logger = get_run_logger()
-    executor: dict[str, Any] = {"kind": "ray", **cluster.describe()}
-    if not plan_info.shards:
-        logger.info("nothing to run: no actor is started")
-        return [], executor
-    total = sum(len(s) for s in plan_info.shards)
-    progress_id = create_progress_artifact(
-        progress=0.0, key=f"{_artifact_key(spec)}-progress", description=f"prompts of {spec.output.table}"
-    )
-    pool = ActorPool(spec, cluster, prepared.run_id)
-    ray_run = RayRun(pool, dispatch.ShardLedger(), _SharedProgress(progress_id, total, progress))
-    shard_task = infer_remote.with_options(retries=spec.executor.max_attempts - 1, retry_delay_seconds=1)
-    order = sorted(range(len(plan_info.shards)), key=lambda k: (-_shard_cost(plan_info, k), k))
-    engine_stats: list[dict[str, Any]] = []
-    try:
-        with ThreadPoolTaskRunner(max_workers=cluster.actors) as runner:
-            futures = {}
-            for k in order:
-                indices = plan_info.shards[k]
-                prompts = dispatch.put_prompts([prepared.prompts.token_ids[i] for i in indices])
-                parameters = {
-                    "spec": spec,
-                    "prepared": prepared,
-                    "shard": k,
-                    "indices": indices,
-                    "prompts": prompts,
-                    "groups": plan_info.groups(k),
-                    "ray_run": ray_run,
-                }
-                futures[runner.submit(shard_task, parameters=parameters)] = k
-            for future in as_completed(list(futures)):
-                k = futures[future]
-                rows, stats = _shard_rows(spec, prepared, plan_info, ray_run, k, future)
-                if not ray_run.ledger.finish(k):  # never staged twice
-                    continue
-                stage(spec, rows)
-                _count(counts, rows)
-                if stats is not None:
-                    engine_stats.append(stats)
-    finally:
-        executor["actors_started"] = pool.describe()
-        executor["actors_died"] = pool.died
-        pool.close()
-    executor.update(ray_run.ledger.summary())
-    return engine_stats, executor
-
-
-def _shard_rows(
-    spec: JobSpec,
-    prepared: job.Prepared,
-    plan_info: job.PlanInfo,
-    ray_run: RayRun,
-    shard: int,
-    future: Any,
-) -> tuple[pa.Table, dict[str, Any] | None]:
-    """A finished shard's rows and stats; a shard out of attempts: one error row per row, no stats."""
-    try:
-        return future.result()
-    except Exception as exc:  # the shard's last attempt failed
-        error = f"{type(exc).__name__}: {exc}"
-    indices = plan_info.shards[shard]
-    attempts = ray_run.ledger.attempts.get(shard, [])
-    last = attempts[-1]["error"] if attempts else error
-    message = f"shard {shard} failed {max(len(attempts), 1)} time(s) on the Ray cluster; last: {last}"
-    get_run_logger().error("%s: its %d prompts become error rows", message, len(indices))
-    ray_run.progress.update(shard, len(indices), final=True)
-    failed = [Outcome(prompt_tokens=0, finish_reason="error", error=message) for _ in indices]
-    return results.result_rows(spec, prepared, indices, failed), None
-
-
-def _shard_cost(plan_info: job.PlanInfo, shard: int) -> float:
-    """The planner's cost estimate of a shard: physical prefill + decode tokens (prompts if no plan)."""
-    if not plan_info.parts:
-        return float(len(plan_info.shards[shard]))
-    return float(plan_info.parts[shard].stats.physical_tokens) + float(
-        plan_info.parts[shard].stats.decode_tokens
-    )
+def _stage_counted(spec: JobSpec, counts: dict[str, int], rows: pa.Table) -> None:
+    """Stage a finished shard's rows at once and count them (Ray runs call it per shard)."""
+    stage(spec, rows)
+    _count(counts, rows)
 
 
 def _count(counts: dict[str, int], rows: pa.Table) -> None:
@@ -423,33 +268,6 @@ class _Progress:
     def finish(self, shard_size: int) -> None:
         self.last = 0.0  # the final update is never throttled away
         self(shard_size, shard_size)
-
-
-class _SharedProgress:
-    """The run's one progress count over shards running at once on several actors: the caller's
-    callback and the Prefect progress artifact (throttled). A retried shard counts from zero again."""
-
-    def __init__(self, artifact_id: Any, total: int, forward: Progress | None) -> None:
-        self.artifact_id = artifact_id
-        self.total = max(total, 1)
-        self.forward = forward
-        self.done: dict[int, int] = {}
-        self.last = 0.0
-        self.lock = threading.Lock()
-
-    def update(self, shard: int, done: int, final: bool = False) -> None:
-        with self.lock:
-            if self.done.get(shard) == done and not final:
-                return
-            self.done[shard] = done
-            overall = sum(self.done.values())
-            if self.forward is not None:
-                self.forward(overall, self.total)
-            now = time.monotonic()
-            if not (final or now - self.last >= 1.0):
-                return
-            self.last = now
-        update_progress_artifact(self.artifact_id, progress=100.0 * overall / self.total)
 
 
 def _device_limit(device: str) -> str | None:
