@@ -10,7 +10,10 @@ is measured (device synchronized). Finished sequences restart, so every step
 has ``batch`` rows. With ``--engine`` it also runs the default model on the
 same prompts with and without the constraint and prints output tokens/s.
 
-    python -m bench.grammar [--device cpu|cuda] [--batch 1,64,256] [--steps 48] [--engine 0]
+    python -m bench.grammar [--device cpu|cuda] [--batch 1,64,256] [--steps 48] [--engine 0] [--model M]
+
+The mask needs the tokenizer only: on a machine without the weights, --model
+may name a folder with the model's tokenizer files and config.json.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -124,9 +128,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--engine", type=int, default=0, help="prompts for the model run (0: skip it)")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument(
+        "--model", default="default", help="the model (or a folder with only its tokenizer and config.json)"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
-    folder = resolve_model("default")
+    folder = resolve_model(args.model) if args.model == "default" else Path(args.model)
     vocab = ModelConfig.from_folder(folder).vocab_size
     cache = GrammarCache(folder, vocab, Tokenizer(folder).eos_token_ids)
     cache.get(Constraint("json_schema", SCHEMA.grammar()[1]))
