@@ -53,10 +53,7 @@ def run_prefill(
     pack = trees if pack is None else pack
     if (pack or labels.num_nodes) and not trees:
         what = "packing" if pack else f"multi-token labels ({', '.join(map(repr, labels.labels))})"
-        raise ValueError(
-            f"attention: {what} needs a backend with a tree mask (attention='torch' or 'triton'); "
-            f"{engine.attention!r} has none yet"
-        )
+        raise ValueError(f"attention: {what} needs a backend with a tree mask; {engine.attention!r} has none")
     _check_label_room(batch, labels, engine.max_model_len)
     scheduler = PrefillScheduler(
         engine.num_kv_blocks,
