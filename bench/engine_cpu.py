@@ -7,13 +7,21 @@ both sides generate exactly the same number of tokens). transformers runs
 left-padded batches in input order, as a user would. Prints tokens/s of both
 and the ratio; not a test.
 
+``--case P,S,D,sd,G`` runs the native engine alone on bench.peers' W(P, S, D, sd,
+G) workload instead (its seeded prompts in its random order, its plan, its
+warm-up) and prints req/s and a digest of the generated tokens, so two
+attention backends (``--attention``) can be timed against each other and
+checked for the same tokens.
+
     python -m bench.engine_cpu [--prompts 256] [--max-tokens 32] [--hf-batch-size 32] [--threads N]
+    python -m bench.engine_cpu --case 1000,100,32,16,4 [--attention torch|cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import time
 from pathlib import Path
 
@@ -73,6 +81,36 @@ def run_hf(model, prompts: list[np.ndarray], max_tokens: int, batch_size: int, p
     return time.perf_counter() - t0
 
 
+def run_case(args: argparse.Namespace) -> None:
+    """bench.peers' native run of one W case: the same prompts, order, plan and warm-up."""
+    from bench.floor import Case, make_prompts, shuffled_order
+    from bench.generate import warmup_case
+    from bench.peers import plan_groups
+
+    case = Case.parse(args.case)
+    t = time.perf_counter()
+    engine = Engine(args.model, device="cpu", max_model_len=8192, attention=args.attention)
+    init = time.perf_counter() - t
+    vocab = engine.config.vocab_size
+    prompts = make_prompts(case, vocab, 0)
+    prompts = [prompts[i] for i in shuffled_order(case.requests, 0)]
+    groups = plan_groups(prompts, case.decode)
+    wc = warmup_case(Case(256, 64, case.decode, 4, 2))
+    engine.generate(
+        list(make_prompts(wc, vocab, 10_000)), SamplingParams(max_tokens=wc.decode, ignore_eos=True)
+    )
+    t = time.perf_counter()
+    results = engine.generate(prompts, SamplingParams(max_tokens=case.decode, ignore_eos=True), groups=groups)
+    wall = time.perf_counter() - t
+    assert all(r.error is None and len(r.token_ids) == case.decode for r in results)
+    digest = hashlib.sha1(repr([r.token_ids for r in results]).encode()).hexdigest()[:12]
+    print(
+        f"W({args.case}) attention={engine.attention}: init {init:.1f} s, {wall:.2f} s, "
+        f"{len(prompts) / wall:.2f} req/s, steps={engine.stats.steps}, tokens {digest}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -84,11 +122,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--attention", default="auto", help="attention backend (auto: cpu on CPU)")
+    ap.add_argument("--case", default=None, help="P,S,D,sd,G: the W workload of bench.peers, native only")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.case:
+        run_case(args)
+        return
 
-    engine = Engine(args.model, kv_cache_gb=args.kv_gb, max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = Engine(
+        args.model,
+        kv_cache_gb=args.kv_gb,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        attention=args.attention,
+    )
     prompts = chat_prompts(engine, args.prompts, args.data)
     n_prompt = sum(len(p) for p in prompts)
     n_out = args.max_tokens * len(prompts)

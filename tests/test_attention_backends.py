@@ -90,7 +90,7 @@ def test_decode_padding_uses_the_scratch_block() -> None:
 
 
 def test_registry() -> None:
-    assert resolve_name("auto", "cpu") == "torch" and resolve_name("auto", "cuda") == "triton"
+    assert resolve_name("auto", "cpu") == "cpu" and resolve_name("auto", "cuda") == "triton"
     with pytest.raises(ValueError, match="attention: must be one of"):
         resolve_name("flash", "cpu")
     shape = KVShape(2, 6, BS, 2, 8, torch.float32, torch.device("cpu"))

@@ -2,8 +2,10 @@
 
 ``torch``: the reference (plain torch, float32 math; CPU and CUDA).
 ``triton``: our Triton kernels (paged prefill/decode, fused two-level attention;
-CUDA, or CPU under TRITON_INTERPRET=1 for tests). ``auto`` picks triton on CUDA
-and torch on CPU. Backends are imported when chosen, so triton stays optional.
+CUDA, or CPU under TRITON_INTERPRET=1 for tests).
+``cpu``: two-level attention on torch's fused CPU attention kernel (CPU only).
+``auto`` picks triton on CUDA and cpu on CPU. Backends are imported when chosen,
+so triton stays optional.
 """
 
 from __future__ import annotations
@@ -16,22 +18,25 @@ from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShap
 _MODULES = {
     "torch": "batchllm.engine.attention.torch_ref",
     "triton": "batchllm.engine.attention.triton",
+    "cpu": "batchllm.engine.attention.cpu",
 }
 BACKENDS = ("auto", *_MODULES)
 
 
 def resolve_name(name: str, device: str) -> str:
-    """The backend a name means on a device type ('auto' -> triton on CUDA, torch on CPU)."""
+    """The backend a name means on a device type ('auto' -> triton on CUDA, cpu on CPU)."""
     if name not in BACKENDS:
         raise ValueError(f"attention: must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "auto":
-        return "triton" if device == "cuda" else "torch"
+        return "triton" if device == "cuda" else "cpu"
     return name
 
 
 def create_backend(name: str, shape: KVShape) -> AttentionBackend:
     """A backend instance owning a KV pool of ``shape``."""
     name = resolve_name(name, shape.device.type)
+    if name == "cpu" and shape.device.type != "cpu":
+        raise ValueError(f"attention: backend 'cpu' runs on the CPU only, not {shape.device.type!r}")
     if name == "triton" and shape.device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU: its interpreter (tests, CI)
     module = import_module(_MODULES[name])
