@@ -40,7 +40,7 @@ from batchllm.spec import JobSpec, parse_spec
 from bench.workloads import shared_prefix_workload
 
 
-def bench_spec(decode: int, kv_gb: float, max_batched: int) -> JobSpec:
+def bench_spec(decode: int, kv_gb: float, max_batched: int, attention: str) -> JobSpec:
     """A generate job: the task, sampling and engine options the actors run with (no table is read)."""
     folder = Path(tempfile.gettempdir())
     return parse_spec(
@@ -49,7 +49,11 @@ def bench_spec(decode: int, kv_gb: float, max_batched: int) -> JobSpec:
             "prompt": {"template": "{{ id }}"},
             "task": {"kind": "generate"},
             "sampling": {"max_tokens": decode, "temperature": 0.0},
-            "engine_options": {"kv_cache_gb": kv_gb, "max_num_batched_tokens": max_batched},
+            "engine_options": {
+                "kv_cache_gb": kv_gb,
+                "max_num_batched_tokens": max_batched,
+                "attention": attention,
+            },
             "device": "cpu",
             "output": {"table": "bench", "database": str(folder / "bench_ray_sharding.duckdb")},
         }
@@ -104,6 +108,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--kv-gb", type=float, default=0.5)
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    ap.add_argument("--attention", default="auto", help="the engine's attention backend")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
 
@@ -117,7 +122,7 @@ def main() -> None:
     prompts = [
         w.table.values[w.table.offsets[i] : w.table.offsets[i + 1]].astype(np.int64) for i in range(w.table.n)
     ]
-    spec = bench_spec(args.decode, args.kv_gb, args.max_num_batched_tokens)
+    spec = bench_spec(args.decode, args.kv_gb, args.max_num_batched_tokens, args.attention)
     ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     try:
         actors = [
@@ -142,6 +147,7 @@ def main() -> None:
         "workload": w.description,
         "requests": len(prompts),
         "workers": args.workers,
+        "attention": args.attention,
         "actor_load_s": [round(s, 2) for s in load_s],
         "planned_saving_ratio": planned_saving,
         "same_outputs": f"{same}/{len(prompts)}",

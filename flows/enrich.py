@@ -4,7 +4,9 @@ extract -> prepare (render + tokenize) -> plan -> infer (one task per shard,
 the engine created inside it) -> stage -> load -> report. Each task wraps one
 batchllm call; retries sit on the warehouse I/O; inference holds a slot of the
 global concurrency limit named for its device ("gpu" or "cpu") when that limit
-exists. Runs in Prefect's ephemeral mode without a server, or against one.
+exists. With ``executor.kind: ray`` the shards run on engine actors of a Ray
+cluster instead (ray_shards.py), several at once, each staged as it finishes.
+Runs in Prefect's ephemeral mode without a server, or against one.
 """
 
 from __future__ import annotations

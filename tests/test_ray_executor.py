@@ -3,7 +3,8 @@
 One Ray cluster and one temporary Prefect server for the module. A Ray run
 must give the same rows and the same planned and achieved prefix saving as
 the one-process run of the same job; an engine actor killed with SIGKILL in
-the middle of its shard (its pid asked of the actor through Ray) loses and
+the middle of its shard (paused there by a fault point; its pid asked of the
+actor through Ray) loses and
 duplicates no row; a shard whose actor dies on every attempt becomes error
 rows and the job still completes.
 """
@@ -43,7 +44,13 @@ def ray_cluster() -> Iterator[None]:
 
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=100 * 2**20,  # prompts and outcomes of a few rows; small /dev/shm in CI
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -89,7 +96,31 @@ def _spec(db: Path, **over: Any) -> Any:
 def _run(spec: Any) -> dict[str, Any]:
     from batchllm.flows.enrich import enrich
 
-    return enrich(spec)
+    state = enrich(spec, return_state=True)
+    return {**state.result(), "flow_run_id": state.state_details.flow_run_id}
+
+
+def _prefect_view(flow_run_id: Any) -> tuple[dict[str, Any], list[str], list[str]]:
+    """What the Prefect server holds of a flow run: artifacts by type, task run names, log messages."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200
+        )
+    return {a.type: a for a in artifacts}, [t.name for t in tasks], [entry.message for entry in logs]
 
 
 def _rows(db: Path) -> list[dict[str, Any]]:
@@ -151,17 +182,25 @@ def test_ray_run_equals_one_process_run(tmp_path: Path, ray_cluster: None, local
     assert executor["kind"] == "ray" and executor["retried_shards"] == 0 and not executor["actors_died"]
     # one shard per actor, each run once: whole prefix groups stayed on one actor
     assert sorted(a["actor"] for s in executor["shards"] for a in s["attempts"]) == [0, 1]
-    assert len({a["pid"] for s in executor["shards"] for a in s["attempts"]}) == 2
+    pids = {a["pid"] for s in executor["shards"] for a in s["attempts"]}
+    assert len(pids) == 2
+    # Prefect orchestrates: a task per shard, one progress bar over both actors, the actors' logs
+    artifacts, tasks, logs = _prefect_view(run["flow_run_id"])
+    assert {"infer-shard-0", "infer-shard-1"} <= set(tasks)
+    assert artifacts["progress"].data == 100.0
+    for pid in pids:
+        assert any(m.startswith("[actor ") and f"pid {pid}] " in m and "model loaded" in m for m in logs)
 
 
 def test_sigkill_of_an_actor_mid_shard_loses_and_duplicates_nothing(
     tmp_path: Path, ray_cluster: None, local_run: dict[str, Any]
 ) -> None:
     db = make_reviews_db(tmp_path / "w.duckdb", ROWS)
-    with _Killer(shard=None, times=1) as killer:
-        run = _run(_spec(db, executor={"kind": "ray", "actors": 2}))
+    with _Killer(tmp_path, shard=0, times=1) as killer:
+        run = _run(_spec(db, executor={"kind": "ray", "actors": 2, "runtime_env": killer.runtime_env()}))
     assert len(killer.killed) == 1
     victim = killer.killed[0]
+    assert killer.paused[0] == f"actor-shard-0 1 {victim['pid']}"  # Ray's pid is the paused process
     ids = [r[0] for r in query(db, "SELECT id FROM labels")]
     assert sorted(ids) == list(range(ROWS))  # 0 lost, 0 duplicated
     assert _rows(db) == local_run["rows"]
@@ -182,8 +221,9 @@ def test_sigkill_of_an_actor_mid_shard_loses_and_duplicates_nothing(
 
 def test_a_shard_failing_twice_becomes_error_rows(tmp_path: Path, ray_cluster: None) -> None:
     db = make_reviews_db(tmp_path / "w.duckdb", ROWS)
-    with _Killer(shard=0, times=2) as killer:
-        run = _run(_spec(db, executor={"kind": "ray", "actors": 2, "max_attempts": 2}))
+    with _Killer(tmp_path, shard=0, times=2) as killer:
+        executor = {"kind": "ray", "actors": 2, "max_attempts": 2, "runtime_env": killer.runtime_env()}
+        run = _run(_spec(db, executor=executor))
     assert len(killer.killed) == 2 and killer.killed[0]["pid"] != killer.killed[1]["pid"]
     rows = query(db, "SELECT id, status, error FROM labels ORDER BY id")
     assert [r[0] for r in rows] == list(range(ROWS))
@@ -194,15 +234,26 @@ def test_a_shard_failing_twice_becomes_error_rows(tmp_path: Path, ray_cluster: N
 
 
 class _Killer:
-    """Watches the run's engine actors through Ray and SIGKILLs the one running ``shard`` (any
-    shard when None) while its engine is at work, ``times`` times."""
+    """SIGKILLs the engine actor running ``shard``, ``times`` times, each time mid-shard.
 
-    def __init__(self, shard: int | None, times: int) -> None:
+    The run's actors get ``BATCHLLM_PAUSE_AT=actor-shard-K:1`` (through ``executor.runtime_env``):
+    an actor pauses at its first progress report of shard K, its engine at work. The killer then
+    asks the run's actors through Ray (named actors, their ``status``) which one runs shard K,
+    kills that pid with ``os.kill(pid, SIGKILL)`` and lets the others go on.
+    """
+
+    def __init__(self, tmp_path: Path, shard: int, times: int) -> None:
         self.shard = shard
         self.times = times
+        self.marker = tmp_path / "pause"
         self.killed: list[dict[str, Any]] = []
+        self.paused: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def runtime_env(self) -> dict[str, Any]:
+        env = {"BATCHLLM_PAUSE_AT": f"actor-shard-{self.shard}:1", "BATCHLLM_PAUSE_FILE": str(self.marker)}
+        return {"env_vars": env}
 
     def __enter__(self) -> _Killer:
         self._thread.start()
@@ -213,24 +264,26 @@ class _Killer:
         self._thread.join(timeout=10)
 
     def _watch(self) -> None:
+        while not self._stop.is_set():
+            if self.marker.exists() and (text := self.marker.read_text().strip()):  # written in full
+                self.paused.append(text)
+                if len(self.killed) < self.times:
+                    self._kill_shard_runner()
+                self.marker.unlink()  # the paused actors go on
+            time.sleep(0.02)
+
+    def _kill_shard_runner(self) -> None:
         from batchllm.distributed.pool import NAMESPACE
 
-        seen: set[int] = set()
-        while not self._stop.is_set() and len(self.killed) < self.times:
-            for entry in ray.util.list_named_actors(all_namespaces=True):
-                if entry["namespace"] != NAMESPACE:
-                    continue
-                try:
-                    status = ray.get(
-                        ray.get_actor(entry["name"], namespace=NAMESPACE).status.remote(), timeout=2
-                    )
-                except Exception:  # gone, or not started yet
-                    continue
-                running = status["shard"] is not None and 0 < status["done"] < status["total"]
-                wanted = self.shard is None or status["shard"] == self.shard
-                if running and wanted and status["pid"] not in seen:
-                    seen.add(status["pid"])
-                    os.kill(status["pid"], signal.SIGKILL)
-                    self.killed.append(status)
-                    break
-            time.sleep(0.02)
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] != NAMESPACE:
+                continue
+            try:
+                actor = ray.get_actor(entry["name"], namespace=NAMESPACE)
+                status = ray.get(actor.status.remote(), timeout=10)
+            except Exception:  # gone, or not started yet
+                continue
+            if status["shard"] == self.shard and 0 < status["done"] < status["total"]:
+                os.kill(status["pid"], signal.SIGKILL)
+                self.killed.append(status)
+                return

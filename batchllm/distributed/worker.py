@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from batchllm.backends.base import Backend, GroupSpec, Outcome
+from batchllm.faults import pause_point
 from batchllm.spec import JobSpec
 
 _MAX_LOG_LINES = 2000  # kept between polls; older lines are dropped (and counted)
@@ -142,6 +143,8 @@ class ShardWorker:
 
     def _progress(self, done: int, total: int) -> None:
         self._done = done
+        if done:  # fault tests stop an actor here, mid-shard: ``actor-shard-K`` (docs/faults.md)
+            pause_point(f"actor-shard-{self._shard}")
 
     def _where(self) -> tuple[str, str]:
         return self.spec.model, self.spec.device
