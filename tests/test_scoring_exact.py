@@ -115,7 +115,7 @@ def test_label_positions_must_fit_the_context(default_model_path) -> None:
 
 def test_triton_backend_scores_like_the_reference(tmp_path) -> None:
     """The prefill-only path on the GPU backend (Triton kernels, interpreted on CPU): grouped members,
-    single-token labels (the cheap path needs no tree mask); packing is refused there, not run wrong."""
+    single-token labels (the cheap path), and packed candidates (the tree mask) score as the reference."""
     pytest.importorskip("triton")
     from batchllm.engine import Engine
     from batchllm.engine.labels import LabelSet
@@ -124,12 +124,13 @@ def test_triton_backend_scores_like_the_reference(tmp_path) -> None:
     build_model(tmp_path)
     prompts = workload(2, 3, 32, 512)
     labels = LabelSet.from_token_ids(["a", "b", "c"], [[5], [6], [7]])
-    probs = {}
+    probs: dict[tuple[str, bool], list[list[float]]] = {}
     for attention in ("torch", "triton"):
         engine = Engine(tmp_path, attention=attention, kv_cache_tokens=2048)
-        probs[attention] = [list(r.probs.values()) for r in engine.classify(prompts, labels, pack=False)]
-        assert engine.stats.saving_ratio > 0.4
-    for got, want in zip(probs["triton"], probs["torch"], strict=True):
-        assert got == pytest.approx(want, abs=1e-4)
-    with pytest.raises(ValueError, match="packing needs a backend with a tree mask"):
-        engine.classify(prompts, labels, pack=True)
+        for pack in (False, True):
+            results = engine.classify(prompts, labels, pack=pack)
+            probs[attention, pack] = [list(r.probs.values()) for r in results]
+            assert engine.stats.saving_ratio > 0.4
+    for pack in (False, True):
+        for got, want in zip(probs["triton", pack], probs["torch", pack], strict=True):
+            assert got == pytest.approx(want, abs=1e-4)
