@@ -30,9 +30,8 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 ROWS = 12
-# A small KV pool loads fast; a small step budget spreads a shard over several engine steps; the
-# reference attention backend: the executor is under test here, the same engine on both sides.
-ENGINE = {"kv_cache_gb": 0.25, "max_num_batched_tokens": 64, "attention": "torch"}
+# A small KV pool loads fast; a small step budget spreads a shard over several engine steps.
+ENGINE = {"kv_cache_gb": 0.25, "max_num_batched_tokens": 64}
 # Columns that differ between two runs by construction.
 RUN_COLUMNS = ("run_id", "created_at")
 
