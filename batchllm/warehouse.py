@@ -343,7 +343,7 @@ def show(database: str, table: str, limit: int = 5) -> pa.Table:
         return con.sql(sql("show_rows", table=table), params=[limit]).to_arrow_table()
 
 
-RUN_JSON_COLUMNS = ("timings", "planner", "engine", "recovered_runs")
+RUN_JSON_COLUMNS = ("timings", "planner", "engine", "recovered_runs", "executor")
 
 
 def read_run(database: str, run_id: str, runs_table: str = "batchllm_runs") -> dict[str, Any]:

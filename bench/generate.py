@@ -73,7 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--attention", default=None, help="native attention backend (default: the engine's)")
     ap.add_argument("--kv-tokens", type=int, default=None, help="cap both KV pools at about this many tokens")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="native engine")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=16384, help="native engine (vLLM 0.24 uses 16384 on an H200)")
+    ap.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=16384,
+        help="native engine (vLLM 0.24 uses 16384 on an H200)",
+    )
     ap.add_argument("--max-model-len", type=int, default=8192, help="both engines")
     ap.add_argument("--no-sharing", action="store_true", help="native engine without prefix sharing")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="native engine without CUDA graphs")

@@ -3,7 +3,7 @@
     .venv/bin/python deploy/ui_screenshots.py --out docs
 
 Runs the operations path end to end in a temporary PREFECT_HOME: a real
-`prefect server start`, `python -m batchllm.deploy_setup`, `prefect deploy` of
+`prefect server start`, `python -m batchllm.flows.deploy_setup`, `prefect deploy` of
 the nightly deployment (pulled into this checkout), a real worker, and one run
 of the demo's labeling job on a copy of the demo warehouse (``--rows``
 reviews). Then headless Chromium (Debian's ``chromium`` package) captures the
@@ -348,7 +348,7 @@ def _stack_run(work: Path, rows: int, started: list[subprocess.Popen]) -> tuple[
         )
     started.append(server)
     _wait_healthy(url, server)
-    subprocess.run([sys.executable, "-m", "batchllm.deploy_setup"], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "batchllm.flows.deploy_setup"], env=env, check=True)
     _deploy(work, env)
     spec = _job(work, rows)
     with (work / "worker.log").open("w") as log:

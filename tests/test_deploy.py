@@ -81,14 +81,18 @@ def _run(args: list[str], env: dict[str, str]) -> str:
 
 
 def _setup(env: dict[str, str]) -> str:
-    return _run([sys.executable, "-m", "batchllm.deploy_setup"], env)
+    return _run([sys.executable, "-m", "batchllm.flows.deploy_setup"], env)
 
 
 def test_setup_refuses_without_a_server(tmp_path: Path) -> None:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path)}
     env.pop("PREFECT_API_URL", None)
     done = subprocess.run(
-        [sys.executable, "-m", "batchllm.deploy_setup"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "batchllm.flows.deploy_setup"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2
     assert "set PREFECT_API_URL" in done.stderr and "Traceback" not in done.stderr
@@ -200,11 +204,10 @@ def _check_run(api_url: str, flow_run: Any) -> None:
 
 def test_setup_resizes_limits_and_keeps_other_pools(server: dict[str, str]) -> None:
     """A changed size is applied (and reported); a pool of another type is an error, not replaced."""
+    from batchllm.flows.deploy_setup import SetupError, setup
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from batchllm.deploy_setup import SetupError, setup
 
     with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
         setup()  # whatever ran before: the default state

@@ -1,6 +1,6 @@
 """Create what the deployments in deploy/prefect.yaml expect on a Prefect server.
 
-    PREFECT_API_URL=http://prefect-host:4200/api python -m batchllm.deploy_setup
+    PREFECT_API_URL=http://prefect-host:4200/api python -m batchllm.flows.deploy_setup
 
 makes the work pool the deployments name (``gpu-pool``, a process pool) and the
 global concurrency limits ``gpu`` and ``cpu`` that the flow's inference task
@@ -95,7 +95,7 @@ def _limit(client: SyncPrefectClient, name: str, size: int) -> Action:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m batchllm.deploy_setup",
+        prog="python -m batchllm.flows.deploy_setup",
         description="Create the work pool and the gpu/cpu concurrency limits that deploy/prefect.yaml uses.",
     )
     parser.add_argument("--pool", default=DEFAULT_POOL, help=f"work pool name (default {DEFAULT_POOL})")
