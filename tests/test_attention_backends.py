@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
@@ -11,18 +9,13 @@ import torch
 from batchllm.engine.attention import KVShape, create_backend, resolve_name
 from batchllm.engine.graphs import graph_sizes, pad_decode
 from batchllm.engine.runner import build_layout
-from batchllm.engine.sequence import Sequence
+from batchllm.engine.sequence import ScheduledChunk, Sequence
 
 BS = 4
 
 
-@dataclass
-class _Chunk:
-    seq: Sequence
-    start: int
-    num_tokens: int
-    sample: bool = True
-    two_level: bool = True
+def _chunk(seq: Sequence, start: int, num_tokens: int, sample: bool = True) -> ScheduledChunk:
+    return ScheduledChunk(seq, start, num_tokens, sample)
 
 
 def _seq(seq_id: int, n: int, blocks: list[int], group: int | None = None, shared: int = 0) -> Sequence:
@@ -31,19 +24,19 @@ def _seq(seq_id: int, n: int, blocks: list[int], group: int | None = None, share
     return s
 
 
-def _batch() -> list[_Chunk]:
+def _batch() -> list[ScheduledChunk]:
     """A plain prefill chunk, a plain decode row, then a group of three members sharing 8 prefix tokens."""
     prefix = [20, 21]
     return [
-        _Chunk(_seq(0, 10, [1, 2, 3]), 4, 6),  # chunked prefill after 4 cached tokens
-        _Chunk(_seq(1, 5, [4, 5]), 4, 1),  # decode
-        _Chunk(_seq(2, 12, [*prefix, 6]), 8, 4, True),  # member suffix prefill
-        _Chunk(_seq(3, 13, [*prefix, 7, 8]), 12, 1),  # member decode
-        _Chunk(_seq(4, 11, [*prefix, 9]), 10, 1),
+        _chunk(_seq(0, 10, [1, 2, 3]), 4, 6),  # chunked prefill after 4 cached tokens
+        _chunk(_seq(1, 5, [4, 5]), 4, 1),  # decode
+        _chunk(_seq(2, 12, [*prefix, 6]), 8, 4, True),  # member suffix prefill
+        _chunk(_seq(3, 13, [*prefix, 7, 8]), 12, 1),  # member decode
+        _chunk(_seq(4, 11, [*prefix, 9]), 10, 1),
     ]
 
 
-def _set_groups(chunks: list[_Chunk]) -> None:
+def _set_groups(chunks: list[ScheduledChunk]) -> None:
     for c in chunks[2:]:
         c.seq.group_id, c.seq.num_shared_tokens = 7, 8
 
@@ -80,7 +73,7 @@ def test_layout_rejects_interleaved_groups() -> None:
 
 
 def test_decode_padding_uses_the_scratch_block() -> None:
-    chunks = [_Chunk(_seq(i, 5 + i, [i, 10 + i]), 4 + i, 1) for i in range(3)]
+    chunks = [_chunk(_seq(i, 5 + i, [i, 10 + i]), 4 + i, 1) for i in range(3)]
     lay = build_layout(chunks, BS)
     assert lay.is_decode
     padded = pad_decode(lay, 8, scratch_block=50, block_size=BS)
@@ -98,7 +91,7 @@ def test_registry() -> None:
     assert backend.kv_cache.shape == (2, 2, 7, 2, BS, 8) and backend.scratch_block == 6
 
 
-def _run_backend(name: str, chunks: list[_Chunk], seed: int = 0) -> torch.Tensor:
+def _run_backend(name: str, chunks: list[ScheduledChunk], seed: int = 0) -> torch.Tensor:
     """Store random keys for every cached position, then attend with the step's queries, layer 0."""
     shape = KVShape(1, 32, BS, 2, 16, torch.float32, torch.device("cpu"))
     backend = create_backend(name, shape)
@@ -155,9 +148,9 @@ def test_cost_model_sends_small_groups_to_the_plain_path() -> None:
     assert not two_level_pays(1, 4000)  # a group of one never pays (sd=1 measured 5% slower)
     assert two_level_pays(4, 512) and two_level_pays(16, 2000)  # measured wins
     assert not two_level_pays(2, 128) and two_level_pays(2, 144) and two_level_pays(4, 64)
-    plain = _Chunk(_seq(0, 10, [1, 2, 3]), 4, 6)
-    pair = [_Chunk(_seq(i, 10, [20, 21, 5 + i]), 9, 1) for i in (1, 2)]  # a pair sharing 8 tokens
-    four = [_Chunk(_seq(i, 70, [*range(30, 48), 50 + i]), 69, 1) for i in (3, 4, 5, 6)]  # 4 x 64
+    plain = _chunk(_seq(0, 10, [1, 2, 3]), 4, 6)
+    pair = [_chunk(_seq(i, 10, [20, 21, 5 + i]), 9, 1) for i in (1, 2)]  # a pair sharing 8 tokens
+    four = [_chunk(_seq(i, 70, [*range(30, 48), 50 + i]), 69, 1) for i in (3, 4, 5, 6)]  # 4 x 64
     for c in pair:
         c.seq.group_id, c.seq.num_shared_tokens = 1, 8
     for c in four:

@@ -11,7 +11,6 @@ of the pool is written through ``store``, whatever the backend's KV layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,23 +22,14 @@ from batchllm.engine.attention import cpu as cpu_backend
 from batchllm.engine.labels import LabelSet
 from batchllm.engine.packing import build_unit
 from batchllm.engine.runner import build_layout
-from batchllm.engine.sequence import Sequence
+from batchllm.engine.sequence import ScheduledChunk, Sequence
 
 NUM_BLOCKS = 4000
 LABELS = LabelSet.from_token_ids(["a", "b", "c"], [[1, 2, 3], [1, 5], [4]])
 
 
-@dataclass
-class _Chunk:
-    seq: Sequence
-    start: int
-    num_tokens: int
-    sample: bool = True
-    two_level: bool = True
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_tokens
+def _chunk(seq: Sequence, start: int, num_tokens: int, sample: bool = True) -> ScheduledChunk:
+    return ScheduledChunk(seq, start, num_tokens, sample)
 
 
 def _seq(seq_id: int, tokens: int, blocks: list[int], key_ends: np.ndarray | None = None) -> Sequence:
@@ -56,7 +46,7 @@ def _tree_tokens(rng: np.random.Generator, trunk: int) -> tuple[int, np.ndarray]
     return unit.num_tokens, unit.key_ends
 
 
-def random_step(seed: int, bs: int, trees: bool = False) -> list[_Chunk]:
+def random_step(seed: int, bs: int, trees: bool = False) -> list[ScheduledChunk]:
     """Plain chunks first, then groups, as the scheduler emits them."""
     rng = np.random.default_rng(seed)
     half = NUM_BLOCKS // 2
@@ -71,7 +61,7 @@ def random_step(seed: int, bs: int, trees: bool = False) -> list[_Chunk]:
         cursor[1] += n
         return scattered[cursor[1] - n : cursor[1]]
 
-    chunks: list[_Chunk] = []
+    chunks: list[ScheduledChunk] = []
     sid = 0
 
     def add(prefix: list[int], shared: int, group: int | None) -> None:
@@ -95,7 +85,7 @@ def random_step(seed: int, bs: int, trees: bool = False) -> list[_Chunk]:
         table = prefix + blocks(-(-kv // bs) - len(prefix))
         s = _seq(sid, kv if ends is None else len(ends), table, ends)
         s.group_id, s.num_shared_tokens = group, shared
-        chunks.append(_Chunk(s, kv - n, n))
+        chunks.append(_chunk(s, kv - n, n))
         sid += 1
 
     for _ in range(int(rng.integers(0, 5))):
@@ -110,7 +100,9 @@ def random_step(seed: int, bs: int, trees: bool = False) -> list[_Chunk]:
     return chunks
 
 
-def run_backend(name: str, chunks: list[_Chunk], bs: int, trees: bool = False, seed: int = 0) -> torch.Tensor:
+def run_backend(
+    name: str, chunks: list[ScheduledChunk], bs: int, trees: bool = False, seed: int = 0
+) -> torch.Tensor:
     """Seeded keys in every slot of the pool, then one step's store and attention (layer 1 of 2)."""
     num_blocks, kvh, g, d = NUM_BLOCKS, 2, 3, 16
     backend = create_backend(name, KVShape(2, num_blocks, bs, kvh, d, torch.float32, torch.device("cpu")))
@@ -152,11 +144,11 @@ def test_long_keys_span_several_kernel_blocks() -> None:
     bs, rng = 16, np.random.default_rng(7)
     ids = rng.permutation(400).tolist()
     prefix = ids[:60]  # 960 tokens, scattered: gathered
-    chunks = [_Chunk(_seq(0, 1500, ids[60:154]), 700, 800)]  # prefill after 700 cached keys
+    chunks = [_chunk(_seq(0, 1500, ids[60:154]), 700, 800)]  # prefill after 700 cached keys
     for i in range(3):
         s = _seq(1 + i, 960 + 600, [*prefix, *ids[154 + 38 * i : 154 + 38 * (i + 1)]])
         s.group_id, s.num_shared_tokens = 0, 960
-        chunks.append(_Chunk(s, 960 + 599, 1))  # long own range: decoded by runs
+        chunks.append(_chunk(s, 960 + 599, 1))  # long own range: decoded by runs
     torch.testing.assert_close(
         run_backend("cpu", chunks, bs), run_backend("torch", chunks, bs), atol=2e-5, rtol=1e-4
     )

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from batchllm.engine import SamplingParams
 from batchllm.engine.runner import ModelRunner
-from batchllm.engine.sequence import Sequence
+from batchllm.engine.sequence import ScheduledChunk, Sequence
 
 TOPICS = [
     "the water cycle",
@@ -133,13 +131,8 @@ def test_greedy_tokens_match_transformers(prompts, batched, reference) -> None:
     assert finish <= {"stop", "length"} and "length" in finish
 
 
-@dataclass
-class _Chunk:
-    seq: Sequence
-    start: int
-    num_tokens: int
-    sample: bool = True
-    two_level: bool = True
+def _chunk(seq: Sequence, start: int, num_tokens: int, sample: bool = True) -> ScheduledChunk:
+    return ScheduledChunk(seq, start, num_tokens, sample)
 
 
 def test_first_position_logits_match_transformers(engine, prompts, reference) -> None:
@@ -153,7 +146,7 @@ def test_first_position_logits_match_transformers(engine, prompts, reference) ->
         blocks = list(range(next_block, next_block + n))[::-1]  # free blocks, in any order
         next_block += n
         seq = Sequence(10_000 + i, i, list(prompts[i]), len(prompts[i]), 1, block_table=blocks)
-        chunks.append(_Chunk(seq, 0, len(prompts[i])))
+        chunks.append(_chunk(seq, 0, len(prompts[i])))
     logits = runner.model.compute_logits(runner.forward(chunks)).float()
     worst = 0.0
     for chunk, row in zip(chunks, logits, strict=True):
