@@ -162,8 +162,7 @@ def _enrich(spec: JobSpec, progress: Progress | None, cluster: ray_cluster.Clust
     counts = {"rows_processed": 0, "rows_ok": 0, "rows_error": 0}
     errors = results.error_rows(spec, prepared)
     if errors.num_rows:
-        stage(spec, errors)
-        _count(counts, errors)
+        _stage_counted(spec, counts, errors)
         logger.warning("%d rows failed before inference, e.g. %s", errors.num_rows, errors.column("error")[0])
     executor: dict[str, Any] = {"kind": "local"}
     with _timed(timings, "infer_s"):
@@ -214,20 +213,16 @@ def _infer_shards(
         rows, stats = infer(
             spec, prepared, indices, groups, done, total, progress_id, device, limit, progress
         )
-        stage(spec, rows)
-        _count(counts, rows)
+        _stage_counted(spec, counts, rows)
         engine_stats.append(stats)
         done += len(indices)
     return engine_stats
 
 
 def _stage_counted(spec: JobSpec, counts: dict[str, int], rows: pa.Table) -> None:
-    """Stage a finished shard's rows at once and count them (Ray runs call it per shard)."""
+    """Stage rows (a finished shard's, or the rows that failed before inference) at once and count
+    them: the one way rows reach staging, in-process or from Ray actors."""
     stage(spec, rows)
-    _count(counts, rows)
-
-
-def _count(counts: dict[str, int], rows: pa.Table) -> None:
     ok, errors = results.count_status(rows)
     counts["rows_processed"] += rows.num_rows
     counts["rows_ok"] += ok
