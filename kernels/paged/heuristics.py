@@ -77,6 +77,7 @@ def _splits(tiles: int, max_keys: int, device: torch.device, min_chunk: int) -> 
     target = CONFIG_OVERRIDE.get("target_programs", 2 * _sm_count(device))
     if tiles >= target or max_keys <= min_chunk:
         return 1
-    # a power of two: the split count is a compile-time constant, and a run meets only a few of them
+    # rounded down to a power of two: the engine numbers of bench/RESULTS.md (2026-12-03, night) were
+    # measured so; split counts are runtime kernel arguments, so this no longer bounds compiled variants
     splits = min(triton.cdiv(target, max(tiles, 1)), triton.cdiv(max_keys, min_chunk), 32)
     return 1 << (max(1, splits).bit_length() - 1)
