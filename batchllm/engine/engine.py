@@ -69,6 +69,8 @@ class Engine:
     load_format "dummy": random weights from config.json alone (benchmarks);
     no tokenizer.json is needed then, token-id prompts run and eos ids come
     from config.json. cuda_graphs: replay captured decode steps on CUDA.
+    hybrid_prefill: classify/score a prompt longer than the KV pool layer by layer
+    over the idle pool's memory (``hybrid``) instead of refusing it.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class Engine:
         attention: str = "auto",
         load_format: str = "safetensors",
         cuda_graphs: bool = True,
+        hybrid_prefill: bool = True,
     ) -> None:
         check_options(**{k: v for k, v in locals().items() if k not in ("self", "model")})
         self.device = torch.device(device)
@@ -124,6 +127,7 @@ class Engine:
             self.model, self.num_kv_blocks, block_size, attention=self.attention, cuda_graphs=cuda_graphs
         )
         self.enable_sharing = enable_sharing
+        self.hybrid_prefill = hybrid_prefill
         self.decode_reserve = decode_reserve
         self.starvation_lambda = STARVATION_LAMBDA  # prefill-only scheduling: miss tokens per second waited
         self._rng = random.Random(seed)

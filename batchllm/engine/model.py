@@ -117,6 +117,14 @@ class Attention(nn.Module):
         self.backend: AttentionBackend | None = None  # installed by the runner
 
     def forward(self, rope: Rope, x: torch.Tensor, meta: Any) -> torch.Tensor:
+        assert self.backend is not None, "the runner installs the attention backend"
+        return self.attend(self.backend, self.layer, rope, x, meta)
+
+    def attend(
+        self, backend: AttentionBackend, layer: int, rope: Rope, x: torch.Tensor, meta: Any
+    ) -> torch.Tensor:
+        """Project, store this step's keys/values as ``layer`` of ``backend``, attend, project out
+        (hybrid prefill passes a one-layer backend of its own)."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -124,9 +132,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q), rope(k)
-        assert self.backend is not None, "the runner installs the attention backend"
-        self.backend.store(self.layer, k, v, meta)
-        o = self.backend.forward(self.layer, q, meta, self.scale)
+        backend.store(layer, k, v, meta)
+        o = backend.forward(layer, q, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 

@@ -38,6 +38,7 @@ def check_options(
     attention: str,
     load_format: str,
     cuda_graphs: bool,
+    hybrid_prefill: bool,
 ) -> None:
     """Every Engine option that can be checked before the model loads; a ValueError names the option."""
     if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
@@ -69,7 +70,11 @@ def check_options(
         raise ValueError(f"attention: must be a backend name, got {attention!r}")
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format: must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
-    for name, flag in (("enable_sharing", enable_sharing), ("cuda_graphs", cuda_graphs)):
+    for name, flag in (
+        ("enable_sharing", enable_sharing),
+        ("cuda_graphs", cuda_graphs),
+        ("hybrid_prefill", hybrid_prefill),
+    ):
         if not isinstance(flag, bool):
             raise ValueError(f"{name}: must be a bool, got {flag!r}")
 

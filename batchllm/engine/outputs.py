@@ -75,7 +75,8 @@ class EngineStats:
 
     Prefill-only runs (classify, score): label_tokens_computed are the extra
     positions that score multi-token labels (not prompt tokens); packs are
-    sequences holding several candidates (packed_items of them).
+    sequences holding several candidates (packed_items of them); hybrid_units
+    ran layer by layer because the KV pool could not hold them.
     """
 
     num_requests: int = 0
@@ -105,6 +106,7 @@ class EngineStats:
     label_tokens_computed: int = 0
     packs: int = 0
     packed_items: int = 0
+    hybrid_units: int = 0  # prefill-only sequences longer than the KV pool, run by hybrid prefill
     grammar_mask_s: float = 0.0  # typed output: filling and applying token masks
     forced_tokens: int = 0  # typed output: tokens appended by jump-forward, never sampled
 

@@ -7,7 +7,8 @@ label nodes multi-token labels need), hands them to the ``PrefillScheduler``
 forward -> the hidden states at every read position of the step's chunks ->
 label log-probabilities (``scoring.LabelScorer``). A unit ends in the step
 that computes its last chunk; its KV is freed there, only group prefixes stay
-(pinned while their members run).
+(pinned while their members run). A unit longer than the whole KV pool runs
+after the others through hybrid prefill (``hybrid``), over the idle pool's memory.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from collections.abc import Sequence as SequenceLike
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
+from batchllm.engine.hybrid import HybridPrefill
 from batchllm.engine.labels import LabelSet
 from batchllm.engine.outputs import ClassifyResult, EngineStats
 from batchllm.engine.packing import Unit, plan_units
@@ -61,7 +64,9 @@ def run_prefill(
         engine.max_num_batched_tokens,
         starvation_lambda=engine.starvation_lambda,
     )
-    units, first_item = _submit(scheduler, batch, labels, pack, pack_tokens, engine.block_size)
+    units, first_item, oversized = _submit(
+        scheduler, batch, labels, pack, pack_tokens, engine.block_size, hybrid=engine.hybrid_prefill
+    )
     items = [k for u in units.values() for k in u.requests]
     scorer = LabelScorer(labels, len(items), engine.runner.device)
     stats.plan_s = clock() - t0
@@ -85,11 +90,23 @@ def run_prefill(
             if progress is not None:
                 progress(num_done, total)
         stats.add_step(len(step.chunks), 0, t_out - t_run, t_run - t_host + clock() - t_out)
+    stats.add_run(scheduler.stats, 0, batch.planned_physical)
+    if oversized:
+        t_run = clock()
+        _run_hybrid(
+            engine,
+            batch,
+            [units[i] for i in oversized],
+            [first_item[i] for i in oversized],
+            scorer,
+            stats,
+            t0,
+        )
+        stats.prefill_s += clock() - t_run
     if progress is not None and num_done < total:
         progress(total, total)
     for k, p in zip(items, scorer.probs().tolist(), strict=True):
         batch.requests[k].probs = p
-    stats.add_run(scheduler.stats, 0, batch.planned_physical)
     multi = [u for u in units.values() if len(u.requests) > 1]
     stats.add_prefill(
         sum(u.num_label_tokens for u in units.values()), len(multi), sum(len(u.requests) for u in multi)
@@ -112,10 +129,52 @@ def _check_label_room(batch: Batch, labels: LabelSet, max_model_len: int) -> Non
             )
 
 
+def _run_hybrid(
+    engine: Engine,
+    batch: Batch,
+    units: list[Unit],
+    firsts: list[int],
+    scorer: LabelScorer,
+    stats: EngineStats,
+    t0: float,
+) -> None:
+    """Units longer than the KV pool, one at a time through hybrid prefill over the idle pool's memory;
+    one that does not fit even so gets an error and the rest of the run stands."""
+    runner = HybridPrefill(
+        engine.model,
+        engine.attention,
+        engine.runner.kv_cache,
+        engine.block_size,
+        engine.max_num_batched_tokens,
+    )
+    for unit, first in zip(units, firsts, strict=True):
+        try:
+            hidden = runner.forward(unit)
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            for k in unit.requests:
+                batch.requests[k].error = f"prompt: too long for hybrid prefill ({e})"
+            continue
+        scorer.add(engine.model, hidden, first + unit.read_item, unit.read_reader)
+        stats.tokens_computed += unit.num_tokens
+        stats.prompt_tokens_computed += unit.num_tokens
+        stats.hybrid_units += 1
+        for k in unit.requests:
+            batch.requests[k].cached_tokens = 0
+            batch.requests[k].latency_s = time.perf_counter() - t0
+
+
 def _submit(
-    scheduler: PrefillScheduler, batch: Batch, labels: LabelSet, pack: bool, pack_tokens: int, block_size: int
-) -> tuple[dict[int, Unit], dict[int, int]]:
-    """One Sequence per unit, group by group; returns units by seq_id and each unit's first item index."""
+    scheduler: PrefillScheduler,
+    batch: Batch,
+    labels: LabelSet,
+    pack: bool,
+    pack_tokens: int,
+    block_size: int,
+    *,
+    hybrid: bool,
+) -> tuple[dict[int, Unit], dict[int, int], list[int]]:
+    """One Sequence per unit, group by group; returns units by seq_id, each unit's first item index
+    and the units longer than the whole KV pool (for hybrid prefill; without it they get an error)."""
     units: dict[int, Unit] = {}
     for trunk, group in plan_units(batch, labels, pack=pack, pack_tokens=pack_tokens, block_size=block_size):
         seqs = []
@@ -135,14 +194,17 @@ def _submit(
         for seq in seqs:
             for k in units[seq.seq_id].requests:
                 batch.requests[k].cached_tokens = seq.num_shared_tokens
-    for seq in scheduler.rejected:
+    oversized = [seq.seq_id for seq in scheduler.rejected] if hybrid else []
+    for seq in scheduler.rejected if not hybrid else ():
         for k in units.pop(seq.seq_id).requests:
-            batch.requests[k].error = f"prompt: {scheduler.rejection_reasons[seq.seq_id]}"
+            batch.requests[
+                k
+            ].error = f"prompt: {scheduler.rejection_reasons[seq.seq_id]} (hybrid_prefill is off)"
     first_item, num_items = {}, 0
     for seq_id, u in units.items():
         first_item[seq_id] = num_items
         num_items += len(u.requests)
-    return units, first_item
+    return units, first_item, oversized
 
 
 def _reads(

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from importlib import import_module
 
+import torch
+
 from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape
 
 _MODULES = {
@@ -32,15 +34,15 @@ def resolve_name(name: str, device: str) -> str:
     return name
 
 
-def create_backend(name: str, shape: KVShape) -> AttentionBackend:
-    """A backend instance owning a KV pool of ``shape``."""
+def create_backend(name: str, shape: KVShape, storage: torch.Tensor | None = None) -> AttentionBackend:
+    """A backend instance owning a KV pool of ``shape`` (laid over ``storage`` when given)."""
     name = resolve_name(name, shape.device.type)
     if name == "cpu" and shape.device.type != "cpu":
         raise ValueError(f"attention: backend 'cpu' runs on the CPU only, not {shape.device.type!r}")
     if name == "triton" and shape.device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU: its interpreter (tests, CI)
     module = import_module(_MODULES[name])
-    return module.BACKEND(shape)
+    return module.BACKEND(shape, storage)
 
 
 __all__ = ["BACKENDS", "AttentionBackend", "BatchLayout", "KVShape", "create_backend", "resolve_name"]

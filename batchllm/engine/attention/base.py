@@ -15,6 +15,7 @@ partial results merge through their log-sum-exps.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -97,10 +98,16 @@ class AttentionBackend(ABC):
     supports_graphs: bool = False
     supports_tree_mask: bool = False  # reads BatchLayout.key_ends (prefill-only packing, multi-token labels)
 
-    def __init__(self, shape: KVShape) -> None:
+    def __init__(self, shape: KVShape, storage: torch.Tensor | None = None) -> None:
+        """storage: a flat tensor of the pool's dtype to lay the KV cache over instead of a new
+        allocation (hybrid prefill borrows the idle main pool's memory)."""
         self.shape = shape
         self.scratch_block = shape.num_blocks
-        self.kv_cache = torch.zeros(self.kv_cache_shape(), dtype=shape.dtype, device=shape.device)
+        size = self.kv_cache_shape()
+        if storage is None:
+            self.kv_cache = torch.zeros(size, dtype=shape.dtype, device=shape.device)
+        else:
+            self.kv_cache = storage[: math.prod(size)].view(size)
 
     def kv_cache_shape(self) -> tuple[int, ...]:
         """[k|v, layer, block, kv_head, offset, head_dim]: head-major inside a block (the project's layout)."""

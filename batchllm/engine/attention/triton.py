@@ -48,8 +48,8 @@ class TritonBackend(AttentionBackend):
     supports_graphs = True
     supports_tree_mask = True
 
-    def __init__(self, shape: KVShape) -> None:
-        super().__init__(shape)
+    def __init__(self, shape: KVShape, storage: torch.Tensor | None = None) -> None:
+        super().__init__(shape, storage)
         self.workspace: dict = {}  # shared by eager steps; each graph keeps its own
 
     def prepare(self, layout: BatchLayout) -> TritonMeta:

@@ -1,0 +1,138 @@
+"""Hybrid prefill (PrefillOnly, DESIGN 4.3): a prefill-only sequence longer than the KV pool holds.
+
+A paged forward keeps every layer's keys and values of the whole sequence,
+yet a prefill-only sequence needs them only until its scores are read. Here
+the model runs layer by layer over the whole sequence and, inside a layer,
+chunk by chunk: chunk c writes its keys and values into a cache of ONE layer
+and attends to the chunks before it, which that layer has stored already
+(causality), so projections and the MLP never see more than ``chunk_tokens``
+rows while attention sees the whole sequence. The next layer overwrites the
+cache. What lives for the whole sequence is the hidden state and the residual
+stream and one layer's KV: per token 2 x hidden + 2 x kv_heads x head_dim
+values, instead of the paged pool's 2 x layers x kv_heads x head_dim.
+
+Its memory is the main KV pool's, borrowed while the pool is idle (after the
+paged units of a run), so the same budget holds a longer sequence by the ratio
+of the two (``capacity``). The attention is the engine's own backend (a
+one-layer instance over the borrowed memory), with the unit's tree mask for
+label nodes, so scores equal the paged path's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from batchllm.engine.attention import BatchLayout, KVShape, create_backend
+from batchllm.engine.model import CausalLM, Rope
+from batchllm.engine.packing import Unit
+from batchllm.engine.runner import build_layout
+from batchllm.engine.sequence import ScheduledChunk, Sequence
+
+
+def plain_len(unit: Unit) -> int:
+    """Leading tokens of the unit that form a plain causal sequence (positions = storage index and
+    no key hidden from a later query among them); the rest needs the tree mask."""
+    n = unit.num_tokens
+    if unit.key_ends is None:
+        return n
+    idx = np.arange(n)
+    ok = (np.minimum.accumulate(unit.key_ends.astype(np.int64)) >= idx + 1) & (unit.rope == idx)
+    return n if ok.all() else int(np.argmin(ok))
+
+
+class HybridPrefill:
+    """Runs one unit at a time over ``storage`` (a flat tensor of the model's dtype, the idle pool)."""
+
+    def __init__(
+        self, model: CausalLM, attention: str, storage: torch.Tensor, block_size: int, chunk_tokens: int
+    ) -> None:
+        self.model, self.attention, self.block_size = model, attention, block_size
+        self.storage = storage.view(-1)
+        self.chunk_tokens = chunk_tokens
+        cfg = model.cfg
+        self.kv_width = cfg.num_kv_heads * cfg.head_dim
+
+    def bytes_needed(self, num_tokens: int) -> int:
+        """Borrowed bytes for a sequence: hidden states, residual stream, one layer's KV (block rounded)
+        and the attention backend's scratch block."""
+        blocks = -(-num_tokens // self.block_size) + 1
+        per_kv = 2 * self.block_size * self.kv_width
+        return (2 * num_tokens * self.model.cfg.hidden_size + blocks * per_kv) * self.storage.element_size()
+
+    def capacity(self) -> int:
+        """The longest sequence the borrowed memory holds."""
+        lo, hi = 0, self.storage.numel()
+        have = self.storage.numel() * self.storage.element_size()
+        while lo < hi:  # bytes_needed is monotone in the length
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.bytes_needed(mid) <= have else (lo, mid - 1)
+        return lo
+
+    @torch.inference_mode()
+    def forward(self, unit: Unit) -> torch.Tensor:
+        """Final hidden states [len(unit.reads), hidden] at the unit's read positions."""
+        n, model = unit.num_tokens, self.model
+        if n > self.capacity():
+            raise MemoryError(
+                f"{n} tokens need {self.bytes_needed(n)} bytes, the idle KV pool has "
+                f"{self.storage.numel() * self.storage.element_size()}"
+            )
+        hidden = model.cfg.hidden_size
+        x = self.storage[: n * hidden].view(n, hidden)
+        res = self.storage[n * hidden : 2 * n * hidden].view(n, hidden)
+        cfg, bs = model.cfg, self.block_size
+        blocks = -(-n // bs)
+        shape = KVShape(1, blocks, bs, cfg.num_kv_heads, cfg.head_dim, x.dtype, x.device)
+        backend = create_backend(self.attention, shape, self.storage[2 * n * hidden :])
+        steps = [(c, backend.prepare(layout), layout) for c, layout in self._chunks(unit, blocks)]
+        dev = x.device
+        ropes = []
+        for c, _, layout in steps:
+            ids = torch.from_numpy(layout.input_ids).to(dev)
+            x[c.start : c.end] = model.embed_tokens(ids)
+            ropes.append(Rope(model.rope, torch.from_numpy(layout.positions).to(dev), x.dtype, model.fused))
+        for i, layer in enumerate(model.layers):
+            for (c, meta, _), rope in zip(steps, ropes, strict=True):
+                xc, rc = x[c.start : c.end], res[c.start : c.end]
+                if i == 0:
+                    rc.copy_(xc)
+                    h = layer.input_layernorm(xc)
+                else:
+                    h, r = layer.input_layernorm(xc, rc)
+                    rc.copy_(r)
+                a = layer.self_attn.attend(backend, 0, rope, h, meta)
+                h, r = layer.post_attention_layernorm(a, rc)
+                rc.copy_(r)
+                xc.copy_(layer.mlp(h))
+        reads = torch.from_numpy(unit.reads.astype(np.int64)).to(dev)
+        if not len(model.layers):
+            return model.norm(x[reads])
+        return model.norm(x[reads], res[reads])[0]
+
+    def _chunks(self, unit: Unit, blocks: int) -> list[tuple[ScheduledChunk, BatchLayout]]:
+        """The unit's chunks and their layouts: its plain causal part as a plain sequence, the rest
+        (label nodes, packed items) with the tree mask; both over the one-layer cache's blocks 0.."""
+        n, size = unit.num_tokens, self.chunk_tokens
+        table = list(range(blocks))
+        ids = unit.token_ids.tolist()
+        plain = plain_len(unit)
+        out = []
+        if plain:
+            seq = Sequence(0, 0, ids[:plain], plain, 1, block_table=table)
+            out += [
+                ScheduledChunk(seq, s, min(size, plain - s), sample=False, two_level=False)
+                for s in range(0, plain, size)
+            ]
+        if plain < n:
+            tree = Sequence(
+                1, 0, ids, n, 1, block_table=table, rope_positions=unit.rope, key_ends=unit.key_ends
+            )
+            out += [
+                ScheduledChunk(tree, s, min(size, n - s), sample=False, two_level=False)
+                for s in range(plain, n, size)
+            ]
+        trees = plain < n
+        return [
+            (c, build_layout([c], self.block_size, trees=trees and c.seq.key_ends is not None)) for c in out
+        ]

@@ -1,0 +1,133 @@
+"""Hybrid prefill: classify prompts longer than the whole KV pool, with the same probabilities.
+
+An engine whose pool holds 64 tokens scores prompts of 70-400 tokens layer by
+layer over the idle pool's memory; the session engine (a 2 GB pool) scores
+them the paged way. Both within 1e-4, for single- and multi-token labels, next
+to prompts that do fit (paged in the same run).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batchllm.engine import Engine
+from batchllm.engine.hybrid import HybridPrefill, plain_len
+from batchllm.engine.labels import LabelSet
+from batchllm.engine.packing import build_unit
+
+LABELS = {
+    "single": ["positive", "negative", "neutral"],
+    "multi": ["not employed", "employed", "part-time employed"],
+}
+REVIEW = "The plot was thin but the acting carried it, and the last scene stayed with me for days. "
+
+
+@pytest.fixture(scope="module")
+def prompts(engine) -> list[list[int]]:
+    tok = engine.tokenizer
+
+    def chat(text: str) -> list[int]:
+        return tok.encode(
+            tok.apply_chat_template([{"role": "user", "content": "Label this review.\n" + text}])
+        )
+
+    return [chat(REVIEW * n) for n in (1, 6, 2, 14)] + [chat("Great."), chat("Awful.")]
+
+
+@pytest.fixture(scope="module")
+def small(default_model_path) -> Engine:
+    return Engine(default_model_path, kv_cache_tokens=64, max_num_batched_tokens=48)
+
+
+@pytest.mark.parametrize("name", list(LABELS))
+@pytest.mark.parametrize("pack", [False, True])
+def test_longer_than_the_pool_scores_like_the_paged_path(
+    engine, small, prompts, name: str, pack: bool
+) -> None:
+    labels = LABELS[name]
+    want = engine.classify(prompts, labels, pack=False)
+    got = small.classify(prompts, labels, pack=pack)
+    long = sum(len(p) > 64 for p in prompts)
+    if pack:  # long items share packs (the tree mask inside hybrid prefill)
+        assert small.stats.hybrid_units >= 1 and small.stats.packs >= 1
+    else:
+        assert long >= 3 and small.stats.hybrid_units >= long  # (label nodes may push one more over)
+        assert small.stats.steps > 0  # the short ones ran paged
+    for w, g in zip(want, got, strict=True):
+        assert g.ok, g.error
+        assert [g.probs[x] for x in labels] == pytest.approx([w.probs[x] for x in labels], abs=1e-4)
+    assert small.stats.prompt_tokens_computed == sum(map(len, prompts)) - small.stats.tokens_reused
+
+
+def test_without_hybrid_prefill_a_long_prompt_gets_an_error_and_the_rest_run(
+    default_model_path, prompts
+) -> None:
+    off = Engine(default_model_path, kv_cache_tokens=64, hybrid_prefill=False)
+    results = off.classify(prompts, LABELS["single"], pack=False)
+    for p, r in zip(prompts, results, strict=True):
+        assert r.ok == (len(p) <= 64)
+        if not r.ok:
+            assert "the pool has 4" in r.error and "hybrid_prefill is off" in r.error
+
+
+def test_a_prompt_too_long_even_for_hybrid_prefill_gets_an_error(default_model_path, prompts) -> None:
+    tiny = Engine(default_model_path, kv_cache_tokens=16)
+    room = HybridPrefill(tiny.model, tiny.attention, tiny.runner.kv_cache, 16, 48).capacity()
+    results = tiny.classify(prompts, LABELS["single"], pack=False)
+    for p, r in zip(prompts, results, strict=True):
+        assert r.ok == (len(p) <= room), (len(p), room, r.error)
+        if not r.ok:
+            assert "too long for hybrid prefill" in r.error
+    assert any(r.ok for r in results) and not all(r.ok for r in results)
+
+
+def test_the_same_memory_holds_a_much_longer_sequence(small) -> None:
+    """SmolLM2 in float32: the pool keeps 30 layers x 2 x 192 values per token, hybrid prefill
+    2 x 576 (hidden, residual) + one layer's 2 x 192."""
+    tokens = small.num_kv_blocks * small.block_size
+    room = HybridPrefill(small.model, small.attention, small.runner.kv_cache, 16, 48).capacity()
+    assert room >= 6 * tokens
+
+
+def test_plain_len_is_the_causal_part_of_a_unit(small) -> None:
+    labels = LabelSet.build(LABELS["multi"], small.tokenizer)
+    unit = build_unit(np.arange(32), [(0, np.arange(100, 110))], labels)
+    assert plain_len(unit) >= 42 and plain_len(unit) < unit.num_tokens
+    assert (
+        plain_len(
+            build_unit(np.arange(32), [(0, np.arange(100, 110))], LabelSet.build(["a"], small.tokenizer))
+        )
+        == 42
+    )
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)],
+)
+@pytest.mark.parametrize("name", list(LABELS))
+def test_triton_backend_hybrid_equals_paged(tmp_path, device: str, name: str) -> None:
+    """The Triton kernels over the one-layer cache (interpreted on CPU): a tiny dummy model, prompts
+    longer than a 48-token pool, against the same engine's paged path with a large pool."""
+    import json
+
+    from bench.generate import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "tiny")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_hidden_layers"] = 8  # enough layers for one layer's KV to be the smaller part
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tokens = [[0, 1], [0, 2, 3]] if name == "multi" else [[0], [1]]
+    labels = LabelSet.from_token_ids(["a", "b"], tokens)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(4, 512, n).tolist() for n in (20, 60, 100)]
+    kw = dict(device=device, load_format="dummy", attention="triton", max_num_batched_tokens=32)
+    want = Engine(folder, kv_cache_tokens=1024, **kw).classify(prompts, labels, pack=False)
+    small = Engine(folder, kv_cache_tokens=48, **kw)
+    got = small.classify(prompts, labels, pack=False)
+    assert small.stats.hybrid_units == 2
+    tol = 1e-4 if device == "cpu" else 2e-2  # bfloat16 on CUDA
+    for w, g in zip(want, got, strict=True):
+        assert g.ok, g.error
+        assert [g.probs[x] for x in ("a", "b")] == pytest.approx([w.probs[x] for x in ("a", "b")], abs=tol)
