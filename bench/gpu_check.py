@@ -25,6 +25,7 @@ Prints one JSON object; exits non-zero when a float32 check fails.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -110,12 +111,16 @@ def text_workload(folder: Path, groups: int, members: int, seed: int = 0) -> lis
     return [prompts[i] for i in order]
 
 
+CHECK_KV_TOKENS = 1 << 16
+
+
 def run(
     folder: Path, prompts: list[list[int]], decode: int, **kwargs: object
 ) -> tuple[list[list[int]], float]:
     from batchllm.engine import Engine, SamplingParams
 
-    engine = Engine(folder, **kwargs)
+    # a pool this check fills, not 90% of the GPU: engines of earlier checks may not be freed yet
+    engine = Engine(folder, kv_cache_tokens=CHECK_KV_TOKENS, **kwargs)
     params = SamplingParams(max_tokens=decode, ignore_eos=True)
     engine.generate(prompts[:2], params)  # warm-up
     if engine.device.type == "cuda":
@@ -124,7 +129,10 @@ def run(
     out = engine.generate(prompts, params)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
-    return [list(r.token_ids) for r in out], time.perf_counter() - t
+    secs = time.perf_counter() - t
+    del engine
+    gc.collect()
+    return [list(r.token_ids) for r in out], secs
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, list[tuple[int, int]]]:
