@@ -17,7 +17,8 @@ Workloads:
     --demo-rows N       the demo's classify job (batchllm.demo: movie reviews, positive/negative)
                         on its first N rows, prompts, plan and labels as the job makes them
 
-A classify workload also reports how often each vLLM run picks the native engine's label.
+A classify workload also reports how often each vLLM run picks the native engine's label
+(real weights only: each engine draws its own dummy weights).
 One markdown table goes to stdout (and --out/table.md), everything to --out/results.json,
 rewritten after every run. vLLM is imported after the native engine is freed.
 
@@ -266,7 +267,7 @@ def run_vllm(args: argparse.Namespace, workloads: list[Workload], meta: dict[str
                 continue
             out, wall = timed(args.device, backend.classify, prompts, w.labels, groups)
             run = record(w, name, wall, prefix_hit_rate=backend.stats()["prefix_hit_rate"])
-            if native_labels is not None:
+            if native_labels is not None and not args.dummy:  # dummy weights differ between the engines
                 index = {tuple(p.tolist()): i for i, p in enumerate(w.prompts)}
                 mine = [o.label for o in out]
                 theirs = [native_labels[index[tuple(p.tolist())]] for p in prompts]
