@@ -8,6 +8,9 @@ over. CONFIG_OVERRIDE changes them for benchmarks.
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import triton
 
@@ -15,8 +18,9 @@ import triton
 # num_warps, num_stages, maxnreg, block_m_pre, block_m_own (rows of a tile:
 # tokens x padded g), target_programs, prefix_splits, own_splits, mix (own
 # programs after each prefix program in a fused launch), prefix_direct,
-# block_n_pre, block_n_own, prefix_split_loop, own_split_loop, heads_per_tile.
-CONFIG_OVERRIDE: dict[str, int] = {}
+# block_n_pre, block_n_own, prefix_split_loop, own_split_loop, heads_per_tile. An engine benchmark
+# sets them from the environment: BATCHLLM_ATTENTION_CONFIG='{"block_m_pre": 128}'.
+CONFIG_OVERRIDE: dict[str, int] = json.loads(os.environ.get("BATCHLLM_ATTENTION_CONFIG") or "{}")
 
 
 _SM_COUNT: dict[int, int] = {}

@@ -1,0 +1,182 @@
+"""Prefill attention of one layer on the GPU: our Triton kernels in TFLOP/s against the matmul peak.
+
+Shapes (Llama-3.1-8B: 32 query heads, 8 KV heads, head_dim 128, bf16, block 16,
+block ids shuffled over the pool), each one 16k-token engine step:
+
+- ``causal``: 2 sequences of 8,192 new tokens from position 0 (group prefixes,
+  long prompts): paged_attention, causal, keys read from the paged cache;
+- ``chunked``: 1 sequence, 8,192 new tokens after 8,192 cached (chunked prefill);
+- ``members``: 100 members x 160 new tokens in 2 groups with 4,000-token
+  prefixes (the scoring workload): two_level_attention (prefix tiles + own tiles).
+
+FLOPs count the visible (query, key) pairs only (4 x heads x head_dim each).
+Each configuration is checked against a dense float32 reference on a sample
+of rows before it is timed. ``--sweep`` also times tile configurations
+(``kernels.paged.CONFIG_OVERRIDE``) and prints the best per case as JSON.
+
+    python -m bench.prefill_attention [--sweep] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from bench.attention import time_ms
+from kernels import paged as pa
+
+HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter (smoke tests)
+DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
+CASES = {"causal": (2, 8192, 0, 0, 0), "chunked": (1, 8192, 8192, 0, 0), "members": (100, 160, 0, 2, 4000)}
+SWEEP = {  # (block_m, block_n, num_warps, num_stages) of the tiles that dominate each case
+    "causal": [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2)],
+    "chunked": [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4)],
+    "members": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)],
+}  # fmt: skip
+
+
+def build(case: str, seed: int = 0) -> dict:
+    seqs, new, cached, groups, prefix = CASES[case]
+    dev = DEV
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    pre_b = -(-prefix // BLOCK)
+    own_b = -(-(cached + new) // BLOCK)
+    num_blocks = groups * pre_b + seqs * own_b + 1
+    shape = (num_blocks, KV_HEADS, BLOCK, DIM)
+    k = torch.randn(shape, generator=gen, device=dev, dtype=DTYPE)
+    v = torch.randn(shape, generator=gen, device=dev, dtype=DTYPE)
+    ids = torch.randperm(num_blocks, generator=gen, device=dev).to(torch.int32)
+    i32 = {"device": dev, "dtype": torch.int32}
+    own_tables = ids[groups * pre_b : groups * pre_b + seqs * own_b].view(seqs, own_b)
+    c = {
+        "case": case,
+        "q": torch.randn(seqs * new, HEADS, DIM, generator=gen, device=dev, dtype=DTYPE),
+        "k": k,
+        "v": v,
+        "cu_q": torch.arange(seqs + 1, **i32) * new,
+        "scale": 1 / math.sqrt(DIM),
+        "new": new,
+        "max_q": new,
+        "workspace": {},
+    }
+    if groups:
+        g_tables = ids[: groups * pre_b].view(groups, pre_b).contiguous()
+        members = seqs // groups
+        grp = torch.arange(seqs, device=dev) // members
+        c["tables"] = torch.cat([g_tables[grp], own_tables], 1).contiguous()
+        c["kv_lens"] = torch.full((seqs,), pre_b * BLOCK + new, **i32)
+        c["start"] = torch.full((seqs,), pre_b * BLOCK, **i32)
+        c["cu_g"] = torch.arange(groups + 1, **i32) * members * new
+        c["g_lens"] = torch.full((groups,), pre_b * BLOCK, **i32)
+        c["g_tables"] = g_tables
+        c["prefix"], c["members"] = pre_b * BLOCK, members
+        # pairs: every row sees the prefix and its own keys causally
+        c["pairs"] = seqs * (new * pre_b * BLOCK + new * (new + 1) // 2)
+    else:
+        c["tables"] = own_tables.contiguous()
+        c["kv_lens"] = torch.full((seqs,), cached + new, **i32)
+        c["pairs"] = seqs * (new * cached + new * (new + 1) // 2)
+    c["max_kv"] = int(c["kv_lens"].max())
+    return c
+
+
+def call(c: dict, out: torch.Tensor, lse: torch.Tensor) -> None:
+    if c["case"] == "members":
+        pa.two_level_attention(
+            c["q"], c["k"], c["v"], c["cu_q"], c["kv_lens"], c["tables"], c["start"], c["cu_g"],
+            c["g_lens"], c["g_tables"], c["scale"], c["max_q"], max_kv_len=c["max_kv"],
+            max_prefix_len=c["prefix"], max_group_rows=c["members"] * c["new"], out=out, lse=lse,
+            workspace=c["workspace"],
+        )  # fmt: skip
+    else:
+        pa.paged_attention(
+            c["q"], c["k"], c["v"], c["cu_q"], c["kv_lens"], c["tables"], None, c["scale"], c["max_q"],
+            max_kv_len=c["max_kv"], out=out, lse=lse, workspace=c["workspace"],
+        )  # fmt: skip
+
+
+def max_error(c: dict, out: torch.Tensor, rows: int = 64) -> float:
+    """Dense float32 attention of the last `rows` query rows of the first and last sequence."""
+    g = HEADS // KV_HEADS
+    err = 0.0
+    for s in (0, len(c["cu_q"]) - 2):
+        lo, hi = int(c["cu_q"][s]), int(c["cu_q"][s + 1])
+        length = int(c["kv_lens"][s])
+        pos = torch.arange(length, device=DEV)
+        blocks = c["tables"][s].long()[pos // BLOCK]
+        k = c["k"][blocks, :, pos % BLOCK].float().repeat_interleave(g, 1)
+        v = c["v"][blocks, :, pos % BLOCK].float().repeat_interleave(g, 1)
+        q_pos = torch.arange(length - (hi - lo), length, device=DEV)[-rows:]
+        q = c["q"][hi - rows : hi].float()
+        s_ = torch.einsum("rhd,lhd->hrl", q, k) * c["scale"]
+        s_ = s_.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        ref = torch.einsum("hrl,lhd->rhd", s_.softmax(-1), v)
+        err = max(err, float((out[hi - rows : hi].float() - ref).abs().max()))
+    return err
+
+
+def measure(c: dict, peak: float, config: dict[str, int], iters: int) -> dict:
+    pa.CONFIG_OVERRIDE.clear()
+    pa.CONFIG_OVERRIDE.update(config)
+    out = torch.full_like(c["q"], float("nan"))
+    lse = torch.empty(c["q"].shape[:2], dtype=torch.float32, device=DEV)
+    try:
+        call(c, out, lse)
+        torch.cuda.synchronize()
+        err = max_error(c, out)
+        ms, how = time_ms(lambda: call(c, out, lse), iters)
+    except Exception as e:  # a configuration the compiler refuses (shared memory, registers)
+        return {"config": config, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    finally:
+        pa.CONFIG_OVERRIDE.clear()
+    tflops = 4 * HEADS * DIM * c["pairs"] / (ms * 1e-3) / 1e12
+    return {
+        "config": config,
+        "ms": ms,
+        "tflops": tflops,
+        "of_peak": tflops * 1e12 / peak,
+        "err": err,
+        "timing": how,
+    }
+
+
+def knobs(case: str, m: int, n: int, warps: int, stages: int) -> dict[str, int]:
+    level = "pre" if case == "members" else "own"
+    return {f"block_m_{level}": m, f"block_n_{level}": n, "num_warps": warps, "num_stages": stages}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    from bench.floor import measure_peak
+
+    peak = measure_peak("cuda")
+    report: dict = {"device": torch.cuda.get_device_name(), "matmul_peak_tflops": peak / 1e12, "cases": {}}
+    for case in args.cases.split(","):
+        c = build(case)
+        runs = [measure(c, peak, {}, args.iters)]
+        if args.sweep:
+            runs += [measure(c, peak, knobs(case, *cfg), args.iters) for cfg in SWEEP[case]]
+        ok = [r for r in runs if "ms" in r and r["err"] < 0.05]
+        best = min(ok, key=lambda r: r["ms"]) if ok else None
+        report["cases"][case] = {"pairs": c["pairs"], "runs": runs, "best": best}
+        for r in runs:
+            print(case, json.dumps(r), flush=True)
+        del c
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps({k: v["best"] for k, v in report["cases"].items()}))
+
+
+if __name__ == "__main__":
+    main()
