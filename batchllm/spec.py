@@ -322,22 +322,14 @@ def parse_spec(data: Any, origin: str = "job spec") -> JobSpec:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = ".".join(_field_name(p) for p in err["loc"])
+            # a name that would read as none or as a path (an invented field '' or '.') is quoted
+            loc = ".".join(repr(p) if p == "" or "." in str(p) else str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                lines.append(f"{loc}: unknown field")
-                continue
+                msg = "unknown field"
             # Our own messages already start with the field name.
             lines.append(msg if loc == "" or msg.startswith(loc.split(".")[0]) else f"{loc}: {msg}")
         raise SpecError(f"{origin}: " + "; ".join(lines)) from None
-
-
-def _field_name(part: Any) -> str:
-    """A location part as the message shows it: quoted when it would read as no name or as a path
-    (an invented field '' or '.')."""
-    if isinstance(part, str) and (not part or "." in part or part.strip() != part):
-        return repr(part)
-    return str(part)
 
 
 class _SpecLoader(yaml.SafeLoader):

@@ -24,8 +24,9 @@ device-to-device copy, counting read + write, and a large read-only sum).
 
     python -m bench.attention [--json out.json] [--cases main,sd1,p512] [--sweep]
 
-Run it from the repository root: it imports kernels/ as a top-level package
-(kernels.paged), nothing else of the project. Prints one JSON object.
+Run it from the repository root: it imports batchllm.kernels.paged, nothing
+else of the project (to time another version's kernels, run it from that
+version's tree). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import time
 
 import torch
 
-from kernels import paged as pa
-from kernels.paged import fused
+from batchllm.kernels import paged as pa
+from batchllm.kernels.paged import fused
 
 CASES = {"main": (100, 16, 2000, 304), "sd1": (1600, 1, 2000, 304), "p512": (400, 4, 512, 304)}
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16

@@ -25,8 +25,8 @@ import math
 
 import torch
 
+from batchllm.kernels import paged as pa
 from bench.attention import time_ms
-from kernels import paged as pa
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter (smoke tests)

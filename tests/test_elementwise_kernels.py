@@ -1,4 +1,4 @@
-"""The fused elementwise kernels (kernels/elementwise.py) against the plain-torch expressions they replace.
+"""The fused elementwise kernels (batchllm/kernels/elementwise.py) against the plain-torch expressions they replace.
 
 On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py); on CUDA natively.
 bf16 results round where torch rounds, so they match the torch path within one bf16 step (the
@@ -13,9 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from batchllm.kernels.elementwise import rms_norm, rope_, silu_mul
-
 from batchllm.engine.model import RMSNorm, Rope, apply_rope
+from batchllm.kernels.elementwise import rms_norm, rope_, silu_mul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

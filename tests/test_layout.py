@@ -3,12 +3,12 @@
 - no import cycle among batchllm's modules, counting imports inside functions
   too (a function-level import only hides a cycle); imports under
   ``TYPE_CHECKING`` never run and do not count;
-- kernels/ imports nothing from batchllm; plan/ imports no torch;
+- batchllm/kernels imports nothing else of batchllm; plan/ imports no torch;
 - nothing but flows/ imports prefect;
 - no module over ~400 lines.
 
-kernels/, flows/ and sql/ are mapped into the namespace (``batchllm.kernels``,
-``batchllm.flows``), so they are walked as part of it.
+flows/ and sql/ are mapped into the namespace (``batchllm.flows``), so they are
+walked as part of it; the kernels live in ``batchllm/kernels``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # Package name -> source folder, as pyproject's package-dir maps them.
 FOLDERS = {
     "batchllm": ROOT / "batchllm",
-    "batchllm.kernels": ROOT / "kernels",
     "batchllm.flows": ROOT / "flows",
 }
 MAX_LINES = 400

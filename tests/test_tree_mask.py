@@ -6,7 +6,7 @@ query q only when k <= q < key_ends[k]. The layouts here are built by
 ``packing.build_unit`` (the engine's own units) with random item lengths, cut
 into chunks, mixed with plain sequences and grouped behind shared prefixes, and
 run through ``paged_attention`` / ``two_level_attention`` and the Triton
-backend; ``kernels/attention.py``'s ``torch_attention`` is the reference.
+backend; ``batchllm/kernels/attention.py``'s ``torch_attention`` is the reference.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set
 by conftest.py) at tiny sizes; the ``gpu`` tests run the same checks at real
@@ -25,12 +25,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from batchllm.engine.labels import LabelSet
+from batchllm.engine.packing import NO_END, build_unit
 from batchllm.kernels import AttentionMeta, GroupSpan
 from batchllm.kernels import paged as pa
 from batchllm.kernels.attention import torch_attention
-
-from batchllm.engine.labels import LabelSet
-from batchllm.engine.packing import NO_END, build_unit
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,4 +1,4 @@
-"""The Triton attention kernels (kernels/paged/) against dense attention in plain torch.
+"""The Triton attention kernels (batchllm/kernels/paged/) against dense attention in plain torch.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set
 by conftest.py) at tiny sizes; with CUDA the same cases run natively, plus the
@@ -359,7 +359,7 @@ def test_two_level_attention_mixed_program_order() -> None:
 
 
 def test_two_level_matches_the_torch_reference() -> None:
-    """Same conventions as kernels/attention.py's torch_attention (AttentionMeta / GroupSpan)."""
+    """Same conventions as batchllm/kernels/attention.py's torch_attention (AttentionMeta / GroupSpan)."""
     from batchllm.kernels import AttentionMeta, GroupSpan
     from batchllm.kernels.attention import torch_attention
 

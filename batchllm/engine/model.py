@@ -46,7 +46,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """RMSNorm; with a residual, of x + residual, returning (normed, x + residual) as one fused pass."""
 
-    fused = False  # one Triton kernel (kernels/elementwise.py) instead of plain torch; set per model
+    fused = False  # one Triton kernel (batchllm/kernels/elementwise.py) instead of plain torch; set per model
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -1,6 +1,6 @@
 """Triton kernels for paged attention with two-level (shared-prefix) attention.
 
-Layout (the same as kernels/attention.py, the torch reference):
+Layout (the same as batchllm/kernels/attention.py, the torch reference):
 
 - q [num_tokens, num_heads, head_dim]: the new tokens of B sequences back to
   back; sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1], at positions
