@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from batchllm.kernels import AttentionMeta, GroupSpan, read_kvcache, store_kvcache, torch_attention
 from batchllm.kernels.attention import merge_attention
 
