@@ -78,10 +78,10 @@ class HybridPrefill:
                 f"{n} tokens need {self.bytes_needed(n)} bytes, the idle KV pool has "
                 f"{self.storage.numel() * self.storage.element_size()}"
             )
-        hidden = model.cfg.hidden_size
+        cfg, bs = model.cfg, self.block_size
+        hidden = cfg.hidden_size
         x = self.storage[: n * hidden].view(n, hidden)
         res = self.storage[n * hidden : 2 * n * hidden].view(n, hidden)
-        cfg, bs = model.cfg, self.block_size
         blocks = -(-n // bs)
         shape = KVShape(1, blocks, bs, cfg.num_kv_heads, cfg.head_dim, x.dtype, x.device)
         backend = create_backend(self.attention, shape, self.storage[2 * n * hidden :])
@@ -132,7 +132,4 @@ class HybridPrefill:
                 ScheduledChunk(tree, s, min(size, n - s), sample=False, two_level=False)
                 for s in range(plain, n, size)
             ]
-        trees = plain < n
-        return [
-            (c, build_layout([c], self.block_size, trees=trees and c.seq.key_ends is not None)) for c in out
-        ]
+        return [(c, build_layout([c], self.block_size, trees=c.seq.key_ends is not None)) for c in out]
