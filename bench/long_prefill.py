@@ -125,11 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     engine.hybrid_prefill = True
     hybrid_max = min(record["hybrid_capacity"], engine.max_model_len)
     record["hybrid"] = score_one(engine, hybrid_max, args.device, 2)
-    ok = record["paged"]["ok"] and record["hybrid"]["ok"]
+    # the hybrid run must have gone through hybrid prefill (not paged, when max_model_len caps it)
+    ok = record["paged"]["ok"] and record["hybrid"]["ok"] and record["hybrid"]["hybrid_units"] == 1
     record["longest_paged"] = paged_max if record["paged"]["ok"] else None
     record["longest_hybrid"] = hybrid_max if record["hybrid"]["ok"] else None
     record["ratio"] = hybrid_max / paged_max if ok else None
-    record["capped_by_max_model_len"] = hybrid_max < record["hybrid_capacity"]
+    record["capped_by_max_model_len"] = {
+        "paged": paged_max < pool_tokens,
+        "hybrid": hybrid_max < record["hybrid_capacity"],
+    }
     for name in ("paged", "paged_one_block_more", "hybrid"):
         r = record[name]
         print(

@@ -29,7 +29,9 @@ from batchllm.kernels import paged as pa
 from bench.attention import time_ms
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter (smoke tests)
+DEV = (
+    "cuda" if torch.cuda.is_available() else "cpu"
+)  # cpu: build/call/max_error under the interpreter; main needs CUDA
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
 CASES = {"causal": (2, 8192, 0, 0, 0), "chunked": (1, 8192, 8192, 0, 0), "members": (100, 160, 0, 2, 4000)}
 SWEEP = {  # (block_m, block_n, num_warps, num_stages) of the tiles that dominate each case

@@ -15,7 +15,8 @@ Its memory is the main KV pool's, borrowed while the pool is idle (after the
 paged units of a run), so the same budget holds a longer sequence by the ratio
 of the two (``capacity``). The attention is the engine's own backend (a
 one-layer instance over the borrowed memory), with the unit's tree mask for
-label nodes, so scores equal the paged path's.
+label nodes, so scores match the paged path's to float tolerance (the sums run
+in another order).
 """
 
 from __future__ import annotations
@@ -87,13 +88,13 @@ class HybridPrefill:
         backend = create_backend(self.attention, shape, self.storage[2 * n * hidden :])
         steps = [(c, backend.prepare(layout), layout) for c, layout in self._chunks(unit, blocks)]
         dev = x.device
-        ropes = []
+        positions = []
         for c, _, layout in steps:
-            ids = torch.from_numpy(layout.input_ids).to(dev)
-            x[c.start : c.end] = model.embed_tokens(ids)
-            ropes.append(Rope(model.rope, torch.from_numpy(layout.positions).to(dev), x.dtype, model.fused))
+            x[c.start : c.end] = model.embed_tokens(torch.from_numpy(layout.input_ids).to(dev))
+            positions.append(torch.from_numpy(layout.positions).to(dev))
         for i, layer in enumerate(model.layers):
-            for (c, meta, _), rope in zip(steps, ropes, strict=True):
+            for (c, meta, _), pos in zip(steps, positions, strict=True):
+                rope = Rope(model.rope, pos, x.dtype, model.fused)  # per chunk: no cos/sin for all tokens
                 xc, rc = x[c.start : c.end], res[c.start : c.end]
                 if i == 0:
                     rc.copy_(xc)

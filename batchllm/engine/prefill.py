@@ -91,13 +91,14 @@ def run_prefill(
                 progress(num_done, total)
         stats.add_step(len(step.chunks), 0, t_out - t_run, t_run - t_host + clock() - t_out)
     stats.add_run(scheduler.stats, 0, batch.planned_physical)
+    failed: set[int] = set()  # hybrid units that did not fit: computed nothing
     if oversized:
         t_run = clock()
-        _run_hybrid(
+        failed = _run_hybrid(
             engine,
             batch,
-            [units[i] for i in oversized],
-            [first_item[i] for i in oversized],
+            {i: units[i] for i in oversized},
+            first_item,
             scorer,
             stats,
             t0,
@@ -107,10 +108,9 @@ def run_prefill(
         progress(total, total)
     for k, p in zip(items, scorer.probs().tolist(), strict=True):
         batch.requests[k].probs = p
-    multi = [u for u in units.values() if len(u.requests) > 1]
-    stats.add_prefill(
-        sum(u.num_label_tokens for u in units.values()), len(multi), sum(len(u.requests) for u in multi)
-    )
+    ran = [u for i, u in units.items() if i not in failed]
+    multi = [u for u in ran if len(u.requests) > 1]
+    stats.add_prefill(sum(u.num_label_tokens for u in ran), len(multi), sum(len(u.requests) for u in multi))
     stats.wall_s = clock() - t0
     results = classify_results(batch, labels.labels)
     stats.num_errors = sum(r.error is not None for r in results)
@@ -132,14 +132,14 @@ def _check_label_room(batch: Batch, labels: LabelSet, max_model_len: int) -> Non
 def _run_hybrid(
     engine: Engine,
     batch: Batch,
-    units: list[Unit],
-    firsts: list[int],
+    units: dict[int, Unit],
+    first_item: dict[int, int],
     scorer: LabelScorer,
     stats: EngineStats,
     t0: float,
-) -> None:
+) -> set[int]:
     """Units longer than the KV pool, one at a time through hybrid prefill over the idle pool's memory;
-    one that does not fit even so gets an error and the rest of the run stands."""
+    one that does not fit even so gets an error and the rest of the run stands. Returns those."""
     runner = HybridPrefill(
         engine.model,
         engine.attention,
@@ -147,20 +147,25 @@ def _run_hybrid(
         engine.block_size,
         engine.max_num_batched_tokens,
     )
-    for unit, first in zip(units, firsts, strict=True):
+    failed = set()
+    for seq_id, unit in units.items():
         try:
             hidden = runner.forward(unit)
-        except (MemoryError, torch.OutOfMemoryError) as e:
+        except (MemoryError, RuntimeError) as e:  # CPU allocators raise RuntimeError, CUDA its subclass
+            if not isinstance(e, MemoryError | torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
             for k in unit.requests:
                 batch.requests[k].error = f"prompt: too long for hybrid prefill ({e})"
+            failed.add(seq_id)
             continue
-        scorer.add(engine.model, hidden, first + unit.read_item, unit.read_reader)
+        scorer.add(engine.model, hidden, first_item[seq_id] + unit.read_item, unit.read_reader)
         stats.tokens_computed += unit.num_tokens
         stats.prompt_tokens_computed += unit.num_tokens
         stats.hybrid_units += 1
         for k in unit.requests:
             batch.requests[k].cached_tokens = 0
             batch.requests[k].latency_s = time.perf_counter() - t0
+    return failed
 
 
 def _submit(

@@ -107,6 +107,8 @@ class AttentionBackend(ABC):
         if storage is None:
             self.kv_cache = torch.zeros(size, dtype=shape.dtype, device=shape.device)
         else:
+            assert storage.dtype == shape.dtype and storage.device == shape.device and storage.is_contiguous()
+            assert storage.numel() >= math.prod(size), "storage smaller than the KV cache"
             self.kv_cache = storage[: math.prod(size)].view(size)
 
     def kv_cache_shape(self) -> tuple[int, ...]:
