@@ -96,16 +96,23 @@ def build(groups: int, members: int, prefix: int, own: int, seed: int = 0) -> di
     }
 
 
+def dense_kv(c: dict, seq: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [kv_len, heads, D] of sequence `seq` in float32, read through its block table
+    from the head-major paged pool, each kv head repeated for its query heads."""
+    bs = c["k"].shape[2]
+    pos = torch.arange(int(c["kv_lens"][seq]), device=c["k"].device)
+    blocks = c["tables"][seq].long()[pos // bs]
+    g = heads // c["k"].shape[1]
+    k = c["k"][blocks, :, pos % bs].float().repeat_interleave(g, 1)
+    v = c["v"][blocks, :, pos % bs].float().repeat_interleave(g, 1)
+    return k, v
+
+
 def reference(c: dict, seqs: list[int]) -> torch.Tensor:
     """Dense float32 attention of the given sequences' queries over their whole context: [n, H, D]."""
     outs = []
-    g = HEADS // KV_HEADS
     for i in seqs:
-        length = int(c["kv_lens"][i])
-        pos = torch.arange(length, device="cuda")
-        blocks = c["tables"][i].long()[pos // BLOCK]
-        k = c["k"][blocks, :, pos % BLOCK].float().repeat_interleave(g, 1)  # [L, H, D]
-        v = c["v"][blocks, :, pos % BLOCK].float().repeat_interleave(g, 1)
+        k, v = dense_kv(c, i, HEADS)
         s = torch.einsum("hd,lhd->hl", c["q"][i].float(), k) * c["scale"]
         outs.append(torch.einsum("hl,lhd->hd", s.softmax(-1), v))
     return torch.stack(outs)

@@ -26,7 +26,7 @@ import math
 import torch
 
 from batchllm.kernels import paged as pa
-from bench.attention import time_ms
+from bench.attention import dense_kv, time_ms
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
 DEV = (
@@ -103,15 +103,12 @@ def call(c: dict, out: torch.Tensor, lse: torch.Tensor) -> None:
 
 def max_error(c: dict, out: torch.Tensor, rows: int = 64) -> float:
     """Dense float32 attention of the last `rows` query rows of the first and last sequence."""
-    g = HEADS // KV_HEADS
     err = 0.0
     for s in (0, len(c["cu_q"]) - 2):
         lo, hi = int(c["cu_q"][s]), int(c["cu_q"][s + 1])
         length = int(c["kv_lens"][s])
+        k, v = dense_kv(c, s, HEADS)
         pos = torch.arange(length, device=DEV)
-        blocks = c["tables"][s].long()[pos // BLOCK]
-        k = c["k"][blocks, :, pos % BLOCK].float().repeat_interleave(g, 1)
-        v = c["v"][blocks, :, pos % BLOCK].float().repeat_interleave(g, 1)
         q_pos = torch.arange(length - (hi - lo), length, device=DEV)[-rows:]
         q = c["q"][hi - rows : hi].float()
         s_ = torch.einsum("rhd,lhd->hrl", q, k) * c["scale"]

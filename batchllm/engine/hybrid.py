@@ -96,16 +96,9 @@ class HybridPrefill:
             for (c, meta, _), pos in zip(steps, positions, strict=True):
                 rope = Rope(model.rope, pos, x.dtype, model.fused)  # per chunk: no cos/sin for all tokens
                 xc, rc = x[c.start : c.end], res[c.start : c.end]
-                if i == 0:
-                    rc.copy_(xc)
-                    h = layer.input_layernorm(xc)
-                else:
-                    h, r = layer.input_layernorm(xc, rc)
-                    rc.copy_(r)
-                a = layer.self_attn.attend(backend, 0, rope, h, meta)
-                h, r = layer.post_attention_layernorm(a, rc)
-                rc.copy_(r)
-                xc.copy_(layer.mlp(h))
+                out, r = layer(rope, xc, rc if i else None, meta, kv=(backend, 0))
+                rc.copy_(r)  # new tensors: neither aliases the chunk's rows
+                xc.copy_(out)
         reads = torch.from_numpy(unit.reads.astype(np.int64)).to(dev)
         if not len(model.layers):
             return model.norm(x[reads])

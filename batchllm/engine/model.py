@@ -116,15 +116,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.backend: AttentionBackend | None = None  # installed by the runner
 
-    def forward(self, rope: Rope, x: torch.Tensor, meta: Any) -> torch.Tensor:
-        assert self.backend is not None, "the runner installs the attention backend"
-        return self.attend(self.backend, self.layer, rope, x, meta)
-
-    def attend(
-        self, backend: AttentionBackend, layer: int, rope: Rope, x: torch.Tensor, meta: Any
+    def forward(
+        self, rope: Rope, x: torch.Tensor, meta: Any, kv: tuple[AttentionBackend, int] | None = None
     ) -> torch.Tensor:
-        """Project, store this step's keys/values as ``layer`` of ``backend``, attend, project out
-        (hybrid prefill passes a one-layer backend of its own)."""
+        """Project, store this step's keys/values, attend, project out. kv: (backend, layer) to use
+        instead of the runner's backend and this layer's index (hybrid prefill's one-layer cache)."""
+        if kv is None:
+            assert self.backend is not None, "the runner installs the attention backend"
+            kv = (self.backend, self.layer)
+        backend, layer = kv
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -164,15 +164,21 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, rope: Rope, x: torch.Tensor, residual: torch.Tensor | None, meta: Any
+        self,
+        rope: Rope,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: Any,
+        kv: tuple[AttentionBackend, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, residual stream): the add of each block's output into the residual stream
-        happens in the next norm, fused with it (x + residual, summed in the same order as before)."""
+        happens in the next norm, fused with it (x + residual, summed in the same order as before).
+        kv: as for ``Attention.forward``."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(rope, h, meta), residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(rope, h, meta, kv), residual)
         return self.mlp(h), residual
 
 

@@ -199,12 +199,13 @@ def _submit(
         for seq in seqs:
             for k in units[seq.seq_id].requests:
                 batch.requests[k].cached_tokens = seq.num_shared_tokens
-    oversized = [seq.seq_id for seq in scheduler.rejected] if hybrid else []
-    for seq in scheduler.rejected if not hybrid else ():
-        for k in units.pop(seq.seq_id).requests:
-            batch.requests[
-                k
-            ].error = f"prompt: {scheduler.rejection_reasons[seq.seq_id]} (hybrid_prefill is off)"
+    oversized = [seq.seq_id for seq in scheduler.rejected]
+    if not hybrid:
+        for seq_id in oversized:
+            reason = f"prompt: {scheduler.rejection_reasons[seq_id]} (hybrid_prefill is off)"
+            for k in units.pop(seq_id).requests:
+                batch.requests[k].error = reason
+        oversized = []
     first_item, num_items = {}, 0
     for seq_id, u in units.items():
         first_item[seq_id] = num_items
