@@ -14,7 +14,10 @@ members). Per case it times, with CUDA graphs (eager if capture fails):
   (each kernel keeps its own registers; a CUDA graph captures the fork/join);
 - fa3_plain / fa3_two_pass (+ merge): vLLM's FlashAttention-3 when
   `vllm.vllm_flash_attn` imports (its paged layout [block, offset, kv_head,
-  dim] gets its own copy of the cache).
+  dim] gets its own copy of the cache);
+- fi_decode / fi_cascade / fi_two_pass: FlashInfer when it imports, on our pool as
+  is (its "HND" layout): its paged decode, its 2-level cascade, and the two
+  prefill launches + merge_state that the `flashinfer` backend runs.
 
 It checks two_level (and paged, FA3) against a float32 dense reference on a
 sample of sequences, and reports bytes of KV read, GB/s and the floor: bytes /
@@ -269,7 +272,58 @@ def fa3_calls(c: dict, fa) -> dict:
     return {"fa3_plain": plain, "fa3_two_pass": two_pass}
 
 
-def run_case(name: str, iters: int, bandwidth: float, fa) -> dict:
+def _flashinfer():
+    try:
+        import flashinfer
+    except Exception as e:  # not installed (bench/device_flashinfer.sh brings it to the device)
+        return None, f"{type(e).__name__}: {e}"
+    return flashinfer, None
+
+
+def flashinfer_calls(c: dict, fi) -> dict:
+    """FlashInfer on the pool as it is: plain decode, its cascade, and our backend's two launches + merge.
+    Plans are made here, once, outside the timed calls (the engine plans once per step for all layers)."""
+    q, dev = c["q"], c["q"].device
+    cache = (c["k"], c["v"])
+    i32 = {"dtype": torch.int32}
+    dtypes = {"q_data_type": torch.bfloat16, "kv_data_type": torch.bfloat16}
+
+    def ws() -> torch.Tensor:
+        return torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+
+    def level(tables: torch.Tensor) -> list[torch.Tensor]:
+        """kv indptr, indices, last page lengths of full-page tables (every length here is whole pages)."""
+        n, width = tables.shape
+        return [torch.arange(n + 1, **i32) * width, tables.reshape(-1).cpu(), torch.full((n,), BLOCK, **i32)]
+
+    heads = (HEADS, KV_HEADS, DIM, BLOCK)
+    decode = fi.BatchDecodeWithPagedKVCacheWrapper(ws(), "HND", use_tensor_cores=True)
+    decode.plan(*level(c["tables"]), *heads, sm_scale=c["scale"], **dtypes)
+    cascade = fi.MultiLevelCascadeAttentionWrapper(2, ws(), "HND")
+    lv0, lv1 = level(c["g_tables"]), level(c["own_tables"])
+    cascade.plan(
+        [c["cu_g"].cpu(), c["cu_q"].cpu()], [lv0[0], lv1[0]], [lv0[1], lv1[1]], [lv0[2], lv1[2]], *heads,
+        causal=True, sm_scale=c["scale"], **dtypes,
+    )  # fmt: skip
+    own = fi.BatchPrefillWithPagedKVCacheWrapper(ws(), "HND")
+    own.plan(c["cu_q"].cpu(), *lv1, *heads, causal=True, sm_scale=c["scale"], **dtypes)
+    pre = fi.BatchPrefillWithPagedKVCacheWrapper(ws(), "HND")
+    pre.plan(c["cu_g"].cpu(), *lv0, *heads, causal=False, sm_scale=c["scale"], **dtypes)
+
+    def two_pass():
+        o, lse = own.run(q, cache, return_lse=True)
+        o_pre, lse_pre = pre.run(q, cache, return_lse=True)
+        fi.merge_state_in_place(o, lse, o_pre, lse_pre)
+        return o
+
+    return {
+        "fi_decode": lambda: decode.run(q, cache),
+        "fi_cascade": lambda: cascade.run(q, cache),
+        "fi_two_pass": two_pass,
+    }
+
+
+def run_case(name: str, iters: int, bandwidth: float, fa, fi=None) -> dict:
     """Check, then time every op of case `name`; floor = KV bytes / bandwidth."""
     groups, members, prefix, own_len = CASES[name]
     c = build(groups, members, prefix, own_len)
@@ -283,6 +337,8 @@ def run_case(name: str, iters: int, bandwidth: float, fa) -> dict:
     }
     kv_bytes["fa3_plain"], kv_bytes["fa3_two_pass"] = kv_bytes["paged"], kv_bytes["two_level"]
     kv_bytes["two_streams"] = kv_bytes["two_level"]
+    kv_bytes["fi_decode"] = kv_bytes["paged"]
+    kv_bytes["fi_cascade"] = kv_bytes["fi_two_pass"] = kv_bytes["two_level"]
     res: dict = {"G": groups, "sd": members, "P": prefix, "S": own_len, "B": num_seqs, "ops": {}}
     fns = ours(c)
     sample = sorted({0, 1, members, num_seqs // 2, num_seqs - 1} & set(range(num_seqs)))
@@ -293,6 +349,11 @@ def run_case(name: str, iters: int, bandwidth: float, fa) -> dict:
         torch.cuda.synchronize()
         errors[op] = (fns["_out"][sample].float() - ref).abs().max().item()
     fa_fns = fa3_calls(c, fa) if fa is not None else {}
+    if fi is not None:
+        try:
+            fa_fns |= flashinfer_calls(c, fi)
+        except Exception as e:
+            res.setdefault("errors", {})["flashinfer"] = f"{type(e).__name__}: {e}"
     for op, fn in fa_fns.items():
         try:
             o = fn()
@@ -394,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=20, help="calls per timed graph")
     ap.add_argument("--sweep", metavar="CASE", help="also time prefix/own/two_level over tile configurations")
     ap.add_argument("--no-fa3", action="store_true")
+    ap.add_argument("--no-flashinfer", action="store_true")
     for knob in KNOBS:
         ap.add_argument("--" + knob.replace("_", "-"), type=int, help="override the launch heuristic")
     args = ap.parse_args(argv)
@@ -406,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     fa, fa_error = (None, "disabled") if args.no_fa3 else _fa3()
+    fi, fi_error = (None, "disabled") if args.no_flashinfer else _flashinfer()
     t0 = time.time()
     bw = copy_bandwidth()
     bandwidth = max(bw["copy"], bw["read"])
@@ -414,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "fa3": fa_error or "vllm.vllm_flash_attn",
+        "flashinfer": fi_error or fi.__version__,
         "copy_GB_per_s": round(bw["copy"] / 1e9, 1),
         "read_GB_per_s": round(bw["read"] / 1e9, 1),
         "config_override": dict(pa.CONFIG_OVERRIDE),
@@ -424,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": {},
     }
     for name in filter(None, args.cases.split(",")):
-        result["cases"][name] = run_case(name, args.iters, bandwidth, fa)
+        result["cases"][name] = run_case(name, args.iters, bandwidth, fa, fi)
         print(f"# {name}: {json.dumps(result['cases'][name]['ops'])}", file=sys.stderr, flush=True)
     if args.sweep:
         result["sweep"] = {"case": args.sweep, "rows": sweep(args.iters, args.sweep)}

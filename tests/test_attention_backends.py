@@ -91,18 +91,26 @@ def test_registry() -> None:
     assert backend.kv_cache.shape == (2, 2, 7, 2, BS, 8) and backend.scratch_block == 6
 
 
-def _run_backend(name: str, chunks: list[ScheduledChunk], seed: int = 0) -> torch.Tensor:
-    """Store random keys for every cached position, then attend with the step's queries, layer 0."""
-    shape = KVShape(1, 32, BS, 2, 16, torch.float32, torch.device("cpu"))
+def _run_backend(
+    name: str,
+    chunks: list[ScheduledChunk],
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    head_dim: int = 16,
+) -> torch.Tensor:
+    """Store random keys for every cached position, then attend with the step's queries, layer 0
+    (the same values for every backend, dtype and device: drawn in float32 on the CPU, then cast)."""
+    shape = KVShape(1, 32, BS, 2, head_dim, dtype, torch.device(device))
     backend = create_backend(name, shape)
     gen = torch.Generator().manual_seed(seed)
     backend.kv_cache.copy_(torch.randn(backend.kv_cache.shape, generator=gen))
     lay = build_layout(chunks, BS)
     meta = backend.prepare(lay)
-    q = torch.randn(lay.num_tokens, 4, 16, generator=gen)
-    k, v = torch.randn(2, lay.num_tokens, 2, 16, generator=gen).unbind(0)
+    q = torch.randn(lay.num_tokens, 4, head_dim, generator=gen).to(device, dtype)
+    k, v = torch.randn(2, lay.num_tokens, 2, head_dim, generator=gen).to(device, dtype).unbind(0)
     backend.store(0, k, v, meta)
-    return backend.forward(0, q, meta, 0.25)
+    return backend.forward(0, q, meta, head_dim**-0.5)
 
 
 def test_triton_backend_matches_the_reference() -> None:
@@ -112,6 +120,50 @@ def test_triton_backend_matches_the_reference() -> None:
     ref = _run_backend("torch", chunks)
     got = _run_backend("triton", chunks)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grouped", [False, True], ids=["plain", "grouped"])
+@pytest.mark.parametrize("name", ["triton", "flashinfer"])
+def test_cuda_backends_match_the_reference(name: str, grouped: bool) -> None:
+    """bf16 backends on CUDA against the float32 torch reference on the same values: chunked prefill,
+    decode and group members in one step, head_dim 64 and 128 (GQA 2)."""
+    pytest.importorskip(name)
+    chunks = _batch()
+    if grouped:
+        _set_groups(chunks)
+    for head_dim in (64, 128):
+        ref = _run_backend("torch", chunks, device="cuda", head_dim=head_dim)
+        got = _run_backend(name, chunks, dtype=torch.bfloat16, device="cuda", head_dim=head_dim)
+        torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_flashinfer_refuses_what_it_cannot_run() -> None:
+    """Clear errors before any pool is made: no CPU, no float32."""
+    cpu = KVShape(1, 4, BS, 2, 64, torch.bfloat16, torch.device("cpu"))
+    with pytest.raises(ValueError, match="'flashinfer' runs on CUDA only"):
+        create_backend("flashinfer", cpu)
+    if torch.cuda.is_available():
+        f32 = KVShape(1, 4, BS, 2, 64, torch.float32, torch.device("cuda"))
+        with pytest.raises(ValueError, match="needs bfloat16 or float16"):
+            create_backend("flashinfer", f32)
+
+
+def test_flashinfer_page_lists() -> None:
+    """Own level from the prefix end, prefix level from 0: page lists and last-page lengths, vectorized."""
+    from batchllm.engine.attention.flashinfer import pages
+
+    chunks = _batch()
+    _set_groups(chunks)
+    lay = build_layout(chunks, BS)
+    indptr, indices, last = pages(lay.block_tables, lay.start_pos // BS, lay.kv_lens - lay.start_pos, BS)
+    # seq 0: 10 keys in [1, 2, 3]; seq 1: 5 in [4, 5]; members: own keys after the 8-token prefix
+    assert indices.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert indptr.tolist() == [0, 3, 5, 6, 8, 9] and last.tolist() == [2, 1, 4, 1, 3]
+    g_indptr, g_indices, g_last = pages(
+        lay.group_block_tables, np.zeros(1, np.int64), lay.group_prefix_lens, BS
+    )
+    assert g_indptr.tolist() == [0, 2] and g_indices.tolist() == [20, 21] and g_last.tolist() == [4]
 
 
 def test_grouped_equals_plain_in_the_reference() -> None:

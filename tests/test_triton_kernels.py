@@ -263,6 +263,11 @@ CASES = {
         [(20, 1, -1), (50, 18, 0), (41, 1, 0), (47, 9, 0), (29, 3, -1), (80, 1, 1), (64, 1, 1)],
         [32, 48],
     ),
+    # scoring: members prefill long suffixes after their group's prefix (wide prefix tiles: 8 warps)
+    "groups-prefill": (
+        [(100, 70, 0), (90, 60, 0), (96, 80, 0), (30, 5, -1), (60, 33, 1), (58, 40, 1)],
+        [16, 16],
+    ),
 }
 
 
@@ -333,7 +338,7 @@ def test_paged_attention_understated_max_q_len() -> None:
     check_paged(b, own_only=True, tol=_device_tol(torch.float32), max_q_len=1)
 
 
-@pytest.mark.parametrize("name", ["groups-decode", "groups-mixed", "mixed"])
+@pytest.mark.parametrize("name", ["groups-decode", "groups-mixed", "groups-prefill", "mixed"])
 def test_two_level_attention(name: str) -> None:
     specs, prefixes = CASES[name]
     b = build(specs, prefixes, g=4, dim=32, block=16, seed=4, pad_tokens=2, pad_seqs=1, pad_groups=1)
@@ -475,6 +480,16 @@ def test_gpu_real_sizes(case: str, chunk: int) -> None:
         check_paged(b, own_only=True, tol=2e-2)
     else:
         check_prefix(b, tol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_members_prefill() -> None:
+    """Scoring's shape: every member prefills a 150-token suffix against its group's 1,024-token prefix
+    (256-row prefix tiles), beside a plain chunk."""
+    specs = [(1024 + 150 + m, 150, grp) for grp in range(3) for m in range(6)] + [(400, 200, -1)]
+    b = build(specs, [1024] * 3, kv_heads=8, g=4, dim=128, block=16, dtype=torch.bfloat16, seed=12)
+    check_two_level(b, tol=2e-2)
 
 
 @pytest.mark.gpu

@@ -4,6 +4,8 @@
 ``triton``: our Triton kernels (paged prefill/decode, fused two-level attention;
 CUDA, or CPU under TRITON_INTERPRET=1 for tests).
 ``cpu``: two-level attention on torch's fused CPU attention kernel (CPU only).
+``flashinfer``: FlashInfer's paged prefill kernels, two-level by two launches and
+its merge (CUDA, bf16/fp16, where flashinfer-python is installed).
 ``auto`` picks triton on CUDA and cpu on CPU. Backends are imported when chosen,
 so triton stays optional.
 """
@@ -21,6 +23,7 @@ _MODULES = {
     "torch": "batchllm.engine.attention.torch_ref",
     "triton": "batchllm.engine.attention.triton",
     "cpu": "batchllm.engine.attention.cpu",
+    "flashinfer": "batchllm.engine.attention.flashinfer",
 }
 BACKENDS = ("auto", *_MODULES)
 

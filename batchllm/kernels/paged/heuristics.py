@@ -52,15 +52,20 @@ def _block_n(head_dim: int) -> int:
     return 32 if head_dim > 128 else 64
 
 
-def _rows_pre(g_pad: int, head_dim: int, max_group_rows: int | None) -> int:
-    """Query tokens per shared-prefix tile: rows = tokens x g_pad, 16..64."""
+def _rows_pre(g_pad: int, head_dim: int, max_group_rows: int | None, wide: bool = False) -> int:
+    """Query tokens per shared-prefix tile: rows = tokens x g_pad, 16..64, or 16..256 when `wide`.
+
+    wide: the launch runs 8 warps anyway (prefill own tiles of 128+ rows). A group then prefills
+    many rows against its prefix, and 256-row tiles read that prefix half as often as 128 and a
+    quarter as often as 64: measured 2.2x faster than 64 (H200, 100 x 160 tokens against 4,000-token
+    prefixes, bench.prefill_attention, bench/RESULTS.md 2026-12-03 late)."""
     if "block_m_pre" in CONFIG_OVERRIDE:
         return max(1, CONFIG_OVERRIDE["block_m_pre"] // g_pad)
-    # 64 rows at most: a 128-row tile would need 8 warps, which the own-level tiles of a fused
-    # launch (same kernel, same warps) take badly; bigger groups take several tiles, adjacent
-    # programs, so their prefix is read from L2 after the first
+    # 64 rows at most otherwise: a 128-row tile would need 8 warps, which the own-level (decode) tiles
+    # of a fused launch (same kernel, same warps) take badly; bigger groups take several tiles,
+    # adjacent programs, so their prefix is read from L2 after the first
     rows = 64 if max_group_rows is None else triton.next_power_of_2(max(1, max_group_rows)) * g_pad
-    rows = min(max(rows, 16), 64)
+    rows = min(max(rows, 16), 256 if wide else 64)
     return max(1, rows // g_pad)
 
 

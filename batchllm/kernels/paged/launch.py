@@ -83,8 +83,8 @@ def _launch(
     g_pad = triton.next_power_of_2(g)
     block_n = _block_n(head_dim)
     block_d = triton.next_power_of_2(head_dim)
-    bq_pre = _rows_pre(g_pad, head_dim, max_group_rows)
     bq_own = _rows_own(g_pad, head_dim, max_q_len)
+    bq_pre = _rows_pre(g_pad, head_dim, max_group_rows, wide=has_own and bq_own * g_pad >= 128)
     any_index = (seqs or groups)[0]  # stands in for the pointers of the absent level (never read)
     if has_pre:
         cu_g, g_lens, g_tables = groups

@@ -1,0 +1,118 @@
+"""Paired A/B of attention launch configurations on one engine, in one process.
+
+Two engine runs from two processes or two device calls differ by ~15% on
+their own (bench/RESULTS.md); a kernel change must beat that. This bench
+builds ONE engine and runs the same workload under each configuration in
+turn, round after round (A B A B ...), changing only the Triton launch
+heuristics' overrides (``batchllm.kernels.paged.CONFIG_OVERRIDE``, the keys of
+``BATCHLLM_ATTENTION_CONFIG``; ``{}`` = the built-in heuristics). Each timed
+run reports its wall time, throughput and Triton compiles inside the timed
+region (a new configuration compiles new kernel variants: read the later
+rounds).
+
+    python -m bench.config_ab score --case 8000,150,20,40 --kv-tokens 205000 \\
+        --config '{}' --config '{"block_m_pre": 64}' --rounds 2 --json /tmp/ab.json
+    python -m bench.config_ab generate --case 2000,200,100,16,100 --config '{}' --config '{"num_warps": 4}'
+    python -m bench.config_ab score --model tiny --device cpu --case 64,16,4,2 --config '{}'   # smoke
+
+After the bench name: --config (repeatable JSON), --rounds, --json, --mode
+(score: packed|members|plain); every other argument is that bench's own
+(bench.score / bench.generate: --model, --case, --kv-tokens, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import generate, score
+from bench.compiles import compile_log
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("bench", choices=["score", "generate"])
+    ap.add_argument(
+        "--config", action="append", type=json.loads, default=[], help="JSON overrides (repeatable)"
+    )
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--mode", default="members", choices=list(score.MODES), help="score mode")
+    ap.add_argument("--json", type=Path, default=None)
+    ours, rest = ap.parse_known_args(argv)
+    if not ours.config:
+        ap.error("--config: give at least one (JSON object; '{}' = the built-in heuristics)")
+    if bad := [c for c in ours.config if not isinstance(c, dict)]:
+        ap.error(f"--config: JSON objects only, got {bad}")
+    module = score if ours.bench == "score" else generate
+    return ours, module.parse_args(rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ours, args = parse(argv)
+    from batchllm.engine import Engine
+
+    module = score if ours.bench == "score" else generate
+    args.t_start, args.children = time.time(), []
+    cases = args.case or [score.parse_case("4000,150,50,20") if ours.bench == "score" else None]
+    case = cases[0]
+    assert case is not None, "generate: give --case"
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    folder = Path(args.model)
+    if args.model == "tiny":
+        folder = generate.write_tiny_model(Path(tempfile.mkdtemp(prefix="bench-tiny-")))
+    cfg = json.loads((folder / "config.json").read_text())
+    vocab = int(cfg["vocab_size"])
+    args.model_max_len = int(cfg.get("max_position_embeddings") or args.max_model_len)
+    kw, _ignored = generate.supported(Engine, module.engine_kwargs(args, dtype))
+    engine = Engine(folder, **kw)
+    from batchllm.kernels.paged import CONFIG_OVERRIDE  # after the engine: it sets up Triton on CPU
+
+    runs: list[dict[str, Any]] = []
+    for r in range(ours.rounds):
+        for i, config in enumerate(ours.config):
+            CONFIG_OVERRIDE.clear()
+            CONFIG_OVERRIDE.update(config)
+            with compile_log() as log:
+                if ours.bench == "score":
+                    run = score.native_run(engine, case, ours.mode, args, vocab, args.seed)
+                else:
+                    run = generate.native_run(engine, case, vocab, args.seed, args.device)
+            row = {
+                "round": r,
+                "config": i,
+                "override": config,
+                "wall_s": round(run["wall_s"], 3),
+                "per_s": round(run["req_per_s"], 2),
+                "errors": run["errors"],
+                "compiles_incl_warmup": log.as_dict()["count"],
+            }
+            if ours.bench == "generate":
+                row["compiles_timed"] = [c["count"] for c in run["compiles"]]
+                row["decode_ms_per_step"] = run["decode_ms_per_step"]
+            runs.append(row)
+            print(json.dumps(row), flush=True)
+    CONFIG_OVERRIDE.clear()
+    summary = []
+    for i, config in enumerate(ours.config):
+        walls = [x["wall_s"] for x in runs if x["config"] == i]
+        summary.append(
+            {"config": i, "override": config, "walls_s": walls, "median_s": statistics.median(walls)}
+        )
+    base = summary[0]["median_s"]
+    for s in summary:
+        s["speedup_vs_first"] = round(base / s["median_s"], 3)
+    result = {"bench": ours.bench, "case": case.label, "engine_kwargs": kw, "runs": runs, "summary": summary}
+    print(json.dumps(summary, indent=1))
+    if ours.json:
+        ours.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
