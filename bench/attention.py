@@ -15,9 +15,10 @@ members). Per case it times, with CUDA graphs (eager if capture fails):
 - fa3_plain / fa3_two_pass (+ merge): vLLM's FlashAttention-3 when
   `vllm.vllm_flash_attn` imports (its paged layout [block, offset, kv_head,
   dim] gets its own copy of the cache);
-- fi_decode / fi_cascade / fi_two_pass: FlashInfer when it imports, on our pool as
-  is (its "HND" layout): its paged decode, its 2-level cascade, and the two
-  prefill launches + merge_state that the `flashinfer` backend runs.
+- fi_decode / fi_cascade / fi_two_pass (fi_prefix, fi_own): FlashInfer when it
+  imports, on our pool as is (its "HND" layout): its paged decode, its 2-level
+  cascade, and what the `flashinfer` backend runs for a decode step with groups
+  (decode kernel over own pages, prefill kernel over group prefixes, merge_state).
 
 It checks two_level (and paged, FA3) against a float32 dense reference on a
 sample of sequences, and reports bytes of KV read, GB/s and the floor: bytes /
@@ -305,8 +306,8 @@ def flashinfer_calls(c: dict, fi) -> dict:
         [c["cu_g"].cpu(), c["cu_q"].cpu()], [lv0[0], lv1[0]], [lv0[1], lv1[1]], [lv0[2], lv1[2]], *heads,
         causal=True, sm_scale=c["scale"], **dtypes,
     )  # fmt: skip
-    own = fi.BatchPrefillWithPagedKVCacheWrapper(ws(), "HND")
-    own.plan(c["cu_q"].cpu(), *lv1, *heads, causal=True, sm_scale=c["scale"], **dtypes)
+    own = fi.BatchDecodeWithPagedKVCacheWrapper(ws(), "HND", use_tensor_cores=True)
+    own.plan(*lv1, *heads, sm_scale=c["scale"], **dtypes)
     pre = fi.BatchPrefillWithPagedKVCacheWrapper(ws(), "HND")
     pre.plan(c["cu_g"].cpu(), *lv0, *heads, causal=False, sm_scale=c["scale"], **dtypes)
 
@@ -319,6 +320,8 @@ def flashinfer_calls(c: dict, fi) -> dict:
     return {
         "fi_decode": lambda: decode.run(q, cache),
         "fi_cascade": lambda: cascade.run(q, cache),
+        "fi_prefix": lambda: pre.run(q, cache),
+        "fi_own": lambda: own.run(q, cache),
         "fi_two_pass": two_pass,
     }
 
@@ -339,6 +342,7 @@ def run_case(name: str, iters: int, bandwidth: float, fa, fi=None) -> dict:
     kv_bytes["two_streams"] = kv_bytes["two_level"]
     kv_bytes["fi_decode"] = kv_bytes["paged"]
     kv_bytes["fi_cascade"] = kv_bytes["fi_two_pass"] = kv_bytes["two_level"]
+    kv_bytes["fi_prefix"], kv_bytes["fi_own"] = kv_bytes["prefix"], kv_bytes["own"]
     res: dict = {"G": groups, "sd": members, "P": prefix, "S": own_len, "B": num_seqs, "ops": {}}
     fns = ours(c)
     sample = sorted({0, 1, members, num_seqs // 2, num_seqs - 1} & set(range(num_seqs)))
@@ -355,6 +359,8 @@ def run_case(name: str, iters: int, bandwidth: float, fa, fi=None) -> dict:
         except Exception as e:
             res.setdefault("errors", {})["flashinfer"] = f"{type(e).__name__}: {e}"
     for op, fn in fa_fns.items():
+        if op in ("fi_prefix", "fi_own"):
+            continue  # one level alone: not the whole attention
         try:
             o = fn()
             o = o[0] if isinstance(o, tuple) else o

@@ -5,13 +5,13 @@
 #   here (network):  bash bench/device_flashinfer.sh pack        # -> out/fi (~20 MiB, ignored)
 #   on the device:   run(carry=["out/fi"], command="bash bench/device_flashinfer.sh run python3 -m bench.attention")
 #
-# `run` unpacks once into $SITE (it stays while the machine is warm; vLLM's carry unpacks there too),
+# `run` unpacks once into $SITE (it stays while the machine is warm; kept apart from the vLLM carry's site),
 # sets PYTHONPATH, CUDA_HOME and the target architecture, and runs the command. The first use of
 # each kernel on a fresh machine compiles for 1-2 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=0.7.2.post1
-SITE=${SITE:-/tmp/site}
+SITE=${SITE:-/tmp/site-fi}  # apart from /tmp/site, where the vLLM peer unpacks: vLLM must not see FlashInfer
 case "${1:-}" in
 pack)
   PY=${PY:-python3}

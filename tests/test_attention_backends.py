@@ -123,15 +123,17 @@ def test_triton_backend_matches_the_reference() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grouped", [False, True], ids=["plain", "grouped"])
+@pytest.mark.parametrize("kind", ["plain", "grouped", "decode"])
 @pytest.mark.parametrize("name", ["triton", "flashinfer"])
-def test_cuda_backends_match_the_reference(name: str, grouped: bool) -> None:
+def test_cuda_backends_match_the_reference(name: str, kind: str) -> None:
     """bf16 backends on CUDA against the float32 torch reference on the same values: chunked prefill,
-    decode and group members in one step, head_dim 64 and 128 (GQA 2)."""
+    decode and group members in one step, or a decode-only step with a group; head_dim 64 and 128."""
     pytest.importorskip(name)
     chunks = _batch()
-    if grouped:
+    if kind != "plain":
         _set_groups(chunks)
+    if kind == "decode":
+        chunks = [c for c in chunks if c.num_tokens == 1]
     for head_dim in (64, 128):
         ref = _run_backend("torch", chunks, device="cuda", head_dim=head_dim)
         got = _run_backend(name, chunks, dtype=torch.bfloat16, device="cuda", head_dim=head_dim)
@@ -149,21 +151,26 @@ def test_flashinfer_refuses_what_it_cannot_run() -> None:
             create_backend("flashinfer", f32)
 
 
-def test_flashinfer_page_lists() -> None:
-    """Own level from the prefix end, prefix level from 0: page lists and last-page lengths, vectorized."""
-    from batchllm.engine.attention.flashinfer import pages
+def test_flashinfer_launches() -> None:
+    """The host plan of a FlashInfer step: decode rows and prefill chunks in separate launches over
+    their own pages (members from their prefix end), each group's rows against its prefix pages."""
+    from batchllm.engine.attention.flashinfer import FlashInferBackend
 
     chunks = _batch()
     _set_groups(chunks)
-    lay = build_layout(chunks, BS)
-    indptr, indices, last = pages(lay.block_tables, lay.start_pos // BS, lay.kv_lens - lay.start_pos, BS)
-    # seq 0: 10 keys in [1, 2, 3]; seq 1: 5 in [4, 5]; members: own keys after the 8-token prefix
-    assert indices.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    assert indptr.tolist() == [0, 3, 5, 6, 8, 9] and last.tolist() == [2, 1, 4, 1, 3]
-    g_indptr, g_indices, g_last = pages(
-        lay.group_block_tables, np.zeros(1, np.int64), lay.group_prefix_lens, BS
-    )
-    assert g_indptr.tolist() == [0, 2] and g_indices.tolist() == [20, 21] and g_last.tolist() == [4]
+    backend = FlashInferBackend.__new__(FlashInferBackend)  # the host side only: no CUDA, no flashinfer
+    backend.shape = KVShape(1, 32, BS, 2, 64, torch.bfloat16, torch.device("cpu"))
+    meta = backend.prepare(build_layout(chunks, BS))
+    d, p, g = meta.decode, meta.prefill, meta.prefix
+    assert d.rows.tolist() == [6, 11, 12] and d.qo_indptr.tolist() == [0, 1, 2, 3]
+    assert d.kv_indices.tolist() == [4, 5, 7, 8, 9] and d.kv_indptr.tolist() == [0, 2, 4, 5]
+    assert d.last_page_len.tolist() == [1, 1, 3]
+    assert p.rows.tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9, 10] and p.qo_indptr.tolist() == [0, 6, 10]
+    assert p.kv_indices.tolist() == [1, 2, 3, 6] and p.last_page_len.tolist() == [2, 4]
+    assert g.rows == slice(7, 13) and g.qo_indptr.tolist() == [0, 6]
+    assert g.kv_indices.tolist() == [20, 21] and g.last_page_len.tolist() == [4]
+    plain = backend.prepare(build_layout(_batch()[:2], BS))  # contiguous runs take slices, no gathers
+    assert plain.prefill.rows == slice(0, 6) and plain.decode.rows == slice(6, 7) and plain.prefix is None
 
 
 def test_grouped_equals_plain_in_the_reference() -> None:

@@ -1,26 +1,28 @@
 """FlashInfer's paged attention: the kernel library DESIGN names, as a backend beside our own kernels.
 
 Our KV layout (per layer [block, kv_head, offset, head_dim]) is FlashInfer's
-"HND" paged layout, so its kernels read the pool in place. Every step takes one
-ragged, causal ``BatchPrefillWithPagedKVCacheWrapper`` launch over each
-sequence's own pages (prefill chunks and decode rows alike). A step with
-groups adds a second, unmasked launch of every group's rows against the
-group's prefix pages (read once per group, not once per member) and merges the
-two through their log-sum-exps with ``merge_state_in_place``: the same
-two-level split as the Triton backend, in two launches instead of one fused.
-Group prefixes are whole blocks (``build_layout`` asserts it), so each level
-starts on a page boundary.
+"HND" paged layout, so its kernels read the pool in place. A step's sequences
+split by kind, as FlashInfer's kernels do: decode rows (one query) go to its
+batch decode kernel (tensor cores for GQA), prefill chunks to its ragged,
+causal batch prefill kernel; both read each sequence's own pages. A step with
+groups adds a third, unmasked prefill launch of every group's rows against the
+group's prefix pages (read once per group, not once per member) and merges it
+in through the log-sum-exps (``merge_state_in_place``): the same two-level
+split as the Triton backend, in separate launches instead of one fused. Group
+prefixes are whole blocks (``build_layout`` asserts it), so each level starts
+on a page boundary.
 
-Plans are made once per step, on the host, and shared by every layer. No tree
-mask (packing and multi-token labels need ``triton`` or ``torch``) and no CUDA
-graphs: decode steps run eagerly. Needs bf16 or fp16 (FlashInfer has no fp32
-attention) and the ``flashinfer-python`` package (its kernels JIT-compile on
-first use: bench/device_flashinfer.sh brings it to a machine without network).
+Plans are made once per step and shared by every layer. No tree mask (packing
+and multi-token labels need ``triton`` or ``torch``) and no CUDA graphs: decode
+steps run eagerly. Needs bf16 or fp16 (FlashInfer has no fp32 attention) and
+the ``flashinfer-python`` package, whose kernels JIT-compile on first use
+(bench/device_flashinfer.sh brings it to a machine without network).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,10 +34,11 @@ WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace per wrap
 
 
 @dataclass
-class PagedLevel:
-    """One level's page lists, host int32 (what ``plan`` takes; it copies them to the device itself)."""
+class Launch:
+    """One FlashInfer launch of a step: its query rows and its (host, int32) page lists."""
 
-    qo_indptr: torch.Tensor  # [n + 1] query rows of each sequence / group
+    rows: torch.Tensor | slice  # the step's token rows it computes (a slice when contiguous)
+    qo_indptr: torch.Tensor  # [n + 1] rows of each sequence / group, from 0
     kv_indptr: torch.Tensor  # [n + 1] into kv_indices
     kv_indices: torch.Tensor  # pages, sequence by sequence
     last_page_len: torch.Tensor  # [n] 1..block_size
@@ -44,10 +47,11 @@ class PagedLevel:
 @dataclass
 class FlashInferMeta:
     slot_mapping: torch.Tensor  # [T] int64, device
-    own: PagedLevel  # every sequence's keys from its start_pos (0 for plain sequences)
-    prefix: PagedLevel | None  # each group's prefix pages; None in steps without groups
-    group_row0: int  # first token row of the groups (plain rows come first)
-    planned_scale: float | None = None
+    num_tokens: int
+    decode: Launch | None  # own keys of the one-query sequences
+    prefill: Launch | None  # own keys of the chunks of several queries
+    prefix: Launch | None  # each group's prefix pages; None in steps without groups
+    planned: dict[str, Any] = field(default_factory=dict)  # scale and heads of the current plans
 
 
 def pages(
@@ -65,6 +69,13 @@ def pages(
 
 def _host(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+
+
+def _rows(token_rows: np.ndarray, device: torch.device) -> torch.Tensor | slice:
+    """Row selector: a slice when the rows are one contiguous run (no gather, no scatter)."""
+    if token_rows.size and token_rows[-1] - token_rows[0] + 1 == token_rows.size:
+        return slice(int(token_rows[0]), int(token_rows[-1]) + 1)
+    return torch.from_numpy(token_rows.astype(np.int64)).to(device, non_blocking=True)
 
 
 class FlashInferBackend(AttentionBackend):
@@ -85,65 +96,96 @@ class FlashInferBackend(AttentionBackend):
         super().__init__(shape, storage)
         self._fi = flashinfer
 
-        def wrapper():
-            ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=shape.device)
-            return flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "HND")
+        def workspace() -> torch.Tensor:
+            return torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=shape.device)
 
-        self._own, self._prefix = wrapper(), wrapper()
+        self._wrappers = {
+            "decode": flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace(), "HND", use_tensor_cores=True
+            ),
+            "prefill": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "HND"),
+            "prefix": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "HND"),
+        }
 
     def prepare(self, layout: BatchLayout) -> FlashInferMeta:
-        bs = self.shape.block_size
-        start_block = layout.start_pos // bs  # block-aligned: members skip their group's prefix pages
-        own = pages(layout.block_tables, start_block, layout.kv_lens - layout.start_pos, bs)
+        bs, dev = self.shape.block_size, self.shape.device
         cu = layout.cu_seqlens_q
-        prefix, row0 = None, int(cu[-1])
+        own_first = layout.start_pos // bs  # block-aligned: members skip their group's prefix pages
+        own_keys = layout.kv_lens - layout.start_pos
+
+        def own(seqs: np.ndarray) -> Launch | None:
+            if not seqs.size:
+                return None
+            q_lens = layout.q_lens[seqs]
+            starts = np.repeat(cu[seqs] - np.r_[0, np.cumsum(q_lens)[:-1]], q_lens)
+            token_rows = starts + np.arange(int(q_lens.sum()))  # each sequence's rows, in order
+            kv = pages(layout.block_tables[seqs], own_first[seqs], own_keys[seqs], bs)
+            return Launch(_rows(token_rows, dev), _host(np.r_[0, np.cumsum(q_lens)]), *map(_host, kv))
+
+        one = layout.q_lens == 1
+        prefix = None
         if layout.num_groups:
-            row0 = int(cu[layout.group_seqs[0]])
-            g = layout.num_groups
-            pre = pages(layout.group_block_tables, np.zeros(g, np.int64), layout.group_prefix_lens, bs)
-            prefix = PagedLevel(_host(cu[layout.group_seqs] - row0), *map(_host, pre))
+            g, first = layout.num_groups, int(cu[layout.group_seqs[0]])
+            kv = pages(layout.group_block_tables, np.zeros(g, np.int64), layout.group_prefix_lens, bs)
+            rows = slice(first, int(cu[-1]))  # groups are the step's last rows, group by group
+            prefix = Launch(rows, _host(cu[layout.group_seqs] - first), *map(_host, kv))
         return FlashInferMeta(
-            slot_mapping=torch.from_numpy(layout.slot_mapping).to(self.shape.device, non_blocking=True),
-            own=PagedLevel(_host(cu), *map(_host, own)),
+            slot_mapping=torch.from_numpy(layout.slot_mapping).to(dev, non_blocking=True),
+            num_tokens=layout.num_tokens,
+            decode=own(np.flatnonzero(one)),
+            prefill=own(np.flatnonzero(~one)),
             prefix=prefix,
-            group_row0=row0,
         )
 
     def _plan(self, meta: FlashInferMeta, scale: float, num_heads: int) -> None:
-        """Plan both levels for this step (once: every layer runs the same plan)."""
+        """Plan this step's launches (once: every layer runs the same plans)."""
         s = self.shape
-        for wrapper, level, causal in ((self._own, meta.own, True), (self._prefix, meta.prefix, False)):
-            if level is None:
-                continue
-            wrapper.plan(
-                level.qo_indptr,
-                level.kv_indptr,
-                level.kv_indices,
-                level.last_page_len,
-                num_heads,
-                s.num_kv_heads,
-                s.head_dim,
-                s.block_size,
-                causal=causal,
-                sm_scale=scale,
-                q_data_type=s.dtype,
-                kv_data_type=s.dtype,
-            )
-        meta.planned_scale = scale
+        heads = (num_heads, s.num_kv_heads, s.head_dim, s.block_size)
+        dtypes = {"q_data_type": s.dtype, "kv_data_type": s.dtype, "sm_scale": scale}
+        if meta.decode is not None:
+            d = meta.decode
+            self._wrappers["decode"].plan(d.kv_indptr, d.kv_indices, d.last_page_len, *heads, **dtypes)
+        for name, causal in (("prefill", True), ("prefix", False)):
+            launch = getattr(meta, name)
+            if launch is not None:
+                self._wrappers[name].plan(
+                    launch.qo_indptr,
+                    launch.kv_indptr,
+                    launch.kv_indices,
+                    launch.last_page_len,
+                    *heads,
+                    causal=causal,
+                    **dtypes,
+                )
+        meta.planned = {"scale": scale, "heads": num_heads}
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: FlashInferMeta) -> None:
         store_kv(k, v, self.kv_cache[0, layer], self.kv_cache[1, layer], meta.slot_mapping)
 
     def forward(self, layer: int, q: torch.Tensor, meta: FlashInferMeta, scale: float) -> torch.Tensor:
-        if meta.planned_scale != scale:
+        if meta.planned != {"scale": scale, "heads": q.shape[1]}:
             self._plan(meta, scale, q.shape[1])
         cache = (self.kv_cache[0, layer], self.kv_cache[1, layer])
-        if meta.prefix is None:
-            return self._own.run(q, cache)
-        out, lse = self._own.run(q, cache, return_lse=True)
-        r0 = meta.group_row0
-        pre_out, pre_lse = self._prefix.run(q[r0:], cache, return_lse=True)
-        self._fi.merge_state_in_place(out[r0:], lse[r0:], pre_out, pre_lse)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if meta.prefix else None
+        for name in ("decode", "prefill"):
+            launch = getattr(meta, name)
+            if launch is None:
+                continue
+            whole = isinstance(launch.rows, slice) and launch.rows == slice(0, meta.num_tokens)
+            res = self._wrappers[name].run(q if whole else q[launch.rows], cache, return_lse=lse is not None)
+            o, l_ = res if lse is not None else (res, None)
+            if whole:
+                out, lse = o, l_
+                continue
+            out[launch.rows] = o
+            if lse is not None:
+                lse[launch.rows] = l_
+        if meta.prefix is not None:
+            r = meta.prefix.rows
+            pre_out, pre_lse = self._wrappers["prefix"].run(q[r], cache, return_lse=True)
+            merged, merged_lse = out[r], lse[r]
+            self._fi.merge_state_in_place(merged, merged_lse, pre_out, pre_lse)
         return out
 
 
