@@ -173,6 +173,30 @@ def test_flashinfer_launches() -> None:
     assert plain.prefill.rows == slice(0, 6) and plain.decode.rows == slice(6, 7) and plain.prefix is None
 
 
+def test_flashinfer_two_level_only_where_it_pays() -> None:
+    """Decode steps of small groups read whole contexts through FlashInfer's decode kernel; large groups
+    with long prefixes, and every prefill step with groups, take the two-level path."""
+    from batchllm.engine.attention.flashinfer import FlashInferBackend, fi_two_level_pays
+
+    backend = FlashInferBackend.__new__(FlashInferBackend)
+    backend.shape = KVShape(1, 4096, BS, 2, 64, torch.bfloat16, torch.device("cpu"))
+    decode_small = [c for c in _batch() if c.num_tokens == 1]
+    _set_groups(decode_small)
+    lay = build_layout(decode_small, BS)
+    assert lay.is_decode and lay.num_groups and not fi_two_level_pays(lay)
+    meta = backend.prepare(lay)
+    assert meta.prefix is None and meta.decode.kv_indices.tolist() == [4, 5, 20, 21, 7, 8, 20, 21, 9]
+    mixed = _batch()
+    _set_groups(mixed)
+    assert fi_two_level_pays(build_layout(mixed, BS))  # a member prefills: always two-level
+    prefix = list(range(1000, 1256))  # 256 blocks of 4: 1,024 tokens
+    members = [_chunk(_seq(i, 1030, [*prefix, 2000 + i, 3000 + i]), 1029, 1) for i in range(8)]
+    for c in members:
+        c.seq.group_id, c.seq.num_shared_tokens = 1, 1024
+    big = build_layout(members, BS)
+    assert fi_two_level_pays(big) and backend.prepare(big).prefix is not None
+
+
 def test_grouped_equals_plain_in_the_reference() -> None:
     """Two-level attention over a shared prefix = plain attention over the same blocks."""
     chunks = _batch()

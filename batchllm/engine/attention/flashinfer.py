@@ -12,6 +12,13 @@ split as the Triton backend, in separate launches instead of one fused. Group
 prefixes are whole blocks (``build_layout`` asserts it), so each level starts
 on a page boundary.
 
+Which decode steps take the two-level path is FlashInfer's own cost question:
+its prefix launch runs prefill tiles of few rows, so it pays only for large
+groups with long prefixes (``fi_two_level_pays``); other decode steps read
+every member's whole context through the decode kernel (member block tables
+start with the prefix blocks, so the result is the same). Prefill steps with
+groups always take it (many rows per group: the prefill tiles are full).
+
 Plans are made once per step and shared by every layer. No tree mask (packing
 and multi-token labels need ``triton`` or ``torch``) and no CUDA graphs: decode
 steps run eagerly. Needs bf16 or fp16 (FlashInfer has no fp32 attention) and
@@ -31,6 +38,23 @@ from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShap
 from batchllm.kernels.paged import store_kv
 
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace per wrapper (split-KV partials)
+# Decode steps: FlashInfer two-level (decode kernel over own pages + prefill kernel over prefixes + merge)
+# against its plain decode, one layer on an H200 (bench.attention, bench/RESULTS.md 2026-12-03 evening):
+# 16 members x 2,000-token prefix 1.45 vs 1.81 ms (pays); 4 members x 512 1.71 vs 0.91 ms (loses).
+# The line sits between the two measured points.
+FI_TWO_LEVEL_MIN_MEMBERS = 8
+FI_TWO_LEVEL_MIN_PREFIX = 1024
+
+
+def fi_two_level_pays(layout: BatchLayout) -> bool:
+    """Whether this step's groups take FlashInfer's two-level path (always for prefill steps)."""
+    if not layout.num_groups:
+        return False
+    if not layout.is_decode:
+        return True
+    members = np.diff(layout.group_seqs).mean()
+    prefix = layout.group_prefix_lens.mean()
+    return bool(members >= FI_TWO_LEVEL_MIN_MEMBERS and prefix >= FI_TWO_LEVEL_MIN_PREFIX)
 
 
 @dataclass
@@ -110,8 +134,10 @@ class FlashInferBackend(AttentionBackend):
     def prepare(self, layout: BatchLayout) -> FlashInferMeta:
         bs, dev = self.shape.block_size, self.shape.device
         cu = layout.cu_seqlens_q
-        own_first = layout.start_pos // bs  # block-aligned: members skip their group's prefix pages
-        own_keys = layout.kv_lens - layout.start_pos
+        two_level = fi_two_level_pays(layout)
+        start = layout.start_pos if two_level else np.zeros_like(layout.start_pos)
+        own_first = start // bs  # block-aligned: members skip their group's prefix pages
+        own_keys = layout.kv_lens - start
 
         def own(seqs: np.ndarray) -> Launch | None:
             if not seqs.size:
@@ -124,7 +150,7 @@ class FlashInferBackend(AttentionBackend):
 
         one = layout.q_lens == 1
         prefix = None
-        if layout.num_groups:
+        if two_level:
             g, first = layout.num_groups, int(cu[layout.group_seqs[0]])
             kv = pages(layout.group_block_tables, np.zeros(g, np.int64), layout.group_prefix_lens, bs)
             rows = slice(first, int(cu[-1]))  # groups are the step's last rows, group by group
