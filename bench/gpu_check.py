@@ -9,7 +9,13 @@ x sd members, greedy, EOS ignored):
   float32 tokens;
 - CUDA bfloat16 (sharing on/off, CUDA graphs on/off) is reported as token
   agreement with CPU float32 and its first divergences (bf16 rounding depends
-  on the batch shape, so small differences are expected, not asserted);
+  on the batch shape, so small differences are expected, not asserted), and,
+  for the sharing run, as teacher-forced agreement: every position of the CPU
+  float32 continuation is fed as a prompt (prompt + reference[:k], one greedy
+  token each: the planner shares them as prefixes) and the bf16 engine's next
+  token is compared with reference[k]. Position-wise agreement counts every
+  token after a first divergence as lost; teacher forcing counts each step's
+  own choice once, which is what a bf16 kernel changes;
 - transformers greedy `generate` on CUDA float32 vs the engine, first 4 prompts.
 
     python -m bench.gpu_check [--groups 4 --members 8 --prefix 64 --decode 16]
@@ -135,6 +141,23 @@ def run(
     return [list(r.token_ids) for r in out], secs
 
 
+def teacher_forced(
+    folder: Path, prompts: list[list[int]], reference: list[list[int]], **kwargs: object
+) -> tuple[float, list[tuple[int, int]]]:
+    """Share of positions k where the engine's greedy token after prompt + reference[:k] is reference[k],
+    and (request, position) of the first misses."""
+    from batchllm.engine import Engine, SamplingParams
+
+    engine = Engine(folder, kv_cache_tokens=CHECK_KV_TOKENS, **kwargs)
+    forced = [(i, k) for i, ref in enumerate(reference) for k in range(len(ref))]
+    inputs = [prompts[i] + reference[i][:k] for i, k in forced]
+    out = engine.generate(inputs, SamplingParams(max_tokens=1, ignore_eos=True))
+    misses = [(i, k) for (i, k), r in zip(forced, out, strict=True) if list(r.token_ids) != [reference[i][k]]]
+    del engine
+    gc.collect()
+    return 1 - len(misses) / max(len(forced), 1), misses[:8]
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, list[tuple[int, int]]]:
     """Share of equal tokens position by position, and (request, position) of the first divergences."""
     same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
@@ -204,6 +227,11 @@ def main() -> int:
                     checks[name]["first_divergences"] = firsts
                     if name == "bfloat16_sharing":
                         bf16[backend] = tokens
+                        forced, misses = teacher_forced(
+                            folder, prompts, cpu, device="cuda", dtype=dtype, attention=backend
+                        )
+                        checks[name]["teacher_forced_agreement"] = round(forced, 4)
+                        checks[name]["teacher_forced_first_misses"] = misses
                     if dtype == "float32":
                         ok = ok and checks[name]["identical_to_cpu_f32"] == n
                         if sharing and backend == "torch":

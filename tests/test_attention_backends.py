@@ -104,7 +104,12 @@ def _run_backend(
     shape = KVShape(1, 32, BS, 2, head_dim, dtype, torch.device(device))
     backend = create_backend(name, shape)
     gen = torch.Generator().manual_seed(seed)
-    backend.kv_cache.copy_(torch.randn(backend.kv_cache.shape, generator=gen))
+    cache = torch.randn(
+        (2, 1, 33, 2, BS, head_dim), generator=gen
+    )  # the base [.., block, kv_head, ..] layout
+    if name == "cpu":
+        cache = cache.permute(0, 1, 3, 2, 4, 5)  # the cpu backend's [.., kv_head, block, ..]: same values
+    backend.kv_cache.copy_(cache)
     lay = build_layout(chunks, BS)
     meta = backend.prepare(lay)
     q = torch.randn(lay.num_tokens, 4, head_dim, generator=gen).to(device, dtype)
@@ -138,6 +143,20 @@ def test_cuda_backends_match_the_reference(name: str, kind: str) -> None:
         ref = _run_backend("torch", chunks, device="cuda", head_dim=head_dim)
         got = _run_backend(name, chunks, dtype=torch.bfloat16, device="cuda", head_dim=head_dim)
         torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["plain", "grouped", "decode"])
+def test_cpu_backend_in_bfloat16(kind: str) -> None:
+    """The cpu backend over a bf16 pool (its decode rows gather blocks into one masked call) stays
+    within bf16 rounding of the float32 reference."""
+    chunks = _batch()
+    if kind != "plain":
+        _set_groups(chunks)
+    if kind == "decode":
+        chunks = [c for c in chunks if c.num_tokens == 1]
+    ref = _run_backend("torch", chunks, head_dim=64)
+    got = _run_backend("cpu", chunks, dtype=torch.bfloat16, head_dim=64)
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 def test_flashinfer_refuses_what_it_cannot_run() -> None:
@@ -244,3 +263,22 @@ def test_cost_model_sends_small_groups_to_the_plain_path() -> None:
     lay = build_layout(ordered, BS)
     assert lay.group_seqs.tolist() == [3, 7] and lay.group_prefix_lens.tolist() == [64]
     assert lay.start_pos.tolist() == [0, 0, 0, 64, 64, 64, 64]  # the pair reads its prefix as its own keys
+
+
+def test_teacher_forced_agreement_of_an_engine_with_itself(tmp_path) -> None:
+    """bench.gpu_check's teacher-forced metric: feeding float32 greedy outputs back position by position
+    (prefix-shared one-token requests) reproduces every token; a wrong reference token is counted."""
+    from batchllm.engine import Engine, SamplingParams
+    from bench.gpu_check import build_model, teacher_forced, workload
+
+    build_model(tmp_path)
+    prompts = workload(2, 2, 16, 512)
+    engine = Engine(tmp_path, device="cpu", kv_cache_tokens=2048)
+    reference = [
+        list(r.token_ids) for r in engine.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True))
+    ]
+    share, misses = teacher_forced(tmp_path, prompts, reference, device="cpu")
+    assert share == 1.0 and misses == []
+    reference[1][3] = (reference[1][3] + 1) % 512  # one wrong reference token: one miss, at (1, 3)
+    share, misses = teacher_forced(tmp_path, prompts, reference, device="cpu")
+    assert misses[0] == (1, 3) and share < 1.0

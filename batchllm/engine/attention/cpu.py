@@ -311,7 +311,7 @@ class CpuBackend(AttentionBackend):
         k = kc.index_select(1, batch.index).view(kvh, n, -1, d).transpose(0, 1)
         v = vc.index_select(1, batch.index).view(kvh, n, -1, d).transpose(0, 1)
         o, s = _flash(qd, k, v, 0.0, False, attn_mask=batch.mask, scale=scale)
-        out[batch.rows], lse[batch.rows] = o, s
+        out[batch.rows], lse[batch.rows] = o.to(out.dtype), s.to(lse.dtype)  # bf16 pools: float32 results
 
 
 BACKEND = CpuBackend
