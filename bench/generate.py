@@ -154,6 +154,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed(device: str, fn: Any, *a: Any, **kw: Any) -> tuple[Any, float]:
+    """fn(*a, **kw) and its wall time (device synchronized on both sides)."""
+    sync(device)
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def timed_repeats(repeat: int, device: str, fn: Any, *a: Any, **kw: Any) -> tuple[Any, float, list[float]]:
+    """The last of `repeat` timed calls, its wall time and every call's (the first run of a process pays
+    one-time costs per new shape: kernel variants, GEMM heuristics, allocator growth)."""
+    walls = []
+    for _ in range(max(1, repeat)):
+        out, wall = timed(device, fn, *a, **kw)
+        walls.append(wall)
+    return out, walls[-1], walls
+
+
 def warmup_case(case: Case) -> Case:
     """A short case with as many sequences: captures the decode graphs of the batch sizes the timed
     run will use (vLLM captures its graphs at start-up)."""

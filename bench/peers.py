@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from bench.floor import Case, make_prompts, shuffled_order
-from bench.generate import git_commit, supported, sync, warmup_case
+from bench.generate import git_commit, supported, timed, timed_repeats, warmup_case
 from bench.score import label_set, parse_case
 from bench.vllm_peer import VLLM_ENV, WARMUP, engine_meta, run_once
 
@@ -151,25 +151,6 @@ def demo_workload(rows: int, data_dir: Path, seed: int) -> Workload:
 
 
 # ---- runs ------------------------------------------------------------------------------------
-
-
-def timed(device: str, fn: Any, *a: Any, **kw: Any) -> tuple[Any, float]:
-    """fn(*a, **kw) and its wall time (device synchronized on both sides)."""
-    sync(device)
-    t = time.perf_counter()
-    out = fn(*a, **kw)
-    sync(device)
-    return out, time.perf_counter() - t
-
-
-def timed_repeats(repeat: int, device: str, fn: Any, *a: Any, **kw: Any) -> tuple[Any, float, list[float]]:
-    """The last of `repeat` timed calls, its wall time and every call's (the first run of a process pays
-    one-time costs per new shape: kernel variants, GEMM heuristics, allocator growth)."""
-    walls = []
-    for _ in range(max(1, repeat)):
-        out, wall = timed(device, fn, *a, **kw)
-        walls.append(round(wall, 3))
-    return out, walls[-1], walls
 
 
 def record(w: Workload, name: str, wall: float, **extra: Any) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from bench.floor import (
     shuffled_order,
     workload_flops,
 )
-from bench.generate import DTYPE_BYTES, git_commit, run_peer, supported, sync, write_tiny_model
+from bench.generate import DTYPE_BYTES, git_commit, run_peer, supported, timed_repeats, write_tiny_model
 
 MODES = ("packed", "members", "plain")
 
@@ -127,14 +127,9 @@ def native_run(engine: Any, case: Case, mode: str, args: argparse.Namespace, voc
     shuffled = list(prompts[shuffled_order(case.requests, seed)])
     w = Case(min(case.prefix, 256), min(case.suffix, 64), 1, min(case.members, 4), 2)
     engine.classify(list(make_prompts(w, vocab, seed + 10_000)), labels, **options)  # warm-up
-    walls = []
-    for _ in range(max(1, args.repeat)):  # later repeats: a warm process (first runs pay per-shape costs)
-        sync(args.device)
-        t = time.perf_counter()
-        results = engine.classify(shuffled, labels, **options)
-        sync(args.device)
-        walls.append(time.perf_counter() - t)
-    wall = walls[-1]
+    results, wall, walls = timed_repeats(
+        args.repeat, args.device, engine.classify, shuffled, labels, **options
+    )
     s = engine.stats.as_dict()
     return {
         "wall_s": wall,

@@ -210,8 +210,7 @@ class FlashInferBackend(AttentionBackend):
         if meta.prefix is not None:
             r = meta.prefix.rows
             pre_out, pre_lse = self._wrappers["prefix"].run(q[r], cache, return_lse=True)
-            merged, merged_lse = out[r], lse[r]
-            self._fi.merge_state_in_place(merged, merged_lse, pre_out, pre_lse)
+            self._fi.merge_state_in_place(out[r], lse[r], pre_out, pre_lse)  # views: merged into out
         return out
 
 
