@@ -61,11 +61,14 @@ def build_layout(chunks: Seq[ScheduledChunk], block_size: int, trees: bool = Fal
         assert np.all(skip[a:b] == skip[a]), "a group's members share one prefix length"
         tables[a:b, : skip[a]] = chunks[a].seq.block_table[: skip[a]]
     total = int(q_lens.sum())
-    ids = np.fromiter(
-        chain.from_iterable(c.seq.token_ids[c.start : c.start + c.num_tokens] for c in chunks),
-        np.int64,
-        total,
-    )
+    if total == num:  # decode: one token per chunk, no slices
+        ids = np.fromiter((c.seq.token_ids[c.start] for c in chunks), np.int64, total)
+    else:
+        ids = np.fromiter(
+            chain.from_iterable(c.seq.token_ids[c.start : c.start + c.num_tokens] for c in chunks),
+            np.int64,
+            total,
+        )
     rows = np.repeat(np.arange(num), q_lens)
     cu = np.concatenate([[0], np.cumsum(q_lens)])
     positions = (np.arange(total) - cu[rows] + starts[rows]).astype(np.int64)
