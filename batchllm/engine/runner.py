@@ -16,7 +16,7 @@ from itertools import chain, pairwise
 import numpy as np
 import torch
 
-from batchllm.engine.attention import BatchLayout, KVShape, create_backend
+from batchllm.engine.attention import BatchLayout, KVShape, create_backend, to_device
 from batchllm.engine.graphs import DecodeGraphs
 from batchllm.engine.model import CausalLM
 from batchllm.engine.sequence import ScheduledChunk
@@ -152,12 +152,11 @@ class ModelRunner:
             raise ValueError(f"attention: backend {self.attention.name!r} has no tree (multi-item) mask")
         meta = self.attention.prepare(layout)
         dev = self.device
-        input_ids = torch.from_numpy(layout.input_ids).to(dev, non_blocking=True)
-        positions = torch.from_numpy(layout.positions).to(dev, non_blocking=True)
-        hidden = self.model(input_ids, positions, meta)
+        # pinned, non-blocking copies: a step that samples nothing (scoring, group prefixes) never waits
+        # for the GPU, so the host prepares the next step while this one runs
+        hidden = self.model(to_device(layout.input_ids, dev), to_device(layout.positions, dev), meta)
         if rows is not None:
-            return hidden[torch.from_numpy(rows.astype(np.int64)).to(dev, non_blocking=True)]
+            return hidden[to_device(rows.astype(np.int64), dev)]
         if layout.is_decode:
             return hidden
-        last = torch.from_numpy(layout.cu_seqlens_q[1:].astype(np.int64) - 1).to(dev, non_blocking=True)
-        return hidden[last]
+        return hidden[to_device(layout.cu_seqlens_q[1:].astype(np.int64) - 1, dev)]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchllm.engine.attention import to_device
 from batchllm.engine.labels import LabelSet
 
 _ROWS_PER_SLICE = 512  # node rows normalized over the vocabulary at once (bounds the logits' memory)
@@ -40,21 +41,21 @@ class LabelScorer:
         dev = self.acc.device
         at_last = readers == 0
         if at_last.any():
-            rows = torch.from_numpy(np.flatnonzero(at_last)).to(dev)
+            rows = to_device(np.flatnonzero(at_last), dev)
             weight = model.lm_head_weight[self.first].float()  # [labels, hidden]
             logits = hidden[rows].float() @ weight.T
-            self.acc.index_add_(0, torch.from_numpy(items[at_last]).to(dev), logits)
+            self.acc.index_add_(0, to_device(items[at_last], dev), logits)
         at_node = np.flatnonzero(~at_last)
         for lo in range(0, at_node.size, _ROWS_PER_SLICE):
             part = at_node[lo : lo + _ROWS_PER_SLICE]
-            rows = torch.from_numpy(part).to(dev)
+            rows = to_device(part, dev)
             logp = torch.log_softmax(model.compute_logits(hidden[rows]).float(), dim=-1)
-            node = torch.from_numpy(readers[part] - 1).to(dev)
+            node = to_device(readers[part] - 1, dev)
             mine = node[:, None] == self.term_node[None, :]  # [rows, node terms]: the terms this node reads
             vals = torch.where(mine, logp[:, self.term_token], torch.zeros((), device=dev))
             contrib = torch.zeros(part.size, self.labels.num_labels, device=dev)
             contrib.index_add_(1, self.term_label, vals)
-            self.acc.index_add_(0, torch.from_numpy(items[part]).to(dev), contrib)
+            self.acc.index_add_(0, to_device(items[part], dev), contrib)
 
     def probs(self) -> np.ndarray:
         """[items, labels] softmax over the labels' summed log-probabilities."""

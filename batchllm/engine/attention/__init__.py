@@ -17,7 +17,7 @@ from importlib import import_module
 
 import torch
 
-from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape
+from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, to_device
 
 _MODULES = {
     "torch": "batchllm.engine.attention.torch_ref",
@@ -48,4 +48,12 @@ def create_backend(name: str, shape: KVShape, storage: torch.Tensor | None = Non
     return module.BACKEND(shape, storage)
 
 
-__all__ = ["BACKENDS", "AttentionBackend", "BatchLayout", "KVShape", "create_backend", "resolve_name"]
+__all__ = [
+    "BACKENDS",
+    "AttentionBackend",
+    "BatchLayout",
+    "KVShape",
+    "create_backend",
+    "resolve_name",
+    "to_device",
+]

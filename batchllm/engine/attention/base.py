@@ -140,7 +140,8 @@ class AttentionBackend(ABC):
 
 
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on the device; pinned and non-blocking on CUDA (the step syncs on sampled ids anyway)."""
+    """A host array on the device; pinned and non-blocking on CUDA, so the host never waits for the GPU
+    here (only sampled ids and final results sync)."""
     t = torch.from_numpy(np.ascontiguousarray(a))
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
