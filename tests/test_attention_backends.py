@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from batchllm.engine.attention import KVShape, create_backend, resolve_name
-from batchllm.engine.graphs import graph_sizes, pad_decode
+from batchllm.engine.graphs import graph_sizes, group_capacity, pad_decode
 from batchllm.engine.runner import build_layout
 from batchllm.engine.sequence import ScheduledChunk, Sequence
 
@@ -80,6 +80,40 @@ def test_decode_padding_uses_the_scratch_block() -> None:
     assert padded.num_seqs == 8 and padded.slot_mapping[3:].tolist() == [200] * 5
     assert padded.block_tables[3:, 0].tolist() == [50] * 5 and padded.kv_lens[3:].tolist() == [1] * 5
     assert graph_sizes(600)[-3:] == [448, 512, 576] and graph_sizes(1) == [1]
+
+
+def test_graph_group_slots_follow_the_groups() -> None:
+    assert [group_capacity(g, 1600) for g in (0, 1, 2, 3, 100, 128, 129)] == [1, 1, 2, 4, 128, 128, 256]
+    assert group_capacity(50, 32) == 32
+
+
+@pytest.mark.parametrize("slots", [2, 4])
+def test_triton_graph_metadata_equals_the_step_metadata(slots: int) -> None:
+    """A decode step run through the static metadata of a padded graph (8 rows, ``slots`` group slots,
+    the empty ones included) attends exactly as through its own metadata (Triton, interpreted on CPU)."""
+    pytest.importorskip("triton")
+    prefix_a, prefix_b = [20, 21], [22, 23]
+    chunks = [
+        _chunk(_seq(0, 5, [1, 2]), 4, 1),  # a plain decode row
+        *(_chunk(_seq(1 + i, 11 + i, [*prefix_a, 3 + i]), 10 + i, 1) for i in range(2)),
+        *(_chunk(_seq(3 + i, 9 + 2 * i, [*prefix_b, 10 + 2 * i, 11 + 2 * i]), 8 + 2 * i, 1) for i in range(3)),
+    ]
+    for c in chunks[1:3]:
+        c.seq.group_id, c.seq.num_shared_tokens = 1, 8
+    for c in chunks[3:]:
+        c.seq.group_id, c.seq.num_shared_tokens = 2, 8
+    lay = build_layout(chunks, BS)
+    assert lay.is_decode and lay.num_groups == 2
+    shape = KVShape(1, 32, BS, 2, 16, torch.float32, torch.device("cpu"))
+    backend = create_backend("triton", shape)
+    gen = torch.Generator().manual_seed(0)
+    backend.kv_cache.copy_(torch.randn(backend.kv_cache.shape, generator=gen))
+    q = torch.randn(8, 4, 16, generator=gen)
+    want = backend.forward(0, q[: lay.num_seqs], backend.prepare(lay), 0.25)
+    meta = backend.graph_meta(8, max_groups=slots, max_blocks=8)
+    backend.fill_graph_meta(meta, pad_decode(lay, 8, backend.scratch_block, BS))
+    got = backend.forward(0, q, meta, 0.25)[: lay.num_seqs]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_registry() -> None:

@@ -1,10 +1,15 @@
-"""CUDA graphs of decode steps: capture the forward once per padded batch size, replay it per step.
+"""CUDA graphs of decode steps: capture the forward once per padded batch size and group capacity,
+replay it per step.
 
-A decode step's shapes depend only on its number of sequences, so the forward
-of a padded size is captured once (lazily, the first time a step needs it) with
-static input buffers and the attention backend's static metadata, then
-replayed after copying the step's layout into those buffers. Padded rows write
-and read one token of the backend's scratch block; their outputs are dropped.
+A decode step's shapes depend only on its number of sequences and of groups, so
+the forward of a padded size with room for a power-of-two number of groups is
+captured once (lazily, the first time a step needs it) with static input
+buffers and the attention backend's static metadata, then replayed after
+copying the step's layout into those buffers. Padded rows write and read one
+token of the backend's scratch block; their outputs are dropped. Group slots
+beyond the step's groups are empty, but each launches prefix programs that
+find no work: sizing the slots by the step's groups, not by its rows, keeps
+those few (1,600 rows in 100 groups: 128 slots, not 1,600).
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ def graph_sizes(max_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8, 16, 32]
     sizes += list(range(64, max_seqs + 1, 64))
     return [s for s in sizes if s <= max_seqs] or [max_seqs]
+
+
+def group_capacity(num_groups: int, size: int) -> int:
+    """Group slots of the graph that runs a step of ``num_groups`` groups padded to ``size`` rows: the
+    next power of two (few graphs per size), at most one group per row."""
+    return min(size, 1 << max(0, num_groups - 1).bit_length())
 
 
 @dataclass
@@ -66,7 +77,7 @@ class DecodeGraphs:
     def __init__(self, model: CausalLM, backend: AttentionBackend, max_seqs: int = 2048) -> None:
         self.model, self.backend = model, backend
         self.sizes = graph_sizes(max_seqs)
-        self.graphs: dict[int, _Graph] = {}
+        self.graphs: dict[tuple[int, int], _Graph] = {}  # (padded rows, group slots) -> graph
         self.pool = torch.cuda.graph_pool_handle()
 
     def fits(self, layout: BatchLayout) -> bool:
@@ -75,7 +86,8 @@ class DecodeGraphs:
     def run(self, layout: BatchLayout) -> torch.Tensor:
         """Hidden states [B, hidden] of a decode step, by replaying the graph of its padded size."""
         size = next(s for s in self.sizes if s >= layout.num_seqs)
-        g = self.graphs.get(size) or self._capture(size)
+        key = (size, group_capacity(layout.num_groups, size))
+        g = self.graphs.get(key) or self._capture(*key)
         padded = pad_decode(layout, size, self.backend.scratch_block, self.backend.shape.block_size)
         g.input_ids.copy_(torch.from_numpy(padded.input_ids), non_blocking=True)
         g.positions.copy_(torch.from_numpy(padded.positions), non_blocking=True)
@@ -83,12 +95,12 @@ class DecodeGraphs:
         g.graph.replay()
         return g.hidden[: layout.num_seqs]
 
-    def _capture(self, size: int) -> _Graph:
+    def _capture(self, size: int, groups: int) -> _Graph:
         dev = self.model.embed_tokens.weight.device
         input_ids = torch.zeros(size, dtype=torch.int64, device=dev)
         positions = torch.zeros(size, dtype=torch.int64, device=dev)
         bs = self.backend.shape.block_size
-        meta = self.backend.graph_meta(size, max_groups=size, max_blocks=-(-self.model.rope.shape[0] // bs))
+        meta = self.backend.graph_meta(size, max_groups=groups, max_blocks=-(-self.model.rope.shape[0] // bs))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -98,5 +110,5 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = self.model(input_ids, positions, meta)
-        self.graphs[size] = _Graph(graph, input_ids, positions, meta, hidden)
-        return self.graphs[size]
+        self.graphs[size, groups] = _Graph(graph, input_ids, positions, meta, hidden)
+        return self.graphs[size, groups]
