@@ -96,7 +96,10 @@ def test_triton_graph_metadata_equals_the_step_metadata(slots: int) -> None:
     chunks = [
         _chunk(_seq(0, 5, [1, 2]), 4, 1),  # a plain decode row
         *(_chunk(_seq(1 + i, 11 + i, [*prefix_a, 3 + i]), 10 + i, 1) for i in range(2)),
-        *(_chunk(_seq(3 + i, 9 + 2 * i, [*prefix_b, 10 + 2 * i, 11 + 2 * i]), 8 + 2 * i, 1) for i in range(3)),
+        *(
+            _chunk(_seq(3 + i, 9 + 2 * i, [*prefix_b, 10 + 2 * i, 11 + 2 * i]), 8 + 2 * i, 1)
+            for i in range(3)
+        ),
     ]
     for c in chunks[1:3]:
         c.seq.group_id, c.seq.num_shared_tokens = 1, 8
