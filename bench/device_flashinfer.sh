@@ -7,7 +7,9 @@
 #
 # `run` unpacks once into $SITE (it stays while the machine is warm; kept apart from the vLLM carry's site),
 # sets PYTHONPATH, CUDA_HOME and the target architecture, and runs the command. The first use of
-# each kernel on a fresh machine compiles for 1-2 minutes.
+# each kernel on a fresh machine compiles for 1-2 minutes. `save DIR` (on the device, after a run)
+# packs the compiled kernels into DIR/ficache.tar.xz (~4 MiB); copied back here into out/fi, it is
+# unpacked into FlashInfer's cache by later `run`s, which then load those kernels instead of compiling.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=0.7.2.post1
@@ -35,13 +37,19 @@ run)
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" out/fi/*.whl
     touch "$SITE/.flashinfer_ok"
   fi
+  if [ -f out/fi/ficache.tar.xz ] && [ ! -d "$HOME/.cache/flashinfer" ]; then
+    mkdir -p "$HOME/.cache" && tar -xJf out/fi/ficache.tar.xz -C "$HOME/.cache"
+  fi
   CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
   export PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH} CUDA_HOME FLASHINFER_CUDA_ARCH_LIST=9.0 \
     MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
   "$@"
   ;;
+save)
+  tar -cJf "${2:?usage: $0 save DIR}/ficache.tar.xz" -C "$HOME/.cache" flashinfer
+  ;;
 *)
-  echo "usage: $0 pack | run COMMAND..." >&2
+  echo "usage: $0 pack | run COMMAND... | save DIR" >&2
   exit 2
   ;;
 esac
