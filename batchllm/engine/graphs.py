@@ -84,7 +84,8 @@ class DecodeGraphs:
         return layout.num_seqs <= self.sizes[-1]
 
     def run(self, layout: BatchLayout) -> torch.Tensor:
-        """Hidden states [B, hidden] of a decode step, by replaying the graph of its padded size."""
+        """Hidden states [B, hidden] of a decode step, by replaying the graph of its padded size and
+        group slots (captured on first use)."""
         size = next(s for s in self.sizes if s >= layout.num_seqs)
         key = (size, group_capacity(layout.num_groups, size))
         g = self.graphs.get(key) or self._capture(*key)

@@ -46,7 +46,8 @@ def build_layout(chunks: Seq[ScheduledChunk], block_size: int, trees: bool = Fal
     assert len(set(gid[firsts].tolist())) == len(firsts), "a group's chunks must be contiguous"
     group_seqs = np.r_[firsts, num].astype(np.int32) if firsts.size else np.zeros(1, np.int32)
     # block tables: each member's own blocks one by one, its group's prefix blocks (the same physical
-    # blocks for every member) once per group; a 1600-sequence decode step copies 13x fewer ints
+    # blocks for every member) once per group: a decode step of 1,600 members of 100 groups (125 prefix
+    # blocks, 19 own) iterates 30k ints in Python instead of 230k
     skip = shared // bs
     tables = np.full((num, int(num_blocks.max())), -1, dtype=np.int32)
     cols = np.arange(tables.shape[1])[None, :]
