@@ -13,8 +13,13 @@ FLOPs count the visible (query, key) pairs only (4 x heads x head_dim each).
 Each configuration is checked against a dense float32 reference on a sample
 of rows before it is timed. ``--sweep`` also times tile configurations
 (``kernels.paged.CONFIG_OVERRIDE``) and prints the best per case as JSON.
+``--libraries`` times library kernels on the same shapes as the bar ours must
+clear: vLLM's FlashAttention-3 (paged, on a [block, offset, kv_head, dim]
+copy of the cache; where vLLM is importable) for every case but ``members``,
+and torch's scaled_dot_product_attention (cuDNN and flash backends, dense
+contiguous K/V, one call per sequence) for ``causal``.
 
-    python -m bench.prefill_attention [--sweep] [--json out.json]
+    python -m bench.prefill_attention [--sweep] [--libraries] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ DEV = (
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
 CASES = {"causal": (2, 8192, 0, 0, 0), "chunked": (1, 8192, 8192, 0, 0), "members": (100, 160, 0, 2, 4000)}
 SWEEP = {  # (block_m, block_n, num_warps, num_stages) of the tiles that dominate each case
-    "causal": [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2)],
+    "causal": [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2),
+               (256, 64, 8, 2), (256, 64, 8, 4), (256, 32, 8, 3), (256, 64, 16, 3), (256, 128, 16, 3)],
     "chunked": [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4)],
     "members": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)],
 }  # fmt: skip
@@ -143,6 +149,65 @@ def measure(c: dict, peak: float, config: dict[str, int], iters: int) -> dict:
     }
 
 
+def library_calls(c: dict) -> dict:
+    """Library kernels on case c (not members): name -> a call returning the output [T, H, D]."""
+    from bench.attention import _fa3
+
+    calls = {}
+    fa, _ = _fa3()
+    if fa is not None:
+        kf = c["k"].permute(0, 2, 1, 3).contiguous()
+        vf = c["v"].permute(0, 2, 1, 3).contiguous()
+        calls["fa3_paged"] = lambda: fa(
+            c["q"], kf, vf, max_seqlen_q=c["new"], cu_seqlens_q=c["cu_q"], max_seqlen_k=c["max_kv"],
+            seqused_k=c["kv_lens"], block_table=c["tables"], softmax_scale=c["scale"], causal=True, fa_version=3,
+        )  # fmt: skip
+    if c["case"] == "causal":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+        seqs = len(c["cu_q"]) - 1
+        dense = [dense_kv(c, s, HEADS) for s in range(seqs)]  # [L, H, D] each, float32
+        ks = [k.to(DTYPE).transpose(0, 1)[None] for k, _ in dense]
+        vs = [v.to(DTYPE).transpose(0, 1)[None] for _, v in dense]
+        qs = [c["q"][s * c["new"] : (s + 1) * c["new"]].transpose(0, 1)[None] for s in range(seqs)]
+        out = torch.empty_like(c["q"])
+
+        def run(backend):
+            def call_():
+                with sdpa_kernel(backend):
+                    for s in range(seqs):
+                        o = sdpa(qs[s], ks[s], vs[s], is_causal=True, scale=c["scale"])
+                        out[s * c["new"] : (s + 1) * c["new"]] = o[0].transpose(0, 1)
+                return out
+
+            return call_
+
+        calls["sdpa_cudnn"] = run(SDPBackend.CUDNN_ATTENTION)
+        calls["sdpa_flash"] = run(SDPBackend.FLASH_ATTENTION)
+    return calls
+
+
+def measure_library(c: dict, peak: float, name: str, fn, iters: int) -> dict:
+    try:
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        torch.cuda.synchronize()
+        err = max_error(c, out)
+        ms, how = time_ms(fn, iters)
+    except Exception as e:  # not available for this shape or GPU
+        return {"library": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    tflops = 4 * HEADS * DIM * c["pairs"] / (ms * 1e-3) / 1e12
+    return {
+        "library": name,
+        "ms": ms,
+        "tflops": tflops,
+        "of_peak": tflops * 1e12 / peak,
+        "err": err,
+        "timing": how,
+    }
+
+
 def knobs(case: str, m: int, n: int, warps: int, stages: int) -> dict[str, int]:
     level = "pre" if case == "members" else "own"
     return {f"block_m_{level}": m, f"block_n_{level}": n, "num_warps": warps, "num_stages": stages}
@@ -152,6 +217,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--libraries", action="store_true")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -166,8 +232,11 @@ def main() -> None:
             runs += [measure(c, peak, knobs(case, *cfg), args.iters) for cfg in SWEEP[case]]
         ok = [r for r in runs if "ms" in r and r["err"] < 0.05]
         best = min(ok, key=lambda r: r["ms"]) if ok else None
-        report["cases"][case] = {"pairs": c["pairs"], "runs": runs, "best": best}
-        for r in runs:
+        libraries = []
+        if args.libraries and case != "members":
+            libraries = [measure_library(c, peak, n, fn, args.iters) for n, fn in library_calls(c).items()]
+        report["cases"][case] = {"pairs": c["pairs"], "runs": runs, "best": best, "libraries": libraries}
+        for r in runs + libraries:
             print(case, json.dumps(r), flush=True)
         del c
         torch.cuda.empty_cache()
