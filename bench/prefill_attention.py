@@ -39,11 +39,24 @@ DEV = (
 )  # cpu: build/call/max_error under the interpreter; main needs CUDA
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
 CASES = {"causal": (2, 8192, 0, 0, 0), "chunked": (1, 8192, 8192, 0, 0), "members": (100, 160, 0, 2, 4000)}
-SWEEP = {  # (block_m, block_n, num_warps, num_stages) of the tiles that dominate each case
-    "causal": [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2),
-               (256, 64, 8, 2), (256, 64, 8, 4), (256, 32, 8, 3), (256, 64, 16, 3), (256, 128, 16, 3)],
-    "chunked": [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4)],
-    "members": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)],
+
+
+# Tile configurations per case (CONFIG_OVERRIDE keys); m, n, w, s: rows, key columns, warps, stages of
+# the tiles that dominate the case (own tiles for causal and chunked, prefix tiles for members)
+def _own(m: int, n: int, w: int, s: int) -> dict[str, int]:
+    return {"block_m_own": m, "block_n_own": n, "num_warps": w, "num_stages": s}
+
+
+def _pre(m: int, n: int, w: int, s: int) -> dict[str, int]:
+    return {"block_m_pre": m, "block_n_pre": n, "num_warps": w, "num_stages": s}
+
+
+SWEEP: dict[str, list[dict[str, int]]] = {
+    "causal": [_own(128, 64, 8, 3), _own(256, 64, 16, 2), _own(256, 64, 16, 4), _own(256, 32, 16, 3),
+               _own(256, 64, 8, 3), _own(128, 64, 4, 3)],
+    "chunked": [_own(128, 64, 8, 3), _own(256, 64, 16, 3), _own(256, 64, 16, 2)],
+    "members": [_pre(256, 64, 8, 3), _pre(256, 64, 16, 3), _pre(256, 64, 16, 2), {"wide_fused": 1},
+                {**_pre(256, 64, 16, 3), "block_m_own": 128}, _pre(128, 64, 8, 3)],
 }  # fmt: skip
 
 
@@ -208,11 +221,6 @@ def measure_library(c: dict, peak: float, name: str, fn, iters: int) -> dict:
     }
 
 
-def knobs(case: str, m: int, n: int, warps: int, stages: int) -> dict[str, int]:
-    level = "pre" if case == "members" else "own"
-    return {f"block_m_{level}": m, f"block_n_{level}": n, "num_warps": warps, "num_stages": stages}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES))
@@ -229,7 +237,7 @@ def main() -> None:
         c = build(case)
         runs = [measure(c, peak, {}, args.iters)]
         if args.sweep:
-            runs += [measure(c, peak, knobs(case, *cfg), args.iters) for cfg in SWEEP[case]]
+            runs += [measure(c, peak, cfg, args.iters) for cfg in SWEEP[case]]
         ok = [r for r in runs if "ms" in r and r["err"] < 0.05]
         best = min(ok, key=lambda r: r["ms"]) if ok else None
         libraries = []

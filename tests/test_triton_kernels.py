@@ -331,6 +331,33 @@ def test_prefix_attention_groups_of_few_rows(g: int, kv_heads: int) -> None:
     check_two_level(b, tol=_device_tol(torch.float32))
 
 
+def test_wide_prefill_tiles_follow_the_mean_chunk() -> None:
+    """256-row own tiles (16 warps) only when the step's sequences average 512+ rows and no prefix
+    tiles share the launch: a mixed step's decode rows would each take a whole tile."""
+    from batchllm.kernels.paged.heuristics import _num_warps, _rows_own
+
+    assert _rows_own(4, 128, 2048, 2048.0) == 64 and _num_warps(256, 256) == 16
+    assert _rows_own(4, 128, 2048, 38.0) == 32 and _num_warps(128, 128) == 8  # 16k tokens, 430 rows
+    assert _rows_own(4, 128, 2048, 2048.0, fused=True) == 32
+    assert _rows_own(4, 128, 1, 1.0) == 1 and _num_warps(16, 4) == 4
+    assert _rows_own(4, 256, 2048, 2048.0) == 16  # head_dim 256: 64-row tiles
+    pa.CONFIG_OVERRIDE["wide_fused"] = 1
+    try:
+        assert _rows_own(4, 128, 2048, 2048.0, fused=True) == 64
+    finally:
+        pa.CONFIG_OVERRIDE.pop("wide_fused")
+
+
+def test_paged_attention_wide_prefill_tiles() -> None:
+    """Long prefill chunks take 256-row own tiles (64 tokens x 4 heads): same result as the reference."""
+    from batchllm.kernels.paged.heuristics import _rows_own
+
+    specs = [(300, 260, -1), (180, 180, -1), (40, 1, -1)]
+    assert _rows_own(4, 32, 260, 441 / 3) == 64
+    b = build(specs, [], g=4, dim=32, block=16, seed=17, pad_tokens=1)
+    check_paged(b, own_only=True, tol=_device_tol(torch.float32))
+
+
 def test_paged_attention_understated_max_q_len() -> None:
     """max_q_len=1 on a batch with prefill chunks: one program per sequence loops over its tiles."""
     specs, prefixes = CASES["groups-mixed"]
@@ -490,6 +517,15 @@ def test_gpu_members_prefill() -> None:
     specs = [(1024 + 150 + m, 150, grp) for grp in range(3) for m in range(6)] + [(400, 200, -1)]
     b = build(specs, [1024] * 3, kv_heads=8, g=4, dim=128, block=16, dtype=torch.bfloat16, seed=12)
     check_two_level(b, tol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_long_causal_prefill() -> None:
+    """Group prefixes and long prompts: 256-row own tiles with 16 warps, one of them after cached keys."""
+    specs = [(1200, 1200, -1), (900, 700, -1), (520, 512, -1)]
+    b = build(specs, [], kv_heads=8, g=4, dim=128, block=16, dtype=torch.bfloat16, seed=18)
+    check_paged(b, own_only=True, tol=2e-2)
 
 
 @pytest.mark.gpu

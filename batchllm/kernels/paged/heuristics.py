@@ -1,7 +1,8 @@
 """Launch heuristics: tile sizes, warps, pipeline stages and key splits, and CONFIG_OVERRIDE.
 
 No autotuning (it is slow and breaks graph capture): BLOCK_N 64 (128 columns
-for decode tiles), 4 warps, 2 pipeline stages for memory-bound launches and 3
+for decode tiles), 4 warps (8 for 128-row tiles, 16 for 256-row prefill
+tiles), 2 pipeline stages for memory-bound launches and 3
 for prefill, key splits only when the tiles would not fill the GPU twice
 over. CONFIG_OVERRIDE changes them for benchmarks.
 """
@@ -15,7 +16,7 @@ import torch
 import triton
 
 # Tuning knobs for benchmarks (empty = the built-in heuristic). Keys: block_n,
-# num_warps, num_stages, maxnreg, block_m_pre, block_m_own (rows of a tile:
+# num_warps, wide_warps, wide_own_rows, wide_fused, num_stages, maxnreg, block_m_pre, block_m_own (rows of a tile:
 # tokens x padded g), target_programs, prefix_splits, own_splits, mix (own
 # programs after each prefix program in a fused launch), prefix_direct,
 # block_n_pre, block_n_own, prefix_split_loop, own_split_loop, heads_per_tile. An engine benchmark
@@ -69,15 +70,35 @@ def _rows_pre(g_pad: int, head_dim: int, max_group_rows: int | None, wide: bool 
     return max(1, rows // g_pad)
 
 
-def _rows_own(g_pad: int, head_dim: int, max_q_len: int) -> int:
-    """Query tokens per own-level tile: one for decode-only batches, else 64 or 128 rows."""
+def _rows_own(g_pad: int, head_dim: int, max_q_len: int, mean_q_len: float = 0.0, fused: bool = False) -> int:
+    """Query tokens per own-level tile: one for decode-only batches, else 64, 128 or 256 rows.
+
+    256 rows (with 16 warps, see _num_warps) when the sequences average 512+ rows (128 tokens for
+    GQA 4) and the launch has no prefix tiles: 410 against 322 TFLOP/s for 128 rows and 8 warps
+    (H200, 2 x 8,192 causal tokens, bench.prefill_attention, bench/RESULTS.md 2026-12-04). A short
+    sequence (a decode row in a mixed step) still takes a whole tile, so the mean decides.
+    CONFIG_OVERRIDE: wide_own_rows (the mean rows from which tiles are 256; huge = never),
+    wide_fused (1: also in launches with prefix tiles)."""
     if "block_m_own" in CONFIG_OVERRIDE:
         return max(1, CONFIG_OVERRIDE["block_m_own"] // g_pad)
     if max_q_len <= 1:
         return 1
     rows = 128 if max_q_len * g_pad >= 256 and head_dim <= 128 else 64
+    wide_ok = not fused or CONFIG_OVERRIDE.get("wide_fused", 0)
+    if wide_ok and head_dim <= 128 and mean_q_len * g_pad >= CONFIG_OVERRIDE.get("wide_own_rows", 512):
+        rows = 256
     rows = min(rows, max(16, triton.next_power_of_2(max_q_len) * g_pad))
     return max(1, rows // g_pad)
+
+
+def _num_warps(rows_max: int, own_rows: int) -> int:
+    """16 warps for 256-row own tiles (a warpgroup per 64 rows, as 128-row tiles with 8 warps have, and
+    K/V loaded once for all four), 8 for 128+ rows, else 4. CONFIG_OVERRIDE: num_warps, wide_warps."""
+    if "num_warps" in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE["num_warps"]
+    if own_rows >= 256:
+        return CONFIG_OVERRIDE.get("wide_warps", 16)
+    return 8 if rows_max >= 128 else 4
 
 
 def _splits(tiles: int, max_keys: int, device: torch.device, min_chunk: int) -> int:

@@ -7,7 +7,7 @@ import torch
 import triton
 
 from .fused import _attention_kernel, _reduce_kernel
-from .heuristics import CONFIG_OVERRIDE, _block_n, _num_stages, _rows_own, _rows_pre, _splits
+from .heuristics import CONFIG_OVERRIDE, _block_n, _num_stages, _num_warps, _rows_own, _rows_pre, _splits
 
 _LOG2E = 1.4426950408889634
 
@@ -83,7 +83,8 @@ def _launch(
     g_pad = triton.next_power_of_2(g)
     block_n = _block_n(head_dim)
     block_d = triton.next_power_of_2(head_dim)
-    bq_own = _rows_own(g_pad, head_dim, max_q_len)
+    n_own_seqs = seqs[0].shape[0] - 1 if has_own else 0
+    bq_own = _rows_own(g_pad, head_dim, max_q_len, num_tokens / max(n_own_seqs, 1), fused=has_pre)
     bq_pre = _rows_pre(g_pad, head_dim, max_group_rows, wide=has_own and bq_own * g_pad >= 128)
     any_index = (seqs or groups)[0]  # stands in for the pointers of the absent level (never read)
     if has_pre:
@@ -147,7 +148,7 @@ def _launch(
     mix = min(CONFIG_OVERRIDE.get("mix", 0), n_own_programs // max(n_pre_programs, 1))
     n_programs = n_pre_programs + n_own_programs
     rows_max = max(bq_pre * g_pad if has_pre else 0, bq_own * g_pad if has_own else 0)
-    num_warps = CONFIG_OVERRIDE.get("num_warps", 8 if rows_max >= 128 else 4)
+    num_warps = _num_warps(rows_max, bq_own * g_pad if has_own else 0)
     _attention_kernel[(n_programs,)](
         q,
         k_cache,
