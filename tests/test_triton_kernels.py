@@ -332,20 +332,19 @@ def test_prefix_attention_groups_of_few_rows(g: int, kv_heads: int) -> None:
 
 
 def test_wide_prefill_tiles_follow_the_mean_chunk() -> None:
-    """256-row own tiles (16 warps) only when the step's sequences average 512+ rows and no prefix
-    tiles share the launch: a mixed step's decode rows would each take a whole tile."""
+    """256-row own tiles (16 warps) only when the step's sequences average 512+ rows: a mixed step's
+    decode rows would each take a whole tile."""
     from batchllm.kernels.paged.heuristics import _num_warps, _rows_own
 
     assert _rows_own(4, 128, 2048, 2048.0) == 64 and _num_warps(256, 256) == 16
     assert _rows_own(4, 128, 2048, 38.0) == 32 and _num_warps(128, 128) == 8  # 16k tokens, 430 rows
-    assert _rows_own(4, 128, 2048, 2048.0, fused=True) == 32
     assert _rows_own(4, 128, 1, 1.0) == 1 and _num_warps(16, 4) == 4
     assert _rows_own(4, 256, 2048, 2048.0) == 16  # head_dim 256: 64-row tiles
-    pa.CONFIG_OVERRIDE["wide_fused"] = 1
+    pa.CONFIG_OVERRIDE["wide_own_rows"] = 1 << 30
     try:
-        assert _rows_own(4, 128, 2048, 2048.0, fused=True) == 64
+        assert _rows_own(4, 128, 2048, 2048.0) == 32
     finally:
-        pa.CONFIG_OVERRIDE.pop("wide_fused")
+        pa.CONFIG_OVERRIDE.pop("wide_own_rows")
 
 
 def test_paged_attention_wide_prefill_tiles() -> None:

@@ -16,7 +16,7 @@ import torch
 import triton
 
 # Tuning knobs for benchmarks (empty = the built-in heuristic). Keys: block_n,
-# num_warps, wide_warps, wide_own_rows, wide_fused, num_stages, maxnreg, block_m_pre, block_m_own (rows of a tile:
+# num_warps, wide_warps, wide_own_rows, num_stages, maxnreg, block_m_pre, block_m_own (rows of a tile:
 # tokens x padded g), target_programs, prefix_splits, own_splits, mix (own
 # programs after each prefix program in a fused launch), prefix_direct,
 # block_n_pre, block_n_own, prefix_split_loop, own_split_loop, heads_per_tile. An engine benchmark
@@ -70,22 +70,21 @@ def _rows_pre(g_pad: int, head_dim: int, max_group_rows: int | None, wide: bool 
     return max(1, rows // g_pad)
 
 
-def _rows_own(g_pad: int, head_dim: int, max_q_len: int, mean_q_len: float = 0.0, fused: bool = False) -> int:
+def _rows_own(g_pad: int, head_dim: int, max_q_len: int, mean_q_len: float = 0.0) -> int:
     """Query tokens per own-level tile: one for decode-only batches, else 64, 128 or 256 rows.
 
-    256 rows (with 16 warps, see _num_warps) when the sequences average 512+ rows (128 tokens for
-    GQA 4) and the launch has no prefix tiles: 410 against 322 TFLOP/s for 128 rows and 8 warps
-    (H200, 2 x 8,192 causal tokens, bench.prefill_attention, bench/RESULTS.md 2026-12-04). A short
+    256 rows (with 16 warps, see _num_warps) when the step's sequences average 512+ rows (128
+    tokens for GQA 4): 410 against 322 TFLOP/s for 128 rows and 8 warps on 2 x 8,192 causal tokens,
+    411 against 294 after 8,192 cached keys, level (326 against 325) for members' suffixes beside
+    256-row prefix tiles (H200, bench.prefill_attention, bench/RESULTS.md 2026-12-04). A short
     sequence (a decode row in a mixed step) still takes a whole tile, so the mean decides.
-    CONFIG_OVERRIDE: wide_own_rows (the mean rows from which tiles are 256; huge = never),
-    wide_fused (1: also in launches with prefix tiles)."""
+    CONFIG_OVERRIDE: wide_own_rows (the mean rows from which tiles are 256; huge = never)."""
     if "block_m_own" in CONFIG_OVERRIDE:
         return max(1, CONFIG_OVERRIDE["block_m_own"] // g_pad)
     if max_q_len <= 1:
         return 1
     rows = 128 if max_q_len * g_pad >= 256 and head_dim <= 128 else 64
-    wide_ok = not fused or CONFIG_OVERRIDE.get("wide_fused", 0)
-    if wide_ok and head_dim <= 128 and mean_q_len * g_pad >= CONFIG_OVERRIDE.get("wide_own_rows", 512):
+    if head_dim <= 128 and mean_q_len * g_pad >= CONFIG_OVERRIDE.get("wide_own_rows", 512):
         rows = 256
     rows = min(rows, max(16, triton.next_power_of_2(max_q_len) * g_pad))
     return max(1, rows // g_pad)

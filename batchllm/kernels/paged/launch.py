@@ -84,7 +84,7 @@ def _launch(
     block_n = _block_n(head_dim)
     block_d = triton.next_power_of_2(head_dim)
     n_own_seqs = seqs[0].shape[0] - 1 if has_own else 0
-    bq_own = _rows_own(g_pad, head_dim, max_q_len, num_tokens / max(n_own_seqs, 1), fused=has_pre)
+    bq_own = _rows_own(g_pad, head_dim, max_q_len, num_tokens / max(n_own_seqs, 1))
     bq_pre = _rows_pre(g_pad, head_dim, max_group_rows, wide=has_own and bq_own * g_pad >= 128)
     any_index = (seqs or groups)[0]  # stands in for the pointers of the absent level (never read)
     if has_pre:
