@@ -74,7 +74,7 @@ def mask_ms(cache: GrammarCache, batch: int, steps: int, device: torch.device, v
             torch.cuda.synchronize()
         if step >= 3:
             times.append((time.perf_counter() - t0) * 1e3)
-        tokens = head.choose(logits, seqs)
+        tokens = head.pick(logits, seqs).tolist()
         for k, ((req, seq), token) in enumerate(zip(rows, tokens, strict=True)):
             if head.record(req, seq, token, 0.0):  # finished: a new sequence takes the row
                 rows[k] = _fresh(next_id, 64)

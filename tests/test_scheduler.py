@@ -443,3 +443,19 @@ def test_a_head_may_end_a_sequence_without_a_token() -> None:
     done = sched.on_step_done(batch, [s.seq_id for s in seqs])
     assert done == seqs and all(s.num_generated == 0 for s in seqs)
     assert not sched.has_unfinished() and sched.pool.num_free == 16
+
+
+def test_finish_outside_a_step() -> None:
+    """A running sequence the engine learns has ended after the step it ran in (pipelined decode,
+    when it is not in the next step) finishes outside a step: blocks freed, no longer scheduled."""
+    sched = Scheduler(16, 4, 64, 1024)
+    a, b = (Sequence(i, i, list(range(10 * i, 10 * i + 5)), 5, 8) for i in range(2))
+    sched.add_group([], [a, b])
+    batch = sched.schedule()
+    a.token_ids.append(1)
+    b.token_ids.append(2)
+    assert sched.on_step_done(batch, []) == []
+    assert sched.finish([a]) == [a] and a.status is SequenceStatus.FINISHED
+    assert [c.seq for c in sched.schedule().chunks] == [b]
+    sched.check_integrity()
+    assert sched.pool.num_free == 16 - 2

@@ -7,6 +7,13 @@ to the scheduler and drive the step loop: schedule -> runner forward -> head
 scheduler bookkeeping. Control flows one way: engine -> scheduler (queues,
 blocks) and engine -> runner (tensors); a head (heads.py) alone decides when a
 request stops.
+
+Generation is pipelined: a step's sampled ids stay on the device while the
+host schedules and launches the next step (its inputs read them there), and
+are read back after that launch. Sequences hold a PENDING id meanwhile; one
+that turns out to have ended (EOS, a stop string) has run one step too many,
+whose token is dropped. Grammar-constrained generation reads every step back
+at once (its masks need the tokens).
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ import os
 import random
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from batchllm.engine.attention import resolve_name
+from batchllm.engine.attention import resolve_name, to_device
 from batchllm.engine.config import ModelConfig
 from batchllm.engine.grammar import Constraint, GrammarCache, GrammarHead
 from batchllm.engine.heads import Head, SeqSampling, StopRule, TokenHead
@@ -44,6 +53,7 @@ from batchllm.engine.requests import (
 from batchllm.engine.runner import ModelRunner, kv_bytes_per_block
 from batchllm.engine.sampling import SamplingParams
 from batchllm.engine.scheduler import ScheduledChunk, Scheduler
+from batchllm.engine.sequence import PENDING
 from batchllm.engine.sequence import Sequence as Seq
 from batchllm.engine.tokenizer import Tokenizer, config_eos_token_ids
 
@@ -272,19 +282,33 @@ class Engine:
         num_done = total - sum(len(r.inputs) for r in batch.requests if r.error is None)
         if progress is not None and num_done:
             progress(num_done, total)
+        # Pipelined heads read a step's tokens back after the next step is launched, so the GPU never
+        # waits for the host's bookkeeping; the device buffer `tokens` feeds the next step's inputs.
+        # Only without preemption (decode_reserve 1): a preempted sequence would be recomputed from
+        # tokens still pending.
+        lagged = isinstance(head, TokenHead) and head.pipelined and self.decode_reserve >= 1.0
+        tokens = torch.zeros(len(by_seq), dtype=torch.int64, device=self.device) if lagged else None
+        pending: _Pending | None = None
         while scheduler.has_unfinished():
             t_host = clock()
             step = scheduler.schedule()
             t_run = clock()
-            seqs, outputs = self._forward(step.chunks, head)
+            seqs, outputs = self._forward(step.chunks, head, tokens)
+            late = self._settle(pending, by_seq, head) if pending is not None else set()
             t_out = clock()
             now = t_out - t0
-            ends = [
-                s.seq_id
-                for s, out in zip(seqs, outputs, strict=True)
-                if head.record(by_seq[s.seq_id], s, out, now)
-            ]
-            if done := scheduler.on_step_done(step, ends):
+            if tokens is None:
+                ends = [
+                    s.seq_id
+                    for s, o in zip(seqs, outputs, strict=True)
+                    if head.record(by_seq[s.seq_id], s, o, now)
+                ]
+            else:
+                ends, pending = _hold(seqs, outputs, late, by_seq, head, now)
+            # a sequence that ended at the previous step but is not in this one ends outside a step
+            done = scheduler.on_step_done(step, ends)
+            done += scheduler.finish(by_seq[i].seq for i in late.difference(ends))  # type: ignore[misc]
+            if done:
                 now = clock() - t0
                 for seq in done:
                     by_seq[seq.seq_id].latency_s = now
@@ -293,6 +317,8 @@ class Engine:
                     progress(num_done, total)
             decodes = sum(c.is_decode for c in step.chunks)
             stats.add_step(len(step.chunks), decodes, t_out - t_run, t_run - t_host + clock() - t_out)
+        if pending is not None:
+            assert not self._settle(pending, by_seq, head), "a sequence ended late after the last step"
         if progress is not None and num_done < total:
             progress(total, total)
         outputs = sum(r.seq.num_generated * len(r.inputs) for r in batch.requests if r.seq is not None)
@@ -302,14 +328,75 @@ class Engine:
         stats.num_errors = sum(r.error is not None for r in results)
         return results
 
-    def _forward(self, chunks: list[ScheduledChunk], head: Head) -> tuple[list[Seq], list[Any]]:
-        """One forward of the step, then the head on the last position of every sampled chunk."""
-        hidden = self.runner.forward(chunks)
+    def _forward(
+        self, chunks: list[ScheduledChunk], head: Head, tokens: torch.Tensor | None
+    ) -> tuple[list[Seq], Any]:
+        """One forward of the step, then the head on the last position of every sampled chunk.
+
+        With ``tokens`` (pipelined): the sampled ids stay on the device (also written to ``tokens`` by
+        seq_id, where the next step reads them); otherwise the head's outputs, read back.
+        """
+        hidden = self.runner.forward(chunks, tokens=tokens)
         rows = [i for i, c in enumerate(chunks) if c.sample]
         if not rows:
             return [], []
         seqs = [chunks[i].seq for i in rows]
-        return seqs, head.compute(self.model, hidden if len(rows) == len(chunks) else hidden[rows], seqs)
+        if len(rows) < len(chunks):
+            hidden = hidden[to_device(np.array(rows, dtype=np.int64), hidden.device)]
+        if tokens is None:
+            return seqs, head.compute(self.model, hidden, seqs)
+        assert isinstance(head, TokenHead)
+        ids = head.launch(self.model, hidden, seqs)
+        tokens[to_device(np.fromiter((s.seq_id for s in seqs), np.int64, len(seqs)), tokens.device)] = ids
+        return seqs, ids
+
+    @staticmethod
+    def _settle(pending: _Pending, by_seq: dict[int, Request], head: Head) -> set[int]:
+        """Read back a pipelined step's tokens (waits for that step only), put them in place of their
+        placeholders and apply the stop rule: the ids of the sequences that end with them but went on."""
+        assert isinstance(head, TokenHead)
+        late: set[int] = set()
+        for seq, token in zip(pending.seqs, pending.ids.tolist(), strict=True):
+            if seq.seq_id in pending.skip:
+                continue
+            seq.token_ids[-1] = token
+            if head.stop(by_seq[seq.seq_id], seq) and seq.seq_id not in pending.ended:
+                late.add(seq.seq_id)
+        return late
+
+
+@dataclass
+class _Pending:
+    """A launched step whose sampled tokens are not read back yet (its sequences hold PENDING)."""
+
+    seqs: list[Seq]  # the step's sampled sequences, rows of ids
+    ids: torch.Tensor  # [rows] int64 on the device
+    skip: set[int]  # rows whose token is dropped: their sequence had already ended
+    ended: set[int]  # ended by length at this step (the stop rule sets their finish reason at settle)
+
+
+def _hold(
+    seqs: list[Seq], ids: Any, late: set[int], by_seq: dict[int, Request], head: Head, now: float
+) -> tuple[list[int], _Pending | None]:
+    """A pipelined step's sampled sequences take a PENDING token each; returns the ids that end with
+    this step (by length, or ended by the previous step's token) and the step to settle next."""
+    assert isinstance(head, TokenHead)
+    ends: list[int] = []
+    skip: set[int] = set()
+    ended: set[int] = set()
+    for seq in seqs:
+        sid, req = seq.seq_id, by_seq[seq.seq_id]
+        if sid in late:  # this step's token comes after the sequence's end: dropped
+            ends.append(sid)
+            skip.add(sid)
+            continue
+        seq.token_ids.append(PENDING)
+        if not req.first_token_s:
+            req.first_token_s = now
+        if head.stop.by_length(seq):
+            ends.append(sid)
+            ended.add(sid)
+    return ends, (_Pending(seqs, ids, skip, ended) if seqs else None)
 
 
 def submit(scheduler: Scheduler, batch: Batch) -> dict[int, Request]:

@@ -108,6 +108,8 @@ class _State:
 class GrammarHead(TokenHead):
     """Generation under a grammar: masked logits, one matcher per sequence, optional jump-forward."""
 
+    pipelined = False  # each step's mask needs the tokens of the step before
+
     def __init__(
         self, stop: StopRule, decode: Decode | None, compiled: Any, vocab_size: int, jump_forward: bool
     ) -> None:
@@ -128,7 +130,7 @@ class GrammarHead(TokenHead):
         t0 = time.perf_counter()
         self.apply_mask(logits, seqs)
         self.mask_s += time.perf_counter() - t0
-        return self.choose(logits, seqs)
+        return self.pick(logits, seqs).tolist()
 
     def apply_mask(self, logits: torch.Tensor, seqs: Sequence[Seq]) -> None:
         """Set the logits of every token a row's grammar forbids to -inf, in place (one op per batch)."""

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchllm.engine.attention import AttentionBackend, BatchLayout
+from batchllm.engine.attention import AttentionBackend, BatchLayout, copy_in
 from batchllm.engine.model import CausalLM
 
 
@@ -83,15 +83,17 @@ class DecodeGraphs:
     def fits(self, layout: BatchLayout) -> bool:
         return layout.num_seqs <= self.sizes[-1]
 
-    def run(self, layout: BatchLayout) -> torch.Tensor:
+    def run(self, layout: BatchLayout, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, hidden] of a decode step, by replaying the graph of its padded size and
-        group slots (captured on first use)."""
+        group slots (captured on first use). input_ids: the step's ids on the device (the runner
+        resolves ids still being sampled); padding rows keep the ids of an earlier step (valid ids;
+        their outputs are dropped)."""
         size = next(s for s in self.sizes if s >= layout.num_seqs)
         key = (size, group_capacity(layout.num_groups, size))
         g = self.graphs.get(key) or self._capture(*key)
         padded = pad_decode(layout, size, self.backend.scratch_block, self.backend.shape.block_size)
-        g.input_ids.copy_(torch.from_numpy(padded.input_ids), non_blocking=True)
-        g.positions.copy_(torch.from_numpy(padded.positions), non_blocking=True)
+        g.input_ids[: layout.num_seqs].copy_(input_ids)
+        copy_in(g.positions, padded.positions)
         self.backend.fill_graph_meta(g.meta, padded)
         g.graph.replay()
         return g.hidden[: layout.num_seqs]

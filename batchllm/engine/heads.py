@@ -23,8 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
+from batchllm.engine.attention import to_device
 from batchllm.engine.outputs import Result
 from batchllm.engine.requests import Batch, Request
 from batchllm.engine.sampling import row_keys, sample
@@ -72,10 +74,14 @@ class StopRule:
             return True
         if p.stop and self._stop_string(req, seq):
             return True
-        if seq.num_generated >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        if self.by_length(seq):
             req.finish_reason = "length"
             return True
         return False
+
+    def by_length(self, seq: Seq) -> bool:
+        """The sequence ends whatever its newest token is: max_tokens or the context is reached."""
+        return seq.num_generated >= seq.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _stop_string(self, req: Request, seq: Seq) -> bool:
         assert self.decode is not None, "stop strings need a tokenizer (checked before the run)"
@@ -93,7 +99,14 @@ class StopRule:
 
 
 class TokenHead:
-    """Generation: one new token per row."""
+    """Generation: one new token per row.
+
+    pipelined: the engine may read a step's tokens back one step late (``launch``, placeholders in
+    the sequences meanwhile), because nothing but the token itself depends on it; a grammar head
+    needs each token before it can mask the next step's logits.
+    """
+
+    pipelined = True
 
     def __init__(self, stop: StopRule, decode: Decode | None) -> None:
         self.stop = stop
@@ -101,23 +114,28 @@ class TokenHead:
 
     @torch.inference_mode()
     def compute(self, model: Any, hidden: torch.Tensor, seqs: Sequence[Seq]) -> list[int]:
-        return self.choose(model.compute_logits(hidden), seqs)
+        return self.launch(model, hidden, seqs).tolist()
 
-    def choose(self, logits: torch.Tensor, seqs: Sequence[Seq]) -> list[int]:
+    @torch.inference_mode()
+    def launch(self, model: Any, hidden: torch.Tensor, seqs: Sequence[Seq]) -> torch.Tensor:
+        """The next token per row [rows] int64, on the device and not read back."""
+        return self.pick(model.compute_logits(hidden), seqs)
+
+    def pick(self, logits: torch.Tensor, seqs: Sequence[Seq]) -> torch.Tensor:
         """The next token per row of logits [rows, vocab]: greedy, or keyed sampling per (seed, position)."""
         params: list[SeqSampling] = [s.params for s in seqs]
         if all(p.temperature == 0.0 for p in params):
             # argmax of the model-dtype logits equals that of their float32 copy (ties: the first)
-            return logits.argmax(dim=-1).tolist()
+            return logits.argmax(dim=-1)
         logits = logits.float()
-        dev = logits.device
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-        top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-        top_ks = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
-        seeds = torch.tensor([p.seed for p in params], dtype=torch.int64, device=dev)
+        dev, n = logits.device, len(params)
+        temps = to_device(np.fromiter((p.temperature for p in params), np.float32, n), dev)
+        top_ps = to_device(np.fromiter((p.top_p for p in params), np.float32, n), dev)
+        top_ks = to_device(np.fromiter((p.top_k for p in params), np.int64, n), dev)
+        seeds = to_device(np.array([p.seed for p in params], dtype=np.int64), dev)
         # the sampled token's position is the current length of the sequence
-        positions = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int64, device=dev)
-        return sample(logits, temps, top_ps, top_ks, row_keys(seeds, positions)).tolist()
+        positions = to_device(np.fromiter((s.num_tokens for s in seqs), np.int64, n), dev)
+        return sample(logits, temps, top_ps, top_ks, row_keys(seeds, positions))
 
     def record(self, req: Request, seq: Seq, output: int, now: float) -> bool:
         seq.token_ids.append(output)

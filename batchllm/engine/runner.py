@@ -19,7 +19,7 @@ import torch
 from batchllm.engine.attention import BatchLayout, KVShape, create_backend, to_device
 from batchllm.engine.graphs import DecodeGraphs
 from batchllm.engine.model import CausalLM
-from batchllm.engine.sequence import ScheduledChunk
+from batchllm.engine.sequence import PENDING, ScheduledChunk
 
 
 def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -139,23 +139,32 @@ class ModelRunner:
         return self.attention.kv_cache
 
     @torch.inference_mode()
-    def forward(self, chunks: Seq[ScheduledChunk], rows: np.ndarray | None = None) -> torch.Tensor:
+    def forward(
+        self, chunks: Seq[ScheduledChunk], rows: np.ndarray | None = None, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run one step (chunks as the scheduler emits them: plain first, then group by group).
 
         Returns the final hidden state of each chunk's last token [len(chunks), hidden], or with
         ``rows`` (token indices into the step's concatenated chunks) of those tokens [len(rows), hidden]:
-        prefill-only scoring reads several positions per chunk.
+        prefill-only scoring reads several positions per chunk. tokens: the device buffer of each
+        sequence's newest sampled id, by seq_id; a token id still PENDING on the host (sampled by
+        the previous step, not yet read back) is taken from it, so the step launches without waiting.
         """
         layout = build_layout(chunks, self.block_size, trees=rows is not None)
+        dev = self.device
+        input_ids = to_device(layout.input_ids, dev)
+        if tokens is not None and (pending := layout.input_ids == PENDING).any():
+            # each token row's sequence (group prefixes, ids < 0, never hold a pending token: row 0)
+            seq_ids = np.fromiter((max(c.seq.seq_id, 0) for c in chunks), np.int64, len(chunks))
+            owners = np.repeat(seq_ids, layout.q_lens)
+            input_ids = torch.where(to_device(pending, dev), tokens[to_device(owners, dev)], input_ids)
         if rows is None and self.graphs is not None and layout.is_decode and self.graphs.fits(layout):
-            return self.graphs.run(layout)
+            return self.graphs.run(layout, input_ids)
         if layout.tree_seqs is not None and not self.attention.supports_tree_mask:
             raise ValueError(f"attention: backend {self.attention.name!r} has no tree (multi-item) mask")
         meta = self.attention.prepare(layout)
-        dev = self.device
-        # pinned, non-blocking copies: a step that samples nothing (scoring, group prefixes) never waits
-        # for the GPU, so the host prepares the next step while this one runs
-        hidden = self.model(to_device(layout.input_ids, dev), to_device(layout.positions, dev), meta)
+        # pinned, non-blocking copies: the host prepares the next step while this one runs
+        hidden = self.model(input_ids, to_device(layout.positions, dev), meta)
         if rows is not None:
             return hidden[to_device(rows.astype(np.int64), dev)]
         if layout.is_decode:

@@ -197,6 +197,16 @@ class Scheduler:
             self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
         return done
 
+    def finish(self, seqs: Iterable[Sequence]) -> list[Sequence]:
+        """Finish running sequences outside a step (the engine learned late that they ended)."""
+        done = list(seqs)
+        for seq in done:
+            assert seq.status is SequenceStatus.RUNNING and not seq.is_prefix
+            self._finish(seq)
+        if done:
+            self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+        return done
+
     def check_integrity(self) -> None:
         """Cross-check block tables against the pool (tests call it after every step)."""
         self.pool.check_integrity()

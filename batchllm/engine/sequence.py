@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+PENDING = -1  # a sampled token id still on the device (the engine reads it back one step later)
+
 
 class SequenceStatus(Enum):
     WAITING = "waiting"  # not admitted, or preempted (recomputed when admitted again)

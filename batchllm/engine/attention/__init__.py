@@ -17,7 +17,7 @@ from importlib import import_module
 
 import torch
 
-from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, to_device
+from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, copy_in, to_device
 
 _MODULES = {
     "torch": "batchllm.engine.attention.torch_ref",
@@ -53,6 +53,7 @@ __all__ = [
     "AttentionBackend",
     "BatchLayout",
     "KVShape",
+    "copy_in",
     "create_backend",
     "resolve_name",
     "to_device",

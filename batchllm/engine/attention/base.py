@@ -141,8 +141,15 @@ class AttentionBackend(ABC):
 
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array on the device; pinned and non-blocking on CUDA, so the host never waits for the GPU
-    here (only sampled ids and final results sync)."""
+    here (only sampled ids and final results sync). A copy from pageable memory would wait for the
+    stream's earlier work and end the overlap of host and GPU."""
     t = torch.from_numpy(np.ascontiguousarray(a))
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+def copy_in(dst: torch.Tensor, src: np.ndarray) -> None:
+    """Copy a host array into a device tensor in place (static buffers of CUDA graphs), as to_device."""
+    t = torch.from_numpy(np.ascontiguousarray(src))
+    dst.copy_(t.pin_memory() if dst.is_cuda else t, non_blocking=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, to_device
+from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, copy_in, to_device
 from batchllm.kernels.paged import paged_attention, store_kv, tree_bounds, two_level_attention
 
 
@@ -162,18 +162,14 @@ class TritonBackend(AttentionBackend):
         cu_rows[: g + 1] = layout.group_seqs  # decode: one row per sequence
         prefix = np.zeros(meta.group_prefix_lens.shape[0], dtype=np.int32)
         prefix[:g] = layout.group_prefix_lens
-        _copy(meta.slot_mapping, layout.slot_mapping)
-        _copy(meta.kv_lens, layout.kv_lens)
-        _copy(meta.start_pos, layout.start_pos)
-        _copy(meta.block_tables[:, :width], layout.block_tables)
-        _copy(meta.cu_group_rows, cu_rows)
-        _copy(meta.group_prefix_lens, prefix)
+        copy_in(meta.slot_mapping, layout.slot_mapping)
+        copy_in(meta.kv_lens, layout.kv_lens)
+        copy_in(meta.start_pos, layout.start_pos)
+        copy_in(meta.block_tables[:, :width], layout.block_tables)
+        copy_in(meta.cu_group_rows, cu_rows)
+        copy_in(meta.group_prefix_lens, prefix)
         if g and pwidth:
-            _copy(meta.group_block_tables[:g, :pwidth], layout.group_block_tables)
-
-
-def _copy(dst: torch.Tensor, src: np.ndarray) -> None:
-    dst.copy_(torch.from_numpy(np.ascontiguousarray(src)), non_blocking=True)
+            copy_in(meta.group_block_tables[:g, :pwidth], layout.group_block_tables)
 
 
 BACKEND = TritonBackend
