@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--kv-tokens", type=int, default=None, help="cap both KV pools at about this many tokens")
+    ap.add_argument("--attention", default=None, help="native attention backend (default: the engine's)")
     ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=None, help="default: vLLM's")
     ap.add_argument("--vllm-option", action="append", default=[], help="KEY=JSON, passed to vLLM")
     ap.add_argument(
@@ -185,6 +186,8 @@ def run_native(args: argparse.Namespace, workloads: list[Workload], meta: dict[s
         kw["load_format"] = "dummy"
     if args.kv_tokens is not None:
         kw["kv_cache_tokens"] = args.kv_tokens
+    if args.attention is not None:
+        kw["attention"] = args.attention
     kw, _ = supported(Engine, kw)
     t = time.perf_counter()
     engine = Engine(args.model, **kw)

@@ -135,19 +135,20 @@ def _run_backend(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     head_dim: int = 16,
+    block: int = BS,
 ) -> torch.Tensor:
     """Store random keys for every cached position, then attend with the step's queries, layer 0
     (the same values for every backend, dtype and device: drawn in float32 on the CPU, then cast)."""
-    shape = KVShape(1, 32, BS, 2, head_dim, dtype, torch.device(device))
+    shape = KVShape(1, 32, block, 2, head_dim, dtype, torch.device(device))
     backend = create_backend(name, shape)
     gen = torch.Generator().manual_seed(seed)
     cache = torch.randn(
-        (2, 1, 33, 2, BS, head_dim), generator=gen
+        (2, 1, 33, 2, block, head_dim), generator=gen
     )  # the base [.., block, kv_head, ..] layout
     if name == "cpu":
         cache = cache.permute(0, 1, 3, 2, 4, 5)  # the cpu backend's [.., kv_head, block, ..]: same values
     backend.kv_cache.copy_(cache)
-    lay = build_layout(chunks, BS)
+    lay = build_layout(chunks, block)
     meta = backend.prepare(lay)
     q = torch.randn(lay.num_tokens, 4, head_dim, generator=gen).to(device, dtype)
     k, v = torch.randn(2, lay.num_tokens, 2, head_dim, generator=gen).to(device, dtype).unbind(0)
@@ -319,3 +320,81 @@ def test_teacher_forced_agreement_of_an_engine_with_itself(tmp_path) -> None:
     reference[1][3] = (reference[1][3] + 1) % 512  # one wrong reference token: one miss, at (1, 3)
     share, misses = teacher_forced(tmp_path, prompts, reference, device="cpu")
     assert misses[0] == (1, 3) and share < 1.0
+
+
+def _fake_fa3(q, k, v, *, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, block_table, softmax_scale,
+              causal, fa_version):  # fmt: skip
+    """FlashAttention-3's paged varlen semantics in plain torch: k, v [block, offset, kv_head, dim];
+    causal from the bottom right (query j of n sees keys < kv_len - n + j + 1)."""
+    assert causal and fa_version == 3 and k.shape == v.shape and k.shape[1:3] == (BS, 2)  # offset, kv_head
+    out = torch.empty_like(q)
+    bs, g = k.shape[1], q.shape[1] // k.shape[2]
+    for i in range(len(cu_seqlens_q) - 1):
+        lo, hi, length = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(seqused_k[i])
+        pages = block_table[i, : -(-length // bs)].long()
+        keys = k[pages].reshape(-1, *k.shape[2:])[:length].repeat_interleave(g, 1)
+        vals = v[pages].reshape(-1, *v.shape[2:])[:length].repeat_interleave(g, 1)
+        s = torch.einsum("nhd,lhd->hnl", q[lo:hi].float(), keys.float()) * softmax_scale
+        n = hi - lo
+        seen = torch.arange(length)[None, :] < (length - n + torch.arange(n) + 1)[:, None]
+        s = s.masked_fill(~seen[None], float("-inf"))
+        out[lo:hi] = torch.einsum("hnl,lhd->nhd", s.softmax(-1), vals.float()).to(q.dtype)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["plain", "grouped", "decode"])
+def test_fa3_backend_reads_the_pool_through_a_strided_view(kind: str) -> None:
+    """The fa3 backend's glue on CPU with FA3's semantics in torch: prefill steps pass every sequence's
+    whole block table and the pool as a [block, offset, kv_head, dim] view; decode steps run triton."""
+    from batchllm.engine.attention.fa3 import FA3Backend, FA3Meta
+    from batchllm.engine.attention.triton import TritonBackend
+
+    pytest.importorskip("triton")
+    chunks = _batch()
+    if kind != "plain":
+        _set_groups(chunks)
+    if kind == "decode":
+        chunks = [c for c in chunks if c.num_tokens == 1]
+    ref = _run_backend("torch", chunks)
+    shape = KVShape(1, 32, BS, 2, 16, torch.float32, torch.device("cpu"))
+    backend = FA3Backend.__new__(FA3Backend)  # no CUDA here: the Triton side under its interpreter
+    TritonBackend.__init__(backend, shape)
+    backend._fa = _fake_fa3
+    gen = torch.Generator().manual_seed(0)
+    backend.kv_cache.copy_(torch.randn((2, 1, 33, 2, BS, 16), generator=gen))
+    lay = build_layout(chunks, BS)
+    meta = backend.prepare(lay)
+    assert isinstance(meta, FA3Meta) == (kind != "decode")
+    q = torch.randn(lay.num_tokens, 4, 16, generator=gen)
+    k, v = torch.randn(2, lay.num_tokens, 2, 16, generator=gen).unbind(0)
+    backend.store(0, k, v, meta)
+    torch.testing.assert_close(backend.forward(0, q, meta, 16**-0.5), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_fa3_refuses_what_it_cannot_run() -> None:
+    cpu = KVShape(1, 4, BS, 2, 64, torch.bfloat16, torch.device("cpu"))
+    with pytest.raises(ValueError, match="'fa3' runs on CUDA only"):
+        create_backend("fa3", cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["plain", "grouped"])
+def test_fa3_backend_matches_the_reference(kind: str) -> None:
+    """vLLM's FlashAttention-3 (where vLLM is installed) through the fa3 backend, 16-token blocks, bf16,
+    head_dim 64 and 128, against the float32 torch reference: prefill chunks, members and decode rows."""
+    pytest.importorskip("vllm.vllm_flash_attn")
+    prefix = [20, 21]
+    chunks = [
+        _chunk(_seq(0, 40, [1, 2, 3]), 16, 24),  # chunked prefill after 16 cached tokens
+        _chunk(_seq(1, 20, [4, 5]), 19, 1),  # decode
+        _chunk(_seq(2, 45, [*prefix, 6]), 32, 13),  # member suffix prefill
+        _chunk(_seq(3, 50, [*prefix, 7, 8]), 49, 1),  # member decode
+        _chunk(_seq(4, 40, [*prefix, 9]), 35, 5),
+    ]
+    if kind == "grouped":
+        for c in chunks[2:]:
+            c.seq.group_id, c.seq.num_shared_tokens = 7, 32
+    for head_dim in (64, 128):
+        ref = _run_backend("torch", chunks, device="cuda", head_dim=head_dim, block=16)
+        got = _run_backend("fa3", chunks, dtype=torch.bfloat16, device="cuda", head_dim=head_dim, block=16)
+        torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)

@@ -6,6 +6,8 @@ CUDA, or CPU under TRITON_INTERPRET=1 for tests).
 ``cpu``: two-level attention on torch's fused CPU attention kernel (CPU only).
 ``flashinfer``: FlashInfer's paged prefill kernels, two-level by two launches and
 its merge (CUDA, bf16/fp16, where flashinfer-python is installed).
+``fa3``: vLLM's bundled FlashAttention-3 for prefill steps, triton for decode
+(Hopper, bf16/fp16, where vLLM is installed): the bar for our prefill kernels.
 ``auto`` picks triton on CUDA and cpu on CPU. Backends are imported when chosen,
 so triton stays optional.
 """
@@ -24,6 +26,7 @@ _MODULES = {
     "triton": "batchllm.engine.attention.triton",
     "cpu": "batchllm.engine.attention.cpu",
     "flashinfer": "batchllm.engine.attention.flashinfer",
+    "fa3": "batchllm.engine.attention.fa3",
 }
 BACKENDS = ("auto", *_MODULES)
 

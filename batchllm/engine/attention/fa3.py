@@ -1,0 +1,100 @@
+"""vLLM's FlashAttention-3 for prefill, our Triton kernels for decode: the bar our prefill kernels must clear.
+
+vLLM's wheel bundles a compiled Hopper FlashAttention-3 with paged KV
+(``vllm.vllm_flash_attn.flash_attn_varlen_func``). Prefill attention is
+compute-bound, so a step with prefill chunks runs it plain: every sequence's
+queries against its whole block table, causal from the bottom right. A member
+then reads its group's prefix pages itself: the same FLOPs as two-level
+attention and more bytes, which a compute-bound step hides (FA3 ran 651
+TFLOP/s on 2 x 8,192 causal tokens where our tiles run 410, bench/RESULTS.md
+2026-12-04). Decode steps (bandwidth-bound: two-level reads each prefix once
+per group) and steps with tree sequences (FA3 has no tree mask) run the
+Triton backend, whose CUDA graphs this backend keeps.
+
+FA3 reads the pool in place through a [block, offset, kv_head, head_dim] view
+of the project's [block, kv_head, offset, head_dim] layout (strides, no copy).
+Needs CUDA, bf16 or fp16, and vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from batchllm.engine.attention.base import BatchLayout, KVShape
+from batchllm.engine.attention.triton import TritonBackend, TritonMeta
+
+
+@dataclass
+class FA3Meta:
+    """A prefill step for FA3: the Triton metadata (KV store slots) plus FA3's arguments."""
+
+    triton: TritonMeta
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    seqused_k: torch.Tensor  # [B] int32, each sequence's whole context
+    block_table: torch.Tensor  # [B, W] int32, prefix blocks included (-1 past the end: never read)
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def _flash_attn() -> Any:
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except Exception as e:  # not installed, or no FA3 build for this GPU
+        raise ValueError(f"attention: backend 'fa3' needs vLLM's bundled FlashAttention-3 ({e})") from e
+    return flash_attn_varlen_func
+
+
+class FA3Backend(TritonBackend):
+    name = "fa3"
+
+    def __init__(self, shape: KVShape, storage: torch.Tensor | None = None) -> None:
+        if shape.device.type != "cuda":
+            raise ValueError(f"attention: backend 'fa3' runs on CUDA only, not {shape.device.type!r}")
+        if shape.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"attention: backend 'fa3' needs bfloat16 or float16, got {shape.dtype}")
+        if torch.cuda.get_device_capability(shape.device)[0] != 9:
+            raise ValueError("attention: backend 'fa3' needs a Hopper GPU (FlashAttention-3)")
+        self._fa = _flash_attn()
+        super().__init__(shape, storage)
+
+    def prepare(self, layout: BatchLayout) -> TritonMeta | FA3Meta:
+        meta = super().prepare(layout)
+        if layout.is_decode or layout.tree_seqs is not None:
+            return meta
+        return FA3Meta(
+            triton=meta,
+            cu_seqlens_q=meta.cu_seqlens_q,
+            seqused_k=meta.kv_lens,
+            block_table=meta.block_tables,
+            max_seqlen_q=meta.max_q_len,
+            max_seqlen_k=meta.max_kv_len,
+        )
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: TritonMeta | FA3Meta) -> None:
+        super().store(layer, k, v, meta.triton if isinstance(meta, FA3Meta) else meta)
+
+    def forward(self, layer: int, q: torch.Tensor, meta: TritonMeta | FA3Meta, scale: float) -> torch.Tensor:
+        if not isinstance(meta, FA3Meta):
+            return super().forward(layer, q, meta, scale)
+        # [block, kv_head, offset, dim] -> a [block, offset, kv_head, dim] view, as FA3's paged KV reads it
+        k = self.kv_cache[0, layer].transpose(1, 2)
+        v = self.kv_cache[1, layer].transpose(1, 2)
+        return self._fa(
+            q,
+            k,
+            v,
+            max_seqlen_q=meta.max_seqlen_q,
+            cu_seqlens_q=meta.cu_seqlens_q,
+            max_seqlen_k=meta.max_seqlen_k,
+            seqused_k=meta.seqused_k,
+            block_table=meta.block_table,
+            softmax_scale=scale,
+            causal=True,
+            fa_version=3,
+        )
+
+
+BACKEND = FA3Backend
