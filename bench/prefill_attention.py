@@ -137,29 +137,36 @@ def max_error(c: dict, out: torch.Tensor, rows: int = 64) -> float:
     return err
 
 
+def _timed(c: dict, peak: float, fn, iters: int) -> dict:
+    """Check fn's output [T, H, D] (fn returns it, or a tuple led by it) against the dense reference, then
+    time it; an error instead when it cannot run (a configuration the compiler refuses, a library
+    without this shape or GPU)."""
+    try:
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        torch.cuda.synchronize()
+        err = max_error(c, out)
+        ms, how = time_ms(fn, iters)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    tflops = 4 * HEADS * DIM * c["pairs"] / (ms * 1e-3) / 1e12
+    return {"ms": ms, "tflops": tflops, "of_peak": tflops * 1e12 / peak, "err": err, "timing": how}
+
+
 def measure(c: dict, peak: float, config: dict[str, int], iters: int) -> dict:
     pa.CONFIG_OVERRIDE.clear()
     pa.CONFIG_OVERRIDE.update(config)
     out = torch.full_like(c["q"], float("nan"))
     lse = torch.empty(c["q"].shape[:2], dtype=torch.float32, device=DEV)
-    try:
+
+    def run() -> torch.Tensor:
         call(c, out, lse)
-        torch.cuda.synchronize()
-        err = max_error(c, out)
-        ms, how = time_ms(lambda: call(c, out, lse), iters)
-    except Exception as e:  # a configuration the compiler refuses (shared memory, registers)
-        return {"config": config, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        return out
+
+    try:
+        return {"config": config, **_timed(c, peak, run, iters)}
     finally:
         pa.CONFIG_OVERRIDE.clear()
-    tflops = 4 * HEADS * DIM * c["pairs"] / (ms * 1e-3) / 1e12
-    return {
-        "config": config,
-        "ms": ms,
-        "tflops": tflops,
-        "of_peak": tflops * 1e12 / peak,
-        "err": err,
-        "timing": how,
-    }
 
 
 def library_calls(c: dict) -> dict:
@@ -202,23 +209,7 @@ def library_calls(c: dict) -> dict:
 
 
 def measure_library(c: dict, peak: float, name: str, fn, iters: int) -> dict:
-    try:
-        out = fn()
-        out = out[0] if isinstance(out, tuple) else out
-        torch.cuda.synchronize()
-        err = max_error(c, out)
-        ms, how = time_ms(fn, iters)
-    except Exception as e:  # not available for this shape or GPU
-        return {"library": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-    tflops = 4 * HEADS * DIM * c["pairs"] / (ms * 1e-3) / 1e12
-    return {
-        "library": name,
-        "ms": ms,
-        "tflops": tflops,
-        "of_peak": tflops * 1e12 / peak,
-        "err": err,
-        "timing": how,
-    }
+    return {"library": name, **_timed(c, peak, fn, iters)}
 
 
 def main() -> None:

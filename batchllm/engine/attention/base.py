@@ -139,6 +139,14 @@ class AttentionBackend(ABC):
         raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
 
 
+def require_cuda_half(name: str, shape: KVShape) -> None:
+    """Backends of library kernels without CPU or float32 paths: a clear error before any pool is made."""
+    if shape.device.type != "cuda":
+        raise ValueError(f"attention: backend {name!r} runs on CUDA only, not {shape.device.type!r}")
+    if shape.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"attention: backend {name!r} needs bfloat16 or float16, got {shape.dtype}")
+
+
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array on the device; pinned and non-blocking on CUDA, so the host never waits for the GPU
     here (only sampled ids and final results sync). A copy from pageable memory would wait for the

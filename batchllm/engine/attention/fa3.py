@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from batchllm.engine.attention.base import BatchLayout, KVShape
+from batchllm.engine.attention.base import BatchLayout, KVShape, require_cuda_half
 from batchllm.engine.attention.triton import TritonBackend, TritonMeta
 
 
@@ -51,10 +51,7 @@ class FA3Backend(TritonBackend):
     name = "fa3"
 
     def __init__(self, shape: KVShape, storage: torch.Tensor | None = None) -> None:
-        if shape.device.type != "cuda":
-            raise ValueError(f"attention: backend 'fa3' runs on CUDA only, not {shape.device.type!r}")
-        if shape.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"attention: backend 'fa3' needs bfloat16 or float16, got {shape.dtype}")
+        require_cuda_half("fa3", shape)
         if torch.cuda.get_device_capability(shape.device)[0] != 9:
             raise ValueError("attention: backend 'fa3' needs a Hopper GPU (FlashAttention-3)")
         self._fa = _flash_attn()

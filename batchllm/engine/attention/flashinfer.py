@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape
+from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, require_cuda_half
 from batchllm.kernels.paged import store_kv
 
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace per wrapper (split-KV partials)
@@ -106,10 +106,7 @@ class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
 
     def __init__(self, shape: KVShape, storage: torch.Tensor | None = None) -> None:
-        if shape.device.type != "cuda":
-            raise ValueError(f"attention: backend 'flashinfer' runs on CUDA only, not {shape.device.type!r}")
-        if shape.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"attention: backend 'flashinfer' needs bfloat16 or float16, got {shape.dtype}")
+        require_cuda_half("flashinfer", shape)
         try:
             import flashinfer
         except ImportError as e:
