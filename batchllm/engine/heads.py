@@ -129,9 +129,9 @@ class TokenHead:
             return logits.argmax(dim=-1)
         logits = logits.float()
         dev, n = logits.device, len(params)
-        temps = to_device(np.fromiter((p.temperature for p in params), np.float32, n), dev)
-        top_ps = to_device(np.fromiter((p.top_p for p in params), np.float32, n), dev)
-        top_ks = to_device(np.fromiter((p.top_k for p in params), np.int64, n), dev)
+        temps = np.fromiter((p.temperature for p in params), np.float32, n)
+        top_ps = np.fromiter((p.top_p for p in params), np.float32, n)
+        top_ks = np.fromiter((p.top_k for p in params), np.int64, n)
         seeds = to_device(np.array([p.seed for p in params], dtype=np.int64), dev)
         # the sampled token's position is the current length of the sequence
         positions = to_device(np.fromiter((s.num_tokens for s in seqs), np.int64, n), dev)

@@ -12,7 +12,10 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from batchllm.engine.attention.base import to_device
 
 _MASK32 = 0xFFFFFFFF
 
@@ -98,19 +101,29 @@ def exponential_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def sample(
     logits: torch.Tensor,
-    temperatures: torch.Tensor,
-    top_ps: torch.Tensor,
-    top_ks: torch.Tensor,
+    temperatures: np.ndarray,
+    top_ps: np.ndarray,
+    top_ks: np.ndarray,
     keys: torch.Tensor,
 ) -> torch.Tensor:
-    """Next token per row of logits [rows, vocab]; rows with temperature 0 take the argmax."""
+    """Next token per row of logits [rows, vocab]; rows with temperature 0 take the argmax.
+
+    The per-row parameters are host arrays, so which rows draw and whether any truncates are
+    decided on the host: nothing here waits for the device (the engine reads tokens back a step
+    late). keys: one per row, on the logits' device (``row_keys``).
+    """
+    temperatures, top_ps, top_ks = np.asarray(temperatures), np.asarray(top_ps), np.asarray(top_ks)
     greedy = logits.argmax(dim=-1)
-    is_random = temperatures > 0
-    if not bool(is_random.any()):
+    random = np.flatnonzero(temperatures > 0)
+    if not random.size:
         return greedy
-    rows = is_random.nonzero().squeeze(1)
-    x = logits[rows].float() / temperatures[rows, None]
-    x = _apply_top_k_top_p(x, top_ks[rows], top_ps[rows])
+    dev = logits.device
+    rows = to_device(random.astype(np.int64), dev)
+    temps = to_device(temperatures[random].astype(np.float32), dev)
+    x = logits[rows].float() / temps[:, None]
+    ks, ps = top_ks[random], top_ps[random]
+    if (ks > 0).any() or (ps < 1.0).any():
+        x = _apply_top_k_top_p(x, to_device(ks.astype(np.int64), dev), to_device(ps.astype(np.float32), dev))
     probs = torch.softmax(x, dim=-1)
     # argmax(p / E) with E ~ Exp(1) draws from p without a device sync
     token = (probs / exponential_noise(keys[rows], x.shape[-1])).argmax(dim=-1)
@@ -118,8 +131,6 @@ def sample(
 
 
 def _apply_top_k_top_p(x: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
-    if bool((top_ks <= 0).all()) and bool((top_ps >= 1.0).all()):
-        return x
     sorted_x, order = x.sort(dim=-1, descending=True)
     vocab = x.shape[-1]
     k = torch.where(top_ks > 0, top_ks.clamp(max=vocab), vocab)
