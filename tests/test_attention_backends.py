@@ -398,3 +398,34 @@ def test_fa3_backend_matches_the_reference(kind: str) -> None:
         ref = _run_backend("torch", chunks, device="cuda", head_dim=head_dim, block=16)
         got = _run_backend("fa3", chunks, dtype=torch.bfloat16, device="cuda", head_dim=head_dim, block=16)
         torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kind", ["plain", "mixed_group", "decode_group"])
+def test_triton_splits_a_mixed_step(monkeypatch, kind: str, device: str) -> None:
+    """Decode rows beside prefill chunks run in a launch of their own (decode tiles), over a prefill
+    launch that sees them without keys: the same attention as the reference. decode_group: a group
+    whose rows are all decode rows (its prefix emptied in the prefill launch)."""
+    from batchllm.engine.attention import triton as tb
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(tb, "DECODE_SPLIT_MIN_ROWS", 2)
+    chunks = _batch()
+    if kind != "plain":
+        _set_groups(chunks)
+    if kind == "decode_group":
+        chunks = [c for i, c in enumerate(chunks) if i != 2]  # the group keeps its two decode rows
+    split = tb.split_decode(build_layout(chunks, BS))
+    assert split is not None
+    masked, decode, rows = split
+    assert rows.tolist() == ([6, 11, 12] if kind != "decode_group" else [6, 7, 8])
+    assert decode.q_lens.tolist() == [1, 1, 1] and decode.num_groups == (0 if kind == "plain" else 1)
+    if kind == "decode_group":
+        assert masked.group_prefix_lens.tolist() == [0] and decode.group_seqs.tolist() == [1, 3]
+    if device == "cpu":
+        ref, got = _run_backend("torch", chunks), _run_backend("triton", chunks)
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+        return
+    ref = _run_backend("torch", chunks, device="cuda", head_dim=128)
+    got = _run_backend("triton", chunks, dtype=torch.bfloat16, device="cuda", head_dim=128)
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)

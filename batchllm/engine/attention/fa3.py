@@ -58,9 +58,9 @@ class FA3Backend(TritonBackend):
         super().__init__(shape, storage)
 
     def prepare(self, layout: BatchLayout) -> TritonMeta | FA3Meta:
-        meta = super().prepare(layout)
         if layout.is_decode or layout.tree_seqs is not None:
-            return meta
+            return super().prepare(layout)
+        meta = self._meta(layout)  # the KV store's slots (and FA3's tables), no split of decode rows
         return FA3Meta(
             triton=meta,
             cu_seqlens_q=meta.cu_seqlens_q,

@@ -6,6 +6,15 @@ prefix, read once per group) and per-sequence tiles (own keys), merged through
 their log-sum-exps. Decode graphs get static metadata of a padded size whose
 group arrays have room for one group per row; empty groups exit at once.
 
+A mixed step (decode rows beside prefill chunks) splits its attention in two
+launches when it has DECODE_SPLIT_MIN_ROWS decode rows or more: tile sizes
+are per launch, and in the prefill launch each decode row would take a whole
+prefill tile (128 rows of which 4 work) and each group of decode rows a whole
+256-row prefix tile. The prefill launch sees the decode rows with no keys and
+their decode-only groups with empty prefixes (cheap programs, results
+discarded); a second launch over just those rows (gathered) runs decode tiles
+and overwrites them.
+
 Tree sequences (prefill-only scoring: packed items, label nodes) take the
 kernels' tree mask: the step's key ends, each sequence's offset into them and
 its open end (``tree_bounds``, on the host in ``prepare``). Steps without one,
@@ -14,7 +23,7 @@ and every decode graph, run the plain kernel variant.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -41,6 +50,47 @@ class TritonMeta:
     workspace: dict = field(default_factory=dict, repr=False)  # the kernels' partial results
     # tree steps only (None otherwise): key ends [sum(kv_lens)], offsets [B] and open ends [B], int32
     tree: dict[str, torch.Tensor] | None = None
+    # mixed steps split in two launches: the decode rows (token rows, int64) and their own metadata
+    decode: tuple[torch.Tensor, TritonMeta] | None = None
+
+
+DECODE_SPLIT_MIN_ROWS = 32
+
+
+def split_decode(layout: BatchLayout) -> tuple[BatchLayout, BatchLayout, np.ndarray] | None:
+    """A mixed step as (the layout with its decode rows masked: no own keys, and groups of decode rows
+    only with empty prefixes; the decode rows' own layout; their token rows), or None when it does not
+    split (no prefill chunk, too few decode rows, tree sequences)."""
+    one = layout.q_lens == 1
+    if layout.tree_seqs is not None or one.all() or one.sum() < DECODE_SPLIT_MIN_ROWS:
+        return None
+    seqs = np.flatnonzero(one)
+    gs = layout.group_seqs
+    group_of = np.searchsorted(gs, np.arange(layout.num_seqs), side="right") - 1  # -1: plain
+    group_of[np.arange(layout.num_seqs) >= gs[-1]] = -1
+    prefilling = np.add.reduceat(~one, gs[:-1]) if layout.num_groups else np.zeros(0, np.int64)
+    decode_only = prefilling == 0  # groups whose rows are all decode rows
+    masked = replace(
+        layout,
+        kv_lens=np.where(one, layout.start_pos, layout.kv_lens).astype(np.int32),
+        group_prefix_lens=np.where(decode_only, 0, layout.group_prefix_lens).astype(np.int32),
+    )
+    sub_groups = group_of[seqs]
+    kept, counts = np.unique(sub_groups[sub_groups >= 0], return_counts=True)  # groups keep their order
+    first = int((sub_groups < 0).sum())  # plain rows come first, as in the step
+    decode = BatchLayout(
+        input_ids=layout.input_ids[layout.cu_seqlens_q[seqs]],
+        positions=layout.positions[layout.cu_seqlens_q[seqs]],
+        slot_mapping=layout.slot_mapping[layout.cu_seqlens_q[seqs]],
+        q_lens=layout.q_lens[seqs],
+        kv_lens=layout.kv_lens[seqs],
+        start_pos=layout.start_pos[seqs],
+        block_tables=layout.block_tables[seqs],
+        group_seqs=np.r_[first, first + np.cumsum(counts)].astype(np.int32),
+        group_prefix_lens=layout.group_prefix_lens[kept],
+        group_block_tables=layout.group_block_tables[kept],
+    )
+    return masked, decode, layout.cu_seqlens_q[seqs].astype(np.int64)
 
 
 class TritonBackend(AttentionBackend):
@@ -53,6 +103,15 @@ class TritonBackend(AttentionBackend):
         self.workspace: dict = {}  # shared by eager steps; each graph keeps its own
 
     def prepare(self, layout: BatchLayout) -> TritonMeta:
+        split = split_decode(layout)
+        if split is None:
+            return self._meta(layout)
+        masked, decode, rows = split
+        meta = self._meta(masked)
+        meta.decode = (to_device(rows, self.shape.device), self._meta(decode))
+        return meta
+
+    def _meta(self, layout: BatchLayout) -> TritonMeta:
         dev = self.shape.device
         cu = layout.cu_seqlens_q
         cu_rows = cu[layout.group_seqs].astype(np.int32)
@@ -92,6 +151,13 @@ class TritonBackend(AttentionBackend):
         store_kv(k, v, self.kv_cache[0, layer], self.kv_cache[1, layer], meta.slot_mapping)
 
     def forward(self, layer: int, q: torch.Tensor, meta: TritonMeta, scale: float) -> torch.Tensor:
+        out = self._attend(layer, q, meta, scale)
+        if meta.decode is not None:
+            rows, decode = meta.decode
+            out[rows] = self._attend(layer, q[rows], decode, scale)
+        return out
+
+    def _attend(self, layer: int, q: torch.Tensor, meta: TritonMeta, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache[0, layer], self.kv_cache[1, layer]
         if not meta.grouped:
             out, _ = paged_attention(
