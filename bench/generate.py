@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-model-len", type=int, default=8192, help="both engines")
     ap.add_argument("--no-sharing", action="store_true", help="native engine without prefix sharing")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="native engine without CUDA graphs")
+    ap.add_argument(
+        "--sync-decode", action="store_true", help="native engine reads every step's tokens back at once"
+    )
     ap.add_argument("--peer", default="vllm", choices=["vllm", "none"])
     ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=None, help="default: vLLM's")
     ap.add_argument("--repeat", type=int, default=1, help="timed native runs per case (the last is reported)")
@@ -135,6 +138,8 @@ def engine_kwargs(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
     if args.device == "cuda":
         kw["gpu_memory_utilization"] = args.gpu_memory_utilization
         kw["cuda_graphs"] = not args.no_cuda_graphs
+    if args.sync_decode:
+        kw["pipelined_decode"] = False
     return kw
 
 

@@ -8,7 +8,6 @@ from dataclasses import asdict
 import pytest
 
 from batchllm.engine import Engine, SamplingParams
-from batchllm.engine.heads import TokenHead
 
 QUESTIONS = [
     "Is the sky blue? Answer yes or no.",
@@ -47,12 +46,12 @@ def _fields(results) -> list[dict]:
 
 
 @pytest.mark.parametrize("budget", [None, 12])
-def test_pipelined_equals_synchronous(default_model_path, monkeypatch, budget: int | None) -> None:
+def test_pipelined_equals_synchronous(default_model_path, budget: int | None) -> None:
     """budget 12: chunked prefill beside decodes, and steps that cannot take every running decode."""
     engine = Engine(default_model_path, max_num_batched_tokens=budget)
     prompts, params = _workload(engine)
     piped = engine.generate(prompts, params)
-    monkeypatch.setattr(TokenHead, "pipelined", False)
+    engine.pipelined_decode = False
     synced = engine.generate(prompts, params)
     assert _fields(piped) == _fields(synced)
     reasons = {r.finish_reason for r in piped}

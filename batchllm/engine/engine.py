@@ -79,6 +79,8 @@ class Engine:
     load_format "dummy": random weights from config.json alone (benchmarks);
     no tokenizer.json is needed then, token-id prompts run and eos ids come
     from config.json. cuda_graphs: replay captured decode steps on CUDA.
+    pipelined_decode: read a step's sampled tokens back after the next step is
+    launched (see the module docstring); False reads every step back at once.
     hybrid_prefill: classify/score a prompt longer than the KV pool layer by layer
     over the idle pool's memory (``hybrid``) instead of refusing it.
     """
@@ -102,6 +104,7 @@ class Engine:
         load_format: str = "safetensors",
         cuda_graphs: bool = True,
         hybrid_prefill: bool = True,
+        pipelined_decode: bool = True,
     ) -> None:
         check_options(**{k: v for k, v in locals().items() if k not in ("self", "model")})
         self.device = torch.device(device)
@@ -139,6 +142,7 @@ class Engine:
         self.enable_sharing = enable_sharing
         self.hybrid_prefill = hybrid_prefill
         self.decode_reserve = decode_reserve
+        self.pipelined_decode = pipelined_decode
         self.starvation_lambda = STARVATION_LAMBDA  # prefill-only scheduling: miss tokens per second waited
         self._rng = random.Random(seed)
         self._grammars: GrammarCache | None = None
@@ -286,7 +290,8 @@ class Engine:
         # waits for the host's bookkeeping; the device buffer `tokens` feeds the next step's inputs.
         # Only without preemption (decode_reserve 1): a preempted sequence would be recomputed from
         # tokens still pending.
-        lagged = isinstance(head, TokenHead) and head.pipelined and self.decode_reserve >= 1.0
+        lagged = self.pipelined_decode and isinstance(head, TokenHead) and head.pipelined
+        lagged = lagged and self.decode_reserve >= 1.0
         tokens = torch.zeros(len(by_seq), dtype=torch.int64, device=self.device) if lagged else None
         pending: _Pending | None = None
         while scheduler.has_unfinished():

@@ -39,6 +39,7 @@ def check_options(
     load_format: str,
     cuda_graphs: bool,
     hybrid_prefill: bool,
+    pipelined_decode: bool,
 ) -> None:
     """Every Engine option that can be checked before the model loads; a ValueError names the option."""
     if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
@@ -74,6 +75,7 @@ def check_options(
         ("enable_sharing", enable_sharing),
         ("cuda_graphs", cuda_graphs),
         ("hybrid_prefill", hybrid_prefill),
+        ("pipelined_decode", pipelined_decode),
     ):
         if not isinstance(flag, bool):
             raise ValueError(f"{name}: must be a bool, got {flag!r}")
