@@ -8,12 +8,9 @@ scheduler bookkeeping. Control flows one way: engine -> scheduler (queues,
 blocks) and engine -> runner (tensors); a head (heads.py) alone decides when a
 request stops.
 
-Generation is pipelined: a step's sampled ids stay on the device while the
-host schedules and launches the next step (its inputs read them there), and
-are read back after that launch. Sequences hold a PENDING id meanwhile; one
-that turns out to have ended (EOS, a stop string) has run one step too many,
-whose token is dropped. Grammar-constrained generation reads every step back
-at once (its masks need the tokens).
+Generation is pipelined (pipeline.py): a step's sampled ids are read back
+after the next step is launched. Grammar-constrained generation reads every
+step back at once (its masks need the tokens).
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ import os
 import random
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,6 +33,7 @@ from batchllm.engine.labels import LabelSet
 from batchllm.engine.model import load_model
 from batchllm.engine.options import check_options, model_folder
 from batchllm.engine.outputs import ClassifyResult, EngineStats, Result
+from batchllm.engine.pipeline import Pending, hold, settle
 from batchllm.engine.prefill import PACK_TOKENS, run_prefill
 from batchllm.engine.prefill_scheduler import STARVATION_LAMBDA
 from batchllm.engine.requests import (
@@ -53,7 +50,6 @@ from batchllm.engine.requests import (
 from batchllm.engine.runner import ModelRunner, kv_bytes_per_block
 from batchllm.engine.sampling import SamplingParams
 from batchllm.engine.scheduler import ScheduledChunk, Scheduler
-from batchllm.engine.sequence import PENDING
 from batchllm.engine.sequence import Sequence as Seq
 from batchllm.engine.tokenizer import Tokenizer, config_eos_token_ids
 
@@ -293,13 +289,13 @@ class Engine:
         lagged = self.pipelined_decode and isinstance(head, TokenHead) and head.pipelined
         lagged = lagged and self.decode_reserve >= 1.0
         tokens = torch.zeros(len(by_seq), dtype=torch.int64, device=self.device) if lagged else None
-        pending: _Pending | None = None
+        pending: Pending | None = None
         while scheduler.has_unfinished():
             t_host = clock()
             step = scheduler.schedule()
             t_run = clock()
             seqs, outputs = self._forward(step.chunks, head, tokens)
-            late = self._settle(pending, by_seq, head) if pending is not None else set()
+            late = settle(pending, by_seq, head) if pending is not None else set()
             t_out = clock()
             now = t_out - t0
             if tokens is None:
@@ -309,7 +305,7 @@ class Engine:
                     if head.record(by_seq[s.seq_id], s, o, now)
                 ]
             else:
-                ends, pending = _hold(seqs, outputs, late, by_seq, head, now)
+                ends, pending = hold(seqs, outputs, late, by_seq, head, now)
             # a sequence that ended at the previous step but is not in this one ends outside a step
             done = scheduler.on_step_done(step, ends)
             done += scheduler.finish(by_seq[i].seq for i in late.difference(ends))  # type: ignore[misc]
@@ -323,7 +319,7 @@ class Engine:
             decodes = sum(c.is_decode for c in step.chunks)
             stats.add_step(len(step.chunks), decodes, t_out - t_run, t_run - t_host + clock() - t_out)
         if pending is not None:
-            assert not self._settle(pending, by_seq, head), "a sequence ended late after the last step"
+            assert not settle(pending, by_seq, head), "a sequence ended late after the last step"
         if progress is not None and num_done < total:
             progress(total, total)
         outputs = sum(r.seq.num_generated * len(r.inputs) for r in batch.requests if r.seq is not None)
@@ -354,54 +350,6 @@ class Engine:
         ids = head.launch(self.model, hidden, seqs)
         tokens[to_device(np.fromiter((s.seq_id for s in seqs), np.int64, len(seqs)), tokens.device)] = ids
         return seqs, ids
-
-    @staticmethod
-    def _settle(pending: _Pending, by_seq: dict[int, Request], head: Head) -> set[int]:
-        """Read back a pipelined step's tokens (waits for that step only), put them in place of their
-        placeholders and apply the stop rule: the ids of the sequences that end with them but went on."""
-        assert isinstance(head, TokenHead)
-        late: set[int] = set()
-        for seq, token in zip(pending.seqs, pending.ids.tolist(), strict=True):
-            if seq.seq_id in pending.skip:
-                continue
-            seq.token_ids[-1] = token
-            if head.stop(by_seq[seq.seq_id], seq) and seq.seq_id not in pending.ended:
-                late.add(seq.seq_id)
-        return late
-
-
-@dataclass
-class _Pending:
-    """A launched step whose sampled tokens are not read back yet (its sequences hold PENDING)."""
-
-    seqs: list[Seq]  # the step's sampled sequences, rows of ids
-    ids: torch.Tensor  # [rows] int64 on the device
-    skip: set[int]  # rows whose token is dropped: their sequence had already ended
-    ended: set[int]  # ended by length at this step (the stop rule sets their finish reason at settle)
-
-
-def _hold(
-    seqs: list[Seq], ids: Any, late: set[int], by_seq: dict[int, Request], head: Head, now: float
-) -> tuple[list[int], _Pending | None]:
-    """A pipelined step's sampled sequences take a PENDING token each; returns the ids that end with
-    this step (by length, or ended by the previous step's token) and the step to settle next."""
-    assert isinstance(head, TokenHead)
-    ends: list[int] = []
-    skip: set[int] = set()
-    ended: set[int] = set()
-    for seq in seqs:
-        sid, req = seq.seq_id, by_seq[seq.seq_id]
-        if sid in late:  # this step's token comes after the sequence's end: dropped
-            ends.append(sid)
-            skip.add(sid)
-            continue
-        seq.token_ids.append(PENDING)
-        if not req.first_token_s:
-            req.first_token_s = now
-        if head.stop.by_length(seq):
-            ends.append(sid)
-            ended.add(sid)
-    return ends, (_Pending(seqs, ids, skip, ended) if seqs else None)
 
 
 def submit(scheduler: Scheduler, batch: Batch) -> dict[int, Request]:

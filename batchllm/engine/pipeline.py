@@ -1,0 +1,71 @@
+"""Pipelined decode: a step's sampled tokens are read back after the next step is launched.
+
+While step n+1 is scheduled and launched, step n's ids stay on the device
+(the runner feeds them to step n+1 from the engine's token buffer). Each of
+step n's sampled sequences holds a PENDING id meanwhile (``hold``); what ends
+whatever the token is (max_tokens, the context end) ends with step n. After
+step n+1 is launched, ``settle`` reads step n's ids back (waiting for that
+step only), puts them in place and applies the stop rule: a sequence that
+ends with its token (EOS, a stop token or string) has run step n+1 too, whose
+token is dropped and which ends it there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from batchllm.engine.heads import Head, TokenHead
+from batchllm.engine.requests import Request
+from batchllm.engine.sequence import PENDING
+from batchllm.engine.sequence import Sequence as Seq
+
+
+@dataclass
+class Pending:
+    """A launched step whose sampled tokens are not read back yet (its sequences hold PENDING)."""
+
+    seqs: list[Seq]  # the step's sampled sequences, rows of ids
+    ids: torch.Tensor  # [rows] int64 on the device
+    skip: set[int]  # rows whose token is dropped: their sequence had already ended
+    ended: set[int]  # ended by length at this step (the stop rule sets their finish reason at settle)
+
+
+def hold(
+    seqs: list[Seq], ids: Any, late: set[int], by_seq: dict[int, Request], head: Head, now: float
+) -> tuple[list[int], Pending | None]:
+    """A pipelined step's sampled sequences take a PENDING token each; returns the ids that end with
+    this step (by length, or ended by the previous step's token: ``late``) and the step to settle next."""
+    assert isinstance(head, TokenHead)
+    ends: list[int] = []
+    skip: set[int] = set()
+    ended: set[int] = set()
+    for seq in seqs:
+        sid, req = seq.seq_id, by_seq[seq.seq_id]
+        if sid in late:  # this step's token comes after the sequence's end: dropped
+            ends.append(sid)
+            skip.add(sid)
+            continue
+        seq.token_ids.append(PENDING)
+        if not req.first_token_s:
+            req.first_token_s = now
+        if head.stop.by_length(seq):
+            ends.append(sid)
+            ended.add(sid)
+    return ends, (Pending(seqs, ids, skip, ended) if seqs else None)
+
+
+def settle(pending: Pending, by_seq: dict[int, Request], head: Head) -> set[int]:
+    """Read back a pipelined step's tokens (waits for that step only), put them in place of their
+    placeholders and apply the stop rule: the ids of the sequences that end with them but went on."""
+    assert isinstance(head, TokenHead)
+    late: set[int] = set()
+    for seq, token in zip(pending.seqs, pending.ids.tolist(), strict=True):
+        if seq.seq_id in pending.skip:
+            continue
+        seq.token_ids[-1] = token
+        if head.stop(by_seq[seq.seq_id], seq) and seq.seq_id not in pending.ended:
+            late.add(seq.seq_id)
+    return late
