@@ -68,20 +68,26 @@ class StopRule:
     decode: Decode | None  # needed for stop strings only
 
     def __call__(self, req: Request, seq: Seq) -> bool:
-        p, token = req.params, seq.token_ids[-1]
-        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
-            req.finish_reason = "stop"
-            return True
-        if p.stop and self._stop_string(req, seq):
+        if self.by_token(req, seq):
             return True
         if self.by_length(seq):
             req.finish_reason = "length"
             return True
         return False
 
+    def by_token(self, req: Request, seq: Seq) -> bool:
+        """The newest token ends the request (EOS, a stop token id, a stop string); checked first, so a
+        stop at the last allowed position reads "stop", not "length"."""
+        p, token = req.params, seq.token_ids[-1]
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            req.finish_reason = "stop"
+            return True
+        return bool(p.stop) and self._stop_string(req, seq)
+
     def by_length(self, seq: Seq) -> bool:
         """The sequence ends whatever its newest token is: max_tokens or the context is reached."""
-        return seq.num_generated >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+        n = len(seq.token_ids)
+        return n - seq.num_prompt_tokens >= seq.max_tokens or n >= self.max_model_len
 
     def _stop_string(self, req: Request, seq: Seq) -> bool:
         assert self.decode is not None, "stop strings need a tokenizer (checked before the run)"

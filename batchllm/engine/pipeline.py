@@ -63,9 +63,14 @@ def settle(pending: Pending, by_seq: dict[int, Request], head: Head) -> set[int]
     assert isinstance(head, TokenHead)
     late: set[int] = set()
     for seq, token in zip(pending.seqs, pending.ids.tolist(), strict=True):
-        if seq.seq_id in pending.skip:
+        sid = seq.seq_id
+        if sid in pending.skip:
             continue
         seq.token_ids[-1] = token
-        if head.stop(by_seq[seq.seq_id], seq) and seq.seq_id not in pending.ended:
-            late.add(seq.seq_id)
+        req = by_seq[sid]
+        if head.stop.by_token(req, seq):
+            if sid not in pending.ended:
+                late.add(sid)
+        elif sid in pending.ended:
+            req.finish_reason = "length"
     return late
