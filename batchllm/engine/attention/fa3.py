@@ -80,7 +80,7 @@ class FA3Backend(TritonBackend):
         k = self.kv_cache[0, layer].transpose(1, 2)
         v = self.kv_cache[1, layer].transpose(1, 2)
         return self._fa(
-            q,
+            q.contiguous(),  # the model's q is a view of the fused QKV output; FA3 gets plain rows
             k,
             v,
             max_seqlen_q=meta.max_seqlen_q,
