@@ -23,6 +23,7 @@ from batchllm.backends.base import GroupSpec, Outcome
 from batchllm.distributed.pool import ActorPool, Member
 
 POLL_S = 0.5  # progress and log lines are fetched from a running actor this often
+FINAL_POLL_S = 30.0  # after a shard: how long to wait for the actor's last lines (a busy host answers late)
 
 
 class ShardFailed(RuntimeError):
@@ -136,7 +137,7 @@ class _Watcher:
         for _ in range(2 if final else 1):
             if self.pending is None:
                 self.pending = self.member.handle.poll.remote()
-            self._take(timeout=5.0 if final else 0.0)
+            self._take(timeout=FINAL_POLL_S if final else 0.0)
 
     def _take(self, timeout: float) -> None:
         import ray
