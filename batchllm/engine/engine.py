@@ -286,26 +286,26 @@ class Engine:
         # waits for the host's bookkeeping; the device buffer `tokens` feeds the next step's inputs.
         # Only without preemption (decode_reserve 1): a preempted sequence would be recomputed from
         # tokens still pending.
-        lagged = self.pipelined_decode and isinstance(head, TokenHead) and head.pipelined
-        lagged = lagged and self.decode_reserve >= 1.0
-        tokens = torch.zeros(len(by_seq), dtype=torch.int64, device=self.device) if lagged else None
+        lagged = self.pipelined_decode and self.decode_reserve >= 1.0
+        stop = head.stop if lagged and isinstance(head, TokenHead) and head.pipelined else None
+        tokens = None if stop is None else torch.zeros(len(by_seq), dtype=torch.int64, device=self.device)
         pending: Pending | None = None
         while scheduler.has_unfinished():
             t_host = clock()
             step = scheduler.schedule()
             t_run = clock()
             seqs, outputs = self._forward(step.chunks, head, tokens)
-            late = settle(pending, by_seq, head) if pending is not None else set()
+            late = settle(pending, by_seq, stop) if pending is not None and stop is not None else set()
             t_out = clock()
             now = t_out - t0
-            if tokens is None:
+            if stop is None:
                 ends = [
                     s.seq_id
                     for s, o in zip(seqs, outputs, strict=True)
                     if head.record(by_seq[s.seq_id], s, o, now)
                 ]
             else:
-                ends, pending = hold(seqs, outputs, late, by_seq, head, now)
+                ends, pending = hold(seqs, outputs, late, by_seq, stop, now)
             # a sequence that ended at the previous step but is not in this one ends outside a step
             done = scheduler.on_step_done(step, ends)
             done += scheduler.finish(by_seq[i].seq for i in late.difference(ends))  # type: ignore[misc]
@@ -318,8 +318,8 @@ class Engine:
                     progress(num_done, total)
             decodes = sum(c.is_decode for c in step.chunks)
             stats.add_step(len(step.chunks), decodes, t_out - t_run, t_run - t_host + clock() - t_out)
-        if pending is not None:
-            assert not settle(pending, by_seq, head), "a sequence ended late after the last step"
+        if pending is not None and stop is not None:
+            assert not settle(pending, by_seq, stop), "a sequence ended late after the last step"
         if progress is not None and num_done < total:
             progress(total, total)
         outputs = sum(r.seq.num_generated * len(r.inputs) for r in batch.requests if r.seq is not None)

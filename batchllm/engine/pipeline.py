@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from batchllm.engine.heads import Head, TokenHead
+from batchllm.engine.heads import StopRule
 from batchllm.engine.requests import Request
 from batchllm.engine.sequence import PENDING
 from batchllm.engine.sequence import Sequence as Seq
@@ -34,11 +34,10 @@ class Pending:
 
 
 def hold(
-    seqs: list[Seq], ids: Any, late: set[int], by_seq: dict[int, Request], head: Head, now: float
+    seqs: list[Seq], ids: Any, late: set[int], by_seq: dict[int, Request], stop: StopRule, now: float
 ) -> tuple[list[int], Pending | None]:
     """A pipelined step's sampled sequences take a PENDING token each; returns the ids that end with
     this step (by length, or ended by the previous step's token: ``late``) and the step to settle next."""
-    assert isinstance(head, TokenHead)
     ends: list[int] = []
     skip: set[int] = set()
     ended: set[int] = set()
@@ -51,16 +50,15 @@ def hold(
         seq.token_ids.append(PENDING)
         if not req.first_token_s:
             req.first_token_s = now
-        if head.stop.by_length(seq):
+        if stop.by_length(seq):
             ends.append(sid)
             ended.add(sid)
     return ends, (Pending(seqs, ids, skip, ended) if seqs else None)
 
 
-def settle(pending: Pending, by_seq: dict[int, Request], head: Head) -> set[int]:
+def settle(pending: Pending, by_seq: dict[int, Request], stop: StopRule) -> set[int]:
     """Read back a pipelined step's tokens (waits for that step only), put them in place of their
     placeholders and apply the stop rule: the ids of the sequences that end with them but went on."""
-    assert isinstance(head, TokenHead)
     late: set[int] = set()
     for seq, token in zip(pending.seqs, pending.ids.tolist(), strict=True):
         sid = seq.seq_id
@@ -68,7 +66,7 @@ def settle(pending: Pending, by_seq: dict[int, Request], head: Head) -> set[int]
             continue
         seq.token_ids[-1] = token
         req = by_seq[sid]
-        if head.stop.by_token(req, seq):
+        if stop.by_token(req, seq):
             if sid not in pending.ended:
                 late.add(sid)
         elif sid in pending.ended:

@@ -29,14 +29,10 @@ from batchllm.engine.attention.triton import TritonBackend, TritonMeta
 
 @dataclass
 class FA3Meta:
-    """A prefill step for FA3: the Triton metadata (KV store slots) plus FA3's arguments."""
+    """A prefill step for FA3: the Triton metadata holds the KV store's slots and FA3's arguments (every
+    sequence's whole context: kv_lens, block tables with the prefix blocks, -1 past the end unread)."""
 
     triton: TritonMeta
-    cu_seqlens_q: torch.Tensor  # [B + 1] int32
-    seqused_k: torch.Tensor  # [B] int32, each sequence's whole context
-    block_table: torch.Tensor  # [B, W] int32, prefix blocks included (-1 past the end: never read)
-    max_seqlen_q: int
-    max_seqlen_k: int
 
 
 def _flash_attn() -> Any:
@@ -60,15 +56,7 @@ class FA3Backend(TritonBackend):
     def prepare(self, layout: BatchLayout) -> TritonMeta | FA3Meta:
         if layout.is_decode or layout.tree_seqs is not None:
             return super().prepare(layout)
-        meta = self._meta(layout)  # the KV store's slots (and FA3's tables), no split of decode rows
-        return FA3Meta(
-            triton=meta,
-            cu_seqlens_q=meta.cu_seqlens_q,
-            seqused_k=meta.kv_lens,
-            block_table=meta.block_tables,
-            max_seqlen_q=meta.max_q_len,
-            max_seqlen_k=meta.max_kv_len,
-        )
+        return FA3Meta(self._meta(layout))  # no split of decode rows: FA3 takes the whole step
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: TritonMeta | FA3Meta) -> None:
         super().store(layer, k, v, meta.triton if isinstance(meta, FA3Meta) else meta)
@@ -79,15 +67,16 @@ class FA3Backend(TritonBackend):
         # [block, kv_head, offset, dim] -> a [block, offset, kv_head, dim] view, as FA3's paged KV reads it
         k = self.kv_cache[0, layer].transpose(1, 2)
         v = self.kv_cache[1, layer].transpose(1, 2)
+        m = meta.triton
         return self._fa(
             q.contiguous(),  # the model's q is a view of the fused QKV output; FA3 gets plain rows
             k,
             v,
-            max_seqlen_q=meta.max_seqlen_q,
-            cu_seqlens_q=meta.cu_seqlens_q,
-            max_seqlen_k=meta.max_seqlen_k,
-            seqused_k=meta.seqused_k,
-            block_table=meta.block_table,
+            max_seqlen_q=m.max_q_len,
+            cu_seqlens_q=m.cu_seqlens_q,
+            max_seqlen_k=m.max_kv_len,
+            seqused_k=m.kv_lens,
+            block_table=m.block_tables,
             softmax_scale=scale,
             causal=True,
             fa_version=3,

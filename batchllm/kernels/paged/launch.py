@@ -83,8 +83,8 @@ def _launch(
     g_pad = triton.next_power_of_2(g)
     block_n = _block_n(head_dim)
     block_d = triton.next_power_of_2(head_dim)
-    n_own_seqs = seqs[0].shape[0] - 1 if has_own else 0
-    bq_own = _rows_own(g_pad, head_dim, max_q_len, num_tokens / max(n_own_seqs, 1))
+    n_seqs = seqs[0].shape[0] - 1 if has_own else 0
+    bq_own = _rows_own(g_pad, head_dim, max_q_len, num_tokens / max(n_seqs, 1))
     bq_pre = _rows_pre(g_pad, head_dim, max_group_rows, wide=has_own and bq_own * g_pad >= 128)
     any_index = (seqs or groups)[0]  # stands in for the pointers of the absent level (never read)
     if has_pre:
@@ -115,7 +115,6 @@ def _launch(
         n_groups, n_pre_vt, ps, search_pre, hpt_pre, pre_chunks = 0, 0, 0, False, 1, 0
     if has_own:
         cu_q, kv_lens, tables, start = seqs
-        n_seqs = cu_q.shape[0] - 1
         search_own = max_q_len > bq_own
         n_own_vt = (num_tokens + n_seqs * (bq_own - 1)) // bq_own if search_own else n_seqs
         # decode tiles (one token): the g heads of one kv head fill few of the 16 rows of a tile, so a
@@ -131,7 +130,7 @@ def _launch(
         os_ = os_ or (_splits(own_tiles, max_kv_len, device, 256) if max_q_len <= 16 else 1)
     else:
         cu_q = kv_lens = tables = any_index
-        start, n_seqs, n_own_vt, os_, search_own, hpt, own_chunks = None, 0, 0, 0, False, 1, 0
+        start, n_own_vt, os_, search_own, hpt, own_chunks = None, 0, 0, False, 1, 0
     ends, ends_off, open_ends = tree if use_tree else (any_index, any_index, any_index)
     direct = ps + os_ == 1
     if direct:
