@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         if "native" not in args.skip:
             run_native(args, workloads, meta)
         dump()
-        run_vllm(args, workloads, meta, dump)
+        if not set(RUNS[1:]) <= args.skip:
+            run_vllm(args, workloads, meta, dump)
     except Exception:
         result["error"] = traceback.format_exc()
         print(result["error"], file=sys.stderr, flush=True)

@@ -342,14 +342,19 @@ def _fake_fa3(q, k, v, *, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, b
     return out
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kind", ["plain", "grouped", "decode"])
-def test_fa3_backend_reads_the_pool_through_a_strided_view(kind: str) -> None:
+def test_fa3_backend_reads_the_pool_through_a_strided_view(monkeypatch, kind: str, split: bool) -> None:
     """The fa3 backend's glue on CPU with FA3's semantics in torch: prefill steps pass every sequence's
-    whole block table and the pool as a [block, offset, kv_head, dim] view; decode steps run triton."""
+    whole block table and the pool as a [block, offset, kv_head, dim] view; decode steps run triton;
+    split: a mixed step's decode rows get one key in FA3 and are redone by the Triton decode launch."""
+    from batchllm.engine.attention import triton as tb
     from batchllm.engine.attention.fa3 import FA3Backend, FA3Meta
     from batchllm.engine.attention.triton import TritonBackend
 
     pytest.importorskip("triton")
+    if split:
+        monkeypatch.setattr(tb, "DECODE_SPLIT_MIN_ROWS", 2)
     chunks = _batch()
     if kind != "plain":
         _set_groups(chunks)
@@ -365,6 +370,8 @@ def test_fa3_backend_reads_the_pool_through_a_strided_view(kind: str) -> None:
     lay = build_layout(chunks, BS)
     meta = backend.prepare(lay)
     assert isinstance(meta, FA3Meta) == (kind != "decode")
+    if isinstance(meta, FA3Meta):
+        assert (meta.triton.decode is not None) == split
     q = torch.randn(lay.num_tokens, 4, 16, generator=gen)
     k, v = torch.randn(2, lay.num_tokens, 2, 16, generator=gen).unbind(0)
     backend.store(0, k, v, meta)
@@ -379,10 +386,16 @@ def test_fa3_refuses_what_it_cannot_run() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["plain", "grouped"])
-def test_fa3_backend_matches_the_reference(kind: str) -> None:
+@pytest.mark.parametrize("split", [False, True])
+def test_fa3_backend_matches_the_reference(monkeypatch, kind: str, split: bool) -> None:
     """vLLM's FlashAttention-3 (where vLLM is installed) through the fa3 backend, 16-token blocks, bf16,
-    head_dim 64 and 128, against the float32 torch reference: prefill chunks, members and decode rows."""
+    head_dim 64 and 128, against the float32 torch reference: prefill chunks, members and decode rows
+    (split: the decode rows through the Triton decode launch)."""
+    from batchllm.engine.attention import triton as tb
+
     pytest.importorskip("vllm.vllm_flash_attn")
+    if split:
+        monkeypatch.setattr(tb, "DECODE_SPLIT_MIN_ROWS", 2)
     prefix = [20, 21]
     chunks = [
         _chunk(_seq(0, 40, [1, 2, 3]), 16, 24),  # chunked prefill after 16 cached tokens

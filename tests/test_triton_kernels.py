@@ -340,6 +340,7 @@ def test_wide_prefill_tiles_follow_the_mean_chunk() -> None:
     assert _rows_own(4, 128, 2048, 38.0) == 32 and _num_warps(128, 128) == 8  # 16k tokens, 430 rows
     assert _rows_own(4, 128, 1, 1.0) == 1 and _num_warps(16, 4) == 4
     assert _rows_own(4, 256, 2048, 2048.0) == 16  # head_dim 256: 64-row tiles
+    assert _rows_own(4, 128, 2048, 2048.0, elem_bytes=4) == 32  # float32: 128 rows fit shared memory
     pa.CONFIG_OVERRIDE["wide_own_rows"] = 1 << 30
     try:
         assert _rows_own(4, 128, 2048, 2048.0) == 32
@@ -352,7 +353,7 @@ def test_paged_attention_wide_prefill_tiles() -> None:
     from batchllm.kernels.paged.heuristics import _rows_own
 
     specs = [(300, 260, -1), (180, 180, -1), (40, 1, -1)]
-    assert _rows_own(4, 32, 260, 441 / 3) == 64
+    assert _rows_own(4, 32, 260, 441 / 3, elem_bytes=4) == 64
     b = build(specs, [], g=4, dim=32, block=16, seed=17, pad_tokens=1)
     check_paged(b, own_only=True, tol=_device_tol(torch.float32))
 

@@ -9,7 +9,8 @@ attention and more bytes, which a compute-bound step hides (FA3 ran 651
 TFLOP/s on 2 x 8,192 causal tokens where our tiles run 410, bench/RESULTS.md
 2026-12-04). Decode steps (bandwidth-bound: two-level reads each prefix once
 per group) and steps with tree sequences (FA3 has no tree mask) run the
-Triton backend, whose CUDA graphs this backend keeps.
+Triton backend, whose CUDA graphs this backend keeps; so do a mixed step's
+decode rows (FA3 would read each member's prefix for one query).
 
 FA3 reads the pool in place through a [block, offset, kv_head, head_dim] view
 of the project's [block, kv_head, offset, head_dim] layout (strides, no copy).
@@ -18,13 +19,14 @@ Needs CUDA, bf16 or fp16, and vLLM.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
-from batchllm.engine.attention.base import BatchLayout, KVShape, require_cuda_half
-from batchllm.engine.attention.triton import TritonBackend, TritonMeta
+from batchllm.engine.attention.base import BatchLayout, KVShape, require_cuda_half, to_device
+from batchllm.engine.attention.triton import TritonBackend, TritonMeta, split_decode
 
 
 @dataclass
@@ -56,7 +58,16 @@ class FA3Backend(TritonBackend):
     def prepare(self, layout: BatchLayout) -> TritonMeta | FA3Meta:
         if layout.is_decode or layout.tree_seqs is not None:
             return super().prepare(layout)
-        return FA3Meta(self._meta(layout))  # no split of decode rows: FA3 takes the whole step
+        split = split_decode(layout)
+        if split is None:
+            return FA3Meta(self._meta(layout))
+        # A mixed step's decode rows would each read their whole context plain (a member its group's
+        # prefix): FA3 gives them one key (results discarded) and the two-level decode launch redoes them.
+        _, decode, rows = split
+        one = layout.q_lens == 1
+        meta = self._meta(replace(layout, kv_lens=np.where(one, 1, layout.kv_lens).astype(np.int32)))
+        meta.decode = (to_device(rows, self.shape.device), self._meta(decode))
+        return FA3Meta(meta)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: TritonMeta | FA3Meta) -> None:
         super().store(layer, k, v, meta.triton if isinstance(meta, FA3Meta) else meta)
@@ -68,7 +79,7 @@ class FA3Backend(TritonBackend):
         k = self.kv_cache[0, layer].transpose(1, 2)
         v = self.kv_cache[1, layer].transpose(1, 2)
         m = meta.triton
-        return self._fa(
+        out = self._fa(
             q.contiguous(),  # the model's q is a view of the fused QKV output; FA3 gets plain rows
             k,
             v,
@@ -81,6 +92,10 @@ class FA3Backend(TritonBackend):
             causal=True,
             fa_version=3,
         )
+        if m.decode is not None:
+            rows, decode = m.decode
+            out[rows] = self._attend(layer, q[rows], decode, scale)
+        return out
 
 
 BACKEND = FA3Backend

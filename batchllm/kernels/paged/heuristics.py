@@ -70,21 +70,22 @@ def _rows_pre(g_pad: int, head_dim: int, max_group_rows: int | None, wide: bool 
     return max(1, rows // g_pad)
 
 
-def _rows_own(g_pad: int, head_dim: int, max_q_len: int, mean_q_len: float = 0.0) -> int:
+def _rows_own(g_pad: int, head_dim: int, max_q_len: int, mean_q_len: float = 0.0, elem_bytes: int = 2) -> int:
     """Query tokens per own-level tile: one for decode-only batches, else 64, 128 or 256 rows.
 
     256 rows (with 16 warps, see _num_warps) when the step's sequences average 512+ rows (128
     tokens for GQA 4): 410 against 322 TFLOP/s for 128 rows and 8 warps on 2 x 8,192 causal tokens,
     411 against 294 after 8,192 cached keys, level (326 against 325) for members' suffixes beside
     256-row prefix tiles (H200, bench.prefill_attention, bench/RESULTS.md 2026-12-04). A short
-    sequence (a decode row in a mixed step) still takes a whole tile, so the mean decides.
+    sequence (a decode row in a mixed step) still takes a whole tile, so the mean decides. Float32
+    inputs (elem_bytes 4) keep 128 rows: a 256-row tile's staged K/V overflow the shared memory.
     CONFIG_OVERRIDE: wide_own_rows (the mean rows from which tiles are 256; huge = never)."""
     if "block_m_own" in CONFIG_OVERRIDE:
         return max(1, CONFIG_OVERRIDE["block_m_own"] // g_pad)
     if max_q_len <= 1:
         return 1
     rows = 128 if max_q_len * g_pad >= 256 and head_dim <= 128 else 64
-    if head_dim <= 128 and mean_q_len * g_pad >= CONFIG_OVERRIDE.get("wide_own_rows", 512):
+    if head_dim * elem_bytes <= 256 and mean_q_len * g_pad >= CONFIG_OVERRIDE.get("wide_own_rows", 512):
         rows = 256
     rows = min(rows, max(16, triton.next_power_of_2(max_q_len) * g_pad))
     return max(1, rows // g_pad)

@@ -84,8 +84,10 @@ def _launch(
     block_n = _block_n(head_dim)
     block_d = triton.next_power_of_2(head_dim)
     n_seqs = seqs[0].shape[0] - 1 if has_own else 0
-    bq_own = _rows_own(g_pad, head_dim, max_q_len, num_tokens / max(n_seqs, 1))
-    bq_pre = _rows_pre(g_pad, head_dim, max_group_rows, wide=has_own and bq_own * g_pad >= 128)
+    bq_own = _rows_own(g_pad, head_dim, max_q_len, num_tokens / max(n_seqs, 1), q.element_size())
+    # 256-row prefix tiles beside 128+ row own tiles, in 16-bit inputs (float32 ones overflow shared memory)
+    wide = has_own and bq_own * g_pad >= 128 and q.element_size() <= 2
+    bq_pre = _rows_pre(g_pad, head_dim, max_group_rows, wide=wide)
     any_index = (seqs or groups)[0]  # stands in for the pointers of the absent level (never read)
     if has_pre:
         cu_g, g_lens, g_tables = groups
