@@ -61,3 +61,24 @@ def test_pipelined_equals_synchronous(default_model_path, budget: int | None) ->
         for r, p in zip(piped, params, strict=True)
     )
     assert all(-1 not in r.token_ids for r in piped)
+
+
+@pytest.mark.gpu
+def test_read_back_waits_for_its_own_step_only() -> None:
+    """A step's ids are read back without waiting for the work queued after them (the next step)."""
+    import time
+
+    import torch
+
+    from batchllm.engine.pipeline import read_back_later
+
+    ids = torch.arange(5, device="cuda") * 3
+    host, copied = read_back_later(ids)
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU work queued behind the copy
+    t = time.perf_counter()
+    assert copied is not None
+    copied.synchronize()
+    got = host.tolist()
+    waited = time.perf_counter() - t
+    torch.cuda.synchronize()
+    assert got == [0, 3, 6, 9, 12] and waited < 0.2

@@ -5,7 +5,8 @@ While step n+1 is scheduled and launched, step n's ids stay on the device
 step n's sampled sequences holds a PENDING id meanwhile (``hold``); what ends
 whatever the token is (max_tokens, the context end) ends with step n. After
 step n+1 is launched, ``settle`` reads step n's ids back (waiting for that
-step only), puts them in place and applies the stop rule: a sequence that
+step only: ``hold`` queued their copy to pinned memory behind step n, so the
+read never waits for step n+1), puts them in place and applies the stop rule: a sequence that
 ends with its token (EOS, a stop token or string) has run step n+1 too, whose
 token is dropped and which ends it there.
 """
@@ -28,7 +29,8 @@ class Pending:
     """A launched step whose sampled tokens are not read back yet (its sequences hold PENDING)."""
 
     seqs: list[Seq]  # the step's sampled sequences, rows of ids
-    ids: torch.Tensor  # [rows] int64 on the device
+    ids: torch.Tensor  # [rows] int64 on the host (pinned), filled when `copied` has happened
+    copied: torch.cuda.Event | None  # the copy's event on CUDA; None: ids are ready
     skip: set[int]  # rows whose token is dropped: their sequence had already ended
     ended: set[int]  # ended by length at this step (the stop rule sets their finish reason at settle)
 
@@ -53,13 +55,28 @@ def hold(
         if stop.by_length(seq):
             ends.append(sid)
             ended.add(sid)
-    return ends, (Pending(seqs, ids, skip, ended) if seqs else None)
+    return ends, (Pending(seqs, *read_back_later(ids), skip, ended) if seqs else None)
+
+
+def read_back_later(ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Queue a copy of a step's ids to pinned host memory behind that step, and its event. Reading the
+    device tensor later (``.tolist()``) would queue the copy then, behind every step launched since, and
+    wait for them all: the next step's GPU time would no longer overlap the host's work."""
+    if ids.device.type != "cuda":
+        return ids, None
+    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    host.copy_(ids, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 def settle(pending: Pending, by_seq: dict[int, Request], stop: StopRule) -> set[int]:
     """Read back a pipelined step's tokens (waits for that step only), put them in place of their
     placeholders and apply the stop rule: the ids of the sequences that end with them but went on."""
     late: set[int] = set()
+    if pending.copied is not None:
+        pending.copied.synchronize()
     for seq, token in zip(pending.seqs, pending.ids.tolist(), strict=True):
         sid = seq.seq_id
         if sid in pending.skip:
