@@ -79,7 +79,8 @@ def test_decode_padding_uses_the_scratch_block() -> None:
     padded = pad_decode(lay, 8, scratch_block=50, block_size=BS)
     assert padded.num_seqs == 8 and padded.slot_mapping[3:].tolist() == [200] * 5
     assert padded.block_tables[3:, 0].tolist() == [50] * 5 and padded.kv_lens[3:].tolist() == [1] * 5
-    assert graph_sizes(600)[-3:] == [448, 512, 576] and graph_sizes(1) == [1]
+    assert graph_sizes(600)[-4:] == [448, 480, 512, 576] and graph_sizes(1) == [1]
+    assert graph_sizes(40) == [1, 2, 4, 8, 16, 32]
 
 
 def test_graph_group_slots_follow_the_groups() -> None:
