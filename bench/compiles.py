@@ -20,10 +20,16 @@ class CompileLog:
     count: int = 0
     seconds: float = 0.0
     kernels: Counter = field(default_factory=Counter)
+    variants: list[str] = field(default_factory=list)  # Triton's repr of each: warps, stages, constexprs
     _started: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "seconds": round(self.seconds, 3), "kernels": dict(self.kernels)}
+        return {
+            "count": self.count,
+            "seconds": round(self.seconds, 3),
+            "kernels": dict(self.kernels),
+            "variants": self.variants,
+        }
 
 
 @contextmanager
@@ -38,6 +44,7 @@ def compile_log() -> Iterator[CompileLog]:
 
     def before(*_args: Any, **kw: Any) -> bool:
         log._started = time.perf_counter()
+        log.variants.append(str(kw.get("repr", "?"))[:600])
         return False  # never skip the compile
 
     def after(*_args: Any, **kw: Any) -> None:

@@ -257,7 +257,7 @@ def run_native(
             print(f"WARNING: this Engine does not take {ignored}; running without them", flush=True)
         t = time.perf_counter()
         engine = Engine(folder, **kw)
-        record["init_s"] = time.perf_counter() - t
+        record["init_s"], record["attention"] = time.perf_counter() - t, engine.attention
         for i, case in enumerate(cases):
             if time.time() - args.t_start > args.time_budget:
                 runs[i] = {"skipped": "time budget"}

@@ -191,7 +191,7 @@ def run_native(args: argparse.Namespace, workloads: list[Workload], meta: dict[s
     kw, _ = supported(Engine, kw)
     t = time.perf_counter()
     engine = Engine(args.model, **kw)
-    meta["native_init_s"] = time.perf_counter() - t
+    meta["native_init_s"], meta["native_attention"] = time.perf_counter() - t, engine.attention
     try:
         vocab = engine.config.vocab_size
         for w in workloads:
@@ -290,7 +290,8 @@ def run_vllm(args: argparse.Namespace, workloads: list[Workload], meta: dict[str
 
 def table(workloads: list[Workload], meta: dict[str, Any]) -> str:
     lines = [
-        f"startup: native {meta.get('native_init_s', float('nan')):.1f} s, vLLM {meta.get('vllm_init_s', float('nan')):.1f} s\n\n",
+        f"startup: native {meta.get('native_init_s', float('nan')):.1f} s ({meta.get('native_attention')} attention), "
+        f"vLLM {meta.get('vllm_init_s', float('nan')):.1f} s\n\n",
         "| workload | run | wall s | req/s | prompt tok/s | saving or hit | labels = native | native ÷ run |\n",
         "|---|---|---|---|---|---|---|---|\n",
     ]

@@ -157,7 +157,7 @@ def run_native(
         record.update(engine_kwargs=kw, engine_kwargs_ignored=ignored)
         t = time.perf_counter()
         engine = Engine(folder, **kw)
-        record["init_s"] = time.perf_counter() - t
+        record["init_s"], record["attention"] = time.perf_counter() - t, engine.attention
         for i, case in enumerate(cases):
             for mode in args.modes:
                 if time.time() - args.t_start > args.time_budget:

@@ -121,9 +121,11 @@ def test_triton_graph_metadata_equals_the_step_metadata(slots: int) -> None:
 
 
 def test_registry() -> None:
-    assert resolve_name("auto", "cpu") == "cpu" and resolve_name("auto", "cuda") == "triton"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_name("auto", cpu) == "cpu" and resolve_name("fa3", cpu) == "fa3"
+    assert resolve_name("auto", cuda, torch.float32) == "triton"  # FA3 is 16-bit only
     with pytest.raises(ValueError, match="attention: must be one of"):
-        resolve_name("flash", "cpu")
+        resolve_name("flash", cpu)
     shape = KVShape(2, 6, BS, 2, 8, torch.float32, torch.device("cpu"))
     backend = create_backend("torch", shape)
     assert backend.kv_cache.shape == (2, 2, 7, 2, BS, 8) and backend.scratch_block == 6
@@ -383,6 +385,21 @@ def test_fa3_refuses_what_it_cannot_run() -> None:
     cpu = KVShape(1, 4, BS, 2, 64, torch.bfloat16, torch.device("cpu"))
     with pytest.raises(ValueError, match="'fa3' runs on CUDA only"):
         create_backend("fa3", cpu)
+
+
+@pytest.mark.gpu
+def test_auto_is_fa3_where_it_runs() -> None:
+    """On CUDA, 'auto' is fa3 for 16-bit KV on Hopper with vLLM's FA3 importable, else triton."""
+    cuda = torch.device("cuda")
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
+
+        importable = True
+    except Exception:
+        importable = False
+    hopper = torch.cuda.get_device_capability(cuda)[0] == 9
+    assert resolve_name("auto", cuda, torch.bfloat16) == ("fa3" if importable and hopper else "triton")
+    assert resolve_name("auto", cuda, torch.float32) == "triton"
 
 
 @pytest.mark.gpu

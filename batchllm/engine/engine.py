@@ -71,7 +71,7 @@ class Engine:
     decode_reserve: share of each request's max_tokens reserved in KV at
     admission (1.0 never preempts; less admits more and may preempt, then
     recompute). seed: base of the per-request seeds of unseeded sampling.
-    attention: "auto" (triton on CUDA, cpu on CPU) or a backend name ("torch": the reference).
+    attention: "auto" (cpu on CPU; fa3 on Hopper with vLLM for 16-bit KV, else triton) or a backend name ("torch": the reference).
     load_format "dummy": random weights from config.json alone (benchmarks);
     no tokenizer.json is needed then, token-id prompts run and eos ids come
     from config.json. cuda_graphs: replay captured decode steps on CUDA.
@@ -106,7 +106,7 @@ class Engine:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         torch_dtype = _DTYPES[dtype or ("bfloat16" if cuda else "float32")]
-        self.attention = resolve_name(attention, self.device.type)
+        self.attention = resolve_name(attention, self.device, torch_dtype)
         self.folder = model_folder(model, load_format)
         self.config = ModelConfig.from_folder(self.folder)
         self._has_tokenizer = (self.folder / "tokenizer.json").is_file()

@@ -8,14 +8,17 @@ CUDA, or CPU under TRITON_INTERPRET=1 for tests).
 its merge (CUDA, bf16/fp16, where flashinfer-python is installed).
 ``fa3``: vLLM's bundled FlashAttention-3 for prefill steps, triton for decode
 (Hopper, bf16/fp16, where vLLM is installed): the bar for our prefill kernels.
-``auto`` picks triton on CUDA and cpu on CPU. Backends are imported when chosen,
-so triton stays optional.
+``auto`` picks cpu on CPU; on CUDA fa3 where it runs (Hopper, bf16/fp16, vLLM
+importable: its prefill ran (a) 20.3 s against 21.6-22.7 s on triton at 205k KV,
+bench/RESULTS.md 2026-12-04), else triton. Backends are imported when chosen, so
+triton and vLLM stay optional.
 """
 
 from __future__ import annotations
 
 import os
 from importlib import import_module
+from importlib.util import find_spec
 
 import torch
 
@@ -31,18 +34,33 @@ _MODULES = {
 BACKENDS = ("auto", *_MODULES)
 
 
-def resolve_name(name: str, device: str) -> str:
-    """The backend a name means on a device type ('auto' -> triton on CUDA, cpu on CPU)."""
+def resolve_name(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The backend a name means on a device for a KV dtype ('auto': cpu on CPU; fa3 or triton on CUDA)."""
     if name not in BACKENDS:
         raise ValueError(f"attention: must be one of {', '.join(BACKENDS)}, got {name!r}")
-    if name == "auto":
-        return "triton" if device == "cuda" else "cpu"
-    return name
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "cpu"
+    return "fa3" if fa3_runs(device, dtype) else "triton"
+
+
+def fa3_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether vLLM's bundled FlashAttention-3 serves this device and dtype (Hopper, 16-bit, importable)."""
+    if dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    if find_spec("vllm") is None:
+        return False
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception:  # vLLM without an FA3 build for this GPU
+        return False
+    return True
 
 
 def create_backend(name: str, shape: KVShape, storage: torch.Tensor | None = None) -> AttentionBackend:
     """A backend instance owning a KV pool of ``shape`` (laid over ``storage`` when given)."""
-    name = resolve_name(name, shape.device.type)
+    name = resolve_name(name, shape.device, shape.dtype)
     if name == "cpu" and shape.device.type != "cpu":
         raise ValueError(f"attention: backend 'cpu' runs on the CPU only, not {shape.device.type!r}")
     if name == "triton" and shape.device.type == "cpu":
