@@ -134,3 +134,14 @@ def test_triton_backend_scores_like_the_reference(tmp_path) -> None:
     for pack in (False, True):
         for got, want in zip(probs["triton", pack], probs["torch", pack], strict=True):
             assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_packing_by_default_follows_the_backend(engine, prompts, monkeypatch) -> None:
+    """pack=None packs where the backend says packs are its fast path (cpu: yes; fa3: members run faster)."""
+    backend = engine.runner.attention
+    assert backend.packs_by_default
+    engine.classify(prompts, ["Yes", "No"])
+    assert engine.stats.packs >= 1
+    monkeypatch.setattr(backend, "packs_by_default", False)
+    engine.classify(prompts, ["Yes", "No"])
+    assert engine.stats.packs == 0 and engine.stats.saving_ratio > 0.3

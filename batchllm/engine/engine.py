@@ -227,8 +227,8 @@ class Engine:
 
         Prefill only (``prefill.run_prefill``, no token sampled). Labels are tokenized as a
         reply starts; any distinct labels work (``labels.LabelSet``). pack: a group's members
-        in sequences of up to pack_tokens tokens (None: where the attention backend has the
-        tree mask it needs). groups: as in ``generate``.
+        in sequences of up to pack_tokens tokens (None: the attention backend's default: packed where
+        its tree mask runs as fast as its plain prefill). groups: as in ``generate``.
         """
         t0 = time.perf_counter()
         label_set = labels if isinstance(labels, LabelSet) else LabelSet.build(labels, self.tokenizer)

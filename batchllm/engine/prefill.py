@@ -53,7 +53,7 @@ def run_prefill(
     stats = EngineStats(num_requests=total, num_kv_blocks=engine.num_kv_blocks)
     stats.prompt_tokens_logical, stats.num_groups = batch.logical_tokens, len(batch.groups)
     trees = engine.runner.attention.supports_tree_mask
-    pack = trees if pack is None else pack
+    pack = engine.runner.attention.packs_by_default if pack is None else pack
     if (pack or labels.num_nodes) and not trees:
         what = "packing" if pack else f"multi-token labels ({', '.join(map(repr, labels.labels))})"
         raise ValueError(f"attention: {what} needs a backend with a tree mask; {engine.attention!r} has none")

@@ -97,6 +97,7 @@ class AttentionBackend(ABC):
     name: str = ""
     supports_graphs: bool = False
     supports_tree_mask: bool = False  # reads BatchLayout.key_ends (prefill-only packing, multi-token labels)
+    packs_by_default: bool = False  # scoring packs a group's members (tree mask) unless told otherwise
 
     def __init__(self, shape: KVShape, storage: torch.Tensor | None = None) -> None:
         """storage: a flat tensor of the pool's dtype to lay the KV cache over instead of a new

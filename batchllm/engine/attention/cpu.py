@@ -157,6 +157,7 @@ def attend_range(
 class CpuBackend(AttentionBackend):
     name = "cpu"
     supports_tree_mask = True
+    packs_by_default = True
 
     def kv_cache_shape(self) -> tuple[int, ...]:
         """[k|v, layer, kv_head, block, offset, head_dim]: consecutive blocks of a head are one run."""

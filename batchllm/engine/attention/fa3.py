@@ -47,6 +47,9 @@ def _flash_attn() -> Any:
 
 class FA3Backend(TritonBackend):
     name = "fa3"
+    # members unpacked run FA3 (tree steps run Triton): 12.95 against 13.46 s on W(8000,150,20,40), 6.40
+    # against 6.53 s on W(4000,150,50,20) (H200, bench.score, bench/RESULTS.md 2026-12-04 day)
+    packs_by_default = False
 
     def __init__(self, shape: KVShape, storage: torch.Tensor | None = None) -> None:
         require_cuda_half("fa3", shape)

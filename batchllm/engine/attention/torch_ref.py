@@ -11,6 +11,7 @@ from batchllm.kernels import AttentionMeta, GroupSpan, store_kvcache, torch_atte
 class TorchBackend(AttentionBackend):
     name = "torch"
     supports_tree_mask = True
+    packs_by_default = True
 
     def prepare(self, layout: BatchLayout) -> AttentionMeta:
         dev = self.shape.device

@@ -97,6 +97,7 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     supports_graphs = True
     supports_tree_mask = True
+    packs_by_default = True
 
     def __init__(self, shape: KVShape, storage: torch.Tensor | None = None) -> None:
         super().__init__(shape, storage)
