@@ -187,7 +187,7 @@ def _submit(
             seq = Seq(
                 seq_id=len(units),
                 request_index=u.requests[0],
-                token_ids=u.token_ids.tolist(),
+                token_ids=u.token_ids,  # an array: never appended (Sequence.token_ids)
                 num_prompt_tokens=u.num_tokens,
                 max_tokens=1,
                 rope_positions=u.rope,
@@ -195,7 +195,7 @@ def _submit(
             )
             units[seq.seq_id] = u
             seqs.append(seq)
-        scheduler.add_group(trunk.tolist(), seqs)
+        scheduler.add_group(trunk, seqs)
         for seq in seqs:
             for k in units[seq.seq_id].requests:
                 batch.requests[k].cached_tokens = seq.num_shared_tokens

@@ -43,6 +43,8 @@ from collections.abc import Callable
 from collections.abc import Sequence as SequenceLike
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from batchllm.engine.admission import shared_prefix_len
 from batchllm.engine.kv import BlockPool
 from batchllm.engine.scheduler import ScheduleBatch, SchedulerStats, grouped_chunks
@@ -106,11 +108,13 @@ class PrefillScheduler:
         self._next_group_id += 1
         bs = self.block_size
         num_shared = shared_prefix_len(len(prefix_token_ids), (m.num_tokens for m in members), bs)
-        prefix_ids = [int(t) for t in prefix_token_ids[:num_shared]]
+        prefix_ids = np.asarray(prefix_token_ids[:num_shared], dtype=np.int64)
         accepted = []
         for m in members:
             assert not m.is_prefix and m.status is SequenceStatus.WAITING and not m.block_table
-            assert m.token_ids[:num_shared] == prefix_ids, "member does not start with the group prefix"
+            assert np.array_equal(m.token_ids[:num_shared], prefix_ids), (
+                "member does not start with the prefix"
+            )
             m.group_id, m.num_shared_tokens = gid, num_shared
             if (need := self.pool.blocks_for(m.num_tokens)) > self.pool.num_blocks:
                 m.status = SequenceStatus.REJECTED

@@ -65,10 +65,8 @@ def build_layout(chunks: Seq[ScheduledChunk], block_size: int, trees: bool = Fal
     if total == num:  # decode: one token per chunk, no slices
         ids = np.fromiter((c.seq.token_ids[c.start] for c in chunks), np.int64, total)
     else:
-        ids = np.fromiter(
-            chain.from_iterable(c.seq.token_ids[c.start : c.start + c.num_tokens] for c in chunks),
-            np.int64,
-            total,
+        ids = np.concatenate(
+            [c.seq.token_ids[c.start : c.start + c.num_tokens] for c in chunks], dtype=np.int64
         )
     rows = np.repeat(np.arange(num), q_lens)
     cu = np.concatenate([[0], np.cumsum(q_lens)])
