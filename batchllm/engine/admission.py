@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceLike
 
+import numpy as np
+
 from batchllm.engine.kv import BlockPool
 from batchllm.engine.sequence import Sequence, SequenceStatus
 
@@ -103,11 +105,13 @@ class Admission:
         num_shared = shared_prefix_len(
             len(prefix_token_ids), (m.num_prompt_tokens for m in members), self.block_size
         )
-        prefix_ids = [int(t) for t in prefix_token_ids[:num_shared]]
+        prefix_ids = np.asarray(prefix_token_ids[:num_shared], dtype=np.int64)
         accepted: list[Sequence] = []
         for m in members:
             assert not m.is_prefix and m.status is SequenceStatus.WAITING and not m.block_table
-            assert m.token_ids[:num_shared] == prefix_ids, "member does not start with the group prefix"
+            assert np.array_equal(m.token_ids[:num_shared], prefix_ids), (
+                "member does not start with the prefix"
+            )
             m.group_id, m.num_shared_tokens = gid, num_shared
             need = self.pool.blocks_for(self.kv_tokens(m, 1.0))
             if m.num_prompt_tokens > self.max_model_len:

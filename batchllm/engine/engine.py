@@ -365,7 +365,7 @@ def submit(scheduler: Scheduler, batch: Batch) -> dict[int, Request]:
             req.seq = Seq(
                 seq_id=len(by_seq),
                 request_index=req.inputs[0],
-                token_ids=req.tokens.tolist(),
+                token_ids=req.tokens,  # an array until its first generated token (Sequence.token_ids)
                 num_prompt_tokens=int(req.tokens.size),
                 max_tokens=p.max_tokens,
                 params=SeqSampling(p.temperature, p.top_p, p.top_k, req.seed),

@@ -162,14 +162,14 @@ class GrammarHead(TokenHead):
     def record(self, req: Request, seq: Seq, output: int, now: float) -> bool:
         state = self._states[seq.seq_id]
         if not state.matcher.accept_token(output):  # only if the mask and the matcher disagree
-            seq.token_ids.append(output)
+            seq.add_tokens((output,))
             req.finish_reason, req.error = "error", f"grammar: token {output} was not allowed"
             return self._end(seq)
         state.accepted += 1
         if super().record(req, seq, output, now):
             return self._end(seq)
         if self.jump_forward and (forced := self._forced(state, seq)):
-            seq.token_ids.extend(forced)
+            seq.add_tokens(forced)
             state.accepted += len(forced)
             self.forced_tokens += len(forced)
             if self.stop(req, seq):

@@ -144,7 +144,7 @@ class TokenHead:
         return sample(logits, temps, top_ps, top_ks, row_keys(seeds, positions))
 
     def record(self, req: Request, seq: Seq, output: int, now: float) -> bool:
-        seq.token_ids.append(output)
+        seq.add_tokens((output,))
         if not req.first_token_s:
             req.first_token_s = now
         return self.stop(req, seq)

@@ -49,7 +49,7 @@ def hold(
             ends.append(sid)
             skip.add(sid)
             continue
-        seq.token_ids.append(PENDING)
+        seq.add_tokens((PENDING,))
         if not req.first_token_s:
             req.first_token_s = now
         if stop.by_length(seq):

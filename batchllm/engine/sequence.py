@@ -16,6 +16,7 @@ Token positions of a group member:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -38,9 +39,9 @@ class Sequence:
 
     seq_id: int
     request_index: int | None  # None for a group-prefix pseudo-sequence
-    # prompt, then generated tokens (a list, appended by the engine); a prefill-only sequence keeps its
-    # prompt as an int64 array: it is never appended, and a scoring job's 4M candidate tokens cost ~0.3 s
-    # as Python ints
+    # prompt, then generated tokens (``add_tokens``). The prompt stays the int64 array it came as until
+    # the first generated token: a job's millions of prompt tokens as Python ints cost ~0.3 s before
+    # the first step, and a prefill-only sequence never generates
     token_ids: list[int] | np.ndarray
     num_prompt_tokens: int
     max_tokens: int
@@ -64,6 +65,12 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def add_tokens(self, tokens: Iterable[int]) -> None:
+        """Generated tokens at the end (the prompt becomes a list here, inside the overlapped loop)."""
+        if not isinstance(self.token_ids, list):
+            self.token_ids = self.token_ids.tolist()
+        self.token_ids.extend(tokens)
 
     @property
     def num_generated(self) -> int:
