@@ -71,7 +71,8 @@ class Engine:
     decode_reserve: share of each request's max_tokens reserved in KV at
     admission (1.0 never preempts; less admits more and may preempt, then
     recompute). seed: base of the per-request seeds of unseeded sampling.
-    attention: "auto" (cpu on CPU; fa3 on Hopper with vLLM for 16-bit KV, else triton) or a backend name ("torch": the reference).
+    attention: "auto" (cpu on CPU; fa3 on Hopper with vLLM for 16-bit KV, else triton) or a
+    backend name ("torch": the reference).
     load_format "dummy": random weights from config.json alone (benchmarks);
     no tokenizer.json is needed then, token-id prompts run and eos ids come
     from config.json. cuda_graphs: replay captured decode steps on CUDA.
