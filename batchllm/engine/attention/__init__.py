@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import os
 from importlib import import_module
-from importlib.util import find_spec
 
 import torch
 
-from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, copy_in, to_device
+from batchllm.engine.attention.base import (
+    AttentionBackend,
+    BatchLayout,
+    KVShape,
+    copy_in,
+    fa3_missing,
+    to_device,
+)
 
 _MODULES = {
     "torch": "batchllm.engine.attention.torch_ref",
@@ -42,20 +48,8 @@ def resolve_name(name: str, device: torch.device, dtype: torch.dtype = torch.bfl
         return name
     if device.type != "cuda":
         return "cpu"
-    return "fa3" if fa3_runs(device, dtype) else "triton"
-
-
-def fa3_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether vLLM's bundled FlashAttention-3 serves this device and dtype (Hopper, 16-bit, importable)."""
-    if dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(device)[0] != 9:
-        return False
-    if find_spec("vllm") is None:
-        return False
-    try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
-    except Exception:  # vLLM without an FA3 build for this GPU
-        return False
-    return True
+    half = dtype in (torch.bfloat16, torch.float16)
+    return "fa3" if half and fa3_missing(device) is None else "triton"
 
 
 def create_backend(name: str, shape: KVShape, storage: torch.Tensor | None = None) -> AttentionBackend:

@@ -140,6 +140,18 @@ class AttentionBackend(ABC):
         raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
 
 
+def fa3_missing(device: torch.device) -> str | None:
+    """What keeps vLLM's bundled FlashAttention-3 off this CUDA device, or None where it runs (the fa3
+    backend's refusal and ``auto``'s choice read this one check)."""
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return "needs a Hopper GPU (FlashAttention-3)"
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception as e:  # not installed, or no FA3 build for this GPU
+        return f"needs vLLM's bundled FlashAttention-3 ({e})"
+    return None
+
+
 def require_cuda_half(name: str, shape: KVShape) -> None:
     """Backends of library kernels without CPU or float32 paths: a clear error before any pool is made."""
     if shape.device.type != "cuda":

@@ -20,12 +20,11 @@ Needs CUDA, bf16 or fp16, and vLLM.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 import torch
 
-from batchllm.engine.attention.base import BatchLayout, KVShape, require_cuda_half, to_device
+from batchllm.engine.attention.base import BatchLayout, KVShape, fa3_missing, require_cuda_half, to_device
 from batchllm.engine.attention.triton import TritonBackend, TritonMeta, split_decode
 
 
@@ -37,14 +36,6 @@ class FA3Meta:
     triton: TritonMeta
 
 
-def _flash_attn() -> Any:
-    try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-    except Exception as e:  # not installed, or no FA3 build for this GPU
-        raise ValueError(f"attention: backend 'fa3' needs vLLM's bundled FlashAttention-3 ({e})") from e
-    return flash_attn_varlen_func
-
-
 class FA3Backend(TritonBackend):
     name = "fa3"
     # members unpacked run FA3 (tree steps run Triton): 12.95 against 13.46 s on W(8000,150,20,40), 6.40
@@ -53,9 +44,11 @@ class FA3Backend(TritonBackend):
 
     def __init__(self, shape: KVShape, storage: torch.Tensor | None = None) -> None:
         require_cuda_half("fa3", shape)
-        if torch.cuda.get_device_capability(shape.device)[0] != 9:
-            raise ValueError("attention: backend 'fa3' needs a Hopper GPU (FlashAttention-3)")
-        self._fa = _flash_attn()
+        if (why := fa3_missing(shape.device)) is not None:
+            raise ValueError(f"attention: backend 'fa3' {why}")
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        self._fa = flash_attn_varlen_func
         super().__init__(shape, storage)
 
     def prepare(self, layout: BatchLayout) -> TritonMeta | FA3Meta:
