@@ -8,10 +8,10 @@ P=2000, S=304), `sd1` (no sharing: 1600 groups of 1), `p512` (P=512, 4
 members). Per case it times, with CUDA graphs (eager if capture fails):
 
 - paged: paged_attention over the full contexts (reads every prefix sd times);
-- two_level: two_level_attention, both levels in one launch + the reduce;
+- two_level: two_level_attention as the engine runs it (decode: the two levels as two
+  launches on two streams, each kernel with its own registers, then the reduce);
+- fused: the same with both levels in one launch (CONFIG_OVERRIDE separate=0);
 - prefix / own: prefix_attention alone, paged_attention from the prefix end;
-- two_streams: those two as separate kernels on two streams, then merge_attention
-  (each kernel keeps its own registers; a CUDA graph captures the fork/join);
 - fa3_plain / fa3_two_pass (+ merge): vLLM's FlashAttention-3 when
   `vllm.vllm_flash_attn` imports (its paged layout [block, offset, kv_head,
   dim] gets its own copy of the cache);
@@ -212,31 +212,24 @@ def ours(c: dict) -> dict:
             max_kv_len=max_len, out=out, lse=lse, workspace=c["workspace"],
         )  # fmt: skip
 
-    # both levels as separate kernels on two streams (each with its own registers and tiles), merged
-    side = torch.cuda.Stream()
-    o_pre, o_own = torch.empty_like(c["q"]), torch.empty_like(c["q"])
-    l_pre, l_own = torch.empty_like(lse), torch.empty_like(lse)
-
-    def two_streams():
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            pa.prefix_attention(
-                c["q"], c["k"], c["v"], c["cu_g"], c["g_lens"], c["g_tables"], c["scale"],
-                max_prefix_len=c["shape"][2], max_group_rows=members, out=o_pre, lse=l_pre,
-            )  # fmt: skip
-        pa.paged_attention(
-            c["q"], c["k"], c["v"], c["cu_q"], c["kv_lens"], c["tables"], c["prefix_lens"], c["scale"], 1,
-            max_kv_len=max_len, out=o_own, lse=l_own,
-        )  # fmt: skip
-        torch.cuda.current_stream().wait_stream(side)
-        pa.merge_attention(o_own, l_own, o_pre, l_pre, out=out)
+    def fused():
+        """Both levels in one launch (what decode ran before the two-stream launches)."""
+        saved = pa.CONFIG_OVERRIDE.get("separate")
+        pa.CONFIG_OVERRIDE["separate"] = 0
+        try:
+            two_level()
+        finally:
+            if saved is None:
+                pa.CONFIG_OVERRIDE.pop("separate")
+            else:
+                pa.CONFIG_OVERRIDE["separate"] = saved
 
     return {
         "paged": paged,
         "two_level": two_level,
         "prefix": prefix,
         "own": own,
-        "two_streams": two_streams,
+        "fused": fused,
         "_out": out,
     }
 
@@ -339,7 +332,7 @@ def run_case(name: str, iters: int, bandwidth: float, fa, fi=None) -> dict:
         "own": num_seqs * own_len * row_bytes,
     }
     kv_bytes["fa3_plain"], kv_bytes["fa3_two_pass"] = kv_bytes["paged"], kv_bytes["two_level"]
-    kv_bytes["two_streams"] = kv_bytes["two_level"]
+    kv_bytes["fused"] = kv_bytes["two_level"]
     kv_bytes["fi_decode"] = kv_bytes["paged"]
     kv_bytes["fi_cascade"] = kv_bytes["fi_two_pass"] = kv_bytes["two_level"]
     kv_bytes["fi_prefix"], kv_bytes["fi_own"] = kv_bytes["prefix"], kv_bytes["own"]
@@ -348,7 +341,7 @@ def run_case(name: str, iters: int, bandwidth: float, fa, fi=None) -> dict:
     sample = sorted({0, 1, members, num_seqs // 2, num_seqs - 1} & set(range(num_seqs)))
     ref = reference(c, sample)
     errors = {}
-    for op in ("two_level", "two_streams", "paged"):
+    for op in ("two_level", "fused", "paged"):
         fns[op]()
         torch.cuda.synchronize()
         errors[op] = (fns["_out"][sample].float() - ref).abs().max().item()
@@ -417,8 +410,8 @@ def kernel_info(fn) -> dict:
 
 
 def sweep(iters: int, case: str) -> list[dict]:
-    """Tile configurations (CONFIG_OVERRIDE) on one case: prefix and own alone, two_level, and both
-    levels on two streams."""
+    """Tile configurations (CONFIG_OVERRIDE) on one case: prefix and own alone, two_level (two streams
+    for decode) and fused (one launch)."""
     c = build(*CASES[case])
     fns = ours(c)
     sample = [0, 1, c["q"].shape[0] - 1]
@@ -435,16 +428,27 @@ def sweep(iters: int, case: str) -> list[dict]:
         {"maxnreg": 168},
         {"block_n_pre": 32, "maxnreg": 168, "block_n_own": 128},
         {"num_stages": 4},
+        {"maxnreg": 128},
+        {"maxnreg": 200},
+        {"mix": 1},
+        {"mix": 4},
+        {"own_splits": 2},
+        {"prefix_splits": 2},
+        {"heads_per_tile": 2},
+        {"block_n_pre": 128},
+        {"num_warps": 8},
     ]
     for config in configs:
         row: dict = dict(config)
-        for op in ("prefix", "own", "two_level", "two_streams"):
+        for op in ("prefix", "own", "two_level", "fused"):
             pa.CONFIG_OVERRIDE.clear()
             pa.CONFIG_OVERRIDE.update(saved, **config)
             try:
                 row[op] = round(time_ms(fns[op], iters)[0], 4)
                 if op == "two_level":
                     row["two_level_err"] = round((fns["_out"][sample].float() - ref).abs().max().item(), 5)
+                    info = kernel_info(fns[op])
+                    row["regs"], row["spills"] = info.get("n_regs"), info.get("n_spills")
             except Exception as e:  # e.g. out of shared memory
                 row[op] = f"{type(e).__name__}: {str(e)[:80]}"
         rows.append(row)

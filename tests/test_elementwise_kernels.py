@@ -64,6 +64,10 @@ def test_rope_in_place_on_a_strided_view(dtype: torch.dtype) -> None:
     q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
     want_q, want_k, v_before = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.clone()
     tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1.6e-2}
+    q_before = q.clone()
+    fresh = rope_(q, positions, table, torch.empty(q.shape, dtype=dtype, device=DEVICE))
+    assert fresh.is_contiguous() and torch.equal(q, q_before)  # out of place: q untouched
+    torch.testing.assert_close(fresh, want_q, **tol)
     torch.testing.assert_close(rope_(q, positions, table), want_q, **tol)
     torch.testing.assert_close(rope_(k, positions, table), want_k, **tol)
     assert torch.equal(v, v_before)  # the values beside them untouched

@@ -390,6 +390,21 @@ def test_two_level_attention_mixed_program_order() -> None:
         pa.CONFIG_OVERRIDE.pop("mix")
 
 
+@pytest.mark.parametrize("separate", [0, 1])
+@pytest.mark.parametrize("name", ["groups-decode", "groups-mixed"])
+def test_two_level_attention_levels_fused_or_separate(name: str, separate: int) -> None:
+    """Both levels in one launch, or as two launches (prefix-only, then own-only writing the slots after
+    the prefix's, on two streams on CUDA) and one reduce: the same result either way."""
+    specs, prefixes = CASES[name]
+    b = build(specs, prefixes, g=4, dim=32, block=16, seed=15, pad_tokens=1, pad_seqs=1, pad_groups=1)
+    pa.CONFIG_OVERRIDE["separate"] = separate
+    try:
+        check_two_level(b, tol=_device_tol(torch.float32))
+        check_two_level(b, tol=_device_tol(torch.float32), own_splits=2, prefix_splits=3)
+    finally:
+        pa.CONFIG_OVERRIDE.pop("separate")
+
+
 def test_two_level_matches_the_torch_reference() -> None:
     """Same conventions as batchllm/kernels/attention.py's torch_attention (AttentionMeta / GroupSpan)."""
     from batchllm.kernels import AttentionMeta, GroupSpan

@@ -95,11 +95,14 @@ class Rope:
             cs = table[positions]  # [T, 2, head_dim]
             self.cos, self.sin = cs[:, None, 0].to(dtype), cs[:, None, 1].to(dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """fresh: the result in a new contiguous tensor (the queries: FA3 reads plain rows), else in place
+        on the fused path (the keys: stored right after)."""
         if self.fused:
             from batchllm.kernels.elementwise import rope_
 
-            return rope_(x, self.positions, self.table)
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if fresh else None
+            return rope_(x, self.positions, self.table, out)
         return apply_rope(x, self.cos, self.sin)
 
 
@@ -117,10 +120,16 @@ class Attention(nn.Module):
         self.backend: AttentionBackend | None = None  # installed by the runner
 
     def forward(
-        self, rope: Rope, x: torch.Tensor, meta: Any, kv: tuple[AttentionBackend, int] | None = None
+        self,
+        rope: Rope,
+        x: torch.Tensor,
+        meta: Any,
+        kv: tuple[AttentionBackend, int] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Project, store this step's keys/values, attend, project out. kv: (backend, layer) to use
-        instead of the runner's backend and this layer's index (hybrid prefill's one-layer cache)."""
+        instead of the runner's backend and this layer's index (hybrid prefill's one-layer cache).
+        keep: the token rows to project out (the rest are dropped after attention)."""
         if kv is None:
             assert self.backend is not None, "the runner installs the attention backend"
             kv = (self.backend, self.layer)
@@ -131,10 +140,10 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q), rope(k)
+        q, k = rope(q, fresh=True), rope(k)
         backend.store(layer, k, v, meta)
-        o = backend.forward(layer, q, meta, self.scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        o = backend.forward(layer, q, meta, self.scale).reshape(-1, self.q_size)
+        return self.o_proj(o if keep is None else o[keep])
 
 
 class MLP(nn.Module):
@@ -170,15 +179,19 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         meta: Any,
         kv: tuple[AttentionBackend, int] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, residual stream): the add of each block's output into the residual stream
         happens in the next norm, fused with it (x + residual, summed in the same order as before).
-        kv: as for ``Attention.forward``."""
+        kv, keep: as for ``Attention.forward``; with keep, both outputs hold the kept rows only."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(rope, h, meta, kv), residual)
+        attn = self.self_attn(rope, h, meta, kv, keep)
+        if keep is not None:
+            residual = residual[keep]
+        h, residual = self.post_attention_layernorm(attn, residual)
         return self.mlp(h), residual
 
 
@@ -210,14 +223,23 @@ class CausalLM(nn.Module):
 
     fused = False
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden], or with keep (token row indices) of those rows only [K, hidden].
+
+        Every layer stores keys and values of all T tokens, which later steps read; the last layer's
+        output projection, MLP and norm only matter where a hidden state is read (logits, labels), so
+        with keep they run on those rows: a prefill step of 16,384 tokens that samples from 8 saves
+        ~88% of one layer's GEMMs (2.8% of a 32-layer model's)."""
         x = self.embed_tokens(input_ids)
         rope = Rope(self.rope, positions, x.dtype, self.fused)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(rope, x, residual, meta)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(rope, x, residual, meta, keep=keep if i == last else None)
         if residual is None:  # no layers
-            return self.norm(x)
+            return self.norm(x) if keep is None else self.norm(x[keep])
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

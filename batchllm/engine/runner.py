@@ -161,10 +161,11 @@ class ModelRunner:
         if layout.tree_seqs is not None and not self.attention.supports_tree_mask:
             raise ValueError(f"attention: backend {self.attention.name!r} has no tree (multi-item) mask")
         meta = self.attention.prepare(layout)
-        # pinned, non-blocking copies: the host prepares the next step while this one runs
-        hidden = self.model(input_ids, to_device(layout.positions, dev), meta)
+        # the rows whose hidden state is read: the last layer projects out only these
+        keep = None
         if rows is not None:
-            return hidden[to_device(rows.astype(np.int64), dev)]
-        if layout.is_decode:
-            return hidden
-        return hidden[to_device(layout.cu_seqlens_q[1:].astype(np.int64) - 1, dev)]
+            keep = to_device(rows.astype(np.int64), dev)
+        elif not layout.is_decode:
+            keep = to_device(layout.cu_seqlens_q[1:].astype(np.int64) - 1, dev)
+        # pinned, non-blocking copies: the host prepares the next step while this one runs
+        return self.model(input_ids, to_device(layout.positions, dev), meta, keep)

@@ -116,10 +116,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rope_kernel(
     x_ptr,
+    out_ptr,
     pos_ptr,
     table_ptr,
     stride_xt,
     stride_xh,
+    stride_ot,
+    stride_oh,
     stride_tp,
     stride_tc,
     n_heads,
@@ -142,25 +145,36 @@ def _rope_kernel(
     a2 = (x2.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
     b1 = (-x2.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)  # rotate_half: [-x2, x1]
     b2 = (x1.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)
-    tl.store(base, (a1 + b1).to(dt), mask=ok)
-    tl.store(base + HALF, (a2 + b2).to(dt), mask=ok)
+    dst = out_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :]
+    tl.store(dst, (a1 + b1).to(dt), mask=ok)
+    tl.store(dst + HALF, (a2 + b2).to(dt), mask=ok)
 
 
-def rope_(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of x [T, heads, head_dim] in place (x may be a strided view).
+def rope_(
+    x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotate-half RoPE of x [T, heads, head_dim] (x may be a strided view), in place or into `out`.
 
+    out: where the result goes (default x). The queries take a fresh contiguous tensor: they
+    are a view of the fused QKV output, and a kernel that wants plain rows (FA3) would
+    otherwise copy them once per layer (1.5% of a prefill step on the H200).
     table: [max_len, 2, head_dim] float32 cos/sin by position (``model.rope_table``).
     Same rounding as ``x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)``.
     """
     tokens, heads, dim = x.shape
     assert x.stride(-1) == 1 and dim % 2 == 0 and table.is_contiguous() and table.dtype == torch.float32
+    out = x if out is None else out
+    assert out.shape == x.shape and out.stride(-1) == 1 and out.dtype == x.dtype
     if tokens:
         _rope_kernel[(tokens,)](
             x,
+            out,
             positions,
             table,
             x.stride(0),
             x.stride(1),
+            out.stride(0),
+            out.stride(1),
             table.stride(0),
             table.stride(1),
             heads,
@@ -168,4 +182,4 @@ def rope_(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torc
             BLOCK_H=triton.next_power_of_2(heads),
             num_warps=4,
         )
-    return x
+    return out

@@ -76,7 +76,7 @@ class FA3Backend(TritonBackend):
         v = self.kv_cache[1, layer].transpose(1, 2)
         m = meta.triton
         out = self._fa(
-            q.contiguous(),  # the model's q is a view of the fused QKV output; FA3 gets plain rows
+            q.contiguous(),  # a no-op for the model's queries (RoPE writes them fresh)
             k,
             v,
             max_seqlen_q=m.max_q_len,

@@ -117,7 +117,8 @@ def _attention_kernel(
     Within a level: kv heads fastest, then row tile (or item), then key split.
     DIRECT (one level, one split) writes out/lse; otherwise split s of the
     prefix writes workspace slot s and split s of the own level slot
-    pre_splits + s, and _reduce_kernel combines them. TREE: own tiles also
+    pre_splits + s (also in an own-only launch beside a prefix-only one; 0
+    when there is no prefix level), and _reduce_kernel combines them. TREE: own tiles also
     take the tree mask (key ends ends_ptr[ends_off_ptr[i] + k], keys before
     open_ptr[i] seen by every later query of the step); prefix tiles never do.
     """
@@ -279,7 +280,7 @@ def _attention_kernel(
             NUM_KV_HEADS,
             HAS_START,
             own_splits,
-            0,
+            pre_splits,
             DIRECT,
             TREE,
             SEARCH_OWN,

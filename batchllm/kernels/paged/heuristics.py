@@ -19,7 +19,7 @@ import triton
 # num_warps, wide_warps, wide_own_rows, num_stages, maxnreg, block_m_pre, block_m_own (rows of a tile:
 # tokens x padded g), target_programs, prefix_splits, own_splits, mix (own
 # programs after each prefix program in a fused launch), prefix_direct,
-# block_n_pre, block_n_own, prefix_split_loop, own_split_loop, heads_per_tile. An engine benchmark
+# block_n_pre, block_n_own, prefix_split_loop, own_split_loop, heads_per_tile, separate. An engine benchmark
 # sets them from the environment: BATCHLLM_ATTENTION_CONFIG='{"block_m_pre": 128}'.
 CONFIG_OVERRIDE: dict[str, int] = json.loads(os.environ.get("BATCHLLM_ATTENTION_CONFIG") or "{}")
 
@@ -99,6 +99,17 @@ def _num_warps(rows_max: int, own_rows: int) -> int:
     if own_rows >= 256:
         return CONFIG_OVERRIDE.get("wide_warps", 16)
     return 8 if rows_max >= 128 else 4
+
+
+def _separate_levels(max_q_len: int, tree: bool) -> bool:
+    """Decode steps run the two levels as two launches (the prefix level on a side stream), not one fused
+    launch: each kernel then keeps its own registers (fused: 255 and spills; alone: ~210, none) and
+    the two overlap. One layer of (a)'s decode: 0.742 against 0.776 ms, at P=512 with 4 members
+    0.716 against 0.837 (H200, bench.attention, bench/RESULTS.md 2026-12-04 evening). Prefill tiles
+    stay fused (compute-bound). CONFIG_OVERRIDE: separate (0 or 1)."""
+    if "separate" in CONFIG_OVERRIDE:
+        return bool(CONFIG_OVERRIDE["separate"])
+    return max_q_len <= 1 and not tree
 
 
 def _splits(tiles: int, max_keys: int, device: torch.device, min_chunk: int) -> int:

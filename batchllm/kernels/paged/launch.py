@@ -1,5 +1,6 @@
-"""One attention launch: the fused kernel over prefix and/or own tiles (tile sizes and key splits from
-heuristics.py), plus the reduce when the results are split into a workspace."""
+"""One attention call: the kernel over prefix and/or own tiles (tile sizes and key splits from
+heuristics.py; both levels in one launch, or for decode in two launches on two streams), plus the
+reduce when the results are split into a workspace."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import torch
 import triton
 
 from .fused import _attention_kernel, _reduce_kernel
-from .heuristics import CONFIG_OVERRIDE, _block_n, _num_stages, _num_warps, _rows_own, _rows_pre, _splits
+from .heuristics import (
+    CONFIG_OVERRIDE,
+    _block_n,
+    _num_stages,
+    _num_warps,
+    _rows_own,
+    _rows_pre,
+    _separate_levels,
+    _splits,
+)
 
 _LOG2E = 1.4426950408889634
 
@@ -42,6 +52,17 @@ def _workspace(
         po[:n_o].view(slots, num_tokens, num_heads, head_dim),
         pl[:n_l].view(slots, num_tokens, num_heads),
     )
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per GPU, for the prefix level of a decode step beside its own level."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 def _launch(
@@ -148,82 +169,104 @@ def _launch(
     n_pre_programs, n_own_programs = n_pre_vt * ps * pre_chunks, n_own_vt * os_ * own_chunks
     mix = min(CONFIG_OVERRIDE.get("mix", 0), n_own_programs // max(n_pre_programs, 1))
     n_programs = n_pre_programs + n_own_programs
-    rows_max = max(bq_pre * g_pad if has_pre else 0, bq_own * g_pad if has_own else 0)
-    num_warps = _num_warps(rows_max, bq_own * g_pad if has_own else 0)
-    _attention_kernel[(n_programs,)](
-        q,
-        k_cache,
-        v_cache,
-        cu_q,
-        kv_lens,
-        start if start is not None else kv_lens,
-        tables,
-        n_seqs,
-        max(1, n_seqs.bit_length()),
-        tables.stride(0),
-        n_own_vt,
-        ends,
-        ends_off,
-        open_ends,
-        cu_g,
-        g_lens,
-        g_tables,
-        n_groups,
-        max(1, n_groups.bit_length()),
-        g_tables.stride(0),
-        n_pre_vt,
-        mix,
-        out,
-        lse,
-        po,
-        pl,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
-        lse.stride(1),
-        *po_strides,
-        *pl_strides,
-        g,
-        scale * _LOG2E,
-        max(ps, 1),
-        max(os_, 1),
-        NUM_KV_HEADS=num_kv_heads,
-        HAS_PRE=has_pre,
-        HAS_OWN=has_own,
-        HAS_START=start is not None,
-        DIRECT=direct,
-        TREE=use_tree,
-        SEARCH_PRE=search_pre,
-        SEARCH_OWN=search_own,
-        BQ_PRE=bq_pre,
-        HPT_PRE=hpt_pre,
-        BQ_OWN=bq_own,
-        HPT_OWN=hpt,
-        G_PAD=g_pad,
-        BLOCK_N_PRE=max(CONFIG_OVERRIDE.get("block_n_pre", block_n), 8 * hpt_pre),
-        # decode tiles: 128 key columns (32 keys of each of 4 kv heads for GQA 4), measured best on H200
-        BLOCK_N_OWN=max(
-            CONFIG_OVERRIDE.get("block_n_own", 128 if hpt > 1 and head_dim <= 128 else block_n), 8 * hpt
-        ),
-        # two loops (unmasked, then masked) for prefix and prefill tiles; decode tiles take one
-        SPLIT_LOOP_PRE=bool(CONFIG_OVERRIDE.get("prefix_split_loop", 1)),
-        SPLIT_LOOP_OWN=bool(CONFIG_OVERRIDE.get("own_split_loop", bq_own > 1)),
-        BLOCK_D=block_d,
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32: exact, not tf32
-        num_warps=num_warps,
-        num_stages=_num_stages(device, prefill=has_own and bq_own > 1),
-        **({"maxnreg": CONFIG_OVERRIDE["maxnreg"]} if "maxnreg" in CONFIG_OVERRIDE else {}),
+    rows_pre, rows_own = (bq_pre * g_pad if has_pre else 0), (bq_own * g_pad if has_own else 0)
+    block_n_pre = max(CONFIG_OVERRIDE.get("block_n_pre", block_n), 8 * hpt_pre)
+    # decode tiles: 128 key columns (32 keys of each of 4 kv heads for GQA 4), measured best on H200
+    block_n_own = max(
+        CONFIG_OVERRIDE.get("block_n_own", 128 if hpt > 1 and head_dim <= 128 else block_n), 8 * hpt
     )
+    stages = _num_stages(device, prefill=has_own and bq_own > 1)
+    extra = {"maxnreg": CONFIG_OVERRIDE["maxnreg"]} if "maxnreg" in CONFIG_OVERRIDE else {}
+
+    def run(programs: int, pre: bool, own: bool, warps: int, mix_: int) -> None:
+        """The kernel over the prefix programs (pre), the own programs (own) or both."""
+        _attention_kernel[(programs,)](
+            q,
+            k_cache,
+            v_cache,
+            cu_q,
+            kv_lens,
+            start if start is not None else kv_lens,
+            tables,
+            n_seqs,
+            max(1, n_seqs.bit_length()),
+            tables.stride(0),
+            n_own_vt,
+            ends,
+            ends_off,
+            open_ends,
+            cu_g,
+            g_lens,
+            g_tables,
+            n_groups,
+            max(1, n_groups.bit_length()),
+            g_tables.stride(0),
+            n_pre_vt,
+            mix_,
+            out,
+            lse,
+            po,
+            pl,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            lse.stride(1),
+            *po_strides,
+            *pl_strides,
+            g,
+            scale * _LOG2E,
+            ps,  # an own-only launch writes its split results after the prefix slots (0 without a prefix)
+            max(os_, 1),
+            NUM_KV_HEADS=num_kv_heads,
+            HAS_PRE=pre,
+            HAS_OWN=own,
+            HAS_START=start is not None,
+            DIRECT=direct,
+            TREE=use_tree,
+            SEARCH_PRE=search_pre,
+            SEARCH_OWN=search_own,
+            BQ_PRE=bq_pre,
+            HPT_PRE=hpt_pre,
+            BQ_OWN=bq_own,
+            HPT_OWN=hpt,
+            G_PAD=g_pad,
+            BLOCK_N_PRE=block_n_pre,
+            BLOCK_N_OWN=block_n_own,
+            # two loops (unmasked, then masked) for prefix and prefill tiles; decode tiles take one
+            SPLIT_LOOP_PRE=bool(CONFIG_OVERRIDE.get("prefix_split_loop", 1)),
+            SPLIT_LOOP_OWN=bool(CONFIG_OVERRIDE.get("own_split_loop", bq_own > 1)),
+            BLOCK_D=block_d,
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32: exact, not tf32
+            num_warps=warps,
+            num_stages=stages,
+            **extra,
+        )
+
+    if has_pre and has_own and _separate_levels(max_q_len, use_tree):
+        # two launches, each compiled with its own registers, the prefix level on a side stream
+        pre_warps, own_warps = _num_warps(rows_pre, 0), _num_warps(rows_own, rows_own)
+        if device.type == "cuda":
+            main, side = torch.cuda.current_stream(device), _side_stream(device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                run(n_pre_programs, True, False, pre_warps, 0)
+            run(n_own_programs, False, True, own_warps, 0)
+            main.wait_stream(side)
+        else:  # the interpreter: one after the other
+            run(n_pre_programs, True, False, pre_warps, 0)
+            run(n_own_programs, False, True, own_warps, 0)
+    else:
+        run(n_programs, has_pre, has_own, _num_warps(max(rows_pre, rows_own), rows_own), mix)
     if direct:
         return
     block_h = min(triton.next_power_of_2(num_heads), max(1, 4096 // block_d))
