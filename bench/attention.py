@@ -363,7 +363,7 @@ def run_case(name: str, iters: int, bandwidth: float, fa, fi=None) -> dict:
             res.setdefault("errors", {})[op] = f"{type(e).__name__}: {e}"
             fa_fns = {k: v for k, v in fa_fns.items() if k != op}
     res["max_abs_err_vs_fp32_reference"] = errors
-    res["kernels"] = {op: kernel_info(fns[op]) for op in ("prefix", "own", "two_level")}
+    res["kernels"] = {op: kernel_info(fns[op]) for op in ("prefix", "own", "two_level", "fused")}
     for op, fn in [*((k, v) for k, v in fns.items() if not k.startswith("_")), *fa_fns.items()]:
         ms, how = time_ms(fn, iters)
         res["ops"][op] = {
@@ -379,7 +379,8 @@ def run_case(name: str, iters: int, bandwidth: float, fa, fi=None) -> dict:
 
 
 def kernel_info(fn) -> dict:
-    """Registers, spills, shared memory and MMA flavour of the attention kernel that fn launches last."""
+    """Registers, spills, shared memory and MMA flavour of the attention kernel that fn launches last,
+    and of each kernel it launches ("launches": the two levels of a decode step are two launches)."""
     seen = []
     jit = fused._attention_kernel
     original = jit.run
@@ -396,17 +397,20 @@ def kernel_info(fn) -> dict:
         jit.run = original
     if not seen:
         return {}
-    k = seen[-1]
-    ttgir = k.asm.get("ttgir", "")
-    return {
-        "n_regs": k.n_regs,
-        "n_spills": k.n_spills,
-        "shared_bytes": k.metadata.shared,
-        "num_warps": k.metadata.num_warps,
-        "num_stages": k.metadata.num_stages,
-        "wgmma": "warp_group_dot" in ttgir,
-        "mma_v2": "versionMajor = 2" in ttgir,
-    }
+
+    def info(k) -> dict:
+        ttgir = k.asm.get("ttgir", "")
+        return {
+            "n_regs": k.n_regs,
+            "n_spills": k.n_spills,
+            "shared_bytes": k.metadata.shared,
+            "num_warps": k.metadata.num_warps,
+            "num_stages": k.metadata.num_stages,
+            "wgmma": "warp_group_dot" in ttgir,
+            "mma_v2": "versionMajor = 2" in ttgir,
+        }
+
+    return {**info(seen[-1]), "launches": [info(k) for k in seen]}
 
 
 def sweep(iters: int, case: str) -> list[dict]:
