@@ -178,8 +178,10 @@ def _launch(
     stages = _num_stages(device, prefill=has_own and bq_own > 1)
     extra = {"maxnreg": CONFIG_OVERRIDE["maxnreg"]} if "maxnreg" in CONFIG_OVERRIDE else {}
 
-    def run(programs: int, pre: bool, own: bool, warps: int, mix_: int) -> None:
-        """The kernel over the prefix programs (pre), the own programs (own) or both."""
+    def run(programs: int, pre: bool, own: bool, warps: int, mix_: int, target: tuple | None = None) -> None:
+        """The kernel over the prefix programs (pre), the own programs (own) or both. target: (out, lse)
+        written directly (DIRECT) instead of the call's."""
+        o_, l_, direct_ = (out, lse, direct) if target is None else (*target, True)
         _attention_kernel[(programs,)](
             q,
             k_cache,
@@ -203,8 +205,8 @@ def _launch(
             g_tables.stride(0),
             n_pre_vt,
             mix_,
-            out,
-            lse,
+            o_,
+            l_,
             po,
             pl,
             q.stride(0),
@@ -215,10 +217,10 @@ def _launch(
             v_cache.stride(0),
             v_cache.stride(1),
             v_cache.stride(2),
-            out.stride(0),
-            out.stride(1),
-            lse.stride(0),
-            lse.stride(1),
+            o_.stride(0),
+            o_.stride(1),
+            l_.stride(0),
+            l_.stride(1),
             *po_strides,
             *pl_strides,
             g,
@@ -229,7 +231,7 @@ def _launch(
             HAS_PRE=pre,
             HAS_OWN=own,
             HAS_START=start is not None,
-            DIRECT=direct,
+            DIRECT=direct_,
             TREE=use_tree,
             SEARCH_PRE=search_pre,
             SEARCH_OWN=search_own,
@@ -253,18 +255,21 @@ def _launch(
         )
 
     if has_pre and has_own and _separate_levels(max_q_len, use_tree):
-        # two launches, each compiled with its own registers, the prefix level on a side stream
+        # two launches, each compiled with its own registers, the prefix level on a side stream. An
+        # unsplit own level writes its workspace slot directly: the variant that writes split results
+        # spills (255 registers against 209, H200)
         pre_warps, own_warps = _num_warps(rows_pre, 0), _num_warps(rows_own, rows_own)
+        own_target = (po[ps], pl[ps]) if os_ == 1 else None
         if device.type == "cuda":
             main, side = torch.cuda.current_stream(device), _side_stream(device)
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 run(n_pre_programs, True, False, pre_warps, 0)
-            run(n_own_programs, False, True, own_warps, 0)
+            run(n_own_programs, False, True, own_warps, 0, own_target)
             main.wait_stream(side)
         else:  # the interpreter: one after the other
             run(n_pre_programs, True, False, pre_warps, 0)
-            run(n_own_programs, False, True, own_warps, 0)
+            run(n_own_programs, False, True, own_warps, 0, own_target)
     else:
         run(n_programs, has_pre, has_own, _num_warps(max(rows_pre, rows_own), rows_own), mix)
     if direct:
