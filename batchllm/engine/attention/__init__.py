@@ -1,7 +1,7 @@
 """Attention backends as registered objects, chosen by name and device.
 
 ``torch``: the reference (plain torch, float32 math; CPU and CUDA).
-``triton``: our Triton kernels (paged prefill/decode, fused two-level attention;
+``triton``: our Triton kernels (paged prefill/decode, two-level attention;
 CUDA, or CPU under TRITON_INTERPRET=1 for tests).
 ``cpu``: two-level attention on torch's fused CPU attention kernel (CPU only).
 ``flashinfer``: FlashInfer's paged prefill kernels, two-level by two launches and

@@ -1,10 +1,12 @@
-"""Our Triton kernels: paged attention and fused two-level attention, with CUDA-graph hooks.
+"""Our Triton kernels: paged attention and two-level attention, with CUDA-graph hooks.
 
 A step without groups takes one paged-attention launch. A step with groups
-takes the fused launch: group tiles (every member's queries against the group's
-prefix, read once per group) and per-sequence tiles (own keys), merged through
-their log-sum-exps. Decode graphs get static metadata of a padded size whose
-group arrays have room for one group per row; empty groups exit at once.
+takes two-level attention: group tiles (every member's queries against the
+group's prefix, read once per group) and per-sequence tiles (own keys), merged
+through their log-sum-exps; prefill steps in one fused launch, decode steps as
+two launches on two streams (the kernels' heuristics decide). Decode graphs get
+static metadata of a padded size whose group arrays have room for a group
+capacity (graphs.py); empty group slots exit at once.
 
 A mixed step (decode rows beside prefill chunks) splits its attention in two
 launches when it has DECODE_SPLIT_MIN_ROWS decode rows or more: tile sizes
@@ -46,7 +48,7 @@ class TritonMeta:
     max_kv_len: int
     max_prefix_len: int
     max_group_rows: int
-    grouped: bool  # any group in the step: take the fused two-level launch
+    grouped: bool  # any group in the step: take two-level attention
     workspace: dict = field(default_factory=dict, repr=False)  # the kernels' partial results
     # tree steps only (None otherwise): key ends [sum(kv_lens)], offsets [B] and open ends [B], int32
     tree: dict[str, torch.Tensor] | None = None

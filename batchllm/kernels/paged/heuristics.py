@@ -103,10 +103,10 @@ def _num_warps(rows_max: int, own_rows: int) -> int:
 
 def _separate_levels(max_q_len: int, tree: bool) -> bool:
     """Decode steps run the two levels as two launches (the prefix level on a side stream), not one fused
-    launch: each kernel then keeps its own registers (fused: 255 and spills; alone: ~210, none) and
-    the two overlap. One layer of (a)'s decode: 0.742 against 0.776 ms, at P=512 with 4 members
-    0.716 against 0.837 (H200, bench.attention, bench/RESULTS.md 2026-12-04 evening). Prefill tiles
-    stay fused (compute-bound). CONFIG_OVERRIDE: separate (0 or 1)."""
+    launch: each kernel then keeps its own registers (fused: 255 and spills; alone: 205 and 209, none)
+    and the two overlap. One layer of (a)'s decode: 0.732 against 0.767 ms fused; P=512 with 4
+    members 0.731 against 0.836 (H200, bench.attention, bench/RESULTS.md 2026-12-04 evening).
+    Prefill tiles stay fused (compute-bound). CONFIG_OVERRIDE: separate (0 or 1)."""
     if "separate" in CONFIG_OVERRIDE:
         return bool(CONFIG_OVERRIDE["separate"])
     return max_q_len <= 1 and not tree
