@@ -40,6 +40,14 @@ def shared_prefix_len(prefix_len: int, prompt_lens: Iterable[int], block_size: i
     return min([prefix_len, *(n - 1 for n in prompt_lens)]) // block_size * block_size
 
 
+def enroll(member: Sequence, group_id: int, prefix_ids: np.ndarray) -> None:
+    """Make a waiting sequence a member of group_id, sharing the group's (block-cut) prefix_ids."""
+    assert not member.is_prefix and member.status is SequenceStatus.WAITING and not member.block_table
+    num_shared = len(prefix_ids)
+    assert np.array_equal(member.token_ids[:num_shared], prefix_ids), "member does not start with the prefix"
+    member.group_id, member.num_shared_tokens = group_id, num_shared
+
+
 class Group:
     """A shared prefix (None for plain requests) and its members' admission state."""
 
@@ -108,11 +116,7 @@ class Admission:
         prefix_ids = np.asarray(prefix_token_ids[:num_shared], dtype=np.int64)
         accepted: list[Sequence] = []
         for m in members:
-            assert not m.is_prefix and m.status is SequenceStatus.WAITING and not m.block_table
-            assert np.array_equal(m.token_ids[:num_shared], prefix_ids), (
-                "member does not start with the prefix"
-            )
-            m.group_id, m.num_shared_tokens = gid, num_shared
+            enroll(m, gid, prefix_ids)
             need = self.pool.blocks_for(self.kv_tokens(m, 1.0))
             if m.num_prompt_tokens > self.max_model_len:
                 self._reject(

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from batchllm.engine.admission import shared_prefix_len
+from batchllm.engine.admission import enroll, shared_prefix_len
 from batchllm.engine.kv import BlockPool
 from batchllm.engine.scheduler import ScheduleBatch, SchedulerStats, grouped_chunks
 from batchllm.engine.sequence import ScheduledChunk, Sequence, SequenceStatus
@@ -111,11 +111,7 @@ class PrefillScheduler:
         prefix_ids = np.asarray(prefix_token_ids[:num_shared], dtype=np.int64)
         accepted = []
         for m in members:
-            assert not m.is_prefix and m.status is SequenceStatus.WAITING and not m.block_table
-            assert np.array_equal(m.token_ids[:num_shared], prefix_ids), (
-                "member does not start with the prefix"
-            )
-            m.group_id, m.num_shared_tokens = gid, num_shared
+            enroll(m, gid, prefix_ids)
             if (need := self.pool.blocks_for(m.num_tokens)) > self.pool.num_blocks:
                 m.status = SequenceStatus.REJECTED
                 self.rejected.append(m)
