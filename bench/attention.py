@@ -434,8 +434,6 @@ def sweep(iters: int, case: str) -> list[dict]:
         {"num_stages": 4},
         {"maxnreg": 128},
         {"maxnreg": 200},
-        {"mix": 1},
-        {"mix": 4},
         {"own_splits": 2},
         {"prefix_splits": 2},
         {"heads_per_tile": 2},

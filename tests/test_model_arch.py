@@ -190,3 +190,37 @@ def test_unsupported_architecture_is_named() -> None:
                 **{k: v for k, v in SMALL.items()},
             }
         )
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+@pytest.mark.parametrize("case", ["llama3-rope", "qwen3"])
+def test_keep_computes_the_last_layer_on_the_rows_read(tmp_path: Path, case: str, layers: int) -> None:
+    """keep (the rows whose hidden state is read): the same rows as the whole forward gives, in keep's
+    order (duplicates and no rows too), and the keys and values of every token still stored."""
+    config_cls, model_cls, extra = CASES[case]
+    config = getattr(transformers, config_cls)(**{**SMALL, "num_hidden_layers": layers}, **extra)
+    torch.manual_seed(0)
+    folder = tmp_path / case
+    getattr(transformers, model_cls)(config).save_pretrained(folder)
+    model = load_model(folder, max_len=512, device="cpu", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, SMALL["vocab_size"], (48,), generator=gen).tolist()
+    chunks = [
+        _Chunk(_seq(0, tokens[:30], list(range(8))), 0, 30),
+        _Chunk(_seq(1, tokens[30:], [8, 9, 10, 11, 12]), 0, 18),
+    ]
+    for keep in ([47, 3, 29, 3, 0], [29, 47], []):
+        results, caches = [], []
+        for rows in (None, keep):
+            runner = ModelRunner(model, num_blocks=16, block_size=4, attention="torch")
+            layout = build_layout(chunks, runner.block_size)
+            meta = runner.attention.prepare(layout)
+            ids, pos = torch.from_numpy(layout.input_ids), torch.from_numpy(layout.positions)
+            with torch.inference_mode():
+                kept = None if rows is None else torch.tensor(rows, dtype=torch.int64)
+                results.append(model(ids, pos, meta, kept))
+            caches.append(runner.kv_cache.clone())
+        full, part = results
+        assert part.shape == (len(keep), SMALL["hidden_size"])
+        torch.testing.assert_close(part, full[keep], atol=1e-5, rtol=1e-5)
+        assert torch.equal(caches[0], caches[1])  # every token's keys and values, both ways

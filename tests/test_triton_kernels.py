@@ -401,6 +401,9 @@ def test_two_level_attention_levels_fused_or_separate(name: str, separate: int) 
     try:
         check_two_level(b, tol=_device_tol(torch.float32))
         check_two_level(b, tol=_device_tol(torch.float32), own_splits=2, prefix_splits=3)
+        check_two_level(
+            b, tol=_device_tol(torch.float32), own_splits=1, prefix_splits=3
+        )  # own: slot 3 direct
     finally:
         pa.CONFIG_OVERRIDE.pop("separate")
 

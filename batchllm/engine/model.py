@@ -85,7 +85,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Rope:
-    """One forward's rotary embedding: the fused in-place kernel, or cos/sin gathered once for all layers."""
+    """One forward's rotary embedding: the fused kernel (in place, or into a fresh tensor), or cos/sin
+    gathered once for all layers."""
 
     def __init__(self, table: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, fused: bool) -> None:
         half = table.shape[-1] // 2
@@ -140,7 +141,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, fresh=True), rope(k)
+        q, k = rope(q, fresh=self.q_norm is None), rope(k)  # after q_norm, q is fresh already
         backend.store(layer, k, v, meta)
         o = backend.forward(layer, q, meta, self.scale).reshape(-1, self.q_size)
         return self.o_proj(o if keep is None else o[keep])

@@ -27,9 +27,10 @@ Kernels:
   prefix is read once per (group, kv head, tile of up to 64 rows), not once
   per member (decode, GQA 4: 16 members x 4 heads = one tile).
 - ``merge_attention``: combine two partial results through their lse.
-- ``two_level_attention``: both levels in ONE launch (prefix programs first,
-  then per-sequence programs), partial results into a workspace, then one
-  reduce launch.
+- ``two_level_attention``: both levels in one launch (prefix programs first,
+  then per-sequence programs), or for decode as two launches on two streams
+  (each kernel with its own registers); partial results into a workspace,
+  then one reduce launch.
 - Tree sequences (prefill-only scoring: packed items, label nodes): with
   ``key_ends`` (and ``tree_bounds``' offsets and open ends) the own level also
   hides key k from queries at or past key_ends[k]; a separate kernel variant,

@@ -165,7 +165,7 @@ def two_level_attention(
     key_offsets: torch.Tensor | None = None,
     open_ends: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused two-level attention: one launch for both levels, then one reduce.
+    """Two-level attention: both levels in one launch (decode: two launches on two streams), then one reduce.
 
     Per sequence (as paged_attention): cu_seqlens_q [B + 1], kv_lens [B],
     block_tables [B, max_blocks], prefix_lens [B] (the group's prefix length

@@ -1,4 +1,4 @@
-"""The attention kernel (prefix and own programs, one launch) and the reduce of its split results.
+"""The attention kernel (prefix and/or own programs in one launch) and the reduce of its split results.
 
 Rows to programs. Decode batches (max_q_len <= 1) take one program per
 (sequence, HPT kv heads, key split); a program loops over its sequence's row
@@ -115,7 +115,8 @@ def _attention_kernel(
     pid k * (mix + 1), the own programs fill the pids between and after them.
 
     Within a level: kv heads fastest, then row tile (or item), then key split.
-    DIRECT (one level, one split) writes out/lse; otherwise split s of the
+    DIRECT (one level, one split) writes out/lse (an own-only launch beside a
+    prefix-only one passes its workspace slot as out/lse); otherwise split s of the
     prefix writes workspace slot s and split s of the own level slot
     pre_splits + s (also in an own-only launch beside a prefix-only one; 0
     when there is no prefix level), and _reduce_kernel combines them. TREE: own tiles also

@@ -84,7 +84,8 @@ def _launch(
     workspace: dict | None,
     tree: tuple | None = None,
 ) -> None:
-    """One attention launch over prefix tiles (groups) and/or own tiles (seqs), plus a reduce when needed.
+    """Attention over prefix tiles (groups) and/or own tiles (seqs): one launch, or two on two streams
+    (heuristics._separate_levels), plus a reduce when needed.
 
     tree: (key_ends, offsets, open_ends) int32 of the own level's tree mask (tree.py), or None: the
     TREE variant of the kernel is compiled only for steps that hold a tree sequence.
