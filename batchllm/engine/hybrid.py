@@ -92,17 +92,27 @@ class HybridPrefill:
         for c, _, layout in steps:
             x[c.start : c.end] = model.embed_tokens(torch.from_numpy(layout.input_ids).to(dev))
             positions.append(torch.from_numpy(layout.positions).to(dev))
+        reads = unit.reads.astype(np.int64)
+        if not len(model.layers):
+            return model.norm(x[torch.from_numpy(reads).to(dev)])
+        last = len(model.layers) - 1
+        x_read, res_read = x.new_empty(len(reads), hidden), x.new_empty(len(reads), hidden)
         for i, layer in enumerate(model.layers):
             for (c, meta, _), pos in zip(steps, positions, strict=True):
                 rope = Rope(model.rope, pos, x.dtype, model.fused)  # per chunk: no cos/sin for all tokens
                 xc, rc = x[c.start : c.end], res[c.start : c.end]
-                out, r = layer(rope, xc, rc if i else None, meta, kv=(backend, 0))
-                rc.copy_(r)  # new tensors: neither aliases the chunk's rows
-                xc.copy_(out)
-        reads = torch.from_numpy(unit.reads.astype(np.int64)).to(dev)
-        if not len(model.layers):
-            return model.norm(x[reads])
-        return model.norm(x[reads], res[reads])[0]
+                if i < last:
+                    out, r = layer(rope, xc, rc if i else None, meta, kv=(backend, 0))
+                    rc.copy_(r)  # new tensors: neither aliases the chunk's rows
+                    xc.copy_(out)
+                    continue
+                # the last layer stores every row's keys and values but projects out only the rows read
+                sel = np.flatnonzero((reads >= c.start) & (reads < c.end))
+                keep = torch.from_numpy(reads[sel] - c.start).to(dev)
+                out, r = layer(rope, xc, rc if i else None, meta, kv=(backend, 0), keep=keep)
+                at = torch.from_numpy(sel).to(dev)
+                x_read[at], res_read[at] = out, r
+        return model.norm(x_read, res_read)[0]
 
     def _chunks(self, unit: Unit, blocks: int) -> list[tuple[ScheduledChunk, BatchLayout]]:
         """The unit's chunks and their layouts: its plain causal part as a plain sequence, the rest
