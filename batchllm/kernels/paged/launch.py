@@ -4,6 +4,8 @@ reduce when the results are split into a workspace."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 
@@ -261,16 +263,15 @@ def _launch(
         # spills (255 registers against 209, H200)
         pre_warps, own_warps = _num_warps(rows_pre, 0), _num_warps(rows_own, rows_own)
         own_target = (po[ps], pl[ps]) if os_ == 1 else None
-        if device.type == "cuda":
+        cuda = device.type == "cuda"  # the interpreter runs them one after the other
+        if cuda:
             main, side = torch.cuda.current_stream(device), _side_stream(device)
             side.wait_stream(main)
-            with torch.cuda.stream(side):
-                run(n_pre_programs, True, False, pre_warps, 0)
-            run(n_own_programs, False, True, own_warps, 0, own_target)
-            main.wait_stream(side)
-        else:  # the interpreter: one after the other
+        with torch.cuda.stream(side) if cuda else nullcontext():
             run(n_pre_programs, True, False, pre_warps, 0)
-            run(n_own_programs, False, True, own_warps, 0, own_target)
+        run(n_own_programs, False, True, own_warps, 0, own_target)
+        if cuda:
+            main.wait_stream(side)
     else:
         run(n_programs, has_pre, has_own, _num_warps(max(rows_pre, rows_own), rows_own), mix)
     if direct:
