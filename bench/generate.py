@@ -191,6 +191,16 @@ def warmup_cases(case: Case) -> list[Case]:
     return [real, warmup_case(case)]
 
 
+def graph_info(engine: Any) -> dict[str, Any] | None:
+    """The decode graphs captured (padded rows, group slots) and the sizes that run padded further
+    because their GEMMs measured slower (engine/padding.py); None without CUDA graphs."""
+    graphs = getattr(getattr(engine, "runner", None), "graphs", None)
+    if graphs is None:
+        return None
+    padded = {s: t for s, t in graphs.run_at.items() if s != t}
+    return {"captured": sorted(graphs.graphs), "padded": padded}
+
+
 def native_run(
     engine: Any, case: Case, vocab: int, seed: int, device: str, repeat: int = 1
 ) -> dict[str, Any]:
@@ -232,6 +242,7 @@ def native_run(
         "stats": s,
         "walls_s": walls,
         "compiles": compiles,
+        "graphs": graph_info(engine),
     }
     steps, decode_steps = s.get("steps"), s.get("decode_steps")
     decode_s, host_s = s.get("decode_s"), s.get("host_s")

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from bench.floor import Case, make_prompts, shuffled_order
-from bench.generate import git_commit, supported, timed, timed_repeats, warmup_case
+from bench.generate import git_commit, graph_info, supported, timed, timed_repeats, warmup_case
 from bench.score import label_set, parse_case
 from bench.vllm_peer import VLLM_ENV, WARMUP, engine_meta, run_once
 
@@ -202,7 +202,15 @@ def run_native(args: argparse.Namespace, workloads: list[Workload], meta: dict[s
                     args.native_repeat, args.device, engine.generate, w.prompts, params, groups=w.groups
                 )
                 bad = sum(len(r.token_ids) != w.decode for r in res)
-                record(w, "native", wall, wrong_length=bad, stats=engine.stats.as_dict(), walls_s=walls)
+                record(
+                    w,
+                    "native",
+                    wall,
+                    wrong_length=bad,
+                    stats=engine.stats.as_dict(),
+                    walls_s=walls,
+                    graphs=graph_info(engine),
+                )
             else:
                 engine.classify(w.prompts[:8], w.labels)  # warm-up
                 res, wall, walls = timed_repeats(

@@ -1,5 +1,6 @@
 """CUDA graphs of decode steps: capture the forward once per padded batch size and group capacity,
-replay it per step.
+replay it per step. A step may run at a larger size than it needs where that size's GEMMs are
+measured faster (padding.py).
 
 A decode step's shapes depend only on its number of sequences and of groups, so
 the forward of a padded size with room for a power-of-two number of groups is
@@ -22,6 +23,7 @@ import torch
 
 from batchllm.engine.attention import AttentionBackend, BatchLayout, copy_in
 from batchllm.engine.model import CausalLM
+from batchllm.engine.padding import cheapest_sizes, projections, time_projections
 
 
 def graph_sizes(max_seqs: int) -> list[int]:
@@ -78,6 +80,9 @@ class DecodeGraphs:
     def __init__(self, model: CausalLM, backend: AttentionBackend, max_seqs: int = 2048) -> None:
         self.model, self.backend = model, backend
         self.sizes = graph_sizes(max_seqs)
+        # each size's step runs at the size whose GEMMs are measured cheapest (padding.py)
+        self.cost = time_projections(projections(model.layers[0]), self.sizes)
+        self.run_at = cheapest_sizes(self.sizes, self.cost)
         self.graphs: dict[tuple[int, int], _Graph] = {}  # (padded rows, group slots) -> graph
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -89,7 +94,7 @@ class DecodeGraphs:
         group slots (captured on first use). input_ids: the step's ids on the device (the runner
         resolves ids still being sampled); padding rows keep the ids of an earlier step (valid ids;
         their outputs are dropped)."""
-        size = next(s for s in self.sizes if s >= layout.num_seqs)
+        size = self.run_at[next(s for s in self.sizes if s >= layout.num_seqs)]
         key = (size, group_capacity(layout.num_groups, size))
         g = self.graphs.get(key) or self._capture(*key)
         padded = pad_decode(layout, size, self.backend.scratch_block, self.backend.shape.block_size)

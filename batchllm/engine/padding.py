@@ -1,0 +1,70 @@
+"""Padded decode sizes chosen by the measured time of the layer's GEMMs.
+
+A decode step replays the CUDA graph of a padded batch size, so every GEMM of the
+step runs at that many rows. cuBLAS's rate depends on the rows, and unevenly: on
+an H200, one Llama-3.1-8B layer's four projections take 0.45 ms at 448 rows and
+0.34 ms at 512 (its gate/up product falls to 350 TFLOP/s at 448 rows;
+bench.gemm, bench/RESULTS.md). A step of 448 rows therefore runs faster padded
+to 512. The engine times one layer's projections once per candidate size and
+sends each step to the cheapest size that holds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+# a larger size must be this much cheaper to be chosen: the timings repeat within a few percent, and
+# every extra size is one more graph to capture
+MARGIN = 0.97
+
+
+def cheapest_sizes(sizes: Sequence[int], cost: dict[int, float], margin: float = MARGIN) -> dict[int, int]:
+    """For each size, the size to run it at: the cheapest one at least as large, where cheaper means
+    below ``margin`` times the size's own cost (sizes without a cost run as they are)."""
+    order = sorted(sizes)
+    chosen = {}
+    for i, s in enumerate(order):
+        best = s
+        for t in order[i + 1 :]:
+            if s in cost and t in cost and cost[t] < margin * cost[s] and cost[t] < cost[best]:
+                best = t
+        chosen[s] = best
+    return chosen
+
+
+def projections(layer: nn.Module) -> list[nn.Linear]:
+    """The linear layers one decoder layer runs per token, in order."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+
+
+@torch.inference_mode()
+def time_projections(linears: Sequence[nn.Linear], sizes: Sequence[int], passes: int = 3) -> dict[int, float]:
+    """Seconds of the linears at each row count (least of ``passes`` timings of 3 calls, CUDA events).
+    Inputs are random rows of the weights' dtype: only the shapes matter."""
+    weight = linears[0].weight
+    x = {
+        lin.in_features: torch.randn(max(sizes), lin.in_features, device=weight.device, dtype=weight.dtype)
+        for lin in linears
+    }
+
+    def run(rows: int) -> None:
+        for lin in linears:
+            lin(x[lin.in_features][:rows])
+
+    for s in sizes:  # cuBLAS picks and loads each shape's kernel once
+        run(s)
+    cost: dict[int, float] = {}
+    for _ in range(passes):
+        for s in sizes:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                run(s)
+            end.record()
+            end.synchronize()
+            cost[s] = min(cost.get(s, float("inf")), start.elapsed_time(end) / 3e3)
+    return cost

@@ -1,0 +1,113 @@
+"""Could a decode step hide its attention under its GEMMs? One layer of Llama-3.1-8B decode on the GPU.
+
+A decode step alternates compute-bound GEMMs (QKV, output projection, gate/up,
+down) with memory-bound two-level attention, one after the other because each
+needs the last one's output. Split the step's groups into two halves and one
+half's attention could run beside the other half's GEMMs (two streams). This
+measures whether the GPU overlaps them, per layer, in ms (CUDA graphs):
+
+- gemm / attn: the layer's GEMMs (+ SiLU-and-mul) and its two-level attention, all rows;
+- serial = gemm + attn: what a step pays per layer now;
+- gemm_half / attn_half: the same for half of the groups;
+- overlap_half: gemm_half on one stream beside attn_half on another;
+- halves = 2 x overlap_half: a layer of the step run as two interleaved halves.
+
+Cases: `a900` is (a)'s decode step at 900k KV (100 groups x 16 members, P=2000,
+304 own tokens); `a205` the step at 205k KV (27 groups of 16, 256 own tokens).
+
+    python -m bench.overlap [--json out.json] [--cases a900,a205]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from bench.attention import build, ours, time_ms
+
+HIDDEN, QKV, INTER = 4096, 6144, 14336
+CASES = {"a900": (100, 16, 2000, 304), "a205": (27, 16, 2000, 256)}
+
+
+def layer_gemms(rows: int, weights: dict[str, torch.Tensor]):
+    """The GEMMs of one decoder layer for `rows` tokens (inputs are fixed random rows: only the time
+    matters), with SiLU-and-mul between gate/up and down as the model runs it."""
+    x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
+
+    def run() -> None:
+        F.linear(x, weights["qkv"])
+        F.linear(x, weights["o"])
+        gate, up = F.linear(x, weights["gate_up"]).chunk(2, dim=-1)
+        F.linear(F.silu(gate) * up, weights["down"])
+
+    return run
+
+
+def beside(first, second):
+    """first on a side stream, second on the current one, joined: their kernels may share the GPU."""
+    side = torch.cuda.Stream()
+
+    def run() -> None:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            first()
+        second()
+        torch.cuda.current_stream().wait_stream(side)
+
+    return run
+
+
+def run_case(name: str, iters: int, weights: dict[str, torch.Tensor]) -> dict:
+    groups, members, prefix, own = CASES[name]
+    full, half = build(groups, members, prefix, own), build(groups // 2, members, prefix, own, seed=1)
+    rows, half_rows = groups * members, (groups // 2) * members
+    fns = {
+        "gemm": layer_gemms(rows, weights),
+        "attn": ours(full)["two_level"],
+        "gemm_half": layer_gemms(half_rows, weights),
+        "attn_half": ours(half)["two_level"],
+    }
+    fns["overlap_half"] = beside(fns["gemm_half"], fns["attn_half"])
+    fns["overlap"] = beside(fns["gemm"], fns["attn"])
+    ms = {op: round(time_ms(fn, iters)[0], 4) for op, fn in fns.items()}
+    ms["serial"] = round(ms["gemm"] + ms["attn"], 4)
+    ms["halves"] = round(2 * ms["overlap_half"] * rows / (2 * half_rows), 4)
+    ms["halves_vs_serial"] = round(ms["halves"] / ms["serial"], 3)
+    flops = 2 * rows * HIDDEN * (QKV + HIDDEN + 2 * INTER) + 2 * rows * INTER * HIDDEN
+    ms["gemm_tflops"] = round(flops / (ms["gemm"] * 1e-3) / 1e12, 1)
+    res = {"G": groups, "sd": members, "P": prefix, "S": own, "rows": rows, "ms": ms}
+    print(f"# {name} {json.dumps(res)}", flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--cases", default="a900,a205", help=f"comma list of {', '.join(CASES)}")
+    ap.add_argument("--iters", type=int, default=10, help="layers per timed graph")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.overlap needs a CUDA device")
+        return 2
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    shapes = {
+        "qkv": (QKV, HIDDEN),
+        "o": (HIDDEN, HIDDEN),
+        "gate_up": (2 * INTER, HIDDEN),
+        "down": (HIDDEN, INTER),
+    }
+    weights = {k: torch.randn(s, **bf16) * 0.02 for k, s in shapes.items()}
+    out = {"device": torch.cuda.get_device_name(), "cases": {}}
+    for name in args.cases.split(","):
+        out["cases"][name] = run_case(name, args.iters, weights)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

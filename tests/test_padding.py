@@ -1,0 +1,51 @@
+"""Decode steps padded to the size whose GEMMs are measured cheapest (engine/padding.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchllm.engine.padding import cheapest_sizes, time_projections
+
+# one Llama-3.1-8B layer's projections on an H200, ms (bench.gemm, bench/RESULTS.md)
+H200 = {384: 0.256, 416: 0.306, 448: 0.451, 480: 0.364, 512: 0.338, 544: 0.386}
+
+
+def test_each_size_runs_at_the_cheapest_size_that_holds_it() -> None:
+    assert cheapest_sizes(list(H200), H200) == {384: 384, 416: 416, 448: 512, 480: 512, 512: 512, 544: 544}
+
+
+def test_a_larger_size_must_be_clearly_cheaper() -> None:
+    cost = {32: 1.0, 64: 0.98, 96: 0.5}
+    assert cheapest_sizes([32, 64, 96], cost) == {32: 96, 64: 96, 96: 96}
+    assert cheapest_sizes([32, 64], cost) == {32: 32, 64: 64}  # 2% cheaper: within timing noise
+    assert cheapest_sizes([32, 64, 96], {32: 1.0}) == {32: 32, 64: 64, 96: 96}  # unmeasured: as they are
+
+
+@pytest.mark.gpu
+def test_projection_timings_cover_every_size() -> None:
+    linears = [torch.nn.Linear(256, 768, device="cuda"), torch.nn.Linear(768, 256, device="cuda")]
+    cost = time_projections(linears, [1, 64, 512, 4096])
+    assert set(cost) == {1, 64, 512, 4096} and all(0 < c < 1 for c in cost.values())
+    assert cost[4096] > cost[64]  # 64x the rows of a compute-bound product take longer
+
+
+@pytest.mark.gpu
+def test_padded_decode_steps_give_the_same_tokens(tmp_path) -> None:
+    """Every step replayed at a larger size than it needs (the padding rows' outputs dropped) gives
+    the tokens of the eager engine, CUDA float32."""
+    from batchllm.engine import Engine, SamplingParams
+    from bench.gpu_check import build_model
+
+    build_model(tmp_path)
+    prompts = [[5 + i, 9, 11 + i % 7, 3 + 2 * i] * (1 + i % 3) for i in range(11)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    eager = Engine(tmp_path, device="cuda", dtype="float32", cuda_graphs=False).generate(prompts, params)
+    engine = Engine(tmp_path, device="cuda", dtype="float32")
+    graphs = engine.runner.graphs
+    assert graphs is not None and set(graphs.cost) == set(graphs.sizes)
+    sizes = graphs.sizes
+    graphs.run_at = {s: sizes[min(i + 2, len(sizes) - 1)] for i, s in enumerate(sizes)}
+    padded = engine.generate(prompts, params)
+    assert {key[0] for key in graphs.graphs} <= set(graphs.run_at.values())
+    assert [r.token_ids for r in padded] == [r.token_ids for r in eager]
