@@ -192,13 +192,15 @@ def warmup_cases(case: Case) -> list[Case]:
 
 
 def graph_info(engine: Any) -> dict[str, Any] | None:
-    """The decode graphs captured (padded rows, group slots) and the sizes that run padded further
-    because their GEMMs measured slower (engine/padding.py); None without CUDA graphs."""
+    """The decode graphs captured (padded rows, group slots), the sizes that run padded further
+    because their GEMMs measured slower, and those measurements (engine/padding.py); None without
+    CUDA graphs."""
     graphs = getattr(getattr(engine, "runner", None), "graphs", None)
     if graphs is None:
         return None
     padded = {s: t for s, t in graphs.run_at.items() if s != t}
-    return {"captured": sorted(graphs.graphs), "padded": padded}
+    cost_us = {s: round(c * 1e6, 1) for s, c in graphs.cost.items()}
+    return {"captured": sorted(graphs.graphs), "padded": padded, "layer_gemm_us": cost_us}
 
 
 def native_run(

@@ -42,9 +42,12 @@ def projections(layer: nn.Module) -> list[nn.Linear]:
 
 
 @torch.inference_mode()
-def time_projections(linears: Sequence[nn.Linear], sizes: Sequence[int], passes: int = 3) -> dict[int, float]:
-    """Seconds of the linears at each row count (least of ``passes`` timings of 3 calls, CUDA events).
-    Inputs are random rows of the weights' dtype: only the shapes matter."""
+def time_projections(
+    linears: Sequence[nn.Linear], sizes: Sequence[int], passes: int = 5, warm_s: float = 0.3
+) -> dict[int, float]:
+    """Seconds of the linears at each row count: the least of ``passes`` timings of 3 calls (CUDA
+    events), after ``warm_s`` seconds of the largest size so that the clocks have left their idle
+    state. Inputs are random rows of the weights' dtype: only the shapes matter."""
     weight = linears[0].weight
     x = {
         lin.in_features: torch.randn(max(sizes), lin.in_features, device=weight.device, dtype=weight.dtype)
@@ -55,16 +58,21 @@ def time_projections(linears: Sequence[nn.Linear], sizes: Sequence[int], passes:
         for lin in linears:
             lin(x[lin.in_features][:rows])
 
+    def seconds(rows: int, calls: int = 3) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            run(rows)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / (1e3 * calls)
+
     for s in sizes:  # cuBLAS picks and loads each shape's kernel once
         run(s)
+    calls = max(1, int(warm_s / max(seconds(max(sizes)), 1e-6)))
+    seconds(max(sizes), calls)
     cost: dict[int, float] = {}
     for _ in range(passes):
         for s in sizes:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                run(s)
-            end.record()
-            end.synchronize()
-            cost[s] = min(cost.get(s, float("inf")), start.elapsed_time(end) / 3e3)
+            cost[s] = min(cost.get(s, float("inf")), seconds(s))
     return cost
