@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from batchllm.engine.sampling import row_keys, sample
@@ -55,3 +56,29 @@ def test_greedy_rows_and_determinism() -> None:
 def test_keys_differ_by_seed_and_position() -> None:
     keys = row_keys(torch.tensor([1, 1, 2, 2**62 + 1]), torch.tensor([0, 1, 0, 0]))
     assert len(set(keys.tolist())) == 4
+
+
+def _near_tie(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 hidden [1, 4] and head [3, 4] whose logits are 16.0, 16.03 and 1.0: 0.03 apart is below
+    bf16's resolution at 16 (0.125), so rounded to bf16 the first two tie."""
+    w = torch.zeros(3, 4)
+    w[0, 0], w[1, 0], w[1, 1], w[2, 2] = 16.0, 16.0, 0.03, 1.0
+    hidden = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    return hidden.to(device, torch.bfloat16), w.to(device, torch.bfloat16)
+
+
+def _logits(hidden: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    from types import SimpleNamespace
+
+    from batchllm.engine.model import CausalLM
+
+    return CausalLM.compute_logits(SimpleNamespace(lm_head_weight=w), hidden)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_greedy_reads_float32_logits_of_a_bf16_model(device: str) -> None:
+    hidden, w = _near_tie(device)
+    assert (hidden @ w.T).argmax(-1).item() == 0  # bf16 logits: tied, the first wins
+    logits = _logits(hidden, w)
+    assert logits.dtype == torch.float32 and logits.argmax(-1).item() == 1
+    torch.testing.assert_close(logits, hidden.float() @ w.float().T, rtol=1e-6, atol=1e-6)

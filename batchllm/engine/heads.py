@@ -131,9 +131,7 @@ class TokenHead:
         """The next token per row of logits [rows, vocab]: greedy, or keyed sampling per (seed, position)."""
         params: list[SeqSampling] = [s.params for s in seqs]
         if all(p.temperature == 0.0 for p in params):
-            # argmax of the model-dtype logits equals that of their float32 copy (ties: the first)
             return logits.argmax(dim=-1)
-        logits = logits.float()
         dev, n = logits.device, len(params)
         temps = np.fromiter((p.temperature for p in params), np.float32, n)
         top_ps = np.fromiter((p.top_p for p in params), np.float32, n)

@@ -244,7 +244,16 @@ class CausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.lm_head_weight.T
+        """Logits [rows, vocab] in float32 whatever the model dtype. Rounded to bf16 they keep 8 bits:
+        0.125 apart near 16, so near-tied greedy picks flip on the rounding alone and label
+        log-probabilities move by up to ~6%. On CUDA the bf16 product accumulates and writes float32
+        (no float32 copy of the weight); the CPU has no such GEMM and multiplies float32 copies."""
+        w = self.lm_head_weight
+        if hidden.dtype == torch.float32:
+            return hidden @ w.T
+        if hidden.is_cuda:
+            return torch.mm(hidden, w.T, out_dtype=torch.float32)
+        return hidden.float() @ w.float().T
 
 
 # HF checkpoint name -> (our parameter name, index of the slice in a fused weight or None)

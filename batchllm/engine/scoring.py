@@ -49,7 +49,7 @@ class LabelScorer:
         for lo in range(0, at_node.size, _ROWS_PER_SLICE):
             part = at_node[lo : lo + _ROWS_PER_SLICE]
             rows = to_device(part, dev)
-            logp = torch.log_softmax(model.compute_logits(hidden[rows]).float(), dim=-1)
+            logp = torch.log_softmax(model.compute_logits(hidden[rows]), dim=-1)
             node = to_device(readers[part] - 1, dev)
             mine = node[:, None] == self.term_node[None, :]  # [rows, node terms]: the terms this node reads
             vals = torch.where(mine, logp[:, self.term_token], torch.zeros((), device=dev))
