@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.attention import build, ours, time_ms
+from bench.gemm import SHAPES
 
-HIDDEN, QKV, INTER = 4096, 6144, 14336
+HIDDEN = SHAPES["o"][0]
 CASES = {"a900": (100, 16, 2000, 304), "a205": (27, 16, 2000, 256)}
 
 
@@ -76,7 +77,7 @@ def run_case(name: str, iters: int, weights: dict[str, torch.Tensor]) -> dict:
     ms["serial"] = round(ms["gemm"] + ms["attn"], 4)
     ms["halves"] = round(2 * ms["overlap_half"] * rows / (2 * half_rows), 4)
     ms["halves_vs_serial"] = round(ms["halves"] / ms["serial"], 3)
-    flops = 2 * rows * HIDDEN * (QKV + HIDDEN + 2 * INTER) + 2 * rows * INTER * HIDDEN
+    flops = sum(2 * rows * n * k for n, k in SHAPES.values())
     ms["gemm_tflops"] = round(flops / (ms["gemm"] * 1e-3) / 1e12, 1)
     res = {"G": groups, "sd": members, "P": prefix, "S": own, "rows": rows, "ms": ms}
     print(f"# {name} {json.dumps(res)}", flush=True)
@@ -93,13 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.overlap needs a CUDA device")
         return 2
     bf16 = {"device": "cuda", "dtype": torch.bfloat16}
-    shapes = {
-        "qkv": (QKV, HIDDEN),
-        "o": (HIDDEN, HIDDEN),
-        "gate_up": (2 * INTER, HIDDEN),
-        "down": (HIDDEN, INTER),
-    }
-    weights = {k: torch.randn(s, **bf16) * 0.02 for k, s in shapes.items()}
+    weights = {k: torch.randn(s, **bf16) * 0.02 for k, s in SHAPES.items()}
     out = {"device": torch.cuda.get_device_name(), "cases": {}}
     for name in args.cases.split(","):
         out["cases"][name] = run_case(name, args.iters, weights)
