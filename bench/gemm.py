@@ -38,16 +38,18 @@ def parse_rows(text: str) -> list[int]:
     return rows
 
 
-def layer_rate(rows: int, weights: dict[str, torch.Tensor], iters: int) -> dict[str, float]:
+def layer_rate(rows: int, weights: dict[str, torch.Tensor], iters: int) -> dict[str, float | str]:
     """TFLOP/s of each projection and of a layer's four together at `rows` rows (the output head, once
     per step, is not part of the layer)."""
-    out = {}
+    out: dict[str, float | str] = {}
     total_flops, total_ms = 0.0, 0.0
     for name, w in weights.items():
         x = torch.randn(rows, w.shape[1], device="cuda", dtype=torch.bfloat16)
-        ms, _ = time_ms(lambda x=x, w=w: F.linear(x, w), iters)
+        ms, how = time_ms(lambda x=x, w=w: F.linear(x, w), iters)
         flops = 2 * rows * w.shape[0] * w.shape[1]
         out[name] = round(flops / ms / 1e9, 1)
+        if how != "cuda_graph":
+            out[f"{name}_timing"] = how  # eager: includes launch gaps
         if name in SHAPES:
             total_flops, total_ms = total_flops + flops, total_ms + ms
     out["layer"] = round(total_flops / total_ms / 1e9, 1)

@@ -198,7 +198,7 @@ def graph_info(engine: Any) -> dict[str, Any] | None:
     graphs = getattr(getattr(engine, "runner", None), "graphs", None)
     if graphs is None:
         return None
-    padded = {s: t for s, t in graphs.run_at.items() if s != t}
+    padded = {s: t for s, t in (graphs.run_at or {}).items() if s != t}
     cost_us = {s: round(c * 1e6, 1) for s, c in graphs.cost.items()}
     return {"captured": sorted(graphs.graphs), "padded": padded, "layer_gemm_us": cost_us}
 

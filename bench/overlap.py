@@ -8,9 +8,11 @@ measures whether the GPU overlaps them, per layer, in ms (CUDA graphs):
 
 - gemm / attn: the layer's GEMMs (+ SiLU-and-mul) and its two-level attention, all rows;
 - serial = gemm + attn: what a step pays per layer now;
+- overlap: gemm on one stream beside attn on another, all rows (an upper bound of any overlap);
 - gemm_half / attn_half: the same for half of the groups;
 - overlap_half: gemm_half on one stream beside attn_half on another;
-- halves = 2 x overlap_half: a layer of the step run as two interleaved halves.
+- halves = 2 x overlap_half, scaled by rows / (2 x half's rows) where the groups do not split
+  evenly: a layer of the step run as two interleaved halves.
 
 Cases: `a900` is (a)'s decode step at 900k KV (100 groups x 16 members, P=2000,
 304 own tokens); `a205` the step at 205k KV (27 groups of 16, 256 own tokens).

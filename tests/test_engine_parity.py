@@ -147,7 +147,7 @@ def test_first_position_logits_match_transformers(engine, prompts, reference) ->
         next_block += n
         seq = Sequence(10_000 + i, i, list(prompts[i]), len(prompts[i]), 1, block_table=blocks)
         chunks.append(_chunk(seq, 0, len(prompts[i])))
-    logits = runner.model.compute_logits(runner.forward(chunks)).float()
+    logits = runner.model.compute_logits(runner.forward(chunks))
     worst = 0.0
     for chunk, row in zip(chunks, logits, strict=True):
         ref = reference[chunk.seq.request_index][1]

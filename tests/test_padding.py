@@ -16,24 +16,26 @@ def test_each_size_runs_at_the_cheapest_size_that_holds_it() -> None:
 
 
 def test_a_larger_size_must_be_clearly_cheaper() -> None:
-    cost = {32: 1.0, 64: 0.98, 96: 0.5}
+    cost = {32: 1e-3, 64: 0.98e-3, 96: 0.5e-3}
     assert cheapest_sizes([32, 64, 96], cost) == {32: 96, 64: 96, 96: 96}
     assert cheapest_sizes([32, 64], cost) == {32: 32, 64: 64}  # 2% cheaper: within timing noise
-    assert cheapest_sizes([32, 64, 96], {32: 1.0}) == {32: 32, 64: 64, 96: 96}  # unmeasured: as they are
+    assert cheapest_sizes([32, 64, 96], {32: 1e-3}) == {32: 32, 64: 64, 96: 96}  # unmeasured: as they are
+    tiny = {1: 5e-6, 64: 4e-6}  # 20% cheaper but 1 microsecond: a small model's noise
+    assert cheapest_sizes([1, 64], tiny) == {1: 1, 64: 64}
 
 
 @pytest.mark.gpu
 def test_projection_timings_cover_every_size() -> None:
     linears = [torch.nn.Linear(256, 768, device="cuda"), torch.nn.Linear(768, 256, device="cuda")]
     cost = time_projections(linears, [1, 64, 512, 4096])
-    assert set(cost) == {1, 64, 512, 4096} and all(0 < c < 1 for c in cost.values())
+    assert set(cost) == {1, 64, 512, 4096} and all(0 < c < 1e-3 for c in cost.values())
     assert cost[4096] > cost[64]  # 64x the rows of a compute-bound product take longer
 
 
 @pytest.mark.gpu
 def test_padded_decode_steps_give_the_same_tokens(tmp_path) -> None:
     """Every step replayed at a larger size than it needs (the padding rows' outputs dropped) gives
-    the tokens of the eager engine, CUDA float32."""
+    the tokens of the eager engine, CUDA float32; the sizes are timed at the first decode step."""
     from batchllm.engine import Engine, SamplingParams
     from bench.gpu_check import build_model
 
@@ -43,9 +45,32 @@ def test_padded_decode_steps_give_the_same_tokens(tmp_path) -> None:
     eager = Engine(tmp_path, device="cuda", dtype="float32", cuda_graphs=False).generate(prompts, params)
     engine = Engine(tmp_path, device="cuda", dtype="float32")
     graphs = engine.runner.graphs
-    assert graphs is not None and set(graphs.cost) == set(graphs.sizes)
+    assert graphs is not None and graphs.run_at is None  # nothing timed before a decode step
+    assert [r.token_ids for r in engine.generate(prompts, params)] == [r.token_ids for r in eager]
+    assert graphs.run_at is not None and set(graphs.cost) == set(graphs.sizes)
     sizes = graphs.sizes
     graphs.run_at = {s: sizes[min(i + 2, len(sizes) - 1)] for i, s in enumerate(sizes)}
+    graphs.graphs.clear()
     padded = engine.generate(prompts, params)
-    assert {key[0] for key in graphs.graphs} <= set(graphs.run_at.values())
+    assert {key[0] for key in graphs.graphs} == {graphs.run_at[16]} == {64}  # 11 rows replayed as 64
     assert [r.token_ids for r in padded] == [r.token_ids for r in eager]
+
+
+@pytest.mark.gpu
+def test_without_measured_padding_a_step_runs_at_the_smallest_size(tmp_path) -> None:
+    from batchllm.engine import Engine, SamplingParams
+    from bench.gpu_check import build_model
+
+    build_model(tmp_path)
+    engine = Engine(tmp_path, device="cuda", measured_padding=False)
+    engine.generate([[5 + i, 6, 7] for i in range(11)], SamplingParams(max_tokens=4, ignore_eos=True))
+    graphs = engine.runner.graphs
+    assert graphs is not None and graphs.cost == {} and all(s == t for s, t in graphs.run_at.items())
+    assert {key[0] for key in graphs.graphs} == {16}
+
+
+def test_measured_padding_is_checked_before_the_model_loads() -> None:
+    from batchllm.engine import Engine
+
+    with pytest.raises(ValueError, match="measured_padding: must be a bool"):
+        Engine("no-such-model", measured_padding="yes")  # type: ignore[arg-type]

@@ -76,6 +76,8 @@ class Engine:
     load_format "dummy": random weights from config.json alone (benchmarks);
     no tokenizer.json is needed then, token-id prompts run and eos ids come
     from config.json. cuda_graphs: replay captured decode steps on CUDA.
+    measured_padding: pad a decode step to the graph size whose GEMMs measure fastest
+    (``graphs``); False: the smallest size that holds it, so bf16 results repeat run to run.
     pipelined_decode: read a step's sampled tokens back after the next step is
     launched (see the module docstring); False reads every step back at once.
     hybrid_prefill: classify/score a prompt longer than the KV pool layer by layer
@@ -100,6 +102,7 @@ class Engine:
         attention: str = "auto",
         load_format: str = "safetensors",
         cuda_graphs: bool = True,
+        measured_padding: bool = True,
         hybrid_prefill: bool = True,
         pipelined_decode: bool = True,
     ) -> None:
@@ -134,7 +137,12 @@ class Engine:
             ),
         )
         self.runner = ModelRunner(
-            self.model, self.num_kv_blocks, block_size, attention=self.attention, cuda_graphs=cuda_graphs
+            self.model,
+            self.num_kv_blocks,
+            block_size,
+            attention=self.attention,
+            cuda_graphs=cuda_graphs,
+            measured_padding=measured_padding,
         )
         self.enable_sharing = enable_sharing
         self.hybrid_prefill = hybrid_prefill

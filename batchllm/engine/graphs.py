@@ -1,6 +1,7 @@
 """CUDA graphs of decode steps: capture the forward once per padded batch size and group capacity,
 replay it per step. A step may run at a larger size than it needs where that size's GEMMs are
-measured faster (padding.py).
+measured faster (padding.py; ``measured_padding=False``: the smallest size that holds it, the same
+sizes every run, so bf16 results repeat run to run).
 
 A decode step's shapes depend only on its number of sequences and of groups, so
 the forward of a padded size with room for a power-of-two number of groups is
@@ -30,7 +31,7 @@ def graph_sizes(max_seqs: int) -> list[int]:
     """Padded batch sizes: powers of two up to 32, steps of 32 up to 512, then steps of 64 (a padded row
     costs a whole row of every GEMM: (a) at 205k KV decodes ~395 rows, which steps of 64 padded to 448,
     13% more rows than needed; steps of 32 keep the waste under 8% from 400 rows up, steps of 64 under
-    6% from 1,024). Graphs are captured lazily, so unused sizes cost nothing."""
+    6% from 1,024). Graphs are captured lazily, so an unused size is never captured."""
     sizes = [1, 2, 4, 8, 16]
     sizes += list(range(32, 512, 32)) + list(range(512, max_seqs + 1, 64))
     return [s for s in sizes if s <= max_seqs] or [max_seqs]
@@ -77,12 +78,16 @@ def pad_decode(layout: BatchLayout, size: int, scratch_block: int, block_size: i
 class DecodeGraphs:
     """Captured decode forwards keyed by padded batch size, sharing one memory pool."""
 
-    def __init__(self, model: CausalLM, backend: AttentionBackend, max_seqs: int = 2048) -> None:
+    def __init__(
+        self, model: CausalLM, backend: AttentionBackend, max_seqs: int = 2048, measured_padding: bool = True
+    ) -> None:
         self.model, self.backend = model, backend
         self.sizes = graph_sizes(max_seqs)
-        # each size's step runs at the size whose GEMMs are measured cheapest (padding.py)
-        self.cost = time_projections(projections(model.layers[0]), self.sizes)
-        self.run_at = cheapest_sizes(self.sizes, self.cost)
+        self.measured_padding = measured_padding
+        # the size each size's steps run at: the one whose GEMMs measure cheapest (padding.py), timed
+        # at the first decode step (engines that only score never pay for it)
+        self.run_at: dict[int, int] | None = None
+        self.cost: dict[int, float] = {}  # seconds of one layer's projections per size, once measured
         self.graphs: dict[tuple[int, int], _Graph] = {}  # (padded rows, group slots) -> graph
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -94,6 +99,10 @@ class DecodeGraphs:
         group slots (captured on first use). input_ids: the step's ids on the device (the runner
         resolves ids still being sampled); padding rows keep the ids of an earlier step (valid ids;
         their outputs are dropped)."""
+        if self.run_at is None:
+            if self.measured_padding:
+                self.cost = time_projections(projections(self.model.layers[0]), self.sizes)
+            self.run_at = cheapest_sizes(self.sizes, self.cost)
         size = self.run_at[next(s for s in self.sizes if s >= layout.num_seqs)]
         key = (size, group_capacity(layout.num_groups, size))
         g = self.graphs.get(key) or self._capture(*key)

@@ -21,6 +21,8 @@ from torch import nn
 from batchllm.engine.attention import AttentionBackend
 from batchllm.engine.config import ModelConfig, UnsupportedModelError
 
+LOGIT_SLICE = 16384  # vocabulary rows per float32 copy when the CPU computes bf16 logits
+
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim / 2] in float32, with Llama-3 or linear scaling applied."""
@@ -247,13 +249,15 @@ class CausalLM(nn.Module):
         """Logits [rows, vocab] in float32 whatever the model dtype. Rounded to bf16 they keep 8 bits:
         0.125 apart near 16, so near-tied greedy picks flip on the rounding alone and label
         log-probabilities move by up to ~6%. On CUDA the bf16 product accumulates and writes float32
-        (no float32 copy of the weight); the CPU has no such GEMM and multiplies float32 copies."""
+        (no float32 copy of the weight); the CPU has no such GEMM and multiplies float32 copies, a
+        slice of the vocabulary at a time."""
         w = self.lm_head_weight
         if hidden.dtype == torch.float32:
             return hidden @ w.T
         if hidden.is_cuda:
             return torch.mm(hidden, w.T, out_dtype=torch.float32)
-        return hidden.float() @ w.float().T
+        h = hidden.float()
+        return torch.cat([h @ part.float().T for part in w.split(LOGIT_SLICE)], dim=1)
 
 
 # HF checkpoint name -> (our parameter name, index of the slice in a fused weight or None)

@@ -38,6 +38,7 @@ def check_options(
     attention: str,
     load_format: str,
     cuda_graphs: bool,
+    measured_padding: bool,
     hybrid_prefill: bool,
     pipelined_decode: bool,
 ) -> None:
@@ -74,6 +75,7 @@ def check_options(
     for name, flag in (
         ("enable_sharing", enable_sharing),
         ("cuda_graphs", cuda_graphs),
+        ("measured_padding", measured_padding),
         ("hybrid_prefill", hybrid_prefill),
         ("pipelined_decode", pipelined_decode),
     ):

@@ -119,6 +119,7 @@ class ModelRunner:
         block_size: int,
         attention: str = "auto",
         cuda_graphs: bool = True,
+        measured_padding: bool = True,
     ) -> None:
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
         cfg = model.cfg
@@ -130,7 +131,9 @@ class ModelRunner:
         self.attention = create_backend(attention, shape)
         model.set_attention(self.attention)
         use_graphs = cuda_graphs and self.device.type == "cuda" and self.attention.supports_graphs
-        self.graphs = DecodeGraphs(model, self.attention) if use_graphs else None
+        self.graphs = (
+            DecodeGraphs(model, self.attention, measured_padding=measured_padding) if use_graphs else None
+        )
 
     @property
     def kv_cache(self) -> torch.Tensor:
