@@ -144,7 +144,7 @@ def gpu_memory(device: Any) -> tuple[int, int]:
 def activation_bytes(cfg: Any, num_tokens: int, itemsize: int) -> int:
     """A rough bound on one step's transient memory (``cfg``: a ModelConfig): per token, the
     layer activations (hidden states, q/k/v, the MLP's gate/up/act) and 12 bytes per vocabulary
-    entry for the float32 logits and sampling's copies (a loose bound: logits exist only for the
-    sampled rows, far fewer than the step's tokens)."""
+    entry for the float32 logits and sampling's copies (every token sampled: a decode step of that
+    many sequences)."""
     per_token = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize + cfg.vocab_size * 12
     return num_tokens * per_token
