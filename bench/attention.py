@@ -41,6 +41,8 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -214,15 +216,8 @@ def ours(c: dict) -> dict:
 
     def fused():
         """Both levels in one launch (what decode ran before the two-stream launches)."""
-        saved = pa.CONFIG_OVERRIDE.get("separate")
-        pa.CONFIG_OVERRIDE["separate"] = 0
-        try:
+        with overridden(separate=0):
             two_level()
-        finally:
-            if saved is None:
-                pa.CONFIG_OVERRIDE.pop("separate")
-            else:
-                pa.CONFIG_OVERRIDE["separate"] = saved
 
     return {
         "paged": paged,
@@ -232,6 +227,18 @@ def ours(c: dict) -> dict:
         "fused": fused,
         "_out": out,
     }
+
+
+@contextmanager
+def overridden(**config: int) -> Iterator[None]:
+    """The kernels' tile configuration (CONFIG_OVERRIDE) with config on top, restored afterwards."""
+    saved = dict(pa.CONFIG_OVERRIDE)
+    pa.CONFIG_OVERRIDE.update(config)
+    try:
+        yield
+    finally:
+        pa.CONFIG_OVERRIDE.clear()
+        pa.CONFIG_OVERRIDE.update(saved)
 
 
 def fa3_calls(c: dict, fa) -> dict:
@@ -421,7 +428,6 @@ def sweep(iters: int, case: str) -> list[dict]:
     sample = [0, 1, c["q"].shape[0] - 1]
     ref = reference(c, sample)
     rows = []
-    saved = dict(pa.CONFIG_OVERRIDE)
     configs = [
         {},
         {"num_stages": 2},
@@ -443,20 +449,18 @@ def sweep(iters: int, case: str) -> list[dict]:
     for config in configs:
         row: dict = dict(config)
         for op in ("prefix", "own", "two_level", "fused"):
-            pa.CONFIG_OVERRIDE.clear()
-            pa.CONFIG_OVERRIDE.update(saved, **config)
-            try:
-                row[op] = round(time_ms(fns[op], iters)[0], 4)
-                if op == "two_level":
-                    row["two_level_err"] = round((fns["_out"][sample].float() - ref).abs().max().item(), 5)
-                    info = kernel_info(fns[op])
-                    row["regs"], row["spills"] = info.get("n_regs"), info.get("n_spills")
-            except Exception as e:  # e.g. out of shared memory
-                row[op] = f"{type(e).__name__}: {str(e)[:80]}"
+            with overridden(**config):
+                try:
+                    row[op] = round(time_ms(fns[op], iters)[0], 4)
+                    if op == "two_level":
+                        err = (fns["_out"][sample].float() - ref).abs().max().item()
+                        row["two_level_err"] = round(err, 5)
+                        info = kernel_info(fns[op])
+                        row["regs"], row["spills"] = info.get("n_regs"), info.get("n_spills")
+                except Exception as e:  # e.g. out of shared memory
+                    row[op] = f"{type(e).__name__}: {str(e)[:80]}"
         rows.append(row)
         print(f"# sweep {json.dumps(row)}", file=sys.stderr, flush=True)
-    pa.CONFIG_OVERRIDE.clear()
-    pa.CONFIG_OVERRIDE.update(saved)
     return rows
 
 
