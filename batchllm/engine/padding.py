@@ -11,6 +11,7 @@ first decode step) and sends each step to the cheapest size that holds it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,13 +34,9 @@ def cheapest_sizes(
     order = sorted(sizes)
     chosen = {}
     for i, s in enumerate(order):
-        best = s
-        for t in order[i + 1 :]:
-            if s not in cost or t not in cost:
-                continue
-            if cost[t] < min(margin * cost[s], cost[s] - min_saving) and cost[t] < cost[best]:
-                best = t
-        chosen[s] = best
+        bound = min(margin * cost[s], cost[s] - min_saving) if s in cost else -math.inf
+        cheaper = [t for t in order[i + 1 :] if cost.get(t, math.inf) < bound]
+        chosen[s] = min(cheaper, key=cost.__getitem__, default=s)
     return chosen
 
 
