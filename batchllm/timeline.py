@@ -1,9 +1,9 @@
 """A run's metrics over time: steps, tokens, KV blocks in use and prompts done, sampled as the engine runs.
 
 The engine keeps totals only (``EngineStats``); the run report wants their course.
-``Timeline.watch`` wraps one runner's ``forward`` for the length of a run: each step
-adds two counters, and at most one sample per ``interval`` seconds also counts the
-KV blocks of the step's sequences, so the step loop pays next to nothing. A long
+``Timeline.watch`` observes one runner's steps (their ``BatchLayout``) for the length of
+a run: each step adds two counters, and at most one sample per ``interval`` seconds also
+counts the KV blocks of the step's block tables, so the step loop pays next to nothing. A long
 run keeps at most ``max_samples`` samples (every other one is dropped and the
 interval doubles), so the series stays small enough to store with the run.
 """
@@ -11,9 +11,14 @@ interval doubles), so the series stays small enough to store with the run.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from batchllm.engine.attention.base import BatchLayout
 
 FIELDS = ("t", "steps", "tokens", "kv_blocks", "prompts_done")
 
@@ -34,13 +39,14 @@ class Timeline:
         self.prompts_done = 0
         self.samples: list[tuple[float, int, int, int, int]] = []
 
-    def step(self, chunks: Sequence[Any]) -> None:
-        """One engine step (the runner's chunks): counted always, sampled when ``interval`` has passed."""
+    def step(self, layout: BatchLayout) -> None:
+        """One engine step (the runner's layout): counted always, sampled when ``interval`` has passed."""
         self.steps += 1
-        self.tokens += sum(c.num_tokens for c in chunks)
+        self.tokens += layout.num_tokens
         now = time.perf_counter() - self._t0
         if now - self._last >= self.interval:
-            self.kv_blocks = len({b for c in chunks for b in c.seq.block_table})
+            tables = layout.block_tables
+            self.kv_blocks = int(np.unique(tables[tables >= 0]).size)
             self._sample(now)
 
     def progress(self, done: int, total: int) -> None:
@@ -68,22 +74,17 @@ class Timeline:
     def watch(
         self, runner: Any, progress: Callable[[int, int], None] | None
     ) -> Iterator[Callable[[int, int], None]]:
-        """Count every ``runner.forward`` while inside; yields the progress callback to hand the engine
+        """Count every step the runner runs while inside; yields the progress callback to hand the engine
         (it records prompts done, then calls ``progress``)."""
-        forward = runner.forward
-
-        def counted(chunks: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
-            self.step(chunks)
-            return forward(chunks, *args, **kwargs)
 
         def report(done: int, total: int) -> None:
             self.progress(done, total)
             if progress is not None:
                 progress(done, total)
 
-        runner.forward = counted
+        runner.observers.append(self.step)
         try:
             yield report
         finally:
-            del runner.forward  # the class's method again
+            runner.observers.remove(self.step)
             self.finish()

@@ -286,7 +286,7 @@ def test_engine_triton_equals_torch(tmp_path) -> None:
 
 def test_cost_model_sends_small_groups_to_the_plain_path() -> None:
     from batchllm.engine.attention.cost import two_level_pays
-    from batchllm.engine.scheduler import grouped_chunks
+    from batchllm.engine.sequence import grouped_chunks
 
     assert not two_level_pays(1, 4000)  # a group of one never pays (sd=1 measured 5% slower)
     assert two_level_pays(4, 512) and two_level_pays(16, 2000)  # measured wins

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,44 +21,40 @@ from tests.product_fixtures import make_reviews_db, spec_dict
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@dataclass
-class FakeSeq:
-    block_table: list[int] = field(default_factory=list)
-
-
-@dataclass
-class FakeChunk:
-    seq: FakeSeq
-    num_tokens: int
-
-
 class FakeRunner:
+    """Tells its observers of each step, as ModelRunner.run does."""
+
     def __init__(self) -> None:
-        self.calls = 0
+        self.observers: list[Any] = []
 
-    def forward(self, chunks: list[FakeChunk], rows: Any = None) -> str:
-        self.calls += 1
-        return "hidden"
+    def run(self, tables: list[list[int]], num_tokens: int) -> None:
+        width = max(len(t) for t in tables)
+        block_tables = np.full((len(tables), width), -1, np.int32)
+        for i, t in enumerate(tables):
+            block_tables[i, : len(t)] = t
+        layout = SimpleNamespace(num_tokens=num_tokens, block_tables=block_tables)
+        for observe in self.observers:
+            observe(layout)
 
 
-def test_timeline_counts_every_step_and_restores_the_runner() -> None:
+def test_timeline_counts_every_step_and_stops_observing() -> None:
     runner = FakeRunner()
     timeline = Timeline(kv_blocks_total=10, interval=0.0, max_samples=4)
     seen: list[tuple[int, int]] = []
-    shared = FakeSeq([0, 1])
     with timeline.watch(runner, lambda d, t: seen.append((d, t))) as progress:
-        assert runner.forward([FakeChunk(shared, 5), FakeChunk(FakeSeq([0, 1, 2]), 3)]) == "hidden"
+        runner.run([[0, 1], [0, 1, 2]], 8)
         progress(1, 2)
-        runner.forward([FakeChunk(FakeSeq([4]), 1)], np.arange(1))
+        runner.run([[4]], 1)
         progress(2, 2)
-    assert runner.calls == 2 and "forward" not in vars(runner)  # the class's method again
+    assert runner.observers == []
+    runner.run([[5]], 7)  # after the run: not counted
     assert seen == [(1, 2), (2, 2)]
     d = timeline.as_dict()
     assert d["steps"] == [1, 2, 2] and d["tokens"] == [8, 9, 9]
     assert d["kv_blocks"] == [3, 1, 0]  # distinct blocks of the step's sequences; none after the run
     assert d["prompts_done"] == [0, 1, 2] and d["kv_blocks_total"] == 10
     for _ in range(5):  # over max_samples: every other sample goes, the interval doubles
-        timeline.step([FakeChunk(shared, 1)])
+        timeline.step(SimpleNamespace(num_tokens=1, block_tables=np.zeros((1, 1), np.int32)))
     assert len(timeline.samples) <= 4 and timeline.interval == 0.0
 
 

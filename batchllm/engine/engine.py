@@ -8,9 +8,9 @@ scheduler bookkeeping. Control flows one way: engine -> scheduler (queues,
 blocks) and engine -> runner (tensors); a head (heads.py) alone decides when a
 request stops.
 
-Generation is pipelined (pipeline.py): a step's sampled ids are read back
-after the next step is launched. Grammar-constrained generation reads every
-step back at once (its masks need the tokens).
+Generation is pipelined (pipeline.py): a step's sampled ids are read back after the next
+step is launched; runs of decode steps over the same sequences skip the per-sequence
+bookkeeping (steady.py). Grammar-constrained generation reads every step back at once.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from batchllm.engine.runner import ModelRunner, kv_bytes_per_block
 from batchllm.engine.sampling import SamplingParams
 from batchllm.engine.scheduler import ScheduledChunk, Scheduler
 from batchllm.engine.sequence import Sequence as Seq
+from batchllm.engine.steady import SteadyDecode
 from batchllm.engine.tokenizer import Tokenizer, config_eos_token_ids
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -279,31 +280,36 @@ class Engine:
         stats = self._stats = EngineStats(num_requests=total, num_kv_blocks=self.num_kv_blocks)
         stats.prompt_tokens_logical, stats.num_groups = batch.logical_tokens, len(batch.groups)
         stats.plan_s = clock() - t0
+        budget, reserve = self.max_num_batched_tokens, self.decode_reserve
         scheduler = Scheduler(
-            self.num_kv_blocks,
-            self.block_size,
-            self.max_num_batched_tokens,
-            self.max_model_len,
-            decode_fraction=self.decode_reserve,
+            self.num_kv_blocks, self.block_size, budget, self.max_model_len, decode_fraction=reserve
         )
         by_seq = submit(scheduler, batch)
         # invalid inputs and requests the scheduler rejected are done already
         num_done = total - sum(len(r.inputs) for r in batch.requests if r.error is None)
         if progress is not None and num_done:
             progress(num_done, total)
-        # Pipelined heads read a step's tokens back after the next step is launched, so the GPU never
-        # waits for the host's bookkeeping; the device buffer `tokens` feeds the next step's inputs.
-        # Only without preemption (decode_reserve 1): a preempted sequence would be recomputed from
-        # tokens still pending.
+        # Pipelined heads read a step's tokens back after the next step is launched, so the GPU never waits
+        # for the host's bookkeeping; the device buffer `tokens` feeds the next step's inputs. Only without
+        # preemption (decode_reserve 1): a preempted sequence would be recomputed from tokens still pending.
         lagged = self.pipelined_decode and self.decode_reserve >= 1.0
         stop = head.stop if lagged and isinstance(head, TokenHead) and head.pipelined else None
         tokens = None if stop is None else torch.zeros(len(by_seq), dtype=torch.int64, device=self.device)
         pending: Pending | None = None
+        steady_ok, steady_after = stop is not None and not any(r.params.stop for r in batch.requests), None
         while scheduler.has_unfinished():
             t_host = clock()
-            step = scheduler.schedule()
-            t_run = clock()
-            seqs, outputs = self._forward(step.chunks, head, tokens)
+            if steady_after is not None and pending is not None and tokens is not None and stop is not None:
+                steady = SteadyDecode(scheduler, self.runner, steady_after, tokens, by_seq, stop)
+                hand, steady_after = steady.run(pending, stats, clock), None
+                pending = hand.pending
+                if hand.step is None:  # the engine schedules the next step
+                    continue
+                step, seqs, outputs, t_run = hand.step, hand.seqs, hand.ids, hand.t_run
+            else:
+                step = scheduler.schedule()
+                t_run = clock()
+                seqs, outputs = self._forward(step.chunks, head, tokens)
             late = settle(pending, by_seq, stop) if pending is not None and stop is not None else set()
             t_out = clock()
             now = t_out - t0
@@ -325,6 +331,7 @@ class Engine:
                     num_done += len(by_seq[seq.seq_id].inputs)
                 if progress is not None:
                     progress(num_done, total)
+            steady_after = step if steady_ok and not ends and not late and scheduler.steady(step) else None
             decodes = sum(c.is_decode for c in step.chunks)
             stats.add_step(len(step.chunks), decodes, t_out - t_run, t_run - t_host + clock() - t_out)
         if pending is not None and stop is not None:

@@ -60,6 +60,40 @@ class SeqSampling:
 
 
 @dataclass
+class RowSampling:
+    """The sampling parameters of a step's rows as arrays: built once for a run of steps over the same
+    sequences (``steady``), or per step from the sequences (``TokenHead.pick``)."""
+
+    greedy: bool  # every row greedy: argmax, nothing else is read
+    temps: np.ndarray  # [rows] float32
+    top_ps: np.ndarray  # [rows] float32
+    top_ks: np.ndarray  # [rows] int64
+    seeds: torch.Tensor | None  # [rows] int64 on the device (None when greedy)
+
+    @classmethod
+    def of(cls, seqs: Sequence[Seq], device: torch.device) -> RowSampling:
+        params: list[SeqSampling] = [s.params for s in seqs]
+        n = len(params)
+        temps = np.fromiter((p.temperature for p in params), np.float32, n)
+        greedy = not temps.any()
+        return cls(
+            greedy,
+            temps,
+            np.fromiter((p.top_p for p in params), np.float32, n),
+            np.fromiter((p.top_k for p in params), np.int64, n),
+            None if greedy else to_device(np.array([p.seed for p in params], dtype=np.int64), device),
+        )
+
+    def pick(self, logits: torch.Tensor, lengths: np.ndarray | None) -> torch.Tensor:
+        """The next token per row; lengths [rows]: each sequence's length, the sampled token's position."""
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        assert self.seeds is not None and lengths is not None
+        keys = row_keys(self.seeds, to_device(lengths.astype(np.int64), logits.device))
+        return sample(logits, self.temps, self.top_ps, self.top_ks, keys)
+
+
+@dataclass
 class StopRule:
     """When a generated request ends; sets its finish_reason (and stop_text for a stop string)."""
 
@@ -129,17 +163,10 @@ class TokenHead:
 
     def pick(self, logits: torch.Tensor, seqs: Sequence[Seq]) -> torch.Tensor:
         """The next token per row of logits [rows, vocab]: greedy, or keyed sampling per (seed, position)."""
-        params: list[SeqSampling] = [s.params for s in seqs]
-        if all(p.temperature == 0.0 for p in params):
-            return logits.argmax(dim=-1)
-        dev, n = logits.device, len(params)
-        temps = np.fromiter((p.temperature for p in params), np.float32, n)
-        top_ps = np.fromiter((p.top_p for p in params), np.float32, n)
-        top_ks = np.fromiter((p.top_k for p in params), np.int64, n)
-        seeds = to_device(np.array([p.seed for p in params], dtype=np.int64), dev)
+        rows = RowSampling.of(seqs, logits.device)
         # the sampled token's position is the current length of the sequence
-        positions = to_device(np.fromiter((s.num_tokens for s in seqs), np.int64, n), dev)
-        return sample(logits, temps, top_ps, top_ks, row_keys(seeds, positions))
+        lengths = None if rows.greedy else np.fromiter((s.num_tokens for s in seqs), np.int64, len(seqs))
+        return rows.pick(logits, lengths)
 
     def record(self, req: Request, seq: Seq, output: int, now: float) -> bool:
         seq.add_tokens((output,))

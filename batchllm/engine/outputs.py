@@ -109,6 +109,8 @@ class EngineStats:
     hybrid_units: int = 0  # prefill-only sequences longer than the KV pool, run by hybrid prefill
     grammar_mask_s: float = 0.0  # typed output: filling and applying token masks
     forced_tokens: int = 0  # typed output: tokens appended by jump-forward, never sampled
+    steady_steps: int = 0  # decode steps run by steady decode (steady.py), no per-sequence host work
+    steady_host_s: float = 0.0  # their host time: all but waiting for the device's sampled ids
 
     def add_step(self, num_chunks: int, num_decode_chunks: int, run_s: float, host_s: float) -> None:
         """Account one step's time: runner+head time by step kind, the rest as host time."""

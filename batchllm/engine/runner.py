@@ -10,6 +10,7 @@ block allocation (the scheduler does) and never decides when a request ends
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from itertools import chain, pairwise
 
@@ -134,6 +135,7 @@ class ModelRunner:
         self.graphs = (
             DecodeGraphs(model, self.attention, measured_padding=measured_padding) if use_graphs else None
         )
+        self.observers: list[Callable[[BatchLayout], None]] = []  # told of every step (``timeline``)
 
     @property
     def kv_cache(self) -> torch.Tensor:
@@ -159,11 +161,22 @@ class ModelRunner:
             seq_ids = np.fromiter((max(c.seq.seq_id, 0) for c in chunks), np.int64, len(chunks))
             owners = np.repeat(seq_ids, layout.q_lens)
             input_ids = torch.where(to_device(pending, dev), tokens[to_device(owners, dev)], input_ids)
+        return self.run(layout, input_ids, rows)
+
+    @torch.inference_mode()
+    def run(
+        self, layout: BatchLayout, input_ids: torch.Tensor, rows: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Run a described step on its ids (on the device): ``forward`` without building the layout
+        (steady decode updates the previous step's layout in place of rebuilding it)."""
+        for observe in self.observers:
+            observe(layout)
         if rows is None and self.graphs is not None and layout.is_decode and self.graphs.fits(layout):
             return self.graphs.run(layout, input_ids)
         if layout.tree_seqs is not None and not self.attention.supports_tree_mask:
             raise ValueError(f"attention: backend {self.attention.name!r} has no tree (multi-item) mask")
         meta = self.attention.prepare(layout)
+        dev = self.device
         # the rows whose hidden state is read: the last layer projects out only these
         keep = None
         if rows is not None:

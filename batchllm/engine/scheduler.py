@@ -7,8 +7,8 @@ preemption by recompute. Device independent (no torch); the engine drives it:
         ... forward batch.chunks; run the head on each `sample` chunk ...
         done = scheduler.on_step_done(batch, finished_seq_ids)
 
-Which groups and members may start, and the KV they reserve, is admission.py's
-business; this module turns running sequences into steps. Policy:
+Admission (admission.py) decides which groups and members may start; this module
+turns running sequences into steps (``steady`` repeats a decode step). Policy:
 - A prefix is prefilled once (no output); when its KV is complete its blocks
   are pinned and its admitted members start from position num_shared_tokens,
   sharing those blocks. The pin is dropped after the group's last member.
@@ -31,11 +31,10 @@ from collections.abc import Sequence as SequenceLike
 from dataclasses import dataclass, field
 
 from batchllm.engine.admission import Admission, Group
-from batchllm.engine.attention.cost import two_level_pays
 from batchllm.engine.kv import BlockPool
-from batchllm.engine.sequence import ScheduledChunk, Sequence, SequenceStatus
+from batchllm.engine.sequence import ScheduledChunk, Sequence, SequenceStatus, grouped_chunks
 
-__all__ = ["ScheduleBatch", "ScheduledChunk", "Scheduler", "SchedulerStats", "grouped_chunks"]
+__all__ = ["ScheduleBatch", "ScheduledChunk", "Scheduler", "SchedulerStats"]
 
 
 @dataclass
@@ -67,9 +66,14 @@ class SchedulerStats:
 
     @property
     def saving_ratio(self) -> float:
-        if not self.num_prompt_tokens_logical:
-            return 0.0
-        return 1.0 - self.num_prompt_tokens_computed / self.num_prompt_tokens_logical
+        logical = self.num_prompt_tokens_logical
+        return 1.0 - self.num_prompt_tokens_computed / logical if logical else 0.0
+
+    def add_steps(self, steps: int, tokens_per_step: int) -> None:
+        self.num_steps += steps
+        self.num_tokens += steps * tokens_per_step
+        if steps:
+            self.max_tokens_per_step = max(self.max_tokens_per_step, tokens_per_step)
 
 
 @dataclass
@@ -152,17 +156,13 @@ class Scheduler:
     def on_step_done(self, batch: ScheduleBatch, finished_seq_ids: Iterable[int] = ()) -> list[Sequence]:
         """Advance computed lengths and finish the sequences the engine lists; returns them.
 
-        The engine decides every ending (EOS, stop, max_tokens, max_model_len, a
-        head that answers in one forward). It must have appended at least one
-        token to each ``sample`` chunk's sequence that goes on (more when a
-        grammar forces them: their KV is the next chunk); a finishing one may
-        have none appended (a head that yields no token).
+        The engine decides every ending (EOS, stop, max_tokens, max_model_len, a head that answers in
+        one forward). It must have appended at least one token to each ``sample`` chunk's sequence that
+        goes on (more when a grammar forces them: their KV is the next chunk), a finishing one maybe none.
         """
         finished_ids = set(finished_seq_ids)
         stats = self.stats
-        stats.num_steps += 1
-        stats.num_tokens += batch.num_tokens
-        stats.max_tokens_per_step = max(stats.max_tokens_per_step, batch.num_tokens)
+        stats.add_steps(1, batch.num_tokens)
         done: list[Sequence] = []
         changed = False
         for ch in batch.chunks:
@@ -206,6 +206,31 @@ class Scheduler:
         if done:
             self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
         return done
+
+    def steady(self, batch: ScheduleBatch) -> bool:
+        """Would each next step decode just batch's sequences until one ends? Yes when batch decoded every
+        running sequence and admission stopped for want of KV (it waits for a finish), not of budget."""
+        return (
+            0 < len(batch.chunks) == len(self.running)
+            and batch.num_tokens < self.max_num_batched_tokens
+            and all(c.sample and c.is_decode for c in batch.chunks)
+        )
+
+    def grow(self, seqs: list[Sequence]) -> list[int] | None:
+        """One new block for each of seqs (their next position starts one), or None when too few are free."""
+        if len(seqs) > self.pool.num_free:
+            return None
+        ids = self.pool.allocate(len(seqs))
+        for seq, b in zip(seqs, ids, strict=True):
+            seq.block_table.append(b)
+        self.stats.peak_kv_blocks = self.pool.peak_used
+        return ids
+
+    def catch_up(self, seqs: list[Sequence], computed: list[int], steps: int) -> None:
+        """Steady decode ran ``steps`` steps of one token per sequence; seqs now hold KV up to computed."""
+        for seq, n in zip(seqs, computed, strict=True):
+            seq.num_computed_tokens = n
+        self.stats.add_steps(steps, len(seqs))
 
     def check_integrity(self) -> None:
         """Cross-check block tables against the pool (tests call it after every step)."""
@@ -373,28 +398,3 @@ class Scheduler:
             if group.prefix is not None:
                 self._drop_prefix(group)
             self.admission.remove(group)
-
-
-def grouped_chunks(chunks: Iterable[ScheduledChunk]) -> list[ScheduledChunk]:
-    """Plain chunks first (scheduling order), then grouped chunks contiguous by ascending group id.
-
-    A chunk is grouped when it reads a shared prefix (num_shared_tokens > 0)
-    and its group's chunks in this step make two-level attention pay
-    (``attention.cost``); otherwise it is plain, as a group prefix's own chunks
-    are. The sort is stable, so members keep their scheduling order inside a group.
-    """
-    plain: list[ScheduledChunk] = []
-    by_group: dict[int, list[ScheduledChunk]] = {}
-    for c in chunks:
-        if c.seq.num_shared_tokens:
-            by_group.setdefault(c.seq.group_id, []).append(c)  # type: ignore[arg-type]
-        else:
-            plain.append(c)
-    shared: list[ScheduledChunk] = []
-    for gid in sorted(by_group):
-        members = by_group[gid]
-        pays = two_level_pays(len(members), members[0].seq.num_shared_tokens)
-        for c in members:
-            c.two_level = pays
-        (shared if pays else plain).extend(members)
-    return plain + shared

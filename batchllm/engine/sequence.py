@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from batchllm.engine.attention.cost import two_level_pays
+
 PENDING = -1  # a sampled token id still on the device (the engine reads it back one step later)
 
 
@@ -110,3 +112,28 @@ class ScheduledChunk:
     def is_decode(self) -> bool:
         """A generated token's KV (one position past the prompt), as opposed to prompt prefill."""
         return not self.seq.is_prefix and self.start >= self.seq.num_prompt_tokens
+
+
+def grouped_chunks(chunks: Iterable[ScheduledChunk]) -> list[ScheduledChunk]:
+    """Plain chunks first (scheduling order), then grouped chunks contiguous by ascending group id.
+
+    A chunk is grouped when it reads a shared prefix (num_shared_tokens > 0)
+    and its group's chunks in this step make two-level attention pay
+    (``attention.cost``); otherwise it is plain, as a group prefix's own chunks
+    are. The sort is stable, so members keep their scheduling order inside a group.
+    """
+    plain: list[ScheduledChunk] = []
+    by_group: dict[int, list[ScheduledChunk]] = {}
+    for c in chunks:
+        if c.seq.num_shared_tokens:
+            by_group.setdefault(c.seq.group_id, []).append(c)  # type: ignore[arg-type]
+        else:
+            plain.append(c)
+    shared: list[ScheduledChunk] = []
+    for gid in sorted(by_group):
+        members = by_group[gid]
+        pays = two_level_pays(len(members), members[0].seq.num_shared_tokens)
+        for c in members:
+            c.two_level = pays
+        (shared if pays else plain).extend(members)
+    return plain + shared

@@ -1,0 +1,103 @@
+"""Steady decode (steady.py) gives the results of the engine's own step loop, step for step: EOS and
+stop ids read back in the middle of a run, ends by max_tokens and by max_model_len, seeded sampling,
+shared prefixes, and a KV pool too small for every group at once (admission waits between runs)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+
+from batchllm.engine import Engine, SamplingParams
+from batchllm.engine.scheduler import Scheduler
+
+SYSTEM = "You are a careful assistant. Answer briefly and plainly, in one short sentence or less."
+QUESTIONS = ["Name a colour.", "Say hello.", "What is 2 + 2?", "Name a fruit.", "Is ice cold?", "Name a city."]
+
+
+def _workload(engine: Engine) -> tuple[list[list[int]], list[SamplingParams]]:
+    tok = engine.tokenizer
+    dot = tok.encode(".")[0]
+    prompts, params = [], []
+    for i, q in enumerate(QUESTIONS * 4):
+        chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+        prompts.append(tok.encode(tok.apply_chat_template(chat)))
+        kind = i % 5
+        if kind == 0:
+            params.append(SamplingParams(max_tokens=24))  # ends at EOS, mostly
+        elif kind == 1:
+            params.append(SamplingParams(max_tokens=8 + i, ignore_eos=True))
+        elif kind == 2:
+            params.append(SamplingParams(max_tokens=20, temperature=0.8, seed=i))
+        elif kind == 3:
+            params.append(SamplingParams(max_tokens=16, stop_token_ids=[dot]))
+        else:
+            params.append(SamplingParams(max_tokens=40, ignore_eos=True))  # long: the last ones run alone
+    return prompts, params
+
+
+def _fields(results) -> list[dict]:
+    drop = {"latency_s", "first_token_s"}
+    return [{k: v for k, v in asdict(r).items() if k not in drop} for r in results]
+
+
+@pytest.fixture
+def checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block tables and the pool agree after every step the engine books (steady runs in between)."""
+    done = Scheduler.on_step_done
+
+    def on_step_done(self: Scheduler, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = done(self, *args, **kwargs)
+        self.check_integrity()
+        return out
+
+    monkeypatch.setattr(Scheduler, "on_step_done", on_step_done)
+
+
+@pytest.mark.parametrize("kv_tokens", [None, 1024])
+def test_steady_equals_the_step_loop(
+    default_model_path, monkeypatch: pytest.MonkeyPatch, checked: None, kv_tokens: int | None
+) -> None:
+    """kv_tokens 1024: about a third of the requests at once, so runs end when admission resumes."""
+    engine = Engine(default_model_path, kv_cache_tokens=kv_tokens)
+    prompts, params = _workload(engine)
+    steady = engine.generate(prompts, params)
+    stats = engine.stats
+    assert stats.steady_steps > 0
+    with monkeypatch.context() as m:
+        m.setattr(Scheduler, "steady", lambda self, batch: False)
+        loop = engine.generate(prompts, params)
+    assert engine.stats.steady_steps == 0
+    assert _fields(steady) == _fields(loop)
+    assert (stats.steps, stats.tokens_computed) == (engine.stats.steps, engine.stats.tokens_computed)
+    reasons = {r.finish_reason for r in steady}
+    assert reasons == {"stop", "length"}, reasons
+    assert all(-1 not in r.token_ids for r in steady)
+    engine.pipelined_decode = False  # every step read back at once: never steady
+    assert _fields(engine.generate(prompts, params)) == _fields(steady)
+
+
+def test_steady_runs_every_decode_step_it_can(default_model_path) -> None:
+    """Equal lengths, no EOS: the engine's loop books the first token (prefill), the first decode step
+    (it finds the run) and the last (ends by length); steady decode runs every step between."""
+    engine = Engine(default_model_path)
+    prompts, _ = _workload(engine)
+    engine.generate(prompts, SamplingParams(max_tokens=30, ignore_eos=True))
+    stats = engine.stats
+    assert stats.decode_steps == 29 and stats.steady_steps == 27, stats
+    assert stats.steps == stats.decode_steps + 2  # the shared prefix, then the members' own prompts
+
+
+def test_steady_ends_at_max_model_len(default_model_path, checked: None) -> None:
+    """Sequences end by the context limit, at different steps, with nothing else ending them."""
+    engine = Engine(default_model_path)
+    prompts, _ = _workload(engine)
+    longest = max(len(p) for p in prompts)
+    engine.max_model_len = longest + 12
+    params = SamplingParams(max_tokens=1000, ignore_eos=True)
+    results = engine.generate(prompts, params)
+    assert engine.stats.steady_steps > 0
+    for p, r in zip(prompts, results, strict=True):
+        assert r.finish_reason == "length" and len(p) + len(r.token_ids) == longest + 12
+    engine.pipelined_decode = False
+    assert _fields(engine.generate(prompts, params)) == _fields(results)
