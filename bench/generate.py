@@ -252,6 +252,9 @@ def native_run(
         1e3 * decode_s / decode_steps if decode_s is not None and decode_steps else None
     )
     run["host_ms_per_step"] = 1e3 * host_s / steps if host_s is not None and steps else None
+    # steady decode steps: the host's whole time per step but the wait for the sampled ids
+    steady, steady_s = s.get("steady_steps"), s.get("steady_host_s")
+    run["steady_host_ms_per_step"] = 1e3 * steady_s / steady if steady and steady_s is not None else None
     return run
 
 
@@ -423,14 +426,16 @@ def table(entries: list[dict[str, Any]]) -> str:
                 f"| {case} | {st.get('steps')} | {_f(st.get('mean_tokens_per_step'), '.0f')} "
                 f"| {_f(st.get('prefill_s'), '.2f')} | {_f(st.get('decode_s'), '.2f')} | {_f(st.get('host_s'), '.2f')} "
                 f"| {_f(nat.get('decode_ms_per_step'), '.2f')} | {_f(nat.get('host_ms_per_step'), '.2f')} "
+                f"| {st.get('steady_steps')} | {_f(nat.get('steady_host_ms_per_step'), '.3f')} "
                 f"| {st.get('preemptions')} | {st.get('peak_kv_blocks')} | {fl['prefill_s']:.2f} | {fl['decode_s']:.2f} "
                 f"| {fl['decode_bytes_per_step'] / 1e9:.2f} |\n"
             )
     if detail:
         lines.append(
             "\n| case | native steps | tok/step | prefill s | decode s | host s | decode ms/step | host ms/step "
+            "| steady steps | steady host ms/step "
             "| preemptions | peak KV blocks | floor prefill s | floor decode s | floor GB read/step |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         )
         lines += detail
     return "".join(lines)

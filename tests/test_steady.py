@@ -12,7 +12,14 @@ from batchllm.engine import Engine, SamplingParams
 from batchllm.engine.scheduler import Scheduler
 
 SYSTEM = "You are a careful assistant. Answer briefly and plainly, in one short sentence or less."
-QUESTIONS = ["Name a colour.", "Say hello.", "What is 2 + 2?", "Name a fruit.", "Is ice cold?", "Name a city."]
+QUESTIONS = [
+    "Name a colour.",
+    "Say hello.",
+    "What is 2 + 2?",
+    "Name a fruit.",
+    "Is ice cold?",
+    "Name a city.",
+]
 
 
 def _workload(engine: Engine) -> tuple[list[list[int]], list[SamplingParams]]:
@@ -46,7 +53,7 @@ def checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """Block tables and the pool agree after every step the engine books (steady runs in between)."""
     done = Scheduler.on_step_done
 
-    def on_step_done(self: Scheduler, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def on_step_done(self: Scheduler, *args, **kwargs):
         out = done(self, *args, **kwargs)
         self.check_integrity()
         return out
@@ -101,3 +108,18 @@ def test_steady_ends_at_max_model_len(default_model_path, checked: None) -> None
         assert r.finish_reason == "length" and len(p) + len(r.token_ids) == longest + 12
     engine.pipelined_decode = False
     assert _fields(engine.generate(prompts, params)) == _fields(results)
+
+
+@pytest.mark.gpu
+def test_steady_equals_the_step_loop_on_cuda(
+    default_model_path, monkeypatch: pytest.MonkeyPatch, checked: None
+) -> None:
+    """bf16 with CUDA graphs: a steady step replays the graph the engine's loop would, on the same layout."""
+    engine = Engine(default_model_path, device="cuda")
+    prompts, params = _workload(engine)
+    steady = engine.generate(prompts, params)
+    assert engine.stats.steady_steps > 0
+    with monkeypatch.context() as m:
+        m.setattr(Scheduler, "steady", lambda self, batch: False)
+        loop = engine.generate(prompts, params)
+    assert _fields(steady) == _fields(loop)
