@@ -50,7 +50,8 @@ def test_padded_decode_steps_give_the_same_tokens(tmp_path) -> None:
     assert graphs.run_at is not None and set(graphs.cost) == set(graphs.sizes)
     sizes = graphs.sizes
     graphs.run_at = {s: sizes[min(i + 2, len(sizes) - 1)] for i, s in enumerate(sizes)}
-    graphs.graphs.clear()
+    graphs.graphs.clear()  # and their memory pool: a pool whose graphs are all gone cannot take new ones
+    graphs.pool = torch.cuda.graph_pool_handle()
     padded = engine.generate(prompts, params)
     assert {key[0] for key in graphs.graphs} == {graphs.run_at[16]} == {64}  # 11 rows replayed as 64
     assert [r.token_ids for r in padded] == [r.token_ids for r in eager]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 
 from batchllm.engine import Engine, SamplingParams
@@ -112,11 +113,24 @@ def test_steady_ends_at_max_model_len(default_model_path, checked: None) -> None
 
 @pytest.mark.gpu
 def test_steady_equals_the_step_loop_on_cuda(
-    default_model_path, monkeypatch: pytest.MonkeyPatch, checked: None
+    tmp_path, monkeypatch: pytest.MonkeyPatch, checked: None
 ) -> None:
-    """bf16 with CUDA graphs: a steady step replays the graph the engine's loop would, on the same layout."""
-    engine = Engine(default_model_path, device="cuda")
-    prompts, params = _workload(engine)
+    """bf16 with CUDA graphs (random weights): a steady step replays the graph the engine's loop would,
+    on the same layout, so the same tokens; EOS (id 2) and stop ids come up in the middle of runs."""
+    from bench.gpu_check import build_model
+
+    build_model(tmp_path)
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(3, 512, 48).tolist()
+    prompts = [prefix + rng.integers(3, 512, 5 + i % 7).tolist() for i in range(40)]
+    kinds = [
+        lambda i: SamplingParams(max_tokens=30),
+        lambda i: SamplingParams(max_tokens=10 + i, ignore_eos=True),
+        lambda i: SamplingParams(max_tokens=20, temperature=0.8, seed=i),
+        lambda i: SamplingParams(max_tokens=24, stop_token_ids=[7, 11, 13]),
+    ]
+    params = [kinds[i % 4](i) for i in range(len(prompts))]
+    engine = Engine(tmp_path, device="cuda")
     steady = engine.generate(prompts, params)
     assert engine.stats.steady_steps > 0
     with monkeypatch.context() as m:
