@@ -84,7 +84,10 @@ class SteadyDecode:
         self.pos = lengths - 1  # each row's input position at the next step (its KV is computed there)
         self.sampling = RowSampling.of(self.seqs, runner.device)
         self.seq_ids = to_device(np.fromiter((s.seq_id for s in self.seqs), np.int64, n), runner.device)
-        self.gen: list[np.ndarray] = []  # ids read back, one array per step, from the engine's last step
+        # ids read back, a column per step from the engine's last one (copies: a pinned read-back buffer
+        # kept alive would make every step allocate pinned memory anew, which stalls the host)
+        self.gen = np.empty((n, max(self.max_steps, 0) + 1), dtype=np.int64)
+        self.num_read = 0
         self.layout: BatchLayout
 
     def run(self, pending: Pending, stats: EngineStats, clock: Callable[[], float]) -> Handover:
@@ -104,7 +107,8 @@ class SteadyDecode:
             read = prev_ids.numpy()
             if self.stop_ids.size and np.isin(read, self.stop_ids).any():
                 return self._hand_back_launched(pending, steps, prev_ids, ids, t_run)
-            self.gen.append(read)
+            self.gen[:, self.num_read] = read
+            self.num_read += 1
             prev_ids, prev_copied = read_back_later(ids)
             t_out = clock()
             steps += 1
@@ -174,7 +178,7 @@ class SteadyDecode:
     def _catch_up(self, computed: np.ndarray, steps: int) -> None:
         """Bring the sequences up to date: the ids read so far in place of the engine's pending one, then
         a pending id for the newest step; KV computed up to ``computed``."""
-        rows = np.stack(self.gen, axis=1).tolist()
+        rows = self.gen[:, : self.num_read].tolist()
         for seq, row in zip(self.seqs, rows, strict=True):
             t = seq.token_ids
             assert isinstance(t, list) and t[-1] == PENDING
