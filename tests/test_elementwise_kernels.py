@@ -86,3 +86,21 @@ def test_model_modules_take_the_fused_path() -> None:
     xq = torch.randn(3, 2, 16, device=DEVICE)
     want = Rope(table, pos, xq.dtype, fused=False)(xq.clone())
     torch.testing.assert_close(Rope(table, pos, xq.dtype, fused=True)(xq.clone()), want, atol=1e-6, rtol=1e-5)
+
+
+def test_rms_norm_with_a_float32_residual() -> None:
+    """bf16 activations into a float32 residual stream: the sum stays float32, the normed output bf16,
+    as the torch path (``RMSNorm`` with a float32 residual) computes them."""
+    g = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(5, 96, generator=g)).to(torch.bfloat16).to(DEVICE)
+    r = (torch.randn(5, 96, generator=g) / 3).to(DEVICE)  # float32, bits below bf16's precision
+    norm = RMSNorm(96, 1e-5).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(96, generator=g) / 4)
+    norm = norm.to(torch.bfloat16)
+    out, res = rms_norm(x, norm.weight, 1e-5, residual=r)
+    assert res.dtype == torch.float32 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(res, x.float() + r, atol=1e-6, rtol=1e-6)  # not rounded to bf16
+    want_out, want_res = norm(x, r)
+    torch.testing.assert_close(res, want_res, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, want_out, atol=2e-2, rtol=1.6e-2)

@@ -4,6 +4,7 @@ shared prefixes, and a KV pool too small for every group at once (admission wait
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -23,25 +24,26 @@ QUESTIONS = [
 ]
 
 
+# one request of each kind in turn: ends at EOS (mostly), by length, sampled, at a stop id (``stop``),
+# long (the last ones run alone)
+KINDS: list[Callable[[int, int], SamplingParams]] = [
+    lambda i, stop: SamplingParams(max_tokens=24),
+    lambda i, stop: SamplingParams(max_tokens=8 + i, ignore_eos=True),
+    lambda i, stop: SamplingParams(max_tokens=20, temperature=0.8, seed=i),
+    lambda i, stop: SamplingParams(max_tokens=16, stop_token_ids=[stop]),
+    lambda i, stop: SamplingParams(max_tokens=40, ignore_eos=True),
+]
+
+
+def _params(n: int, stop: int) -> list[SamplingParams]:
+    return [KINDS[i % len(KINDS)](i, stop) for i in range(n)]
+
+
 def _workload(engine: Engine) -> tuple[list[list[int]], list[SamplingParams]]:
     tok = engine.tokenizer
-    dot = tok.encode(".")[0]
-    prompts, params = [], []
-    for i, q in enumerate(QUESTIONS * 4):
-        chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
-        prompts.append(tok.encode(tok.apply_chat_template(chat)))
-        kind = i % 5
-        if kind == 0:
-            params.append(SamplingParams(max_tokens=24))  # ends at EOS, mostly
-        elif kind == 1:
-            params.append(SamplingParams(max_tokens=8 + i, ignore_eos=True))
-        elif kind == 2:
-            params.append(SamplingParams(max_tokens=20, temperature=0.8, seed=i))
-        elif kind == 3:
-            params.append(SamplingParams(max_tokens=16, stop_token_ids=[dot]))
-        else:
-            params.append(SamplingParams(max_tokens=40, ignore_eos=True))  # long: the last ones run alone
-    return prompts, params
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS * 4]
+    prompts = [tok.encode(tok.apply_chat_template(chat)) for chat in chats]
+    return prompts, _params(len(prompts), tok.encode(".")[0])
 
 
 def _fields(results) -> list[dict]:
@@ -123,13 +125,7 @@ def test_steady_equals_the_step_loop_on_cuda(
     rng = np.random.default_rng(0)
     prefix = rng.integers(3, 512, 48).tolist()
     prompts = [prefix + rng.integers(3, 512, 5 + i % 7).tolist() for i in range(40)]
-    kinds = [
-        lambda i: SamplingParams(max_tokens=30),
-        lambda i: SamplingParams(max_tokens=10 + i, ignore_eos=True),
-        lambda i: SamplingParams(max_tokens=20, temperature=0.8, seed=i),
-        lambda i: SamplingParams(max_tokens=24, stop_token_ids=[7, 11, 13]),
-    ]
-    params = [kinds[i % 4](i) for i in range(len(prompts))]
+    params = _params(len(prompts), 7)
     engine = Engine(tmp_path, device="cuda")
     steady = engine.generate(prompts, params)
     assert engine.stats.steady_steps > 0

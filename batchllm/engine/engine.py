@@ -62,10 +62,8 @@ class Engine:
 
     model: "default" or an HF folder of a Llama-family model. device: "cpu" or
     "cuda" (dtype float32 on CPU, bfloat16 on CUDA unless given).
-    enable_sharing: plan prompts by shared prefix, compute each prefix once and
-    identical requests once (False runs every request as a plain one, in input
-    order). max_num_batched_tokens is the token budget of one step (decode
-    tokens plus prefill chunks).
+    enable_sharing: plan prompts by shared prefix, compute each prefix once and identical requests once
+    (False: each a plain one, in input order). max_num_batched_tokens: one step's token budget.
     KV pool size: kv_cache_tokens if given, else kv_cache_gb if given, else on
     CUDA gpu_memory_utilization x the GPU's memory minus what is in use after
     loading the weights and an activation margin for one step; 2 GB on CPU.
@@ -79,10 +77,11 @@ class Engine:
     from config.json. cuda_graphs: replay captured decode steps on CUDA.
     measured_padding: pad a decode step to the graph size whose GEMMs measure fastest
     (``graphs``); False: the smallest size that holds it, so bf16 results repeat run to run.
-    pipelined_decode: read a step's sampled tokens back after the next step is
-    launched (see the module docstring); False reads every step back at once.
+    pipelined_decode: read a step's sampled tokens back after the next step is launched (module docstring).
     hybrid_prefill: classify/score a prompt longer than the KV pool layer by layer
     over the idle pool's memory (``hybrid``) instead of refusing it.
+    float32_residual: a float32 residual stream beside 16-bit weights and matmuls (bf16 greedy tokens
+    agree with float32 at 99.0% of teacher-forced positions instead of 98.1%).
     """
 
     def __init__(
@@ -106,6 +105,7 @@ class Engine:
         measured_padding: bool = True,
         hybrid_prefill: bool = True,
         pipelined_decode: bool = True,
+        float32_residual: bool = True,
     ) -> None:
         check_options(**{k: v for k, v in locals().items() if k not in ("self", "model")})
         self.device = torch.device(device)
@@ -124,6 +124,7 @@ class Engine:
         self.max_model_len = max_model_len or limit
         dummy = {"dummy": True} if load_format == "dummy" else {}  # load_model reads safetensors by default
         self.model = load_model(self.folder, self.max_model_len, self.device, torch_dtype, **dummy)
+        self.model.set_residual_dtype(torch.float32 if float32_residual else None)
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens or (16384 if cuda else 1024)
         self.num_kv_blocks = pool_blocks(

@@ -59,7 +59,15 @@ class HybridPrefill:
         and the attention backend's scratch block."""
         blocks = -(-num_tokens // self.block_size) + 1
         per_kv = 2 * self.block_size * self.kv_width
-        return (2 * num_tokens * self.model.cfg.hidden_size + blocks * per_kv) * self.storage.element_size()
+        item = self.storage.element_size()
+        states = num_tokens * self.model.cfg.hidden_size * (item + self._residual_dtype.itemsize)
+        return states + blocks * per_kv * item
+
+    @property
+    def _residual_dtype(self) -> torch.dtype:
+        """The residual stream's dtype (the model's layers say; their own dtype by default)."""
+        layers = self.model.layers
+        return (layers[0].residual_dtype if len(layers) else None) or self.storage.dtype
 
     def capacity(self) -> int:
         """The longest sequence the borrowed memory holds."""
@@ -82,10 +90,11 @@ class HybridPrefill:
         cfg, bs = model.cfg, self.block_size
         hidden = cfg.hidden_size
         x = self.storage[: n * hidden].view(n, hidden)
-        res = self.storage[n * hidden : 2 * n * hidden].view(n, hidden)
+        kv_from = n * hidden * (1 + self._residual_dtype.itemsize // self.storage.element_size())
+        res = self.storage[n * hidden : kv_from].view(self._residual_dtype).view(n, hidden)
         blocks = -(-n // bs)
         shape = KVShape(1, blocks, bs, cfg.num_kv_heads, cfg.head_dim, x.dtype, x.device)
-        backend = create_backend(self.attention, shape, self.storage[2 * n * hidden :])
+        backend = create_backend(self.attention, shape, self.storage[kv_from:])
         steps = [(c, backend.prepare(layout), layout) for c, layout in self._chunks(unit, blocks)]
         dev = x.device
         positions = []
@@ -96,7 +105,7 @@ class HybridPrefill:
         if not len(model.layers):
             return model.norm(x[torch.from_numpy(reads).to(dev)])
         last = len(model.layers) - 1
-        x_read, res_read = x.new_empty(len(reads), hidden), x.new_empty(len(reads), hidden)
+        x_read, res_read = x.new_empty(len(reads), hidden), res.new_empty(len(reads), hidden)
         for i, layer in enumerate(model.layers):
             for (c, meta, _), pos in zip(steps, positions, strict=True):
                 rope = Rope(model.rope, pos, x.dtype, model.fused)  # per chunk: no cos/sin for all tokens

@@ -143,8 +143,9 @@ def gpu_memory(device: Any) -> tuple[int, int]:
 
 def activation_bytes(cfg: Any, num_tokens: int, itemsize: int) -> int:
     """A rough bound on one step's transient memory (``cfg``: a ModelConfig): per token, the
-    layer activations (hidden states, q/k/v, the MLP's gate/up/act) and 12 bytes per vocabulary
-    entry for the float32 logits and sampling's copies (every token sampled: a decode step of that
-    many sequences)."""
-    per_token = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize + cfg.vocab_size * 12
+    layer activations (hidden states, q/k/v, the MLP's gate/up/act), the float32 residual stream in
+    and out, and 12 bytes per vocabulary entry for the float32 logits and sampling's copies (every
+    token sampled: a decode step of that many sequences)."""
+    per_token = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize + 8 * cfg.hidden_size
+    per_token += cfg.vocab_size * 12
     return num_tokens * per_token

@@ -56,17 +56,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        """The sum x + residual is in the residual's dtype (float32 beside 16-bit x: ``residual_dtype``),
+        the normed output in x's."""
         if self.fused and x.dim() == 2:
             from batchllm.kernels.elementwise import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
-            x = x + residual
-            return self._norm(x), x
-        return self._norm(x)
+            total = x.to(residual.dtype) + residual
+            return self._norm(total, x.dtype), total
+        return self._norm(x, x.dtype)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+    def _norm(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
@@ -168,6 +169,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    # the residual stream's dtype (None: the model's); float32 beside 16-bit weights keeps the running
+    # sum of 30-odd layer outputs from rounding to 8 bits at every add (``CausalLM.set_residual_dtype``)
+    residual_dtype: torch.dtype | None = None
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -188,7 +193,10 @@ class DecoderLayer(nn.Module):
         happens in the next norm, fused with it (x + residual, summed in the same order as before).
         kv, keep: as for ``Attention.forward``; with keep, both outputs hold the kept rows only."""
         if residual is None:
-            h, residual = self.input_layernorm(x), x
+            h, residual = (
+                self.input_layernorm(x),
+                x if self.residual_dtype is None else x.to(self.residual_dtype),
+            )
         else:
             h, residual = self.input_layernorm(x, residual)
         attn = self.self_attn(rope, h, meta, kv, keep)
@@ -225,6 +233,11 @@ class CausalLM(nn.Module):
                 m.fused = on
 
     fused = False
+
+    def set_residual_dtype(self, dtype: torch.dtype | None) -> None:
+        """Carry the residual stream in dtype (None: the model's own); norms take and return it."""
+        for layer in self.layers:
+            layer.residual_dtype = dtype
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any, keep: torch.Tensor | None = None

@@ -41,6 +41,7 @@ def check_options(
     measured_padding: bool,
     hybrid_prefill: bool,
     pipelined_decode: bool,
+    float32_residual: bool,
 ) -> None:
     """Every Engine option that can be checked before the model loads; a ValueError names the option."""
     if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
@@ -78,6 +79,7 @@ def check_options(
         ("measured_padding", measured_padding),
         ("hybrid_prefill", hybrid_prefill),
         ("pipelined_decode", pipelined_decode),
+        ("float32_residual", float32_residual),
     ):
         if not isinstance(flag, bool):
             raise ValueError(f"{name}: must be a bool, got {flag!r}")

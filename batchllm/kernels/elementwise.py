@@ -45,11 +45,12 @@ def _rmsnorm_kernel(
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    xf = x.to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # torch: x + residual, rounded
-        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=ok)
-    xf = x.to(tl.float32)
+        s = (xf + r.to(tl.float32)).to(r.dtype)  # torch: x + residual, rounded to the residual's dtype
+        tl.store(res_out_ptr + row * stride_ro + cols, s, mask=ok)
+        xf = s.to(tl.float32)
     var = tl.reduce(xf * xf, 0, _SUM) / n_cols
     y = (xf * (1.0 / tl.sqrt(var + eps))).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
@@ -61,12 +62,13 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of x [T, n] (of x + residual when given: then (normed, x + residual)).
 
-    Same rounding as ``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``.
+    Same rounding as ``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``. The sum
+    is in the residual's dtype (a float32 residual stream beside 16-bit activations), the norm in x's.
     """
     assert x.dim() == 2 and x.stride(-1) == 1 and weight.is_contiguous()
     rows, n = x.shape
     out = torch.empty_like(x)
-    res_out = torch.empty_like(x) if residual is not None else out
+    res_out = torch.empty_like(residual) if residual is not None else out
     res = residual if residual is not None else x
     if rows:
         _rmsnorm_kernel[(rows,)](
