@@ -65,13 +65,14 @@ class EngineStats:
     counts again). saving_ratio = 1 - computed / logical prompt tokens;
     planned_saving_ratio is what the plan promised before running.
 
-    Time split of the step loop (wall clock; the runner syncs on each step's
-    outputs, so per-step times are meaningful): prefill_s is the runner and
-    head time of steps with a prefill chunk (mixed steps included), decode_s
-    that of decode-only steps, host_s the engine's own time around them
-    (scheduling, recording outputs, bookkeeping; the runner's host-side batch
-    preparation is inside prefill_s/decode_s). decode_steps have no prefill
-    chunk; mixed_steps have decode and prefill chunks.
+    Time split of the step loop (wall clock): prefill_s is the runner and head
+    time of steps with a prefill chunk (mixed steps included), decode_s that of
+    decode-only steps, host_s the engine's own time around them (scheduling,
+    recording outputs, bookkeeping; the runner's host-side batch preparation is
+    inside prefill_s/decode_s). With pipelined decode a step's runner time ends
+    when the previous step's ids are read back, so it holds the wait for the
+    GPU. decode_steps have no prefill chunk; mixed_steps have decode and
+    prefill chunks.
 
     Prefill-only runs (classify, score): label_tokens_computed are the extra
     positions that score multi-token labels (not prompt tokens); packs are
