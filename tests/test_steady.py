@@ -74,6 +74,7 @@ def test_steady_equals_the_step_loop(
     steady = engine.generate(prompts, params)
     stats = engine.stats
     assert stats.steady_steps > 0
+    assert stats.prefill_s + stats.decode_s + stats.host_s <= stats.wall_s  # each moment counted once
     with monkeypatch.context() as m:
         m.setattr(Scheduler, "steady", lambda self, batch: False)
         loop = engine.generate(prompts, params)

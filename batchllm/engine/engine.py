@@ -306,7 +306,7 @@ class Engine:
                 pending = hand.pending
                 if hand.step is None:  # the engine schedules the next step
                     continue
-                step, seqs, outputs, t_run = hand.step, hand.seqs, hand.ids, hand.t_run
+                step, seqs, outputs, t_host, t_run = hand.step, hand.seqs, hand.ids, hand.t_host, hand.t_run
             else:
                 step = scheduler.schedule()
                 t_run = clock()

@@ -44,6 +44,7 @@ class Handover:
     step: ScheduleBatch | None = None  # launched, not yet held nor booked (its ids: ``ids``)
     seqs: list[Seq] | None = None
     ids: torch.Tensor | None = None
+    t_host: float = 0.0  # when the host began ``step`` (its layout)
     t_run: float = 0.0  # when ``step`` was launched
 
 
@@ -106,7 +107,7 @@ class SteadyDecode:
             waited = clock() - t_wait
             read = prev_ids.numpy()
             if self.stop_ids.size and np.isin(read, self.stop_ids).any():
-                return self._hand_back_launched(pending, steps, prev_ids, ids, t_run)
+                return self._hand_back_launched(pending, steps, prev_ids, ids, (t_host, t_run))
             self.gen[:, self.num_read] = read
             self.num_read += 1
             prev_ids, prev_copied = read_back_later(ids)
@@ -162,7 +163,12 @@ class SteadyDecode:
         return ids
 
     def _hand_back_launched(
-        self, pending: Pending, steps: int, prev_ids: torch.Tensor, ids: torch.Tensor, t_run: float
+        self,
+        pending: Pending,
+        steps: int,
+        prev_ids: torch.Tensor,
+        ids: torch.Tensor,
+        times: tuple[float, float],
     ) -> Handover:
         """A read token may end a sequence: hand over the step just launched, its previous one unsettled."""
         if steps:
@@ -173,7 +179,7 @@ class SteadyDecode:
             for c, p in zip(self.chunks, self.pos.tolist(), strict=True)
         ]
         step = ScheduleBatch(chunks, len(chunks))
-        return Handover(pending, step, self.seqs, ids, t_run)
+        return Handover(pending, step, self.seqs, ids, *times)
 
     def _catch_up(self, computed: np.ndarray, steps: int) -> None:
         """Bring the sequences up to date: the ids read so far in place of the engine's pending one, then
