@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from batchllm.engine.attention import resolve_name, to_device
+from batchllm.engine.collect import fewer_collections
 from batchllm.engine.config import ModelConfig
 from batchllm.engine.grammar import Constraint, GrammarCache, GrammarHead
 from batchllm.engine.heads import Head, SeqSampling, StopRule, TokenHead
@@ -275,16 +276,15 @@ class Engine:
             tokens, params, errors, sharing=sharing, block_size=self.block_size, rng=self._rng, groups=groups
         )
 
+    @fewer_collections()
     def _run(self, batch: Batch, head: Head, t0: float, progress: Progress | None) -> list[Any]:
         """Schedule and run the batch to completion; the head's results, in input order."""
         total, clock = batch.num_inputs, time.perf_counter
         stats = self._stats = EngineStats(num_requests=total, num_kv_blocks=self.num_kv_blocks)
         stats.prompt_tokens_logical, stats.num_groups = batch.logical_tokens, len(batch.groups)
         stats.plan_s = clock() - t0
-        budget, reserve = self.max_num_batched_tokens, self.decode_reserve
-        scheduler = Scheduler(
-            self.num_kv_blocks, self.block_size, budget, self.max_model_len, decode_fraction=reserve
-        )
+        sizes = (self.num_kv_blocks, self.block_size, self.max_num_batched_tokens, self.max_model_len)
+        scheduler = Scheduler(*sizes, decode_fraction=self.decode_reserve)
         by_seq = submit(scheduler, batch)
         # invalid inputs and requests the scheduler rejected are done already
         num_done = total - sum(len(r.inputs) for r in batch.requests if r.error is None)

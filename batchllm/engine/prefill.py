@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from batchllm.engine.collect import fewer_collections
 from batchllm.engine.hybrid import HybridPrefill
 from batchllm.engine.labels import LabelSet
 from batchllm.engine.outputs import ClassifyResult, EngineStats
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 PACK_TOKENS = 2048  # item tokens per pack (label nodes included)
 
 
+@fewer_collections()
 def run_prefill(
     engine: Engine,
     batch: Batch,
