@@ -66,29 +66,32 @@ class RowSampling:
 
     greedy: bool  # every row greedy: argmax, nothing else is read
     temps: np.ndarray  # [rows] float32
-    top_ps: np.ndarray  # [rows] float32
-    top_ks: np.ndarray  # [rows] int64
-    seeds: torch.Tensor | None  # [rows] int64 on the device (None when greedy)
+    # the rest only when some row samples (None when greedy): a greedy step reads the temperatures only
+    top_ps: np.ndarray | None = None  # [rows] float32
+    top_ks: np.ndarray | None = None  # [rows] int64
+    seeds: torch.Tensor | None = None  # [rows] int64 on the device
 
     @classmethod
     def of(cls, seqs: Sequence[Seq], device: torch.device) -> RowSampling:
         params: list[SeqSampling] = [s.params for s in seqs]
         n = len(params)
         temps = np.fromiter((p.temperature for p in params), np.float32, n)
-        greedy = not temps.any()
+        if not temps.any():
+            return cls(True, temps)
         return cls(
-            greedy,
+            False,
             temps,
             np.fromiter((p.top_p for p in params), np.float32, n),
             np.fromiter((p.top_k for p in params), np.int64, n),
-            None if greedy else to_device(np.array([p.seed for p in params], dtype=np.int64), device),
+            to_device(np.array([p.seed for p in params], dtype=np.int64), device),
         )
 
     def pick(self, logits: torch.Tensor, lengths: np.ndarray | None) -> torch.Tensor:
         """The next token per row; lengths [rows]: each sequence's length, the sampled token's position."""
         if self.greedy:
             return logits.argmax(dim=-1)
-        assert self.seeds is not None and lengths is not None
+        assert self.top_ps is not None and self.top_ks is not None and self.seeds is not None
+        assert lengths is not None
         keys = row_keys(self.seeds, to_device(lengths.astype(np.int64), logits.device))
         return sample(logits, self.temps, self.top_ps, self.top_ks, keys)
 

@@ -193,10 +193,7 @@ class DecoderLayer(nn.Module):
         happens in the next norm, fused with it (x + residual, summed in the same order as before).
         kv, keep: as for ``Attention.forward``; with keep, both outputs hold the kept rows only."""
         if residual is None:
-            h, residual = (
-                self.input_layernorm(x),
-                x if self.residual_dtype is None else x.to(self.residual_dtype),
-            )
+            h, residual = self.input_layernorm(x), x.to(self.residual_dtype or x.dtype)
         else:
             h, residual = self.input_layernorm(x, residual)
         attn = self.self_attn(rope, h, meta, kv, keep)

@@ -133,11 +133,7 @@ class SteadyDecode:
                 self.pos -= 1
             return None
         if first:
-            chunks = [
-                ScheduledChunk(c.seq, int(p), 1, True, c.two_level)
-                for c, p in zip(self.chunks, self.pos.tolist(), strict=True)
-            ]
-            self.layout = build_layout(chunks, bs)
+            self.layout = build_layout(self._chunks(), bs)
             return self.layout
         tables = self.layout.block_tables
         cols = self.pos // bs
@@ -174,12 +170,15 @@ class SteadyDecode:
         if steps:
             self._catch_up(computed=self.pos, steps=steps)
             pending = Pending(self.seqs, prev_ids, None, set(), set())
-        chunks = [
+        chunks = self._chunks()
+        return Handover(pending, ScheduleBatch(chunks, len(chunks)), self.seqs, ids, *times)
+
+    def _chunks(self) -> list[ScheduledChunk]:
+        """The next step as the engine's loop would schedule it: one decode chunk per row at ``pos``."""
+        return [
             ScheduledChunk(c.seq, p, 1, True, c.two_level)
             for c, p in zip(self.chunks, self.pos.tolist(), strict=True)
         ]
-        step = ScheduleBatch(chunks, len(chunks))
-        return Handover(pending, step, self.seqs, ids, *times)
 
     def _catch_up(self, computed: np.ndarray, steps: int) -> None:
         """Bring the sequences up to date: the ids read so far in place of the engine's pending one, then
