@@ -12,12 +12,19 @@ measures whether the GPU overlaps them, per layer, in ms (CUDA graphs):
 - gemm_half / attn_half: the same for half of the groups;
 - overlap_half: gemm_half on one stream beside attn_half on another;
 - halves = 2 x overlap_half, scaled by rows / (2 x half's rows) where the groups do not split
-  evenly: a layer of the step run as two interleaved halves.
+  evenly: a layer of the step run as two interleaved halves;
+- chain: LAYERS layers of two halves on two streams, each half its own order (attention then GEMMs
+  for one, GEMMs then attention for the other, so one half's attention meets the other's GEMMs),
+  per layer, scaled as halves.
+
+`--carveout 0,16,24` repeats every case with the GEMMs told to leave that many SMs free (cuBLASLt's
+SM count target, torch's experimental carveout; 0: none): a GEMM that fills every SM leaves the
+attention kernel no room to run beside it.
 
 Cases: `a900` is (a)'s decode step at 900k KV (100 groups x 16 members, P=2000,
 304 own tokens); `a205` the step at 205k KV (27 groups of 16, 256 own tokens).
 
-    python -m bench.overlap [--json out.json] [--cases a900,a205]
+    python -m bench.overlap [--json out.json] [--cases a900,a205] [--carveout 0,16,24]
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from bench.gemm import SHAPES
 
 HIDDEN = SHAPES["o"][0]
 CASES = {"a900": (100, 16, 2000, 304), "a205": (27, 16, 2000, 256)}
+LAYERS = 8
 
 
 def layer_gemms(rows: int, weights: dict[str, torch.Tensor]):
@@ -63,6 +71,25 @@ def beside(first, second):
     return run
 
 
+def chain(gemm_a, attn_a, gemm_b, attn_b):
+    """LAYERS layers of half a (attention, then GEMMs) on a side stream beside half b (GEMMs, then
+    attention) on the current one: the two halves stay out of step."""
+    side = torch.cuda.Stream()
+
+    def run() -> None:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(LAYERS):
+                attn_a()
+                gemm_a()
+        for _ in range(LAYERS):
+            gemm_b()
+            attn_b()
+        torch.cuda.current_stream().wait_stream(side)
+
+    return run
+
+
 def run_case(name: str, iters: int, weights: dict[str, torch.Tensor]) -> dict:
     groups, members, prefix, own = CASES[name]
     full, half = build(groups, members, prefix, own), build(groups // 2, members, prefix, own, seed=1)
@@ -75,7 +102,13 @@ def run_case(name: str, iters: int, weights: dict[str, torch.Tensor]) -> dict:
     }
     fns["overlap_half"] = beside(fns["gemm_half"], fns["attn_half"])
     fns["overlap"] = beside(fns["gemm"], fns["attn"])
+    other = build(groups // 2, members, prefix, own, seed=2)
+    fns["chain"] = chain(
+        fns["gemm_half"], fns["attn_half"], layer_gemms(half_rows, weights), ours(other)["two_level"]
+    )
     ms = {op: round(time_ms(fn, iters)[0], 4) for op, fn in fns.items()}
+    ms["chain"] = round(ms["chain"] / LAYERS * rows / (2 * half_rows), 4)
+    ms["chain_vs_serial"] = round(ms["chain"] / ms["serial"], 3)
     ms["serial"] = round(ms["gemm"] + ms["attn"], 4)
     ms["halves"] = round(2 * ms["overlap_half"] * rows / (2 * half_rows), 4)
     ms["halves_vs_serial"] = round(ms["halves"] / ms["serial"], 3)
@@ -91,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the result here")
     ap.add_argument("--cases", default="a900,a205", help=f"comma list of {', '.join(CASES)}")
     ap.add_argument("--iters", type=int, default=10, help="layers per timed graph")
+    ap.add_argument("--carveout", default="0", help="comma list of SMs the GEMMs leave free (0: none)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.overlap needs a CUDA device")
@@ -98,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = {"device": "cuda", "dtype": torch.bfloat16}
     weights = {k: torch.randn(s, **bf16) * 0.02 for k, s in SHAPES.items()}
     out = {"device": torch.cuda.get_device_name(), "cases": {}}
-    for name in args.cases.split(","):
-        out["cases"][name] = run_case(name, args.iters, weights)
+    for carveout in (int(c) for c in args.carveout.split(",")):
+        torch._C._set_sm_carveout_experimental(carveout or None)
+        torch.backends.cuda.preferred_blas_library("cublaslt" if carveout else "cublas")
+        for name in args.cases.split(","):
+            print(f"# carveout {carveout}", flush=True)
+            out["cases"][f"{name}/carveout={carveout}"] = run_case(name, args.iters, weights)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

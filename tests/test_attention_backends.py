@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from batchllm.engine.attention import KVShape, create_backend, resolve_name
-from batchllm.engine.graphs import graph_sizes, group_capacity, pad_decode
+from batchllm.engine.graphs import graph_sizes, group_capacity
 from batchllm.engine.runner import build_layout
 from batchllm.engine.sequence import ScheduledChunk, Sequence
+from batchllm.engine.staging import Staging
 
 BS = 4
 
@@ -73,12 +74,22 @@ def test_layout_rejects_interleaved_groups() -> None:
 
 
 def test_decode_padding_uses_the_scratch_block() -> None:
+    """Rows of a graph past a step's sequences read and write one key of the scratch block, whatever an
+    earlier, larger step left there; the host arrays are the device ones on CPU (one staging twin)."""
+    pytest.importorskip("triton")
     chunks = [_chunk(_seq(i, 5 + i, [i, 10 + i]), 4 + i, 1) for i in range(3)]
     lay = build_layout(chunks, BS)
     assert lay.is_decode
-    padded = pad_decode(lay, 8, scratch_block=50, block_size=BS)
-    assert padded.num_seqs == 8 and padded.slot_mapping[3:].tolist() == [200] * 5
-    assert padded.block_tables[3:, 0].tolist() == [50] * 5 and padded.kv_lens[3:].tolist() == [1] * 5
+    backend = create_backend("triton", KVShape(1, 50, BS, 2, 16, torch.float32, torch.device("cpu")))
+    staging = Staging(backend.graph_fields(8, max_groups=2, max_blocks=4), torch.device("cpu"))
+    host = staging.host()
+    host["kv_lens"][:], host["block_tables"][:] = 7, 3  # a previous step's rows
+    backend.fill_graph_meta(host, lay)
+    staging.ship()
+    meta = staging.device
+    assert meta["slot_mapping"][3:].tolist() == [200] * 5 and meta["kv_lens"][3:].tolist() == [1] * 5
+    assert meta["block_tables"][3:, 0].tolist() == [50] * 5 and meta["kv_lens"][:3].tolist() == [5, 6, 7]
+    assert meta["block_tables"][:3, :2].tolist() == [[0, 10], [1, 11], [2, 12]]
     assert graph_sizes(600)[-4:] == [448, 480, 512, 576] and graph_sizes(1) == [1]
     assert graph_sizes(40) == [1, 2, 4, 8, 16, 32]
 
@@ -114,8 +125,10 @@ def test_triton_graph_metadata_equals_the_step_metadata(slots: int) -> None:
     backend.kv_cache.copy_(torch.randn(backend.kv_cache.shape, generator=gen))
     q = torch.randn(8, 4, 16, generator=gen)
     want = backend.forward(0, q[: lay.num_seqs], backend.prepare(lay), 0.25)
-    meta = backend.graph_meta(8, max_groups=slots, max_blocks=8)
-    backend.fill_graph_meta(meta, pad_decode(lay, 8, backend.scratch_block, BS))
+    staging = Staging(backend.graph_fields(8, max_groups=slots, max_blocks=8), torch.device("cpu"))
+    meta = backend.graph_meta(staging.device)
+    backend.fill_graph_meta(staging.host(), lay)
+    staging.ship()
     got = backend.forward(0, q, meta, 0.25)[: lay.num_seqs]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

@@ -70,10 +70,13 @@ def test_read_back_waits_for_its_own_step_only() -> None:
 
     import torch
 
-    from batchllm.engine.pipeline import read_back_later
+    from batchllm.engine.pipeline import ReadBack
 
     ids = torch.arange(5, device="cuda") * 3
-    host, copied = read_back_later(ids)
+    readback = ReadBack(8, ids.device)
+    for _ in range(ReadBack.TURNS):  # every buffer once: the next copy reuses the first
+        readback.later(ids + 1)
+    host, copied = readback.later(ids)
     torch.cuda._sleep(2_000_000_000)  # about a second of GPU work queued behind the copy
     t = time.perf_counter()
     assert copied is not None

@@ -34,7 +34,7 @@ from batchllm.engine.labels import LabelSet
 from batchllm.engine.model import load_model
 from batchllm.engine.options import check_options, model_folder
 from batchllm.engine.outputs import ClassifyResult, EngineStats, Result
-from batchllm.engine.pipeline import Pending, hold, settle
+from batchllm.engine.pipeline import Pending, ReadBack, hold, settle
 from batchllm.engine.prefill import PACK_TOKENS, run_prefill
 from batchllm.engine.prefill_scheduler import STARVATION_LAMBDA
 from batchllm.engine.requests import (
@@ -296,12 +296,13 @@ class Engine:
         lagged = self.pipelined_decode and self.decode_reserve >= 1.0
         stop = head.stop if lagged and isinstance(head, TokenHead) and head.pipelined else None
         tokens = None if stop is None else torch.zeros(len(by_seq), dtype=torch.int64, device=self.device)
+        readback = ReadBack(len(by_seq), self.device)
         pending: Pending | None = None
         steady_ok, steady_after = stop is not None and not any(r.params.stop for r in batch.requests), None
         while scheduler.has_unfinished():
             t_host = clock()
             if steady_after is not None and pending is not None and tokens is not None and stop is not None:
-                steady = SteadyDecode(scheduler, self.runner, steady_after, tokens, by_seq, stop)
+                steady = SteadyDecode(scheduler, self.runner, steady_after, tokens, by_seq, stop, readback)
                 hand, steady_after = steady.run(pending, stats, clock), None
                 pending = hand.pending
                 if hand.step is None:  # the engine schedules the next step
@@ -321,7 +322,7 @@ class Engine:
                     if head.record(by_seq[s.seq_id], s, o, now)
                 ]
             else:
-                ends, pending = hold(seqs, outputs, late, by_seq, stop, now)
+                ends, pending = hold(seqs, outputs, late, by_seq, stop, now, readback)
             # a sequence that ended at the previous step but is not in this one ends outside a step
             done = scheduler.on_step_done(step, ends)
             done += scheduler.finish(by_seq[i].seq for i in late.difference(ends))  # type: ignore[misc]

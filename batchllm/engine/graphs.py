@@ -7,24 +7,23 @@ A decode step's shapes depend only on its number of sequences and of groups, so
 the forward of a padded size with room for a power-of-two number of groups is
 captured once (lazily, the first time a step needs it) with static input
 buffers and the attention backend's static metadata, then replayed after
-copying the step's layout into those buffers. Padded rows write and read one
-token of the backend's scratch block; their outputs are dropped. Group slots
-beyond the step's groups are empty, but each launches prefix programs that
-find no work: sizing the slots by the step's groups, not by its rows, keeps
+writing the step's layout into those buffers (``staging``: one copy). Padded
+rows write and read one token of the backend's scratch block; their outputs are
+dropped. Group slots beyond the step's groups are empty, but each launches
+prefix programs that find no work: sizing the slots by the step's groups, not by its rows, keeps
 those few (1,600 rows in 100 groups: 128 slots, not 1,600).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 
-from batchllm.engine.attention import AttentionBackend, BatchLayout, copy_in
+from batchllm.engine.attention import AttentionBackend, BatchLayout
 from batchllm.engine.model import CausalLM
 from batchllm.engine.padding import cheapest_sizes, projections, time_projections
+from batchllm.engine.staging import Field, Staging
 
 
 def graph_sizes(max_seqs: int) -> list[int]:
@@ -47,32 +46,8 @@ def group_capacity(num_groups: int, size: int) -> int:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: Any
+    staging: Staging  # positions and the backend's metadata, one copy per replay
     hidden: torch.Tensor
-
-
-def pad_decode(layout: BatchLayout, size: int, scratch_block: int, block_size: int) -> BatchLayout:
-    """The layout with size - B padding sequences appended (one key each, in the scratch block)."""
-    pad = size - layout.num_seqs
-    if pad == 0:
-        return layout
-    tables = np.full((size, layout.block_tables.shape[1]), -1, dtype=np.int32)
-    tables[: layout.num_seqs] = layout.block_tables
-    tables[layout.num_seqs :, 0] = scratch_block
-    zeros = np.zeros(pad, dtype=np.int32)
-    return BatchLayout(
-        input_ids=np.r_[layout.input_ids, np.zeros(pad, np.int64)],
-        positions=np.r_[layout.positions, np.zeros(pad, np.int64)],
-        slot_mapping=np.r_[layout.slot_mapping, np.full(pad, scratch_block * block_size, np.int64)],
-        q_lens=np.r_[layout.q_lens, zeros + 1],
-        kv_lens=np.r_[layout.kv_lens, zeros + 1],
-        start_pos=np.r_[layout.start_pos, zeros],
-        block_tables=tables,
-        group_seqs=layout.group_seqs,
-        group_prefix_lens=layout.group_prefix_lens,
-        group_block_tables=layout.group_block_tables,
-    )
 
 
 class DecodeGraphs:
@@ -106,19 +81,22 @@ class DecodeGraphs:
         size = self.run_at[next(s for s in self.sizes if s >= layout.num_seqs)]
         key = (size, group_capacity(layout.num_groups, size))
         g = self.graphs.get(key) or self._capture(*key)
-        padded = pad_decode(layout, size, self.backend.scratch_block, self.backend.shape.block_size)
-        g.input_ids[: layout.num_seqs].copy_(input_ids)
-        copy_in(g.positions, padded.positions)
-        self.backend.fill_graph_meta(g.meta, padded)
+        n, host = layout.num_seqs, g.staging.host()
+        host["positions"][:n] = layout.positions
+        host["positions"][n:] = 0
+        self.backend.fill_graph_meta(host, layout)
+        g.staging.ship()
+        g.input_ids[:n].copy_(input_ids)
         g.graph.replay()
         return g.hidden[: layout.num_seqs]
 
     def _capture(self, size: int, groups: int) -> _Graph:
         dev = self.model.embed_tokens.weight.device
         input_ids = torch.zeros(size, dtype=torch.int64, device=dev)
-        positions = torch.zeros(size, dtype=torch.int64, device=dev)
-        bs = self.backend.shape.block_size
-        meta = self.backend.graph_meta(size, max_groups=groups, max_blocks=-(-self.model.rope.shape[0] // bs))
+        max_blocks = -(-self.model.rope.shape[0] // self.backend.shape.block_size)
+        fields = self.backend.graph_fields(size, groups, max_blocks)
+        staging = Staging({**fields, "positions": Field((size,), torch.int64)}, dev)
+        positions, meta = staging.device["positions"], self.backend.graph_meta(staging.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -128,5 +106,5 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = self.model(input_ids, positions, meta)
-        self.graphs[size, groups] = _Graph(graph, input_ids, positions, meta, hidden)
+        self.graphs[size, groups] = _Graph(graph, input_ids, staging, hidden)
         return self.graphs[size, groups]

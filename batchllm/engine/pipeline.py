@@ -36,7 +36,13 @@ class Pending:
 
 
 def hold(
-    seqs: list[Seq], ids: Any, late: set[int], by_seq: dict[int, Request], stop: StopRule, now: float
+    seqs: list[Seq],
+    ids: Any,
+    late: set[int],
+    by_seq: dict[int, Request],
+    stop: StopRule,
+    now: float,
+    readback: ReadBack,
 ) -> tuple[list[int], Pending | None]:
     """A pipelined step's sampled sequences take a PENDING token each; returns the ids that end with
     this step (by length, or ended by the previous step's token: ``late``) and the step to settle next."""
@@ -55,20 +61,37 @@ def hold(
         if stop.by_length(seq):
             ends.append(sid)
             ended.add(sid)
-    return ends, (Pending(seqs, *read_back_later(ids), skip, ended) if seqs else None)
+    return ends, (Pending(seqs, *readback.later(ids), skip, ended) if seqs else None)
 
 
-def read_back_later(ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """Queue a copy of a step's ids to pinned host memory behind that step, and its event. Reading the
+class ReadBack:
+    """Queues the copy of a step's ids to pinned host memory behind that step (``later``). Reading the
     device tensor later (``.tolist()``) would queue the copy then, behind every step launched since, and
-    wait for them all: the next step's GPU time would no longer overlap the host's work."""
-    if ids.device.type != "cuda":
-        return ids, None
-    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-    host.copy_(ids, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    return host, copied
+    wait for them all: the next step's GPU time would no longer overlap the host's work.
+
+    The pinned buffers are allocated once per run and taken in turns: a buffer is written again three
+    steps after it was, when the step that read it (one step later) is long done. A fresh pinned
+    buffer per step goes through the pinned allocator, whose misses wait on the driver.
+    """
+
+    TURNS = 3
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        turns = self.TURNS if self.cuda else 0
+        self.buffers = [torch.empty(rows, dtype=torch.int64, pin_memory=True) for _ in range(turns)]
+        self.events = [torch.cuda.Event() for _ in range(turns)]
+        self.turn = 0
+
+    def later(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """The host tensor the ids [rows] will be in, and the event after which they are."""
+        if not self.cuda:
+            return ids, None
+        host, copied = self.buffers[self.turn][: ids.shape[0]], self.events[self.turn]
+        host.copy_(ids, non_blocking=True)
+        copied.record()
+        self.turn = (self.turn + 1) % self.TURNS
+        return host, copied
 
 
 def settle(pending: Pending, by_seq: dict[int, Request], stop: StopRule) -> set[int]:

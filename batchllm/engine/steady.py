@@ -28,7 +28,7 @@ import torch
 from batchllm.engine.attention import BatchLayout, to_device
 from batchllm.engine.heads import RowSampling, StopRule
 from batchllm.engine.outputs import EngineStats
-from batchllm.engine.pipeline import Pending, read_back_later
+from batchllm.engine.pipeline import Pending, ReadBack
 from batchllm.engine.requests import Request
 from batchllm.engine.runner import ModelRunner, build_layout
 from batchllm.engine.scheduler import ScheduleBatch, Scheduler
@@ -69,8 +69,9 @@ class SteadyDecode:
         tokens: torch.Tensor,
         by_seq: dict[int, Request],
         stop: StopRule,
+        readback: ReadBack,
     ) -> None:
-        self.scheduler, self.runner, self.tokens = scheduler, runner, tokens
+        self.scheduler, self.runner, self.tokens, self.readback = scheduler, runner, tokens, readback
         self.chunks = batch.chunks
         self.seqs = [c.seq for c in batch.chunks]
         n = len(self.seqs)
@@ -85,8 +86,8 @@ class SteadyDecode:
         self.pos = lengths - 1  # each row's input position at the next step (its KV is computed there)
         self.sampling = RowSampling.of(self.seqs, runner.device)
         self.seq_ids = to_device(np.fromiter((s.seq_id for s in self.seqs), np.int64, n), runner.device)
-        # ids read back, a column per step from the engine's last one (copies: a pinned read-back buffer
-        # kept alive would make every step allocate pinned memory anew, which stalls the host)
+        # ids read back, a column per step from the engine's last one (copies: the read-back buffers
+        # are taken again in turns)
         self.gen = np.empty((n, max(self.max_steps, 0) + 1), dtype=np.int64)
         self.num_read = 0
         self.layout: BatchLayout
@@ -110,7 +111,7 @@ class SteadyDecode:
                 return self._hand_back_launched(pending, steps, prev_ids, ids, (t_host, t_run))
             self.gen[:, self.num_read] = read
             self.num_read += 1
-            prev_ids, prev_copied = read_back_later(ids)
+            prev_ids, prev_copied = self.readback.later(ids)
             t_out = clock()
             steps += 1
             stats.add_step(len(self.seqs), len(self.seqs), t_out - t_run, t_run - t_host)

@@ -25,7 +25,6 @@ from batchllm.engine.attention.base import (
     AttentionBackend,
     BatchLayout,
     KVShape,
-    copy_in,
     fa3_missing,
     to_device,
 )
@@ -68,7 +67,6 @@ __all__ = [
     "AttentionBackend",
     "BatchLayout",
     "KVShape",
-    "copy_in",
     "create_backend",
     "resolve_name",
     "to_device",

@@ -4,8 +4,9 @@ The runner describes a scheduled batch once, on the host, as a ``BatchLayout``
 (numpy arrays: no Python spans looped over per layer). A backend turns it into
 its own typed metadata in ``prepare``; every layer then calls ``store`` (write
 the new keys and values) and ``forward`` (attend). Backends that support CUDA
-graphs also build static metadata buffers (``graph_meta``) and refill them in
-place before a replay (``fill_graph_meta``).
+graphs also name static metadata arrays (``graph_fields``), capture over them
+(``graph_meta``) and write each step into their host twins before a replay
+(``fill_graph_meta``).
 
 Two-level attention is part of the layout: rows of one group (sequences that
 share the same pinned prefix blocks) are contiguous; the group's queries read
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from batchllm.engine.staging import Field
 
 
 @dataclass
@@ -131,12 +134,17 @@ class AttentionBackend(ABC):
 
     # ---- CUDA-graph hooks (backends with supports_graphs) ---------------------------------
 
-    def graph_meta(self, num_seqs: int, max_groups: int, max_blocks: int) -> Any:
-        """Static metadata buffers for a decode graph of num_seqs rows and tables of max_blocks (captured once)."""
+    def graph_fields(self, num_seqs: int, max_groups: int, max_blocks: int) -> dict[str, Field]:
+        """The static arrays of a decode graph of num_seqs rows, max_groups group slots and tables of
+        max_blocks (``staging``: one device buffer, refilled by one copy per replay)."""
         raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
 
-    def fill_graph_meta(self, meta: Any, layout: BatchLayout) -> None:
-        """Copy a decode layout (padded to the graph's size) into the static buffers, in place."""
+    def graph_meta(self, arrays: dict[str, torch.Tensor]) -> Any:
+        """The metadata a graph is captured with, over the device arrays of ``graph_fields``."""
+        raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
+
+    def fill_graph_meta(self, arrays: dict[str, np.ndarray], layout: BatchLayout) -> None:
+        """Write a decode layout into the host arrays of ``graph_fields``; rows past its sequences pad."""
         raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
 
 
@@ -168,9 +176,3 @@ def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
-
-
-def copy_in(dst: torch.Tensor, src: np.ndarray) -> None:
-    """Copy a host array into a device tensor in place (static buffers of CUDA graphs), as to_device."""
-    t = torch.from_numpy(np.ascontiguousarray(src))
-    dst.copy_(t.pin_memory() if dst.is_cuda else t, non_blocking=True)

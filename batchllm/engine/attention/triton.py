@@ -30,7 +30,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, copy_in, to_device
+from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, to_device
+from batchllm.engine.staging import Field
 from batchllm.kernels.paged import paged_attention, store_kv, tree_bounds, two_level_attention
 
 
@@ -201,44 +202,53 @@ class TritonBackend(AttentionBackend):
 
     # ---- CUDA graphs -------------------------------------------------------------------
 
-    def graph_meta(self, num_seqs: int, max_groups: int, max_blocks: int) -> TritonMeta:
-        dev, bs = self.shape.device, self.shape.block_size
-        i32 = {"dtype": torch.int32, "device": dev}
-        tables = torch.full((num_seqs, max_blocks), -1, **i32)
-        tables[:, 0] = self.scratch_block
+    def graph_fields(self, num_seqs: int, max_groups: int, max_blocks: int) -> dict[str, Field]:
+        i32, scratch = torch.int32, self.scratch_block
+        return {
+            "slot_mapping": Field((num_seqs,), torch.int64, scratch * self.shape.block_size),
+            "kv_lens": Field((num_seqs,), i32, 1),
+            "start_pos": Field((num_seqs,), i32),
+            "cu_group_rows": Field((max_groups + 1,), i32),
+            "group_prefix_lens": Field((max_groups,), i32),
+            "group_block_tables": Field((max_groups, max_blocks), i32, scratch),
+            "block_tables": Field((num_seqs, max_blocks), i32, scratch),
+        }
+
+    def graph_meta(self, arrays: dict[str, torch.Tensor]) -> TritonMeta:
+        num_seqs, max_blocks = arrays["block_tables"].shape
+        dev = self.shape.device
         return TritonMeta(
-            slot_mapping=torch.full((num_seqs,), self.scratch_block * bs, dtype=torch.int64, device=dev),
-            cu_seqlens_q=torch.arange(num_seqs + 1, **i32),
-            kv_lens=torch.ones(num_seqs, **i32),
-            start_pos=torch.zeros(num_seqs, **i32),
-            block_tables=tables,
-            cu_group_rows=torch.zeros(max_groups + 1, **i32),
-            group_prefix_lens=torch.zeros(max_groups, **i32),
-            group_block_tables=torch.zeros((max_groups, max_blocks), **i32),
+            **{name: arrays[name] for name in self.graph_fields(1, 1, 1)},
+            cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32, device=dev),
             max_q_len=1,
-            max_kv_len=max_blocks * bs,
-            max_prefix_len=max_blocks * bs,
+            max_kv_len=max_blocks * self.shape.block_size,
+            max_prefix_len=max_blocks * self.shape.block_size,
             max_group_rows=num_seqs,
             grouped=True,
             workspace={},
         )
 
-    def fill_graph_meta(self, meta: TritonMeta, layout: BatchLayout) -> None:
+    def fill_graph_meta(self, arrays: dict[str, np.ndarray], layout: BatchLayout) -> None:
         n, g = layout.num_seqs, layout.num_groups
-        assert meta.kv_lens.shape[0] == n and g <= meta.group_prefix_lens.shape[0]
+        size = arrays["kv_lens"].shape[0]
+        assert n <= size and g <= arrays["group_prefix_lens"].shape[0]
         width, pwidth = layout.block_tables.shape[1], layout.group_block_tables.shape[1]
-        cu_rows = np.full(meta.cu_group_rows.shape[0], layout.group_seqs[-1], dtype=np.int32)
-        cu_rows[: g + 1] = layout.group_seqs  # decode: one row per sequence
-        prefix = np.zeros(meta.group_prefix_lens.shape[0], dtype=np.int32)
-        prefix[:g] = layout.group_prefix_lens
-        copy_in(meta.slot_mapping, layout.slot_mapping)
-        copy_in(meta.kv_lens, layout.kv_lens)
-        copy_in(meta.start_pos, layout.start_pos)
-        copy_in(meta.block_tables[:, :width], layout.block_tables)
-        copy_in(meta.cu_group_rows, cu_rows)
-        copy_in(meta.group_prefix_lens, prefix)
+        # rows past the step's sequences are padding: one key each, in the scratch block
+        arrays["slot_mapping"][:n] = layout.slot_mapping
+        arrays["slot_mapping"][n:] = self.scratch_block * self.shape.block_size
+        arrays["kv_lens"][:n] = layout.kv_lens
+        arrays["kv_lens"][n:] = 1
+        arrays["start_pos"][:n] = layout.start_pos
+        arrays["start_pos"][n:] = 0
+        arrays["block_tables"][:n, :width] = layout.block_tables
+        arrays["block_tables"][n:, 0] = self.scratch_block
+        # empty group slots past the step's groups: no rows (their programs exit at once)
+        arrays["cu_group_rows"][: g + 1] = layout.group_seqs  # decode: one row per sequence
+        arrays["cu_group_rows"][g + 1 :] = layout.group_seqs[-1]
+        arrays["group_prefix_lens"][:g] = layout.group_prefix_lens
+        arrays["group_prefix_lens"][g:] = 0
         if g and pwidth:
-            copy_in(meta.group_block_tables[:g, :pwidth], layout.group_block_tables)
+            arrays["group_block_tables"][:g, :pwidth] = layout.group_block_tables
 
 
 BACKEND = TritonBackend
