@@ -15,7 +15,9 @@ measures whether the GPU overlaps them, per layer, in ms (CUDA graphs):
   evenly: a layer of the step run as two interleaved halves;
 - chain: LAYERS layers of two halves on two streams, each half its own order (attention then GEMMs
   for one, GEMMs then attention for the other, so one half's attention meets the other's GEMMs),
-  per layer, scaled as halves.
+  per layer, scaled as halves;
+- pingpong: the same, the halves held in step: phases joined across the streams, so each phase is
+  one half's attention beside the other's GEMMs (what a decode step split in two would run).
 
 `--carveout 0,16,24` repeats every case with the GEMMs told to leave that many SMs free (cuBLASLt's
 SM count target, torch's experimental carveout; 0: none): a GEMM that fills every SM leaves the
@@ -90,6 +92,26 @@ def chain(gemm_a, attn_a, gemm_b, attn_b):
     return run
 
 
+def pingpong(gemm_a, attn_a, gemm_b, attn_b):
+    """LAYERS layers of two halves in joined phases: a's attention beside b's GEMMs, then a's GEMMs
+    beside b's attention (each half keeps its own order: GEMMs, then attention on their output)."""
+    side = torch.cuda.Stream()
+
+    def run() -> None:
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        for _ in range(LAYERS):
+            for on_main, on_side in ((attn_a, gemm_b), (gemm_a, attn_b)):
+                with torch.cuda.stream(side):
+                    on_side()
+                on_main()
+                main.wait_stream(side)
+                side.wait_stream(main)
+        main.wait_stream(side)
+
+    return run
+
+
 def run_case(name: str, iters: int, weights: dict[str, torch.Tensor]) -> dict:
     groups, members, prefix, own = CASES[name]
     full, half = build(groups, members, prefix, own), build(groups // 2, members, prefix, own, seed=1)
@@ -103,13 +125,13 @@ def run_case(name: str, iters: int, weights: dict[str, torch.Tensor]) -> dict:
     fns["overlap_half"] = beside(fns["gemm_half"], fns["attn_half"])
     fns["overlap"] = beside(fns["gemm"], fns["attn"])
     other = build(groups // 2, members, prefix, own, seed=2)
-    fns["chain"] = chain(
-        fns["gemm_half"], fns["attn_half"], layer_gemms(half_rows, weights), ours(other)["two_level"]
-    )
+    halves = (fns["gemm_half"], fns["attn_half"], layer_gemms(half_rows, weights), ours(other)["two_level"])
+    fns["chain"], fns["pingpong"] = chain(*halves), pingpong(*halves)
     ms = {op: round(time_ms(fn, iters)[0], 4) for op, fn in fns.items()}
-    ms["chain"] = round(ms["chain"] / LAYERS * rows / (2 * half_rows), 4)
-    ms["chain_vs_serial"] = round(ms["chain"] / ms["serial"], 3)
     ms["serial"] = round(ms["gemm"] + ms["attn"], 4)
+    for op in ("chain", "pingpong"):
+        ms[op] = round(ms[op] / LAYERS * rows / (2 * half_rows), 4)
+        ms[f"{op}_vs_serial"] = round(ms[op] / ms["serial"], 3)
     ms["halves"] = round(2 * ms["overlap_half"] * rows / (2 * half_rows), 4)
     ms["halves_vs_serial"] = round(ms["halves"] / ms["serial"], 3)
     flops = sum(2 * rows * n * k for n, k in SHAPES.values())

@@ -74,8 +74,9 @@ def test_layout_rejects_interleaved_groups() -> None:
 
 
 def test_decode_padding_uses_the_scratch_block() -> None:
-    """Rows of a graph past a step's sequences read and write one key of the scratch block, whatever an
-    earlier, larger step left there; the host arrays are the device ones on CPU (one staging twin)."""
+    """Rows of a graph past a step's sequences write one key to the scratch block and read one key of the
+    first block of their table, whatever an earlier, larger step left there (the host arrays are the
+    device ones on CPU: one staging twin)."""
     pytest.importorskip("triton")
     chunks = [_chunk(_seq(i, 5 + i, [i, 10 + i]), 4 + i, 1) for i in range(3)]
     lay = build_layout(chunks, BS)
@@ -85,10 +86,10 @@ def test_decode_padding_uses_the_scratch_block() -> None:
     host = staging.host()
     host["kv_lens"][:], host["block_tables"][:] = 7, 3  # a previous step's rows
     backend.fill_graph_meta(host, lay)
-    staging.ship()
+    staging.ship(tail_rows=lay.num_seqs)
     meta = staging.device
     assert meta["slot_mapping"][3:].tolist() == [200] * 5 and meta["kv_lens"][3:].tolist() == [1] * 5
-    assert meta["block_tables"][3:, 0].tolist() == [50] * 5 and meta["kv_lens"][:3].tolist() == [5, 6, 7]
+    assert meta["block_tables"][3:, 0].tolist() == [3] * 5 and meta["kv_lens"][:3].tolist() == [5, 6, 7]
     assert meta["block_tables"][:3, :2].tolist() == [[0, 10], [1, 11], [2, 12]]
     assert graph_sizes(600)[-4:] == [448, 480, 512, 576] and graph_sizes(1) == [1]
     assert graph_sizes(40) == [1, 2, 4, 8, 16, 32]

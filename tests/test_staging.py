@@ -24,11 +24,13 @@ def _check(device: torch.device) -> None:
         host = staging.host()
         host["slots"][:] = range(step, step + 5)
         host["lens"][:] = step
-        host["tables"][:, :2] = [[step, 1], [2, 3], [4, 5]]
-        staging.ship()
+        host["tables"][:, :2] = [[step, 1], [2, 3], [4 + step, 5]]
+        staging.ship(tail_rows=2)  # the last field's first two rows only
         assert dev["slots"].tolist() == list(range(step, step + 5))
         assert dev["lens"].tolist() == [step] * 3 and dev["tables"][0, :2].tolist() == [step, 1]
         assert dev["tables"][:, 2:].tolist() == [[-1, -1]] * 3  # never written: the starting fill
+        if device.type == "cuda":  # the third row stays as it was on the device
+            assert dev["tables"][2].tolist() == [-1] * 4
 
 
 def test_staging_on_cpu_writes_in_place() -> None:

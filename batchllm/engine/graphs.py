@@ -85,7 +85,7 @@ class DecodeGraphs:
         host["positions"][:n] = layout.positions
         host["positions"][n:] = 0
         self.backend.fill_graph_meta(host, layout)
-        g.staging.ship()
+        g.staging.ship(tail_rows=n)
         g.input_ids[:n].copy_(input_ids)
         g.graph.replay()
         return g.hidden[: layout.num_seqs]
@@ -95,7 +95,7 @@ class DecodeGraphs:
         input_ids = torch.zeros(size, dtype=torch.int64, device=dev)
         max_blocks = -(-self.model.rope.shape[0] // self.backend.shape.block_size)
         fields = self.backend.graph_fields(size, groups, max_blocks)
-        staging = Staging({**fields, "positions": Field((size,), torch.int64)}, dev)
+        staging = Staging({"positions": Field((size,), torch.int64), **fields}, dev)
         positions, meta = staging.device["positions"], self.backend.graph_meta(staging.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -40,6 +40,8 @@ class Staging:
         for name, f in fields.items():
             offsets[name] = total
             total += -(-math.prod(f.shape) * f.dtype.itemsize // ALIGN) * ALIGN
+        last = fields[name]
+        self.tail_start, self.row_bytes = offsets[name], math.prod(last.shape[1:]) * last.dtype.itemsize
         self.buffer = torch.empty(max(total, ALIGN), dtype=torch.uint8, device=device)
         self.device: dict[str, torch.Tensor] = {}
         for name, f in fields.items():
@@ -69,10 +71,13 @@ class Staging:
             event.synchronize()  # its copy was queued two steps ago: long done
         return self.hosts[self.turn]
 
-    def ship(self) -> None:
-        """Queue the copy of what ``host`` returned into the device arrays, behind the stream's work."""
+    def ship(self, tail_rows: int | None = None) -> None:
+        """Queue the copy of what ``host`` returned into the device arrays, behind the stream's work.
+        tail_rows: of the last field, only its first rows (what the step wrote of it; the device keeps
+        the rest as they were): a graph's block tables are its largest array by far."""
         if self.cuda:
-            self.buffer.copy_(self.twins[self.turn], non_blocking=True)
+            end = self.buffer.shape[0] if tail_rows is None else self.tail_start + tail_rows * self.row_bytes
+            self.buffer[:end].copy_(self.twins[self.turn][:end], non_blocking=True)
             event = self.copied[self.turn]
             assert event is not None
             event.record()

@@ -203,6 +203,7 @@ class TritonBackend(AttentionBackend):
     # ---- CUDA graphs -------------------------------------------------------------------
 
     def graph_fields(self, num_seqs: int, max_groups: int, max_blocks: int) -> dict[str, Field]:
+        """Block tables last: a step ships only the rows of its sequences (``Staging.ship``)."""
         i32, scratch = torch.int32, self.scratch_block
         return {
             "slot_mapping": Field((num_seqs,), torch.int64, scratch * self.shape.block_size),
@@ -232,16 +233,18 @@ class TritonBackend(AttentionBackend):
         n, g = layout.num_seqs, layout.num_groups
         size = arrays["kv_lens"].shape[0]
         assert n <= size and g <= arrays["group_prefix_lens"].shape[0]
-        width, pwidth = layout.block_tables.shape[1], layout.group_block_tables.shape[1]
-        # rows past the step's sequences are padding: one key each, in the scratch block
+        # tables wider than the graph's (steady decode widens by several columns) hold -1 past it
+        width = min(layout.block_tables.shape[1], arrays["block_tables"].shape[1])
+        pwidth = layout.group_block_tables.shape[1]
+        # rows past the step's sequences are padding: one key each, written to the scratch block; the
+        # key read is the first of the row's table, a valid block whatever step wrote it last
         arrays["slot_mapping"][:n] = layout.slot_mapping
         arrays["slot_mapping"][n:] = self.scratch_block * self.shape.block_size
         arrays["kv_lens"][:n] = layout.kv_lens
         arrays["kv_lens"][n:] = 1
         arrays["start_pos"][:n] = layout.start_pos
         arrays["start_pos"][n:] = 0
-        arrays["block_tables"][:n, :width] = layout.block_tables
-        arrays["block_tables"][n:, 0] = self.scratch_block
+        arrays["block_tables"][:n, :width] = layout.block_tables[:, :width]
         # empty group slots past the step's groups: no rows (their programs exit at once)
         arrays["cu_group_rows"][: g + 1] = layout.group_seqs  # decode: one row per sequence
         arrays["cu_group_rows"][g + 1 :] = layout.group_seqs[-1]
