@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -100,10 +102,12 @@ def test_graph_group_slots_follow_the_groups() -> None:
     assert group_capacity(50, 32) == 32
 
 
-@pytest.mark.parametrize("slots", [2, 4])
-def test_triton_graph_metadata_equals_the_step_metadata(slots: int) -> None:
+@pytest.mark.parametrize(("slots", "widened"), [(2, False), (4, False), (2, True)])
+def test_triton_graph_metadata_equals_the_step_metadata(slots: int, widened: bool) -> None:
     """A decode step run through the static metadata of a padded graph (8 rows, ``slots`` group slots,
-    the empty ones included) attends exactly as through its own metadata (Triton, interpreted on CPU)."""
+    the empty ones included) attends exactly as through its own metadata (Triton, interpreted on CPU).
+    widened: the step's block tables are wider than the graph's (steady decode pads them by columns of
+    -1), the extra columns unused."""
     pytest.importorskip("triton")
     prefix_a, prefix_b = [20, 21], [22, 23]
     chunks = [
@@ -128,8 +132,10 @@ def test_triton_graph_metadata_equals_the_step_metadata(slots: int) -> None:
     want = backend.forward(0, q[: lay.num_seqs], backend.prepare(lay), 0.25)
     staging = Staging(backend.graph_fields(8, max_groups=slots, max_blocks=8), torch.device("cpu"))
     meta = backend.graph_meta(staging.device)
+    if widened:
+        lay = replace(lay, block_tables=np.pad(lay.block_tables, ((0, 0), (0, 12)), constant_values=-1))
     backend.fill_graph_meta(staging.host(), lay)
-    staging.ship()
+    staging.ship(tail_rows=lay.num_seqs)
     got = backend.forward(0, q, meta, 0.25)[: lay.num_seqs]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

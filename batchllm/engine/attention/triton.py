@@ -25,7 +25,7 @@ and every decode graph, run the plain kernel variant.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -219,7 +219,7 @@ class TritonBackend(AttentionBackend):
         num_seqs, max_blocks = arrays["block_tables"].shape
         dev = self.shape.device
         return TritonMeta(
-            **{name: arrays[name] for name in self.graph_fields(1, 1, 1)},
+            **{f.name: arrays[f.name] for f in fields(TritonMeta) if f.name in arrays},
             cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32, device=dev),
             max_q_len=1,
             max_kv_len=max_blocks * self.shape.block_size,
