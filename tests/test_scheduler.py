@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchllm.engine import admission, kv, scheduler
-from batchllm.engine.scheduler import ScheduleBatch, Scheduler, SchedulerStats
+from batchllm.engine.outputs import SchedulerStats
+from batchllm.engine.scheduler import ScheduleBatch, Scheduler
 from batchllm.engine.sequence import Sequence, SequenceStatus
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -58,6 +58,16 @@ class BlockPool:
         self.peak_used = max(self.peak_used, self.num_used)
         return ids
 
+    def allocate_one(self) -> int:
+        """One block (a decode step opens one per sequence at most)."""
+        if not self.free:
+            raise MemoryError("KV pool: 1 block requested, 0 free")
+        b = self.free.popleft()
+        assert self.ref_counts[b] == 0 and self.pin_counts[b] == 0
+        self.ref_counts[b] = 1
+        self.peak_used = max(self.peak_used, self.num_blocks - len(self.free))
+        return b
+
     def incref(self, ids: Iterable[int]) -> None:
         for b in ids:
             assert self.ref_counts[b] > 0, f"block {b}: sharing a free block"

@@ -57,6 +57,37 @@ class ClassifyResult:
 
 
 @dataclass
+class SchedulerStats:
+    """Per-run counters. Prompt tokens are positions < num_prompt_tokens (a group prefix counts once per compute)."""
+
+    num_steps: int = 0
+    num_tokens: int = 0
+    max_tokens_per_step: int = 0
+    num_prompt_tokens_logical: int = 0
+    num_prompt_tokens_computed: int = 0
+    peak_kv_blocks: int = 0
+    num_preemptions: int = 0
+    num_prefix_evictions: int = 0
+    # group_id -> how many times its prefix prefill ran from position 0 (1 unless preempted or evicted)
+    prefix_computations: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        return self.num_tokens / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def saving_ratio(self) -> float:
+        logical = self.num_prompt_tokens_logical
+        return 1.0 - self.num_prompt_tokens_computed / logical if logical else 0.0
+
+    def add_steps(self, steps: int, tokens_per_step: int) -> None:
+        self.num_steps += steps
+        self.num_tokens += steps * tokens_per_step
+        if steps:
+            self.max_tokens_per_step = max(self.max_tokens_per_step, tokens_per_step)
+
+
+@dataclass
 class EngineStats:
     """Statistics of one ``generate``/``classify`` call.
 

@@ -47,7 +47,8 @@ import numpy as np
 
 from batchllm.engine.admission import enroll, shared_prefix_len
 from batchllm.engine.kv import BlockPool
-from batchllm.engine.scheduler import ScheduleBatch, SchedulerStats
+from batchllm.engine.outputs import SchedulerStats
+from batchllm.engine.scheduler import ScheduleBatch
 from batchllm.engine.sequence import ScheduledChunk, Sequence, SequenceStatus, grouped_chunks
 
 STARVATION_LAMBDA = 1000.0  # miss tokens one second of waiting is worth

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 
 from batchllm.engine.admission import Admission, Group
 from batchllm.engine.kv import BlockPool
+from batchllm.engine.outputs import SchedulerStats
 from batchllm.engine.sequence import ScheduledChunk, Sequence, SequenceStatus, grouped_chunks
 
-__all__ = ["ScheduleBatch", "ScheduledChunk", "Scheduler", "SchedulerStats"]
+__all__ = ["ScheduleBatch", "ScheduledChunk", "Scheduler"]
 
 
 @dataclass
@@ -43,37 +44,6 @@ class ScheduleBatch:
 
     chunks: list[ScheduledChunk]
     num_tokens: int
-
-
-@dataclass
-class SchedulerStats:
-    """Per-run counters. Prompt tokens are positions < num_prompt_tokens (a group prefix counts once per compute)."""
-
-    num_steps: int = 0
-    num_tokens: int = 0
-    max_tokens_per_step: int = 0
-    num_prompt_tokens_logical: int = 0
-    num_prompt_tokens_computed: int = 0
-    peak_kv_blocks: int = 0
-    num_preemptions: int = 0
-    num_prefix_evictions: int = 0
-    # group_id -> how many times its prefix prefill ran from position 0 (1 unless preempted or evicted)
-    prefix_computations: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def mean_tokens_per_step(self) -> float:
-        return self.num_tokens / self.num_steps if self.num_steps else 0.0
-
-    @property
-    def saving_ratio(self) -> float:
-        logical = self.num_prompt_tokens_logical
-        return 1.0 - self.num_prompt_tokens_computed / logical if logical else 0.0
-
-    def add_steps(self, steps: int, tokens_per_step: int) -> None:
-        self.num_steps += steps
-        self.num_tokens += steps * tokens_per_step
-        if steps:
-            self.max_tokens_per_step = max(self.max_tokens_per_step, tokens_per_step)
 
 
 @dataclass
@@ -132,15 +102,8 @@ class Scheduler:
     def schedule(self) -> ScheduleBatch:
         """Running decodes, then running prefill chunks, then new admissions, within the token budget."""
         step = _Step(self.max_num_batched_tokens)
-        running, bs = self.running, self.block_size
-        i = 0
-        while i < len(running) and step.budget > 0:  # decode
-            seq = running[i]
-            if seq.num_remaining == 1:
-                if len(seq.block_table) * bs < seq.num_tokens and not self._make_room(seq, step):
-                    break  # seq was the newest running sequence and preempted itself
-                self._add_chunk(seq, 1, step)
-            i += 1
+        running = self.running
+        self._schedule_decodes(step)
         i = 0
         while i < len(running) and step.budget > 0:  # prefill
             seq = running[i]
@@ -152,6 +115,24 @@ class Scheduler:
         assert batch.chunks or not self.has_unfinished(), "scheduler made no progress"
         self.stats.peak_kv_blocks = self.pool.peak_used
         return batch
+
+    def _schedule_decodes(self, step: _Step) -> None:
+        """A chunk for each running sequence with one position to compute (its newest token), oldest
+        first. The hot loop of a step (one pass over 1,600 sequences), so ``_add_chunk`` is inlined:
+        a decode chunk needs at most one new block."""
+        bs, chunks, pool = self.block_size, step.chunks, self.pool
+        for seq in self.running:  # _make_room pops only sequences after this one
+            if step.budget <= 0:
+                break
+            n, start, table = len(seq.token_ids), seq.num_computed_tokens, seq.block_table
+            if n - start != 1:
+                continue
+            if len(table) * bs < n:  # its position opens a block
+                if not self._make_room(seq, step):
+                    break  # seq was the newest running sequence and preempted itself
+                table.append(pool.allocate_one())
+            chunks[seq.seq_id] = ScheduledChunk(seq, start, 1, not seq.is_prefix)
+            step.budget -= 1
 
     def on_step_done(self, batch: ScheduleBatch, finished_seq_ids: Iterable[int] = ()) -> list[Sequence]:
         """Advance computed lengths and finish the sequences the engine lists; returns them.
@@ -165,12 +146,13 @@ class Scheduler:
         stats.add_steps(1, batch.num_tokens)
         done: list[Sequence] = []
         changed = False
-        for ch in batch.chunks:
-            seq, start, end = ch.seq, ch.start, ch.end
+        for ch in batch.chunks:  # once per sequence of the step: kept lean
+            seq, start = ch.seq, ch.start
+            end = start + ch.num_tokens
             assert seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens == start
             seq.num_computed_tokens = end
-            num_prompt = max(0, min(end, seq.num_prompt_tokens) - start)
-            stats.num_prompt_tokens_computed += num_prompt
+            if start < seq.num_prompt_tokens:
+                stats.num_prompt_tokens_computed += min(end, seq.num_prompt_tokens) - start
             if seq.is_prefix:
                 group = self.admission.group_of(seq)
                 if start == 0:
@@ -187,11 +169,9 @@ class Scheduler:
                     done.append(seq)
                     changed = True
                 else:
-                    # one sampled token, then any tokens a grammar forces (jump-forward)
-                    assert seq.num_tokens >= end + 1, "the engine appends a token per sampled chunk"
-                    assert seq.num_tokens < self.max_model_len, (
-                        "the engine must end a sequence at max_model_len"
-                    )
+                    # one sampled token, then any tokens a grammar forces (jump-forward); the engine must
+                    # end a sequence at max_model_len
+                    assert end < len(seq.token_ids) < self.max_model_len, "a token per sampled chunk"
         assert not finished_ids, f"finished ids that were not sampled this step: {sorted(finished_ids)}"
         if changed:
             self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
