@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from itertools import chain, pairwise
+from itertools import chain
 
 import numpy as np
 import torch
@@ -59,9 +59,10 @@ def build_layout(chunks: Seq[ScheduledChunk], block_size: int, trees: bool = Fal
         np.int32,
         int((num_blocks - skip).sum()),
     )
-    for a, b in pairwise(group_seqs.tolist()):
-        assert np.all(skip[a:b] == skip[a]), "a group's members share one prefix length"
-        tables[a:b, : skip[a]] = chunks[a].seq.block_table[: skip[a]]
+    members = np.diff(group_seqs) if firsts.size else np.zeros(0, np.int64)
+    assert np.array_equal(skip[grouped], np.repeat(skip[firsts], members)), "one prefix length per group"
+    for a, b, n in zip(firsts.tolist(), group_seqs[1:].tolist(), skip[firsts].tolist(), strict=True):
+        tables[a:b, :n] = chunks[a].seq.block_table[:n]
     total = int(q_lens.sum())
     if total == num:  # decode: one token per chunk, no slices
         ids = np.fromiter((c.seq.token_ids[c.start] for c in chunks), np.int64, total)
