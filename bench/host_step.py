@@ -1,0 +1,105 @@
+"""The engine's host time per step, with the model's decode forward stubbed out (CPU).
+
+What the Python around the model costs per step (scheduling, the step's layout, holding and
+settling sampled ids, bookkeeping): on the GPU it must stay under the step's GPU time, and for
+small models it sets the step rate. A one-layer, 64-wide model with dummy weights runs the
+prefill steps; a decode step's forward returns zeros and its logits are a slice of them, so what a
+decode step costs is the engine's own host work. Two modes, in one process:
+
+- ``loop``: every step through the engine's loop (steady decode off);
+- ``steady``: steady decode where the scheduler allows it (steady.py).
+
+    python -m bench.host_step [--case 64,16,100,16,100] [--runs 4] [--modes loop,steady]
+
+Prints, per run: steps, host ms per step (decode and host time over all steps; the prefill steps'
+model time excluded), steady steps and their host ms per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from batchllm.engine import Engine, SamplingParams
+from batchllm.engine.scheduler import Scheduler
+from bench.floor import Case, make_prompts
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 2000,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 8192,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+
+
+def stubbed_engine(folder: Path) -> Engine:
+    """An engine whose decode forwards do no model work (prefill runs the tiny model)."""
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    engine = Engine(
+        str(folder),
+        device="cpu",
+        load_format="dummy",
+        kv_cache_tokens=1_200_000,
+        max_num_batched_tokens=16384,
+        max_model_len=4096,
+    )
+    run, logits = engine.runner.run, engine.model.compute_logits
+    width = CONFIG["hidden_size"]
+
+    def decode_free(layout, input_ids, rows=None):  # type: ignore[no-untyped-def]
+        return torch.zeros(layout.num_seqs, width) if layout.is_decode else run(layout, input_ids, rows)
+
+    engine.runner.run = decode_free  # type: ignore[method-assign]
+    engine.model.compute_logits = lambda h: h[:, :8] if h.shape[0] > 100 else logits(h)  # type: ignore[method-assign]
+    return engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--case", type=Case.parse, default=Case.parse("64,16,100,16,100"), help="P,S,D,sd,G")
+    ap.add_argument("--runs", type=int, default=4, help="timed runs per mode (after one warm-up)")
+    ap.add_argument("--modes", default="loop,steady")
+    args = ap.parse_args(argv)
+    steady = Scheduler.steady
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = stubbed_engine(Path(tmp))
+            prompts = list(make_prompts(args.case, CONFIG["vocab_size"], 0))
+            params = SamplingParams(max_tokens=args.case.decode, ignore_eos=True)
+            for mode in args.modes.split(","):
+                Scheduler.steady = steady if mode == "steady" else (lambda self, batch: False)  # type: ignore[method-assign]
+                engine.generate(prompts, params)  # warm-up
+                for _ in range(args.runs):
+                    t = time.perf_counter()
+                    engine.generate(prompts, params)
+                    wall, s = time.perf_counter() - t, engine.stats
+                    print(
+                        f"{mode}: {len(prompts)} requests, {s.steps} steps, host ms/step "
+                        f"{1e3 * (s.decode_s + s.host_s) / s.steps:.2f}, steady steps {s.steady_steps} "
+                        f"at {1e3 * s.steady_host_s / max(1, s.steady_steps):.3f} ms, wall {wall:.2f} s",
+                        flush=True,
+                    )
+    finally:
+        Scheduler.steady = steady  # type: ignore[method-assign]
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

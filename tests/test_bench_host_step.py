@@ -1,0 +1,18 @@
+"""bench.host_step runs both modes on a small case and reports the steps it took."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchllm.engine.scheduler import Scheduler
+from bench import host_step
+
+
+def test_host_step_runs_both_modes(capsys: pytest.CaptureFixture[str]) -> None:
+    steady = Scheduler.steady
+    assert host_step.main(["--case", "32,16,8,4,8", "--runs", "1"]) == 0
+    assert Scheduler.steady is steady  # restored for the rest of the process
+    lines = capsys.readouterr().out.splitlines()
+    loop, fast = (line for line in lines if line.startswith(("loop:", "steady:")))
+    assert "32 requests" in loop and "steady steps 0 " in loop
+    assert "steady steps 0 " not in fast  # the steady run took steady steps
