@@ -8,10 +8,10 @@ the forward of a padded size with room for a power-of-two number of groups is
 captured once (lazily, the first time a step needs it) with static input
 buffers and the attention backend's static metadata, then replayed after
 writing the step's layout into those buffers (``staging``: one copy). Padded
-rows write and read one token of the backend's scratch block; their outputs are
-dropped. Group slots beyond the step's groups are empty, but each launches
-prefix programs that find no work: sizing the slots by the step's groups, not by its rows, keeps
-those few (1,600 rows in 100 groups: 128 slots, not 1,600).
+rows write one token to the backend's scratch block; their outputs are dropped.
+Group slots beyond the step's groups are empty, but each launches prefix
+programs that find no work: sizing the slots by the step's groups, not by its
+rows, keeps those few (1,600 rows in 100 groups: 128 slots, not 1,600).
 """
 
 from __future__ import annotations
