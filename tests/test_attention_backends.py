@@ -77,8 +77,7 @@ def test_layout_rejects_interleaved_groups() -> None:
 
 def test_decode_padding_uses_the_scratch_block() -> None:
     """Rows of a graph past a step's sequences write one key to the scratch block and read one key of the
-    first block of their table, whatever an earlier, larger step left there (the host arrays are the
-    device ones on CPU: one staging twin)."""
+    first block of their table, whatever an earlier, larger step left there."""
     pytest.importorskip("triton")
     chunks = [_chunk(_seq(i, 5 + i, [i, 10 + i]), 4 + i, 1) for i in range(3)]
     lay = build_layout(chunks, BS)
@@ -86,8 +85,9 @@ def test_decode_padding_uses_the_scratch_block() -> None:
     backend = create_backend("triton", KVShape(1, 50, BS, 2, 16, torch.float32, torch.device("cpu")))
     staging = Staging(backend.graph_fields(8, max_groups=2, max_blocks=4), torch.device("cpu"))
     host = staging.host()
-    host["kv_lens"][:], host["block_tables"][:] = 7, 3  # a previous step's rows
-    backend.fill_graph_meta(host, lay)
+    host["kv_lens"][:], host["block_tables"][:] = 7, 3  # a previous step of 8 rows
+    staging.ship()
+    backend.fill_graph_meta(staging.host(), lay)
     staging.ship(tail_rows=lay.num_seqs)
     meta = staging.device
     assert meta["slot_mapping"][3:].tolist() == [200] * 5 and meta["kv_lens"][3:].tolist() == [1] * 5

@@ -30,10 +30,8 @@ class Field:
 
 
 class Staging:
-    """Named device arrays in one buffer, written through pinned host twins (``host``, ``ship``).
-
-    On CPU the twins are the buffer itself and ``ship`` does nothing.
-    """
+    """Named device arrays in one buffer, written through host twins (``host``, ``ship``); the twins are
+    pinned on CUDA (CUDA graphs run there only; on CPU the same logic runs for tests)."""
 
     def __init__(self, fields: dict[str, Field], device: torch.device, turns: int = 2) -> None:
         offsets, total = {}, 0
@@ -49,8 +47,8 @@ class Staging:
             view = self.buffer[offsets[name] : offsets[name] + nbytes].view(f.dtype).view(f.shape)
             self.device[name] = view.fill_(f.fill)
         self.cuda = device.type == "cuda"
-        twins = [self.buffer.cpu().pin_memory() for _ in range(turns)] if self.cuda else [self.buffer]
-        self.twins = twins
+        copies = [self.buffer.to("cpu", copy=True) for _ in range(turns)]
+        self.twins = [t.pin_memory() for t in copies] if self.cuda else copies
         self.hosts = [
             {
                 name: t.numpy()[offsets[name] :][: math.prod(f.shape) * f.dtype.itemsize]
@@ -58,10 +56,10 @@ class Staging:
                 .reshape(f.shape)
                 for name, f in fields.items()
             }
-            for t in twins
+            for t in self.twins
         ]
-        self.copied = [torch.cuda.Event() if self.cuda else None for _ in twins]
-        self.used = [False] * len(twins)
+        self.copied = [torch.cuda.Event() if self.cuda else None for _ in self.twins]
+        self.used = [False] * len(self.twins)
         self.turn = 0
 
     def host(self) -> dict[str, np.ndarray]:
@@ -75,11 +73,10 @@ class Staging:
         """Queue the copy of what ``host`` returned into the device arrays, behind the stream's work.
         tail_rows: of the last field, only its first rows (what the step wrote of it; the device keeps
         the rest as they were): a graph's block tables are its largest array by far."""
-        if self.cuda:
-            end = self.buffer.shape[0] if tail_rows is None else self.tail_start + tail_rows * self.row_bytes
-            self.buffer[:end].copy_(self.twins[self.turn][:end], non_blocking=True)
-            event = self.copied[self.turn]
-            assert event is not None
+        end = self.buffer.shape[0] if tail_rows is None else self.tail_start + tail_rows * self.row_bytes
+        self.buffer[:end].copy_(self.twins[self.turn][:end], non_blocking=self.cuda)
+        event = self.copied[self.turn]
+        if event is not None:
             event.record()
             self.used[self.turn] = True
         self.turn = (self.turn + 1) % len(self.twins)
