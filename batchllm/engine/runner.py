@@ -156,12 +156,14 @@ class ModelRunner:
         """
         layout = build_layout(chunks, self.block_size, trees=rows is not None)
         dev = self.device
-        input_ids = to_device(layout.input_ids, dev)
-        if tokens is not None and (pending := layout.input_ids == PENDING).any():
-            # each token row's sequence (group prefixes, ids < 0, never hold a pending token: row 0)
-            seq_ids = np.fromiter((max(c.seq.seq_id, 0) for c in chunks), np.int64, len(chunks))
-            owners = np.repeat(seq_ids, layout.q_lens)
-            input_ids = torch.where(to_device(pending, dev), tokens[to_device(owners, dev)], input_ids)
+        if tokens is None or not (pending := layout.input_ids == PENDING).any():
+            return self.run(layout, to_device(layout.input_ids, dev), rows)
+        # each token row's sequence (group prefixes, ids < 0, never hold a pending token: row 0)
+        seq_ids = np.fromiter((c.seq.seq_id for c in chunks), np.int64, len(chunks))
+        owners = tokens[to_device(np.repeat(np.maximum(seq_ids, 0), layout.q_lens), dev)]
+        if pending.all():  # a decode step right after another: every id is still on the device
+            return self.run(layout, owners, rows)
+        input_ids = torch.where(to_device(pending, dev), owners, to_device(layout.input_ids, dev))
         return self.run(layout, input_ids, rows)
 
     @torch.inference_mode()
