@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = list(make_prompts(args.case, CONFIG["vocab_size"], 0))
             params = SamplingParams(max_tokens=args.case.decode, ignore_eos=True)
             for mode in args.modes.split(","):
-                Scheduler.steady = steady if mode == "steady" else (lambda self, batch: False)  # type: ignore[method-assign]
+                Scheduler.steady = steady if mode == "steady" else (lambda self, batch, ended: False)  # type: ignore[method-assign]
                 engine.generate(prompts, params)  # warm-up
                 for _ in range(args.runs):
                     t = time.perf_counter()

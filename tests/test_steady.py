@@ -76,7 +76,7 @@ def test_steady_equals_the_step_loop(
     assert stats.steady_steps > 0
     assert stats.prefill_s + stats.decode_s + stats.host_s <= stats.wall_s  # each moment counted once
     with monkeypatch.context() as m:
-        m.setattr(Scheduler, "steady", lambda self, batch: False)
+        m.setattr(Scheduler, "steady", lambda self, batch, ended: False)
         loop = engine.generate(prompts, params)
     assert engine.stats.steady_steps == 0
     assert _fields(steady) == _fields(loop)
@@ -86,6 +86,41 @@ def test_steady_equals_the_step_loop(
     assert all(-1 not in r.token_ids for r in steady)
     engine.pipelined_decode = False  # every step read back at once: never steady
     assert _fields(engine.generate(prompts, params)) == _fields(steady)
+
+
+class PaddedSizes:
+    """Stands in for the CUDA graphs of a GPU on this CPU: the padded size a decode step runs at (every
+    8 rows), so that sequences ending inside a steady run may ride on as padding; steps run eagerly."""
+
+    def fits(self, layout) -> bool:
+        return False
+
+    def size_for(self, rows: int) -> int:
+        return -(-rows // 8) * 8
+
+
+@pytest.mark.parametrize("kv_tokens", [None, 1024])
+def test_ended_sequences_ride_on_as_padding(
+    default_model_path, monkeypatch: pytest.MonkeyPatch, checked: None, kv_tokens: int | None
+) -> None:
+    """Sequences that end (EOS, a stop id) inside a steady run ride on as padding while the step keeps its
+    padded size, and a run may start right after a step that ended sequences when nothing waits for
+    admission: longer runs, the loop's results and counts."""
+    engine = Engine(default_model_path, kv_cache_tokens=kv_tokens)
+    prompts, params = _workload(engine)
+    alone = engine.generate(prompts, params)
+    runs = engine.stats.steady_steps
+    engine.runner.graphs = PaddedSizes()  # type: ignore[assignment]
+    riding = engine.generate(prompts, params)
+    stats = engine.stats
+    assert stats.steady_steps > runs, (stats.steady_steps, runs)
+    assert _fields(riding) == _fields(alone)
+    with monkeypatch.context() as m:
+        m.setattr(Scheduler, "steady", lambda self, batch, ended: False)
+        loop = engine.generate(prompts, params)
+    assert _fields(riding) == _fields(loop)
+    assert (stats.steps, stats.tokens_computed) == (engine.stats.steps, engine.stats.tokens_computed)
+    assert all(r.latency_s > 0 for r in riding)
 
 
 def test_steady_runs_every_decode_step_it_can(default_model_path) -> None:
@@ -131,6 +166,6 @@ def test_steady_equals_the_step_loop_on_cuda(
     steady = engine.generate(prompts, params)
     assert engine.stats.steady_steps > 0
     with monkeypatch.context() as m:
-        m.setattr(Scheduler, "steady", lambda self, batch: False)
+        m.setattr(Scheduler, "steady", lambda self, batch, ended: False)
         loop = engine.generate(prompts, params)
     assert _fields(steady) == _fields(loop)

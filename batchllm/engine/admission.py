@@ -142,6 +142,11 @@ class Admission:
         assert seq.group_id is not None
         return self.groups[seq.group_id]
 
+    @property
+    def idle(self) -> bool:
+        """No group waits for admission (every member was admitted)."""
+        return not self.pending and not self.fresh
+
     def head(self) -> Group | None:
         """The group admission must serve next (None when nothing waits)."""
         if not self.pending:

@@ -139,14 +139,8 @@ class Engine:
                 self.config, self.max_num_batched_tokens, torch_dtype.itemsize
             ),
         )
-        self.runner = ModelRunner(
-            self.model,
-            self.num_kv_blocks,
-            block_size,
-            attention=self.attention,
-            cuda_graphs=cuda_graphs,
-            measured_padding=measured_padding,
-        )
+        graphs = {"cuda_graphs": cuda_graphs, "measured_padding": measured_padding}
+        self.runner = ModelRunner(self.model, self.num_kv_blocks, block_size, self.attention, **graphs)
         self.enable_sharing = enable_sharing
         self.hybrid_prefill = hybrid_prefill
         self.decode_reserve = decode_reserve
@@ -290,21 +284,32 @@ class Engine:
         num_done = total - sum(len(r.inputs) for r in batch.requests if r.error is None)
         if progress is not None and num_done:
             progress(num_done, total)
-        # Pipelined heads read a step's tokens back after the next step is launched, so the GPU never waits
-        # for the host's bookkeeping; the device buffer `tokens` feeds the next step's inputs. Only without
-        # preemption (decode_reserve 1): a preempted sequence would be recomputed from tokens still pending.
+        # Pipelined heads read a step's ids back after the next launch (`tokens` feeds it on the device), so
+        # the GPU never waits; only without preemption: a preempted sequence would recompute pending ids.
         lagged = self.pipelined_decode and self.decode_reserve >= 1.0
         stop = head.stop if lagged and isinstance(head, TokenHead) and head.pipelined else None
         tokens = None if stop is None else torch.zeros(len(by_seq), dtype=torch.int64, device=self.device)
         readback = ReadBack(len(by_seq), self.device)
         pending: Pending | None = None
-        steady_ok, steady_after = stop is not None and not any(r.params.stop for r in batch.requests), None
+        steady_ok = stop is not None and not any(r.params.stop for r in batch.requests)
+        rides, steady_after = self.runner.graphs is not None, None  # ends inside a run ride (steady.py)
+
+        def retire(done: list[Seq]) -> None:  # finished sequences: their latency, the progress callback
+            nonlocal num_done
+            now = clock() - t0
+            for seq in done:
+                by_seq[seq.seq_id].latency_s = now
+                num_done += len(by_seq[seq.seq_id].inputs)
+            if done and progress is not None:
+                progress(num_done, total)
+
         while scheduler.has_unfinished():
             t_host = clock()
             if steady_after is not None and pending is not None and tokens is not None and stop is not None:
                 steady = SteadyDecode(scheduler, self.runner, steady_after, tokens, by_seq, stop, readback)
                 hand, steady_after = steady.run(pending, stats, clock), None
                 pending = hand.pending
+                retire(hand.finished)
                 if hand.step is None:  # the engine schedules the next step
                     continue
                 step, seqs, outputs, t_host, t_run = hand.step, hand.seqs, hand.ids, hand.t_host, hand.t_run
@@ -326,14 +331,11 @@ class Engine:
             # a sequence that ended at the previous step but is not in this one ends outside a step
             done = scheduler.on_step_done(step, ends)
             done += scheduler.finish(by_seq[i].seq for i in late.difference(ends))  # type: ignore[misc]
-            if done:
-                now = clock() - t0
-                for seq in done:
-                    by_seq[seq.seq_id].latency_s = now
-                    num_done += len(by_seq[seq.seq_id].inputs)
-                if progress is not None:
-                    progress(num_done, total)
-            steady_after = step if steady_ok and not ends and not late and scheduler.steady(step) else None
+            retire(done)
+            ended = bool(ends or late)  # a run right after an end pays only where its own ends ride
+            steady_after = (
+                step if steady_ok and (rides or not ended) and scheduler.steady(step, ended) else None
+            )
             decodes = sum(c.is_decode for c in step.chunks)
             stats.add_step(len(step.chunks), decodes, t_out - t_run, t_run - t_host + clock() - t_out)
         if pending is not None and stop is not None:
@@ -350,11 +352,9 @@ class Engine:
     def _forward(
         self, chunks: list[ScheduledChunk], head: Head, tokens: torch.Tensor | None
     ) -> tuple[list[Seq], Any]:
-        """One forward of the step, then the head on the last position of every sampled chunk.
-
-        With ``tokens`` (pipelined): the sampled ids stay on the device (also written to ``tokens`` by
-        seq_id, where the next step reads them); otherwise the head's outputs, read back.
-        """
+        """One forward of the step, then the head on the last position of every sampled chunk. With
+        ``tokens`` (pipelined) the sampled ids stay on the device (and go to ``tokens`` by seq_id, where
+        the next step reads them); otherwise the head's outputs, read back."""
         hidden = self.runner.forward(chunks, tokens=tokens)
         rows = [i for i, c in enumerate(chunks) if c.sample]
         if not rows:

@@ -78,7 +78,8 @@ class DecodeGraphs:
             if self.measured_padding:
                 self.cost = time_projections(projections(self.model.layers[0]), self.sizes)
             self.run_at = cheapest_sizes(self.sizes, self.cost)
-        size = self.run_at[next(s for s in self.sizes if s >= layout.num_seqs)]
+        size = self.size_for(layout.num_seqs)
+        assert size is not None
         key = (size, group_capacity(layout.num_groups, size))
         g = self.graphs.get(key) or self._capture(*key)
         n, host = layout.num_seqs, g.staging.host()
@@ -89,6 +90,13 @@ class DecodeGraphs:
         g.input_ids[:n].copy_(input_ids)
         g.graph.replay()
         return g.hidden[: layout.num_seqs]
+
+    def size_for(self, rows: int) -> int | None:
+        """The padded size a decode step of ``rows`` runs at (None: too many rows, or before the first
+        decode step measured the sizes)."""
+        if self.run_at is None or rows > self.sizes[-1]:
+            return None
+        return self.run_at[next(s for s in self.sizes if s >= rows)]
 
     def _capture(self, size: int, groups: int) -> _Graph:
         dev = self.model.embed_tokens.weight.device

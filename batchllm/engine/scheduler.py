@@ -187,12 +187,17 @@ class Scheduler:
             self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
         return done
 
-    def steady(self, batch: ScheduleBatch) -> bool:
-        """Would each next step decode just batch's sequences until one ends? Yes when batch decoded every
-        running sequence and admission stopped for want of KV (it waits for a finish), not of budget."""
+    def steady(self, batch: ScheduleBatch, ended: bool) -> bool:
+        """Would each next step decode just the sequences batch decoded and that go on, until one ends?
+        Yes when batch decoded every running sequence and admission waits: for want of KV, not of budget,
+        when none of batch's sequences ended (``ended``: their KV is free now); else for nothing at all."""
+        nothing_to_admit = self.admission.idle or (
+            not ended and batch.num_tokens < self.max_num_batched_tokens
+        )
+        going_on = sum(c.seq.status is SequenceStatus.RUNNING for c in batch.chunks)
         return (
-            0 < len(batch.chunks) == len(self.running)
-            and batch.num_tokens < self.max_num_batched_tokens
+            0 < going_on == len(self.running)
+            and nothing_to_admit
             and all(c.sample and c.is_decode for c in batch.chunks)
         )
 
@@ -206,11 +211,13 @@ class Scheduler:
         self.stats.peak_kv_blocks = self.pool.peak_used
         return ids
 
-    def catch_up(self, seqs: list[Sequence], computed: list[int], steps: int) -> None:
-        """Steady decode ran ``steps`` steps of one token per sequence; seqs now hold KV up to computed."""
+    def catch_up(self, seqs: list[Sequence], computed: list[int], steps: int, tokens: int) -> None:
+        """Steady decode ran ``steps`` steps of up to one token per sequence (``tokens`` in all); seqs now
+        hold KV up to computed."""
         for seq, n in zip(seqs, computed, strict=True):
             seq.num_computed_tokens = n
         self.stats.add_steps(steps, len(seqs))
+        self.stats.num_tokens += tokens - steps * len(seqs)  # rows that ended inside the run computed none
 
     def check_integrity(self) -> None:
         """Cross-check block tables against the pool (tests call it after every step)."""
