@@ -9,7 +9,13 @@ decode step costs is the engine's own host work. Two modes, in one process:
 - ``loop``: every step through the engine's loop (steady decode off);
 - ``steady``: steady decode where the scheduler allows it (steady.py).
 
+``--eos-rate r``: each decode step, a seeded random share r of the rows samples EOS (requests then
+end at EOS, as real ones do). ``--padded n``: the runner takes decode steps as if CUDA graphs padded
+them to multiples of n rows (``PaddedSizes``; the steps still run eagerly), so that sequences ending
+inside a steady run ride on as padding, as they do on the GPU.
+
     python -m bench.host_step [--case 64,16,100,16,100] [--runs 4] [--modes loop,steady]
+                              [--eos-rate 0.002] [--padded 64]
 
 Prints, per run: steps, host ms per step (decode and host time over all steps; the prefill steps'
 model time excluded), steady steps and their host ms per step.
@@ -49,8 +55,23 @@ CONFIG = {
 }
 
 
-def stubbed_engine(folder: Path) -> Engine:
-    """An engine whose decode forwards do no model work (prefill runs the tiny model)."""
+class PaddedSizes:
+    """Stands in for a GPU's CUDA graphs on the CPU: the padded size a decode step runs at (multiples of
+    ``rows``); ``fits`` is False, so the runner still runs every step eagerly."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def fits(self, layout: object) -> bool:
+        return False
+
+    def size_for(self, rows: int) -> int:
+        return -(-rows // self.rows) * self.rows
+
+
+def stubbed_engine(folder: Path, eos_rate: float = 0.0) -> Engine:
+    """An engine whose decode forwards do no model work (prefill runs the tiny model); with eos_rate,
+    each decode step's rows sample EOS at that seeded rate."""
     (folder / "config.json").write_text(json.dumps(CONFIG))
     engine = Engine(
         str(folder),
@@ -61,13 +82,20 @@ def stubbed_engine(folder: Path) -> Engine:
         max_model_len=4096,
     )
     run, logits = engine.runner.run, engine.model.compute_logits
-    width = CONFIG["hidden_size"]
+    width, gen = CONFIG["hidden_size"], torch.Generator().manual_seed(0)
 
     def decode_free(layout, input_ids, rows=None):  # type: ignore[no-untyped-def]
         return torch.zeros(layout.num_seqs, width) if layout.is_decode else run(layout, input_ids, rows)
 
+    def stub_logits(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[0] <= 100:  # the prefill steps' few rows: the model's own logits
+            return logits(hidden)
+        out = hidden[:, :8].clone()
+        out[torch.rand(hidden.shape[0], generator=gen) < eos_rate, CONFIG["eos_token_id"]] = 1.0
+        return out
+
     engine.runner.run = decode_free  # type: ignore[method-assign]
-    engine.model.compute_logits = lambda h: h[:, :8] if h.shape[0] > 100 else logits(h)  # type: ignore[method-assign]
+    engine.model.compute_logits = stub_logits  # type: ignore[method-assign]
     return engine
 
 
@@ -76,13 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case", type=Case.parse, default=Case.parse("64,16,100,16,100"), help="P,S,D,sd,G")
     ap.add_argument("--runs", type=int, default=4, help="timed runs per mode (after one warm-up)")
     ap.add_argument("--modes", default="loop,steady")
+    ap.add_argument("--eos-rate", type=float, default=0.0, help="share of rows sampling EOS per decode step")
+    ap.add_argument(
+        "--padded", type=int, default=0, help="decode steps padded to multiples of this (0: none)"
+    )
     args = ap.parse_args(argv)
     steady = Scheduler.steady
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            engine = stubbed_engine(Path(tmp))
+            engine = stubbed_engine(Path(tmp), args.eos_rate)
+            if args.padded:
+                engine.runner.graphs = PaddedSizes(args.padded)  # type: ignore[assignment]
             prompts = list(make_prompts(args.case, CONFIG["vocab_size"], 0))
-            params = SamplingParams(max_tokens=args.case.decode, ignore_eos=True)
+            params = SamplingParams(max_tokens=args.case.decode, ignore_eos=not args.eos_rate)
             for mode in args.modes.split(","):
                 Scheduler.steady = steady if mode == "steady" else (lambda self, batch, ended: False)  # type: ignore[method-assign]
                 engine.generate(prompts, params)  # warm-up
@@ -93,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"{mode}: {len(prompts)} requests, {s.steps} steps, host ms/step "
                         f"{1e3 * (s.decode_s + s.host_s) / s.steps:.2f}, steady steps {s.steady_steps} "
-                        f"at {1e3 * s.steady_host_s / max(1, s.steady_steps):.3f} ms, wall {wall:.2f} s",
+                        f"at {1e3 * s.steady_host_s / max(1, s.steady_steps):.3f} ms, "
+                        f"{s.output_tokens / len(prompts):.1f} tokens/request, wall {wall:.2f} s",
                         flush=True,
                     )
     finally:

@@ -12,6 +12,7 @@ import pytest
 
 from batchllm.engine import Engine, SamplingParams
 from batchllm.engine.scheduler import Scheduler
+from bench.host_step import PaddedSizes
 
 SYSTEM = "You are a careful assistant. Answer briefly and plainly, in one short sentence or less."
 QUESTIONS = [
@@ -88,17 +89,6 @@ def test_steady_equals_the_step_loop(
     assert _fields(engine.generate(prompts, params)) == _fields(steady)
 
 
-class PaddedSizes:
-    """Stands in for the CUDA graphs of a GPU on this CPU: the padded size a decode step runs at (every
-    8 rows), so that sequences ending inside a steady run may ride on as padding; steps run eagerly."""
-
-    def fits(self, layout) -> bool:
-        return False
-
-    def size_for(self, rows: int) -> int:
-        return -(-rows // 8) * 8
-
-
 @pytest.mark.parametrize("kv_tokens", [None, 1024])
 def test_ended_sequences_ride_on_as_padding(
     default_model_path, monkeypatch: pytest.MonkeyPatch, checked: None, kv_tokens: int | None
@@ -110,7 +100,7 @@ def test_ended_sequences_ride_on_as_padding(
     prompts, params = _workload(engine)
     alone = engine.generate(prompts, params)
     runs = engine.stats.steady_steps
-    engine.runner.graphs = PaddedSizes()  # type: ignore[assignment]
+    engine.runner.graphs = PaddedSizes(8)  # type: ignore[assignment]  # a GPU's graph sizes, every 8 rows
     riding = engine.generate(prompts, params)
     stats = engine.stats
     assert stats.steady_steps > runs, (stats.steady_steps, runs)
