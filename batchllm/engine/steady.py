@@ -1,10 +1,11 @@
 """Steady decode: a run of decode steps over the same sequences, its host state kept as arrays.
 
-Once a pipelined decode step (pipeline.py) decoded every running sequence, none ended and admission
-waits for KV (``Scheduler.steady``), each next step decodes the same sequences one position further
-until one of them ends (or, riding as padding, until the step would shrink: below). Rebuilding such a step from the Sequence objects (schedule, layout, hold,
-settle, bookkeeping) costs the host ~5 ms per 1,600 sequences; here a step is a few array updates of
-the previous step's layout, and the sampled ids wait in arrays. The objects are brought up to date
+Once a pipelined decode step (pipeline.py) decoded every running sequence and admission waits
+(``Scheduler.steady``), each next step decodes the same sequences one position further until one of
+them ends (or, with ended ones riding as padding, until the step would shrink: below). Rebuilding such
+a step from the Sequence objects (schedule, layout, hold, settle, bookkeeping) costs the host ~3.5 ms
+per 1,600 sequences; here a step is a few array updates of the previous step's layout, and the sampled
+ids wait in arrays. The objects are brought up to date
 once, when the run hands back to the engine's own loop (``Handover``), in the state that loop would
 have left them in:
 
