@@ -115,11 +115,15 @@ class StopRule:
     def by_token(self, req: Request, seq: Seq) -> bool:
         """The newest token ends the request (EOS, a stop token id, a stop string); checked first, so a
         stop at the last allowed position reads "stop", not "length"."""
-        p, token = req.params, seq.token_ids[-1]
-        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+        if self.token_ends(req, seq.token_ids[-1]):
             req.finish_reason = "stop"
             return True
-        return bool(p.stop) and self._stop_string(req, seq)
+        return bool(req.params.stop) and self._stop_string(req, seq)
+
+    def token_ends(self, req: Request, token: int) -> bool:
+        """This token id ends the request by itself: an EOS (unless ignored) or one of its stop ids."""
+        p = req.params
+        return (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
 
     def by_length(self, seq: Seq) -> bool:
         """The sequence ends whatever its newest token is: max_tokens or the context is reached."""

@@ -80,11 +80,12 @@ class SchedulerStats:
         logical = self.num_prompt_tokens_logical
         return 1.0 - self.num_prompt_tokens_computed / logical if logical else 0.0
 
-    def add_steps(self, steps: int, tokens_per_step: int) -> None:
+    def add_steps(self, steps: int, tokens: int, widest: int) -> None:
+        """``steps`` steps of ``tokens`` in all, the largest of ``widest``."""
         self.num_steps += steps
-        self.num_tokens += steps * tokens_per_step
+        self.num_tokens += tokens
         if steps:
-            self.max_tokens_per_step = max(self.max_tokens_per_step, tokens_per_step)
+            self.max_tokens_per_step = max(self.max_tokens_per_step, widest)
 
 
 @dataclass

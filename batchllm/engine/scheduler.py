@@ -143,7 +143,7 @@ class Scheduler:
         """
         finished_ids = set(finished_seq_ids)
         stats = self.stats
-        stats.add_steps(1, batch.num_tokens)
+        stats.add_steps(1, batch.num_tokens, batch.num_tokens)
         done: list[Sequence] = []
         changed = False
         for ch in batch.chunks:  # once per sequence of the step: kept lean
@@ -216,8 +216,7 @@ class Scheduler:
         hold KV up to computed."""
         for seq, n in zip(seqs, computed, strict=True):
             seq.num_computed_tokens = n
-        self.stats.add_steps(steps, len(seqs))
-        self.stats.num_tokens += tokens - steps * len(seqs)  # rows that ended inside the run computed none
+        self.stats.add_steps(steps, tokens, len(seqs))  # rows that ended inside the run compute none
 
     def check_integrity(self) -> None:
         """Cross-check block tables against the pool (tests call it after every step)."""

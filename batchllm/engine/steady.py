@@ -162,17 +162,9 @@ class SteadyDecode:
         """Live rows whose read id ends them (an EOS unless ignored, or one of their stop ids)."""
         if not self.stop_ids.size:
             return np.zeros(0, dtype=np.int64)
-        maybe = np.flatnonzero(np.isin(read, self.stop_ids) & ~self.dead)
-        eos = self.stop.eos_token_ids
-        return np.array(
-            [
-                i
-                for i in maybe.tolist()
-                if (not (p := self.reqs[i].params).ignore_eos and int(read[i]) in eos)
-                or int(read[i]) in p.stop_token_ids
-            ],
-            dtype=np.int64,
-        )
+        maybe = np.flatnonzero(np.isin(read, self.stop_ids) & ~self.dead).tolist()
+        ends = [i for i in maybe if self.stop.token_ends(self.reqs[i], int(read[i]))]
+        return np.array(ends, dtype=np.int64)
 
     def _rides(self, ending: np.ndarray) -> bool:
         """May the rows that end stay in the run as padding? Where the loop would run the same step without
@@ -242,8 +234,8 @@ class SteadyDecode:
         if steps:
             finished = self._catch_up(computed=self.pos, steps=steps)
             pending = Pending(self.seqs, prev_ids, None, self._dead_ids(), set())
-        live = np.flatnonzero(~self.dead)
-        chunks = [c for c, alive in zip(self._chunks(), ~self.dead, strict=True) if alive]
+        live, chunks = np.flatnonzero(~self.dead), self._chunks()
+        chunks = [chunks[i] for i in live.tolist()]
         if len(live) < len(self.seqs):
             ids = ids[to_device(live, ids.device)]
         seqs = [c.seq for c in chunks]
