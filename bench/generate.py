@@ -179,9 +179,10 @@ def timed_repeats(repeat: int, device: str, fn: Any, *a: Any, **kw: Any) -> tupl
 
 
 def warmup_case(case: Case) -> Case:
-    """A short case with as many sequences: captures the decode graphs of the batch sizes the timed
-    run will use (vLLM captures its graphs at start-up)."""
-    return Case(min(case.prefix, 64), min(case.suffix, 16), min(case.decode, 3), case.members, case.groups)
+    """A short case with as many sequences: captures the decode graph of the full batch, which the
+    timed run uses most (vLLM captures its graphs at start-up); three decode steps, as a graph is
+    captured at a size's third step (graphs.py)."""
+    return Case(min(case.prefix, 64), min(case.suffix, 16), min(case.decode, 4), case.members, case.groups)
 
 
 def warmup_cases(case: Case) -> list[Case]:
@@ -192,15 +193,17 @@ def warmup_cases(case: Case) -> list[Case]:
 
 
 def graph_info(engine: Any) -> dict[str, Any] | None:
-    """The decode graphs captured (padded rows, group slots), the sizes that run padded further
-    because their GEMMs measured slower, and those measurements (engine/padding.py); None without
-    CUDA graphs."""
+    """The decode graphs captured (padded rows, group slots), the sizes whose few steps ran eagerly (a
+    graph is captured at a size's third step), the sizes that run padded further because their GEMMs
+    measured slower, and those measurements (engine/padding.py); None without CUDA graphs."""
     graphs = getattr(getattr(engine, "runner", None), "graphs", None)
     if graphs is None:
         return None
     padded = {s: t for s, t in (graphs.run_at or {}).items() if s != t}
     cost_us = {s: round(c * 1e6, 1) for s, c in graphs.cost.items()}
-    return {"captured": sorted(graphs.graphs), "padded": padded, "layer_gemm_us": cost_us}
+    captured = graphs.captured()
+    eager = sorted(set(graphs.graphs) - set(captured))
+    return {"captured": captured, "eager_only": eager, "padded": padded, "layer_gemm_us": cost_us}
 
 
 def native_run(

@@ -171,7 +171,7 @@ def warm_generate(engine: Any, w: Workload, vocab: int) -> None:
     few = [w.prompts[i] for _, members in w.groups[:4] for i in members]
     engine.generate(few, SamplingParams(max_tokens=2, ignore_eos=True))
     groups = max(1, len(w.groups))
-    wc = warmup_case(Case(64, 16, min(w.decode, 3), max(1, len(w.prompts) // groups), groups))
+    wc = warmup_case(Case(64, 16, w.decode, max(1, len(w.prompts) // groups), groups))
     engine.generate(
         list(make_prompts(wc, vocab, 10_000)), SamplingParams(max_tokens=wc.decode, ignore_eos=True)
     )

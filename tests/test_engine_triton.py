@@ -30,3 +30,38 @@ def test_triton_engine_equals_the_reference(tmp_path, monkeypatch) -> None:
     got = engine.generate(prompts, params)
     assert engine.stats.mixed_steps > 0 and engine.stats.prefixes_computed == 3
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_decode_steps_on_graph_buffers_equal_the_reference(tmp_path) -> None:
+    """Decode steps on a CUDA graph's static buffers (padded rows, empty group slots, one staging copy,
+    ends riding in steady runs), run eagerly here as at a size's first step on the GPU, give the torch
+    reference backend's tokens."""
+    pytest.importorskip("triton")
+    from batchllm.engine.graphs import DecodeGraphs
+    from bench.generate import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "tiny")
+    rng = np.random.default_rng(1)
+    prompts = []
+    for members in (5, 4, 4):  # three groups of 64 shared tokens (two-level pays), then two plain
+        prefix = rng.integers(4, 500, 64).tolist()
+        prompts += [prefix + rng.integers(4, 500, int(rng.integers(2, 6))).tolist() for _ in range(members)]
+    prompts += [rng.integers(4, 500, 12).tolist() for _ in range(2)]
+    kw = dict(device="cpu", load_format="dummy", kv_cache_tokens=2048)
+    reference = Engine(folder, attention="torch", pipelined_decode=False, **kw)
+    free = reference.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    # four requests end early, at an id they sample mid-run (as at EOS): they ride in steady runs
+    params = [
+        SamplingParams(max_tokens=12, stop_token_ids=(r.token_ids[5],) if i % 4 == 1 else ())
+        for i, r in enumerate(free)
+    ]
+    want = reference.generate(prompts, params)
+    engine = Engine(folder, attention="triton", **kw)
+    runner = engine.runner
+    runner.graphs = graphs = DecodeGraphs(runner.model, runner.attention, measured_padding=False)
+    got = engine.generate(prompts, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert sum(r.finish_reason == "stop" for r in got) == 4
+    assert graphs.captured() == [] and engine.stats.steady_steps > 0
+    assert {size for size, _ in graphs.graphs} >= {16}  # 15 rows and fewer, padded to 16
+    assert (16, 4) in graphs.graphs  # three groups in four slots

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from batchllm.engine.graphs import CAPTURE_AT
 from batchllm.engine.padding import cheapest_sizes, time_projections
 
 # one Llama-3.1-8B layer's projections on an H200, ms (bench.gemm, bench/RESULTS.md)
@@ -48,6 +49,8 @@ def test_padded_decode_steps_give_the_same_tokens(tmp_path) -> None:
     assert graphs is not None and graphs.run_at is None  # nothing timed before a decode step
     assert [r.token_ids for r in engine.generate(prompts, params)] == [r.token_ids for r in eager]
     assert graphs.run_at is not None and set(graphs.cost) == set(graphs.sizes)
+    # a size's first steps run eagerly on its buffers, its third captures the graph
+    assert graphs.captured() == sorted(k for k, g in graphs.graphs.items() if g.steps >= CAPTURE_AT) != []
     sizes = graphs.sizes
     graphs.run_at = {s: sizes[min(i + 2, len(sizes) - 1)] for i, s in enumerate(sizes)}
     graphs.graphs.clear()  # and their memory pool: a pool whose graphs are all gone cannot take new ones

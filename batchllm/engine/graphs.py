@@ -4,11 +4,23 @@ measured faster (padding.py; ``measured_padding=False``: the smallest size that 
 sizes every run, so bf16 results repeat run to run).
 
 A decode step's shapes depend only on its number of sequences and of groups, so
-the forward of a padded size with room for a power-of-two number of groups is
-captured once (lazily, the first time a step needs it) with static input
-buffers and the attention backend's static metadata, then replayed after
-writing the step's layout into those buffers (``staging``: one copy). Padded
-rows write one token to the backend's scratch block; their outputs are dropped.
+the forward of a padded size with room for a power-of-two number of groups runs
+on static input buffers and the attention backend's static metadata, written
+from the step's layout (``staging``: one copy). Its first steps run eagerly on
+those buffers; the third captures the graph, which later steps replay. A capture
+costs two warm-up forwards and the recording: ~100-150 ms (h1, h4: a first run
+paid ~25 of them, 2.4 s of SmolLM2-135M's 5.05 s and 3.7 s of an 8B model's
+22.8 s). An eager step costs its launches, a few ms for a small model and
+hidden behind an 8B model's GPU time. A run's tail passes through many sizes
+once or twice ((a) at 900k: 27 sizes, 20 used once, 6 twice, the full batch 67
+times), so waiting for the third step keeps the captures to the sizes that pay
+them back.
+
+Eager and replayed steps launch the same kernels on the same shapes, so a
+step's result does not depend on which it was. Padded rows write one token to
+the backend's scratch block; their outputs are dropped. On the CPU (tests) the
+steps run eagerly on the same buffers: no capture.
+
 Group slots beyond the step's groups are empty, but each launches prefix
 programs that find no work: sizing the slots by the step's groups, not by its
 rows, keeps those few (1,600 rows in 100 groups: 128 slots, not 1,600).
@@ -17,6 +29,7 @@ rows, keeps those few (1,600 rows in 100 groups: 128 slots, not 1,600).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,6 +37,8 @@ from batchllm.engine.attention import AttentionBackend, BatchLayout
 from batchllm.engine.model import CausalLM
 from batchllm.engine.padding import cheapest_sizes, projections, time_projections
 from batchllm.engine.staging import Field, Staging
+
+CAPTURE_AT = 3  # a size's step that captures its graph (the ones before run eagerly)
 
 
 def graph_sizes(max_seqs: int) -> list[int]:
@@ -44,10 +59,14 @@ def group_capacity(num_groups: int, size: int) -> int:
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    """A padded size's static buffers, and its graph once captured (at its ``CAPTURE_AT``-th step)."""
+
     input_ids: torch.Tensor
-    staging: Staging  # positions and the backend's metadata, one copy per replay
-    hidden: torch.Tensor
+    staging: Staging  # positions and the backend's metadata, one copy per step
+    meta: Any  # the backend's metadata over ``staging``'s device arrays
+    graph: torch.cuda.CUDAGraph | None = None
+    hidden: torch.Tensor | None = None  # the graph's output buffer
+    steps: int = 0
 
 
 class DecodeGraphs:
@@ -64,16 +83,17 @@ class DecodeGraphs:
         self.run_at: dict[int, int] | None = None
         self.cost: dict[int, float] = {}  # seconds of one layer's projections per size, once measured
         self.graphs: dict[tuple[int, int], _Graph] = {}  # (padded rows, group slots) -> graph
-        self.pool = torch.cuda.graph_pool_handle()
+        self.capture = model.embed_tokens.weight.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def fits(self, layout: BatchLayout) -> bool:
         return layout.num_seqs <= self.sizes[-1]
 
     def run(self, layout: BatchLayout, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, hidden] of a decode step, by replaying the graph of its padded size and
-        group slots (captured on first use). input_ids: the step's ids on the device (the runner
-        resolves ids still being sampled); padding rows keep the ids of an earlier step (valid ids;
-        their outputs are dropped)."""
+        """Hidden states [B, hidden] of a decode step, on the buffers of its padded size and group slots:
+        eagerly at their first steps, by capturing the graph at step ``CAPTURE_AT``, replaying it after.
+        input_ids: the step's ids on the device (the runner resolves ids still being sampled); padding
+        rows keep the ids of an earlier step (valid ids; their outputs are dropped)."""
         if self.run_at is None:
             if self.measured_padding:
                 self.cost = time_projections(projections(self.model.layers[0]), self.sizes)
@@ -81,15 +101,21 @@ class DecodeGraphs:
         size = self.size_for(layout.num_seqs)
         assert size is not None
         key = (size, group_capacity(layout.num_groups, size))
-        g = self.graphs.get(key) or self._capture(*key)
+        g = self.graphs.get(key) or self._buffers(*key)
         n, host = layout.num_seqs, g.staging.host()
         host["positions"][:n] = layout.positions
         host["positions"][n:] = 0
         self.backend.fill_graph_meta(host, layout)
         g.staging.ship(tail_rows=n)
         g.input_ids[:n].copy_(input_ids)
+        g.steps += 1
+        if g.graph is None and g.steps >= CAPTURE_AT and self.capture:
+            self._capture(g)
+        if g.graph is None:
+            return self.model(g.input_ids, g.staging.device["positions"], g.meta)[:n]
         g.graph.replay()
-        return g.hidden[: layout.num_seqs]
+        assert g.hidden is not None
+        return g.hidden[:n]
 
     def size_for(self, rows: int) -> int | None:
         """The padded size a decode step of ``rows`` runs at (None: too many rows, or before the first
@@ -98,21 +124,29 @@ class DecodeGraphs:
             return None
         return self.run_at[next(s for s in self.sizes if s >= rows)]
 
-    def _capture(self, size: int, groups: int) -> _Graph:
+    def captured(self) -> list[tuple[int, int]]:
+        """The (padded rows, group slots) whose graph is captured; the others ran eagerly so far."""
+        return sorted(key for key, g in self.graphs.items() if g.graph is not None)
+
+    def _buffers(self, size: int, groups: int) -> _Graph:
         dev = self.model.embed_tokens.weight.device
         input_ids = torch.zeros(size, dtype=torch.int64, device=dev)
         max_blocks = -(-self.model.rope.shape[0] // self.backend.shape.block_size)
         fields = self.backend.graph_fields(size, groups, max_blocks)
         staging = Staging({"positions": Field((size,), torch.int64), **fields}, dev)
-        positions, meta = staging.device["positions"], self.backend.graph_meta(staging.device)
+        self.graphs[size, groups] = _Graph(input_ids, staging, self.backend.graph_meta(staging.device))
+        return self.graphs[size, groups]
+
+    def _capture(self, g: _Graph) -> None:
+        """Capture the step whose inputs were just shipped. The warm-ups run that step (the graph only
+        records): each writes the same keys and values to the same slots as the replay will."""
+        positions = g.staging.device["positions"]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (Triton compiles, allocator settles)
-                self.model(input_ids, positions, meta)
+            for _ in range(2):  # warm-up outside the graph (allocator settles)
+                self.model(g.input_ids, positions, g.meta)
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            hidden = self.model(input_ids, positions, meta)
-        self.graphs[size, groups] = _Graph(graph, input_ids, staging, hidden)
-        return self.graphs[size, groups]
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=self.pool):
+            g.hidden = self.model(g.input_ids, positions, g.meta)
