@@ -69,7 +69,7 @@ class PaddedSizes:
         return -(-rows // self.rows) * self.rows
 
 
-def stubbed_engine(folder: Path, eos_rate: float = 0.0) -> Engine:
+def stubbed_engine(folder: Path, eos_rate: float = 0.0, kv_tokens: int = 1_200_000) -> Engine:
     """An engine whose decode forwards do no model work (prefill runs the tiny model); with eos_rate,
     each decode step's rows sample EOS at that seeded rate."""
     (folder / "config.json").write_text(json.dumps(CONFIG))
@@ -77,7 +77,7 @@ def stubbed_engine(folder: Path, eos_rate: float = 0.0) -> Engine:
         str(folder),
         device="cpu",
         load_format="dummy",
-        kv_cache_tokens=1_200_000,
+        kv_cache_tokens=kv_tokens,
         max_num_batched_tokens=16384,
         max_model_len=4096,
     )
@@ -108,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--padded", type=int, default=0, help="decode steps padded to multiples of this (0: none)"
     )
+    ap.add_argument(
+        "--kv-tokens", type=int, default=1_200_000, help="KV pool (fewer: admission in waves, as at 205k)"
+    )
     args = ap.parse_args(argv)
     steady = Scheduler.steady
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            engine = stubbed_engine(Path(tmp), args.eos_rate)
+            engine = stubbed_engine(Path(tmp), args.eos_rate, args.kv_tokens)
             if args.padded:
                 engine.runner.graphs = PaddedSizes(args.padded)  # type: ignore[assignment]
             prompts = list(make_prompts(args.case, CONFIG["vocab_size"], 0))
