@@ -13,6 +13,14 @@ each member's own KV (suffix plus generated tokens). The first output token
 comes from the prefill's last position, so D outputs take D - 1 decode steps.
 efficiency = floor / measured time.
 
+That decode term assumes the step's GEMMs (compute-bound at batch sizes in the
+hundreds) overlap its attention (bandwidth-bound). On an H200 with cuBLAS they
+do not (a decode step's attention on a second stream beside the GEMMs gained
+0.5%, bench/RESULTS.md 2026-12-04), so ``decode_serial_s`` also counts each
+step as its GEMMs (max of their FLOPs and weight bytes) plus its attention (max
+of its FLOPs and KV bytes): the floor an engine whose kernels run one after the
+other can approach.
+
 The counting functions are pure arithmetic (tested on CPU by
 tests/test_bench_floor.py); only ``measure_peak`` and ``measure_bandwidth``
 touch a device, and they import torch when called so that the vLLM peer can
@@ -190,17 +198,24 @@ def prefill_counts(case: Case) -> tuple[int, int, int]:
     return tokens, case.requests, pairs
 
 
-def decode_step_counts(shape: ModelShape, case: Case, step: int) -> tuple[float, int]:
-    """(FLOPs, bytes that must be read) of decode step `step` in 1..D-1.
+def decode_step_parts(shape: ModelShape, case: Case, step: int) -> tuple[float, float, int, int]:
+    """(matmul FLOPs, attention FLOPs, weight bytes, KV bytes) of decode step `step` in 1..D-1.
 
     Every member feeds its step-th output token, which sees P + S + step keys.
     Bytes: weights once, each group's prefix KV once, each member's own KV
     (suffix plus the `step` generated tokens).
     """
     n = case.requests
-    flops = forward_flops(shape, n, n, n * (case.prompt_len + step))
+    attention = float(shape.attn_flops_per_key) * n * (case.prompt_len + step)
     kv_tokens = case.groups * case.prefix + n * (case.suffix + step)
-    return flops, shape.weight_bytes + kv_tokens * shape.kv_bytes_per_token
+    matmul = forward_flops(shape, n, n, 0)
+    return matmul, attention, shape.weight_bytes, kv_tokens * shape.kv_bytes_per_token
+
+
+def decode_step_counts(shape: ModelShape, case: Case, step: int) -> tuple[float, int]:
+    """(FLOPs, bytes that must be read) of decode step `step` in 1..D-1 (``decode_step_parts``)."""
+    matmul, attention, weights, kv = decode_step_parts(shape, case, step)
+    return matmul + attention, weights + kv
 
 
 def workload_flops(shape: ModelShape, case: Case, prompt_tokens_computed: int | None = None) -> float:
@@ -231,6 +246,7 @@ class Floor:
     decode_bytes: float
     decode_steps: int
     memory_bound_steps: int
+    decode_serial_s: float  # each step's GEMMs, then its attention (no overlap)
 
     @property
     def total_s(self) -> float:
@@ -243,6 +259,7 @@ class Floor:
     def as_dict(self) -> dict[str, float | int]:
         d = asdict(self)
         d["total_s"] = self.total_s
+        d["total_serial_s"] = self.prefill_s + self.decode_serial_s
         d["decode_bytes_per_step"] = self.decode_bytes_per_step
         return d
 
@@ -252,13 +269,16 @@ def floor(shape: ModelShape, case: Case, peak_flops: float, bandwidth: float) ->
     if peak_flops <= 0 or bandwidth <= 0:
         raise ValueError(f"floor: peak and bandwidth must be > 0, got {peak_flops}, {bandwidth}")
     prefill = forward_flops(shape, *prefill_counts(case))
-    decode_s = flops_sum = bytes_sum = 0.0
+    decode_s = serial_s = flops_sum = bytes_sum = 0.0
     memory_bound = 0
     for step in range(1, case.decode):
-        flops, nbytes = decode_step_counts(shape, case, step)
+        matmul, attention, weights, kv = decode_step_parts(shape, case, step)
+        flops, nbytes = matmul + attention, weights + kv
         compute_s, read_s = flops / peak_flops, nbytes / bandwidth
         memory_bound += int(read_s > compute_s)
         decode_s += max(compute_s, read_s)
+        serial_s += max(matmul / peak_flops, weights / bandwidth)  # the GEMMs
+        serial_s += max(attention / peak_flops, kv / bandwidth)  # then attention
         flops_sum += flops
         bytes_sum += nbytes
     return Floor(
@@ -269,6 +289,7 @@ def floor(shape: ModelShape, case: Case, peak_flops: float, bandwidth: float) ->
         decode_bytes=bytes_sum,
         decode_steps=max(case.decode - 1, 0),
         memory_bound_steps=memory_bound,
+        decode_serial_s=serial_s,
     )
 
 

@@ -431,14 +431,15 @@ def table(entries: list[dict[str, Any]]) -> str:
                 f"| {_f(nat.get('decode_ms_per_step'), '.2f')} | {_f(nat.get('host_ms_per_step'), '.2f')} "
                 f"| {st.get('steady_steps')} | {_f(nat.get('steady_host_ms_per_step'), '.3f')} "
                 f"| {st.get('preemptions')} | {st.get('peak_kv_blocks')} | {fl['prefill_s']:.2f} | {fl['decode_s']:.2f} "
-                f"| {fl['decode_bytes_per_step'] / 1e9:.2f} |\n"
+                f"| {_f(fl.get('decode_serial_s'), '.2f')} | {fl['decode_bytes_per_step'] / 1e9:.2f} |\n"
             )
     if detail:
         lines.append(
             "\n| case | native steps | tok/step | prefill s | decode s | host s | decode ms/step | host ms/step "
             "| steady steps | steady host ms/step "
-            "| preemptions | peak KV blocks | floor prefill s | floor decode s | floor GB read/step |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+            "| preemptions | peak KV blocks | floor prefill s | floor decode s | serial floor decode s "
+            "| floor GB read/step |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         )
         lines += detail
     return "".join(lines)

@@ -84,9 +84,12 @@ def test_floor_memory_and_compute_bound() -> None:
     assert slow.decode_s == pytest.approx(4.16 + 4.32)  # both steps read-bound
     assert (slow.decode_steps, slow.memory_bound_steps) == (2, 2)
     assert slow.decode_bytes_per_step == pytest.approx((416 + 432) / 2)
+    # serial: GEMMs max(0.736 s of FLOPs, 3.68 s of weights), then attention max(FLOPs, KV bytes)
+    assert slow.decode_serial_s == pytest.approx(3.68 + 0.48 + 3.68 + 0.64)
     fast = floor(TINY, SMALL, peak_flops=1000.0, bandwidth=1e12)
     assert fast.decode_s == pytest.approx(0.864 + 0.896)
     assert fast.memory_bound_steps == 0
+    assert fast.decode_serial_s == pytest.approx(fast.decode_s)  # nothing read-bound: the same sum
     assert fast.total_s == pytest.approx(fast.prefill_s + fast.decode_s)
     one = floor(TINY, Case(2, 1, 1, 2, 1), 1000.0, 100.0)  # D=1: the prefill gives the only token
     assert (one.decode_s, one.decode_steps, one.decode_bytes_per_step) == (0.0, 0, 0.0)
