@@ -193,9 +193,9 @@ def warmup_cases(case: Case) -> list[Case]:
 
 
 def graph_info(engine: Any) -> dict[str, Any] | None:
-    """The decode graphs captured (padded rows, group slots), the sizes whose few steps ran eagerly (a
-    graph is captured at a size's third step), the sizes that run padded further because their GEMMs
-    measured slower, and those measurements (engine/padding.py); None without CUDA graphs."""
+    """The decode graphs captured (padded rows, group slots, table width), the keys whose few steps ran
+    eagerly (a graph is captured at a key's third step), the sizes that run padded further because
+    their GEMMs measured slower, and those measurements (engine/padding.py); None without CUDA graphs."""
     graphs = getattr(getattr(engine, "runner", None), "graphs", None)
     if graphs is None:
         return None

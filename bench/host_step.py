@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from batchllm.engine import Engine, SamplingParams
+from batchllm.engine.graphs import Key, group_capacity, table_width
 from batchllm.engine.scheduler import Scheduler
 from bench.floor import Case, make_prompts
 
@@ -56,17 +57,20 @@ CONFIG = {
 
 
 class PaddedSizes:
-    """Stands in for a GPU's CUDA graphs on the CPU: the padded size a decode step runs at (multiples of
-    ``rows``); ``fits`` is False, so the runner still runs every step eagerly."""
+    """Stands in for a GPU's CUDA graphs on the CPU: the key a decode step runs at (sizes in multiples of
+    ``rows``, group slots and table width as ``DecodeGraphs.key``); ``fits`` is False, so the runner
+    still runs every step eagerly."""
 
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
+    def __init__(self, rows: int, block_size: int = 16) -> None:
+        self.rows, self.block_size = rows, block_size
 
     def fits(self, layout: object) -> bool:
         return False
 
-    def size_for(self, rows: int) -> int:
-        return -(-rows // self.rows) * self.rows
+    def key(self, rows: int, groups: int, max_kv_len: int) -> Key:
+        size = -(-rows // self.rows) * self.rows
+        blocks = -(-max_kv_len // self.block_size)
+        return size, group_capacity(groups, size), table_width(blocks, 1 << 20)
 
 
 def stubbed_engine(folder: Path, eos_rate: float = 0.0, kv_tokens: int = 1_200_000) -> Engine:

@@ -63,5 +63,5 @@ def test_decode_steps_on_graph_buffers_equal_the_reference(tmp_path) -> None:
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     assert sum(r.finish_reason == "stop" for r in got) == 4
     assert graphs.captured() == [] and engine.stats.steady_steps > 0
-    assert {size for size, _ in graphs.graphs} >= {16}  # 15 rows and fewer, padded to 16
-    assert (16, 4) in graphs.graphs  # three groups in four slots
+    # 15 rows and fewer padded to 16, three groups in four slots, 16 table columns (the longest has 6)
+    assert (16, 4, 16) in graphs.graphs and {width for *_, width in graphs.graphs} == {16}

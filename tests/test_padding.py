@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchllm.engine.graphs import CAPTURE_AT
+from batchllm.engine.graphs import CAPTURE_AT, group_capacity, table_width
 from batchllm.engine.padding import cheapest_sizes, time_projections
 
 # one Llama-3.1-8B layer's projections on an H200, ms (bench.gemm, bench/RESULTS.md)
@@ -23,6 +23,15 @@ def test_a_larger_size_must_be_clearly_cheaper() -> None:
     assert cheapest_sizes([32, 64, 96], {32: 1e-3}) == {32: 32, 64: 64, 96: 96}  # unmeasured: as they are
     tiny = {1: 5e-6, 64: 4e-6}  # 20% cheaper but 1 microsecond: a small model's noise
     assert cheapest_sizes([1, 64], tiny) == {1: 1, 64: 64}
+
+
+def test_graph_keys_hold_the_step_and_few_more() -> None:
+    """Group slots and table columns go by powers of two of what the step holds: few keys per run, and
+    a step at a model's full context (8,192 blocks of 16) ships and splits for the blocks it has."""
+    assert [group_capacity(g, 1600) for g in (0, 1, 2, 3, 100)] == [1, 1, 2, 4, 128]
+    assert group_capacity(100, 64) == 64  # at most a group per row
+    assert [table_width(b, 8192) for b in (1, 16, 17, 144, 8192)] == [16, 16, 32, 256, 8192]
+    assert table_width(300, 256) == 256  # never wider than the context
 
 
 @pytest.mark.gpu

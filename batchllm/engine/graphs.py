@@ -1,20 +1,20 @@
-"""CUDA graphs of decode steps: capture the forward once per padded batch size and group capacity,
-replay it per step. A step may run at a larger size than it needs where that size's GEMMs are
+"""CUDA graphs of decode steps: captured once per key (padded batch size, group slots, block-table
+width), replayed per step. A step may run at a larger size than it needs where that size's GEMMs are
 measured faster (padding.py; ``measured_padding=False``: the smallest size that holds it, the same
 sizes every run, so bf16 results repeat run to run).
 
-A decode step's shapes depend only on its number of sequences and of groups, so
-the forward of a padded size with room for a power-of-two number of groups runs
-on static input buffers and the attention backend's static metadata, written
-from the step's layout (``staging``: one copy). Its first steps run eagerly on
-those buffers; the third captures the graph, which later steps replay. A capture
-costs two warm-up forwards and the recording: ~100-150 ms (h1, h4: a first run
-paid ~25 of them, 2.4 s of SmolLM2-135M's 5.05 s and 3.7 s of an 8B model's
-22.8 s). An eager step costs its launches, a few ms for a small model and
-hidden behind an 8B model's GPU time. A run's tail passes through many sizes
-once or twice ((a) at 900k: 27 sizes, 20 used once, 6 twice, the full batch 67
-times), so waiting for the third step keeps the captures to the sizes that pay
-them back.
+A decode step's shapes depend only on its number of sequences, of groups and on
+its longest sequence, so its forward runs on static input buffers of its key,
+with the attention backend's static metadata written from the step's layout
+(``staging``: one copy). The key's first steps run eagerly on those buffers;
+the third captures the graph, which later steps replay. A capture cost
+~100-150 ms with two warm-up forwards (h1, h4: a first run paid ~25 of them,
+2.4 s of SmolLM2-135M's 5.05 s and 3.7 s of an 8B model's 22.8 s); after the
+eager steps one warm-up is left. An eager step costs its launches, a few ms for
+a small model, hidden behind an 8B model's GPU time. A run's tail passes
+through many sizes once or twice ((a) at 900k: 27 keys, 20 used once, 6 twice,
+the full batch 67 times), so waiting for the third step keeps the captures to
+the keys that pay them back.
 
 Eager and replayed steps launch the same kernels on the same shapes, so a
 step's result does not depend on which it was. Padded rows write one token to
@@ -23,7 +23,9 @@ steps run eagerly on the same buffers: no capture.
 
 Group slots beyond the step's groups are empty, but each launches prefix
 programs that find no work: sizing the slots by the step's groups, not by its
-rows, keeps those few (1,600 rows in 100 groups: 128 slots, not 1,600).
+rows, keeps those few (1,600 rows in 100 groups: 128 slots, not 1,600). The
+tables' width is a power of two of the longest sequence's blocks, not the
+model's context (``table_width``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from batchllm.engine.model import CausalLM
 from batchllm.engine.padding import cheapest_sizes, projections, time_projections
 from batchllm.engine.staging import Field, Staging
 
-CAPTURE_AT = 3  # a size's step that captures its graph (the ones before run eagerly)
+CAPTURE_AT = 3  # a key's step that captures its graph (the ones before run eagerly)
+Key = tuple[int, int, int]  # (padded rows, group slots, block-table width)
 
 
 def graph_sizes(max_seqs: int) -> list[int]:
@@ -57,6 +60,14 @@ def group_capacity(num_groups: int, size: int) -> int:
     return min(size, 1 << max(0, num_groups - 1).bit_length())
 
 
+def table_width(blocks: int, max_blocks: int) -> int:
+    """Block-table columns of the graph that runs a step whose longest sequence holds ``blocks``: the
+    next power of two, at least 16, at most the model's context. A graph ships its tables' rows every
+    step and sizes its key splits by their width: at a context's full width (Llama-3.1-8B: 8,192
+    columns) a 1,600-row step would ship 52 MB and split for 131k keys it does not have."""
+    return min(max_blocks, max(16, 1 << max(0, blocks - 1).bit_length()))
+
+
 @dataclass
 class _Graph:
     """A padded size's static buffers, and its graph once captured (at its ``CAPTURE_AT``-th step)."""
@@ -70,7 +81,7 @@ class _Graph:
 
 
 class DecodeGraphs:
-    """Captured decode forwards keyed by padded batch size, sharing one memory pool."""
+    """Decode forwards on static buffers per key (``key``), captured graphs sharing one memory pool."""
 
     def __init__(
         self, model: CausalLM, backend: AttentionBackend, max_seqs: int = 2048, measured_padding: bool = True
@@ -82,26 +93,27 @@ class DecodeGraphs:
         # at the first decode step (engines that only score never pay for it)
         self.run_at: dict[int, int] | None = None
         self.cost: dict[int, float] = {}  # seconds of one layer's projections per size, once measured
-        self.graphs: dict[tuple[int, int], _Graph] = {}  # (padded rows, group slots) -> graph
+        self.graphs: dict[Key, _Graph] = {}
+        self.max_blocks = -(-model.rope.shape[0] // backend.shape.block_size)
         self.capture = model.embed_tokens.weight.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.stream = torch.cuda.Stream() if self.capture else None  # the warm-up before a capture
 
     def fits(self, layout: BatchLayout) -> bool:
         return layout.num_seqs <= self.sizes[-1]
 
     def run(self, layout: BatchLayout, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, hidden] of a decode step, on the buffers of its padded size and group slots:
-        eagerly at their first steps, by capturing the graph at step ``CAPTURE_AT``, replaying it after.
+        """Hidden states [B, hidden] of a decode step, on the buffers of its key (``key``): eagerly at
+        their first steps, by capturing the graph at step ``CAPTURE_AT``, replaying it after.
         input_ids: the step's ids on the device (the runner resolves ids still being sampled); padding
         rows keep the ids of an earlier step (valid ids; their outputs are dropped)."""
         if self.run_at is None:
             if self.measured_padding:
                 self.cost = time_projections(projections(self.model.layers[0]), self.sizes)
             self.run_at = cheapest_sizes(self.sizes, self.cost)
-        size = self.size_for(layout.num_seqs)
-        assert size is not None
-        key = (size, group_capacity(layout.num_groups, size))
-        g = self.graphs.get(key) or self._buffers(*key)
+        key = self.key(layout.num_seqs, layout.num_groups, int(layout.kv_lens.max()))
+        assert key is not None
+        g = self.graphs.get(key) or self._buffers(key)
         n, host = layout.num_seqs, g.staging.host()
         host["positions"][:n] = layout.positions
         host["positions"][n:] = 0
@@ -117,35 +129,39 @@ class DecodeGraphs:
         assert g.hidden is not None
         return g.hidden[:n]
 
-    def size_for(self, rows: int) -> int | None:
-        """The padded size a decode step of ``rows`` runs at (None: too many rows, or before the first
-        decode step measured the sizes)."""
+    def key(self, rows: int, groups: int, max_kv_len: int) -> Key | None:
+        """The (padded rows, group slots, table width) whose buffers and graph run a decode step of
+        ``rows`` sequences in ``groups`` two-level groups, the longest holding ``max_kv_len`` keys
+        (None: too many rows, or before the first decode step measured the sizes)."""
         if self.run_at is None or rows > self.sizes[-1]:
             return None
-        return self.run_at[next(s for s in self.sizes if s >= rows)]
+        size = self.run_at[next(s for s in self.sizes if s >= rows)]
+        blocks = -(-max_kv_len // self.backend.shape.block_size)
+        return size, group_capacity(groups, size), table_width(blocks, self.max_blocks)
 
-    def captured(self) -> list[tuple[int, int]]:
-        """The (padded rows, group slots) whose graph is captured; the others ran eagerly so far."""
+    def captured(self) -> list[Key]:
+        """The keys whose graph is captured; the others ran eagerly so far."""
         return sorted(key for key, g in self.graphs.items() if g.graph is not None)
 
-    def _buffers(self, size: int, groups: int) -> _Graph:
+    def _buffers(self, key: Key) -> _Graph:
+        size, groups, width = key
         dev = self.model.embed_tokens.weight.device
         input_ids = torch.zeros(size, dtype=torch.int64, device=dev)
-        max_blocks = -(-self.model.rope.shape[0] // self.backend.shape.block_size)
-        fields = self.backend.graph_fields(size, groups, max_blocks)
+        fields = self.backend.graph_fields(size, groups, width)
         staging = Staging({"positions": Field((size,), torch.int64), **fields}, dev)
-        self.graphs[size, groups] = _Graph(input_ids, staging, self.backend.graph_meta(staging.device))
-        return self.graphs[size, groups]
+        self.graphs[key] = _Graph(input_ids, staging, self.backend.graph_meta(staging.device))
+        return self.graphs[key]
 
     def _capture(self, g: _Graph) -> None:
-        """Capture the step whose inputs were just shipped. The warm-ups run that step (the graph only
-        records): each writes the same keys and values to the same slots as the replay will."""
-        positions = g.staging.device["positions"]
-        stream = torch.cuda.Stream()
+        """Capture the step whose inputs were just shipped. Its buffers' eager steps compiled the kernels
+        and sized the workspaces; one warm-up on the capture's side stream sets up what that stream uses
+        (cuBLAS's workspace). It runs the step itself (the graph only records), writing the same keys
+        and values to the same slots as the replay will."""
+        positions, stream = g.staging.device["positions"], self.stream
+        assert stream is not None
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (allocator settles)
-                self.model(g.input_ids, positions, g.meta)
+            self.model(g.input_ids, positions, g.meta)
         torch.cuda.current_stream().wait_stream(stream)
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph, pool=self.pool):

@@ -127,6 +127,8 @@ class ModelRunner:
         cfg = model.cfg
         param = model.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cuda":  # streams, events, graphs and Triton launch on the current GPU
+            torch.cuda.set_device(self.device)
         shape = KVShape(
             cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
         )

@@ -41,23 +41,21 @@ class Staging:
         last = fields[name]
         self.tail_start, self.row_bytes = offsets[name], math.prod(last.shape[1:]) * last.dtype.itemsize
         self.buffer = torch.empty(max(total, ALIGN), dtype=torch.uint8, device=device)
+        self.cuda = device.type == "cuda"
+        # the twins are allocated pinned and filled on the host, the device arrays filled on the device:
+        # nothing waits for the GPU's queue (a new graph key comes up in the middle of a run)
+        size = self.buffer.shape[0]
+        self.twins = [torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(turns)]
         self.device: dict[str, torch.Tensor] = {}
+        self.hosts: list[dict[str, np.ndarray]] = [{} for _ in self.twins]
         for name, f in fields.items():
             nbytes = math.prod(f.shape) * f.dtype.itemsize
             view = self.buffer[offsets[name] : offsets[name] + nbytes].view(f.dtype).view(f.shape)
             self.device[name] = view.fill_(f.fill)
-        self.cuda = device.type == "cuda"
-        copies = [self.buffer.to("cpu", copy=True) for _ in range(turns)]
-        self.twins = [t.pin_memory() for t in copies] if self.cuda else copies
-        self.hosts = [
-            {
-                name: t.numpy()[offsets[name] :][: math.prod(f.shape) * f.dtype.itemsize]
-                .view(NUMPY[f.dtype])
-                .reshape(f.shape)
-                for name, f in fields.items()
-            }
-            for t in self.twins
-        ]
+            for twin, host in zip(self.twins, self.hosts, strict=True):
+                array = twin.numpy()[offsets[name] :][:nbytes].view(NUMPY[f.dtype]).reshape(f.shape)
+                array.fill(f.fill)
+                host[name] = array
         self.copied = [torch.cuda.Event() if self.cuda else None for _ in self.twins]
         self.used = [False] * len(self.twins)
         self.turn = 0

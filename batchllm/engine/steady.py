@@ -16,9 +16,9 @@ have left them in:
   own and the stop rule alone decides who ends.
 
 A sequence that ends inside a run rides on as a padding row (one key, written to the scratch block,
-its outputs dropped) when its step runs as the loop's would without it: the same padded size of a
-CUDA graph (the row costs nothing there: the graph pads to that size anyway) and the same two-level
-choice for its group. Its tokens and its finish are booked when the run hands back (``finished``).
+its outputs dropped) when its step runs as the loop's would without it: the same CUDA graph (padded
+size, group slots, table width; the row costs nothing there: the graph pads to that size anyway) and
+the same two-level choice for its group. Its tokens and its finish are booked when the run hands back (``finished``).
 
 Requests with stop strings never run steady (a stop string needs the text of every token).
 """
@@ -168,18 +168,22 @@ class SteadyDecode:
 
     def _rides(self, ending: np.ndarray) -> bool:
         """May the rows that end stay in the run as padding? Where the loop would run the same step without
-        them: a CUDA graph of the same padded size, and every group keeps its two-level choice."""
+        them: a CUDA graph of the same key (padded size, group slots, table width), and every group keeps
+        its two-level choice."""
         live = ~self.dead
         live[ending] = False
         graphs, n = self.runner.graphs, int(live.sum())
-        size = None if graphs is None or n == 0 else graphs.size_for(len(self.seqs))
-        if size is None or graphs.size_for(n) != size:  # eager steps (no graph) would compute the row
+        if graphs is None or n == 0:  # eager steps (no graph) would compute the rows
             return False
         for g in set(self.group[ending].tolist()) - {-1}:
             members = int((live & (self.group == g)).sum())
             if members and two_level_pays(members, self.prefix[g]) != self.two_level[g]:
                 return False
-        return True
+        # the next step's keys: live rows one position further, dead ones frozen at one key of their own
+        kv = np.where(live, self.pos + 2, self.layout.start_pos + 1)
+        groups = len({g for g in self.group[live].tolist() if g >= 0 and self.two_level[g]})
+        riding = graphs.key(len(self.seqs), self.layout.num_groups, int(kv.max()))
+        return riding is not None and riding == graphs.key(n, groups, int(kv[live].max()))
 
     def _dead_ids(self) -> set[int]:
         return {self.seqs[i].seq_id for i in np.flatnonzero(self.dead).tolist()}
