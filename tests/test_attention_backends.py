@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from batchllm.engine.attention import KVShape, create_backend, resolve_name
-from batchllm.engine.graphs import graph_sizes, group_capacity
+from batchllm.engine.graphs import graph_sizes, group_capacity, table_width
 from batchllm.engine.runner import build_layout
 from batchllm.engine.sequence import ScheduledChunk, Sequence
 from batchllm.engine.staging import Staging
@@ -97,9 +97,13 @@ def test_decode_padding_uses_the_scratch_block() -> None:
     assert graph_sizes(40) == [1, 2, 4, 8, 16, 32]
 
 
-def test_graph_group_slots_follow_the_groups() -> None:
+def test_graph_slots_and_widths_follow_the_step() -> None:
+    """Group slots and table columns go by powers of two of what a step holds: few keys per run, and a
+    step at a model's full context (8,192 blocks of 16) ships and splits for the blocks it has."""
     assert [group_capacity(g, 1600) for g in (0, 1, 2, 3, 100, 128, 129)] == [1, 1, 2, 4, 128, 128, 256]
     assert group_capacity(50, 32) == 32
+    assert [table_width(b, 8192) for b in (1, 16, 17, 144, 8192)] == [16, 16, 32, 256, 8192]
+    assert table_width(300, 256) == 256  # never wider than the context
 
 
 @pytest.mark.parametrize(("slots", "widened"), [(2, False), (4, False), (2, True)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchllm.engine.graphs import CAPTURE_AT, group_capacity, table_width
+from batchllm.engine.graphs import CAPTURE_AT
 from batchllm.engine.padding import cheapest_sizes, time_projections
 
 # one Llama-3.1-8B layer's projections on an H200, ms (bench.gemm, bench/RESULTS.md)
@@ -23,15 +23,6 @@ def test_a_larger_size_must_be_clearly_cheaper() -> None:
     assert cheapest_sizes([32, 64, 96], {32: 1e-3}) == {32: 32, 64: 64, 96: 96}  # unmeasured: as they are
     tiny = {1: 5e-6, 64: 4e-6}  # 20% cheaper but 1 microsecond: a small model's noise
     assert cheapest_sizes([1, 64], tiny) == {1: 1, 64: 64}
-
-
-def test_graph_keys_hold_the_step_and_few_more() -> None:
-    """Group slots and table columns go by powers of two of what the step holds: few keys per run, and
-    a step at a model's full context (8,192 blocks of 16) ships and splits for the blocks it has."""
-    assert [group_capacity(g, 1600) for g in (0, 1, 2, 3, 100)] == [1, 1, 2, 4, 128]
-    assert group_capacity(100, 64) == 64  # at most a group per row
-    assert [table_width(b, 8192) for b in (1, 16, 17, 144, 8192)] == [16, 16, 32, 256, 8192]
-    assert table_width(300, 256) == 256  # never wider than the context
 
 
 @pytest.mark.gpu
@@ -87,3 +78,37 @@ def test_measured_padding_is_checked_before_the_model_loads() -> None:
 
     with pytest.raises(ValueError, match="measured_padding: must be a bool"):
         Engine("no-such-model", measured_padding="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_eager_steps_and_the_replay_of_a_key_are_identical(tmp_path) -> None:
+    """The same decode step (bf16, two groups and a plain row, padded to 8 rows in 2 group slots) run
+    eagerly twice on its key's buffers, then captured, then replayed: the same bits each time (the
+    step rewrites the same keys and values, so it may run again)."""
+    from batchllm.engine import Engine
+    from batchllm.engine.runner import build_layout
+    from batchllm.engine.sequence import ScheduledChunk, Sequence
+    from bench.gpu_check import build_model
+
+    build_model(tmp_path)
+    engine = Engine(tmp_path, device="cuda", measured_padding=False)
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    graphs.run_at = {s: s for s in graphs.sizes}
+    bs, chunks = engine.block_size, []
+    for i in range(7):  # seven rows: one plain, then groups of three sharing two blocks (32 tokens)
+        group = None if i == 0 else 1 + (i - 1) // 3
+        prefix = [] if group is None else [2 * group, 2 * group + 1]
+        n = 2 * bs + 3 + i
+        seq = Sequence(i, i, list(range(10, 10 + n)), n, 4, block_table=[*prefix, 10 + 2 * i, 11 + 2 * i])
+        if group is not None:
+            seq.group_id, seq.num_shared_tokens = group, 2 * bs
+        else:
+            seq.block_table = [40, 41, 42]
+        chunks.append(ScheduledChunk(seq, n - 1, 1, True))
+    layout = build_layout(chunks, bs)
+    assert layout.is_decode and layout.num_groups == 2
+    ids = torch.arange(100, 107, device="cuda")
+    outs = [graphs.run(layout, ids).clone() for _ in range(4)]
+    assert graphs.captured() == [(8, 2, 16)] and graphs.graphs[8, 2, 16].steps == 4
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
