@@ -15,7 +15,7 @@ them to multiples of n rows (``PaddedSizes``; the steps still run eagerly), so t
 inside a steady run ride on as padding, as they do on the GPU.
 
     python -m bench.host_step [--case 64,16,100,16,100] [--runs 4] [--modes loop,steady]
-                              [--eos-rate 0.002] [--padded 64]
+                              [--eos-rate 0.002] [--padded 64] [--kv-tokens 60000]
 
 Prints, per run: steps, host ms per step (decode and host time over all steps; the prefill steps'
 model time excluded), steady steps and their host ms per step.
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from batchllm.engine import Engine, SamplingParams
-from batchllm.engine.graphs import Key, group_capacity, table_width
+from batchllm.engine.graphs import Key, step_key
 from batchllm.engine.scheduler import Scheduler
 from bench.floor import Case, make_prompts
 
@@ -68,9 +68,7 @@ class PaddedSizes:
         return False
 
     def key(self, rows: int, groups: int, max_kv_len: int) -> Key:
-        size = -(-rows // self.rows) * self.rows
-        blocks = -(-max_kv_len // self.block_size)
-        return size, group_capacity(groups, size), table_width(blocks, 1 << 20)
+        return step_key(-(-rows // self.rows) * self.rows, groups, max_kv_len, self.block_size, 1 << 20)
 
 
 def stubbed_engine(folder: Path, eos_rate: float = 0.0, kv_tokens: int = 1_200_000) -> Engine:

@@ -165,7 +165,7 @@ def record(w: Workload, name: str, wall: float, **extra: Any) -> dict[str, Any]:
 
 def warm_generate(engine: Any, w: Workload, vocab: int) -> None:
     """Warm-ups as bench.generate's: a few groups at the real prompt lengths (Triton compiles its tile
-    variants), then as many short sequences as the run (its decode graphs are captured)."""
+    variants), then as many short sequences as the run (``bench.generate.warmup_case``)."""
     from batchllm.engine import SamplingParams
 
     few = [w.prompts[i] for _, members in w.groups[:4] for i in members]

@@ -83,7 +83,7 @@ def test_decode_padding_uses_the_scratch_block() -> None:
     lay = build_layout(chunks, BS)
     assert lay.is_decode
     backend = create_backend("triton", KVShape(1, 50, BS, 2, 16, torch.float32, torch.device("cpu")))
-    staging = Staging(backend.graph_fields(8, max_groups=2, max_blocks=4), torch.device("cpu"))
+    staging = Staging(backend.graph_fields(8, max_groups=2, width=4), torch.device("cpu"))
     host = staging.host()
     host["kv_lens"][:], host["block_tables"][:] = 7, 3  # a previous step of 8 rows
     staging.ship()
@@ -134,7 +134,7 @@ def test_triton_graph_metadata_equals_the_step_metadata(slots: int, widened: boo
     backend.kv_cache.copy_(torch.randn(backend.kv_cache.shape, generator=gen))
     q = torch.randn(8, 4, 16, generator=gen)
     want = backend.forward(0, q[: lay.num_seqs], backend.prepare(lay), 0.25)
-    staging = Staging(backend.graph_fields(8, max_groups=slots, max_blocks=8), torch.device("cpu"))
+    staging = Staging(backend.graph_fields(8, max_groups=slots, width=8), torch.device("cpu"))
     meta = backend.graph_meta(staging.device)
     if widened:
         lay = replace(lay, block_tables=np.pad(lay.block_tables, ((0, 0), (0, 12)), constant_values=-1))

@@ -14,6 +14,7 @@ from bench.floor import (
     ModelShape,
     causal_pairs,
     decode_step_counts,
+    decode_step_parts,
     floor,
     forward_flops,
     make_prompts,
@@ -90,6 +91,13 @@ def test_floor_memory_and_compute_bound() -> None:
     assert fast.decode_s == pytest.approx(0.864 + 0.896)
     assert fast.memory_bound_steps == 0
     assert fast.decode_serial_s == pytest.approx(fast.decode_s)  # nothing read-bound: the same sum
+    # GEMMs read-bound (368 weight bytes at 400/s: 0.92 s > 0.736 s of FLOPs), attention compute-bound
+    # (0.128 s of FLOPs > 48 KV bytes: 0.12 s) at step 1; step 2: 0.92 + max(0.16, 0.16)
+    mixed = floor(TINY, SMALL, peak_flops=1000.0, bandwidth=400.0)
+    assert mixed.decode_s == pytest.approx(1.04 + 1.08)  # overlapped: max(FLOPs, bytes) of the whole step
+    assert mixed.decode_serial_s == pytest.approx(0.92 + 0.128 + 0.92 + 0.16)
+    assert decode_step_parts(TINY, SMALL, 1) == (736.0, 128.0, 368, 48)
+    assert mixed.as_dict()["total_serial_s"] == pytest.approx(mixed.prefill_s + mixed.decode_serial_s)
     assert fast.total_s == pytest.approx(fast.prefill_s + fast.decode_s)
     one = floor(TINY, Case(2, 1, 1, 2, 1), 1000.0, 100.0)  # D=1: the prefill gives the only token
     assert (one.decode_s, one.decode_steps, one.decode_bytes_per_step) == (0.0, 0, 0.0)

@@ -32,12 +32,13 @@ def test_triton_engine_equals_the_reference(tmp_path, monkeypatch) -> None:
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
 
 
-def test_decode_steps_on_graph_buffers_equal_the_reference(tmp_path) -> None:
+def test_decode_steps_on_graph_buffers_equal_the_reference(tmp_path, monkeypatch) -> None:
     """Decode steps on a CUDA graph's static buffers (padded rows, empty group slots, one staging copy,
-    ends riding in steady runs), run eagerly here as at a size's first step on the GPU, give the torch
+    ends riding in steady runs), run eagerly here as at a key's first steps on the GPU, give the torch
     reference backend's tokens."""
     pytest.importorskip("triton")
     from batchllm.engine.graphs import DecodeGraphs
+    from batchllm.engine.steady import SteadyDecode
     from bench.generate import write_tiny_model
 
     folder = write_tiny_model(tmp_path / "tiny")
@@ -59,8 +60,14 @@ def test_decode_steps_on_graph_buffers_equal_the_reference(tmp_path) -> None:
     engine = Engine(folder, attention="triton", **kw)
     runner = engine.runner
     runner.graphs = graphs = DecodeGraphs(runner.model, runner.attention, measured_padding=False)
+    rides: list[bool] = []  # each time a steady run found a row ended: did it ride on?
+    decide = SteadyDecode._rides
+    monkeypatch.setattr(
+        SteadyDecode, "_rides", lambda run, ending: rides.append(decide(run, ending)) or rides[-1]
+    )
     got = engine.generate(prompts, params)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert True in rides, rides
     assert sum(r.finish_reason == "stop" for r in got) == 4
     assert graphs.captured() == [] and engine.stats.steady_steps > 0
     # 15 rows and fewer padded to 16, three groups in four slots, 16 table columns (the longest has 6)

@@ -35,8 +35,9 @@ def test_projection_timings_cover_every_size() -> None:
 
 @pytest.mark.gpu
 def test_padded_decode_steps_give_the_same_tokens(tmp_path) -> None:
-    """Every step replayed at a larger size than it needs (the padding rows' outputs dropped) gives
-    the tokens of the eager engine, CUDA float32; the sizes are timed at the first decode step."""
+    """Every step run at a larger size than it needs (the padding rows' outputs dropped; eagerly at a
+    key's first steps, replayed after) gives the tokens of the eager engine, CUDA float32; the sizes
+    are timed at the first decode step."""
     from batchllm.engine import Engine, SamplingParams
     from bench.gpu_check import build_model
 
@@ -49,7 +50,7 @@ def test_padded_decode_steps_give_the_same_tokens(tmp_path) -> None:
     assert graphs is not None and graphs.run_at is None  # nothing timed before a decode step
     assert [r.token_ids for r in engine.generate(prompts, params)] == [r.token_ids for r in eager]
     assert graphs.run_at is not None and set(graphs.cost) == set(graphs.sizes)
-    # a size's first steps run eagerly on its buffers, its third captures the graph
+    # a key's first steps run eagerly on its buffers, its third captures the graph
     assert graphs.captured() == sorted(k for k, g in graphs.graphs.items() if g.steps >= CAPTURE_AT) != []
     sizes = graphs.sizes
     graphs.run_at = {s: sizes[min(i + 2, len(sizes) - 1)] for i, s in enumerate(sizes)}

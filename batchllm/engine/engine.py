@@ -48,7 +48,7 @@ from batchllm.engine.requests import (
     prepare,
     tokenize,
 )
-from batchllm.engine.runner import ModelRunner, kv_bytes_per_block
+from batchllm.engine.runner import ModelRunner, kv_bytes_per_block, on_device
 from batchllm.engine.sampling import SamplingParams
 from batchllm.engine.scheduler import ScheduledChunk, Scheduler
 from batchllm.engine.sequence import Sequence as Seq
@@ -61,21 +61,19 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class Engine:
     """A model loaded for offline batch inference.
 
-    model: "default" or an HF folder of a Llama-family model. device: "cpu" or
-    "cuda" (dtype float32 on CPU, bfloat16 on CUDA unless given).
+    model: "default" or an HF folder of a Llama-family model. device: "cpu", "cuda" or "cuda:N" (dtype
+    float32 on CPU, bfloat16 on CUDA unless given); generate/classify run with that GPU current.
     enable_sharing: plan prompts by shared prefix, compute each prefix once and identical requests once
     (False: each a plain one, in input order). max_num_batched_tokens: one step's token budget.
-    KV pool size: kv_cache_tokens if given, else kv_cache_gb if given, else on
-    CUDA gpu_memory_utilization x the GPU's memory minus what is in use after
-    loading the weights and an activation margin for one step; 2 GB on CPU.
-    decode_reserve: share of each request's max_tokens reserved in KV at
-    admission (1.0 never preempts; less admits more and may preempt, then
-    recompute). seed: base of the per-request seeds of unseeded sampling.
+    KV pool size: kv_cache_tokens if given, else kv_cache_gb if given, else on CUDA gpu_memory_utilization
+    x the GPU's memory minus what is in use after loading the weights and an activation margin for one
+    step; 2 GB on CPU. decode_reserve: share of each request's max_tokens reserved in KV at admission
+    (1.0 never preempts; less admits more and may preempt, then recompute). seed: base of the
+    per-request seeds of unseeded sampling.
     attention: "auto" (cpu on CPU; fa3 on Hopper with vLLM for 16-bit KV, else triton) or a
     backend name ("torch": the reference).
-    load_format "dummy": random weights from config.json alone (benchmarks);
-    no tokenizer.json is needed then, token-id prompts run and eos ids come
-    from config.json. cuda_graphs: replay captured decode steps on CUDA.
+    load_format "dummy": random weights from config.json alone (benchmarks); no tokenizer.json is needed
+    then, token-id prompts run and eos ids come from config.json. cuda_graphs: decode steps as CUDA graphs.
     measured_padding: pad a decode step to the graph size whose GEMMs measure fastest
     (``graphs``); False: the smallest size that holds it, so bf16 results repeat run to run.
     pipelined_decode: read a step's sampled tokens back after the next step is launched (module docstring).
@@ -174,6 +172,7 @@ class Engine:
 
     # ---- public API -----------------------------------------------------------------
 
+    @on_device
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -218,6 +217,7 @@ class Engine:
             self._grammars = GrammarCache(self.folder, self.config.vocab_size, self.eos_token_ids)
         return self._grammars
 
+    @on_device
     def classify(
         self,
         prompts: Prompt | Sequence[Prompt],

@@ -7,10 +7,11 @@ A decode step's shapes depend only on its number of sequences, of groups and on
 its longest sequence, so its forward runs on static input buffers of its key,
 with the attention backend's static metadata written from the step's layout
 (``staging``: one copy). The key's first steps run eagerly on those buffers;
-the third captures the graph, which later steps replay. A capture cost
-~100-150 ms with two warm-up forwards (h1, h4: a first run paid ~25 of them,
-2.4 s of SmolLM2-135M's 5.05 s and 3.7 s of an 8B model's 22.8 s); after the
-eager steps one warm-up is left. An eager step costs its launches, a few ms for
+the third runs on a side stream and records the graph there, which later
+steps replay. A capture cost ~100-150 ms with two warm-up forwards besides the
+step (h1, h4: a first run paid ~25 of them, 2.4 s of SmolLM2-135M's 5.05 s and
+3.7 s of an 8B model's 22.8 s); after the eager steps the step itself is the
+one warm-up left. An eager step costs its launches, a few ms for
 a small model, hidden behind an 8B model's GPU time. A run's tail passes
 through many sizes once or twice ((a) at 900k: 27 keys, 20 used once, 6 twice,
 the full batch 67 times), so waiting for the third step keeps the captures to
@@ -68,9 +69,15 @@ def table_width(blocks: int, max_blocks: int) -> int:
     return min(max_blocks, max(16, 1 << max(0, blocks - 1).bit_length()))
 
 
+def step_key(size: int, groups: int, max_kv_len: int, block_size: int, max_blocks: int) -> Key:
+    """The key of a decode step padded to ``size`` rows, with ``groups`` two-level groups, the longest
+    sequence holding ``max_kv_len`` keys."""
+    return size, group_capacity(groups, size), table_width(-(-max_kv_len // block_size), max_blocks)
+
+
 @dataclass
 class _Graph:
-    """A padded size's static buffers, and its graph once captured (at its ``CAPTURE_AT``-th step)."""
+    """A key's static buffers, and its graph once captured (at the key's ``CAPTURE_AT``-th step)."""
 
     input_ids: torch.Tensor
     staging: Staging  # positions and the backend's metadata, one copy per step
@@ -95,9 +102,11 @@ class DecodeGraphs:
         self.cost: dict[int, float] = {}  # seconds of one layer's projections per size, once measured
         self.graphs: dict[Key, _Graph] = {}
         self.max_blocks = -(-model.rope.shape[0] // backend.shape.block_size)
-        self.capture = model.embed_tokens.weight.device.type == "cuda"
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.stream = torch.cuda.Stream() if self.capture else None  # the warm-up before a capture
+        device = model.embed_tokens.weight.device
+        self.on_cuda = device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.on_cuda else None
+        # captures run their warm-up and record on this stream, not on the engine's
+        self.stream = torch.cuda.Stream(device=device) if self.on_cuda else None
 
     def fits(self, layout: BatchLayout) -> bool:
         return layout.num_seqs <= self.sizes[-1]
@@ -121,13 +130,13 @@ class DecodeGraphs:
         g.staging.ship(tail_rows=n)
         g.input_ids[:n].copy_(input_ids)
         g.steps += 1
-        if g.graph is None and g.steps >= CAPTURE_AT and self.capture:
-            self._capture(g)
-        if g.graph is None:
-            return self.model(g.input_ids, g.staging.device["positions"], g.meta)[:n]
-        g.graph.replay()
-        assert g.hidden is not None
-        return g.hidden[:n]
+        if g.graph is not None:
+            g.graph.replay()
+            assert g.hidden is not None
+            return g.hidden[:n]
+        if g.steps >= CAPTURE_AT and self.on_cuda:
+            return self._capture(g)[:n]
+        return self.model(g.input_ids, g.staging.device["positions"], g.meta)[:n]
 
     def key(self, rows: int, groups: int, max_kv_len: int) -> Key | None:
         """The (padded rows, group slots, table width) whose buffers and graph run a decode step of
@@ -136,8 +145,7 @@ class DecodeGraphs:
         if self.run_at is None or rows > self.sizes[-1]:
             return None
         size = self.run_at[next(s for s in self.sizes if s >= rows)]
-        blocks = -(-max_kv_len // self.backend.shape.block_size)
-        return size, group_capacity(groups, size), table_width(blocks, self.max_blocks)
+        return step_key(size, groups, max_kv_len, self.backend.shape.block_size, self.max_blocks)
 
     def captured(self) -> list[Key]:
         """The keys whose graph is captured; the others ran eagerly so far."""
@@ -152,17 +160,20 @@ class DecodeGraphs:
         self.graphs[key] = _Graph(input_ids, staging, self.backend.graph_meta(staging.device))
         return self.graphs[key]
 
-    def _capture(self, g: _Graph) -> None:
-        """Capture the step whose inputs were just shipped. Its buffers' eager steps compiled the kernels
-        and sized the workspaces; one warm-up on the capture's side stream sets up what that stream uses
-        (cuBLAS's workspace). It runs the step itself (the graph only records), writing the same keys
-        and values to the same slots as the replay will."""
-        positions, stream = g.staging.device["positions"], self.stream
+    def _capture(self, g: _Graph) -> torch.Tensor:
+        """Run the step whose inputs were just shipped on the side stream (its buffers' eager steps
+        compiled the kernels and sized the workspaces; this run sets up what the stream itself uses,
+        cuBLAS's workspace), then record it there as the key's graph; returns the run's output. The
+        recording runs nothing, and the replays rewrite the keys and values the run wrote."""
+        positions, stream, current = g.staging.device["positions"], self.stream, torch.cuda.current_stream()
         assert stream is not None
-        stream.wait_stream(torch.cuda.current_stream())
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            self.model(g.input_ids, positions, g.meta)
-        torch.cuda.current_stream().wait_stream(stream)
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self.pool):
-            g.hidden = self.model(g.input_ids, positions, g.meta)
+            hidden = self.model(g.input_ids, positions, g.meta)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                out = self.model(g.input_ids, positions, g.meta)
+        current.wait_stream(stream)
+        hidden.record_stream(current)  # read on the engine's stream from here on
+        g.graph, g.hidden = graph, out  # only once recorded: a failed capture leaves the key eager
+        return hidden

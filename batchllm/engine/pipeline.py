@@ -89,7 +89,7 @@ class ReadBack:
             return ids, None
         host, copied = self.buffers[self.turn][: ids.shape[0]], self.events[self.turn]
         host.copy_(ids, non_blocking=True)
-        copied.record()
+        copied.record(torch.cuda.current_stream(ids.device))
         self.turn = (self.turn + 1) % self.TURNS
         return host, copied
 

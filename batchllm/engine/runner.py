@@ -2,17 +2,19 @@
 
 It describes each step once on the host (a ``BatchLayout`` of numpy arrays,
 built without per-token Python work), hands it to the attention backend, which
-owns the KV cache, and runs the forward: eagerly, or for decode steps on CUDA by
-replaying a captured graph of the padded batch size. It never touches queues or
+owns the KV cache, and runs the forward: eagerly, or for decode steps on CUDA on
+the static buffers and captured graph of the step's key (graphs.py). It never touches queues or
 block allocation (the scheduler does) and never decides when a request ends
 (the engine does).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from itertools import chain
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +23,22 @@ from batchllm.engine.attention import BatchLayout, KVShape, create_backend, to_d
 from batchllm.engine.graphs import DecodeGraphs
 from batchllm.engine.model import CausalLM
 from batchllm.engine.sequence import PENDING, ScheduledChunk
+
+T = TypeVar("T")
+
+
+def on_device(method: Callable[..., T]) -> Callable[..., T]:
+    """Run an engine method (its ``device``) with that GPU current: Triton launches, streams and events
+    go to the current device, and one process may hold engines on several GPUs."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> T:
+        if self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -127,8 +145,6 @@ class ModelRunner:
         cfg = model.cfg
         param = model.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
-        if self.device.type == "cuda":  # streams, events, graphs and Triton launch on the current GPU
-            torch.cuda.set_device(self.device)
         shape = KVShape(
             cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
         )

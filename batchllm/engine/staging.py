@@ -75,6 +75,6 @@ class Staging:
         self.buffer[:end].copy_(self.twins[self.turn][:end], non_blocking=self.cuda)
         event = self.copied[self.turn]
         if event is not None:
-            event.record()
+            event.record(torch.cuda.current_stream(self.buffer.device))  # the stream the copy went to
             self.used[self.turn] = True
         self.turn = (self.turn + 1) % len(self.twins)

@@ -18,7 +18,8 @@ have left them in:
 A sequence that ends inside a run rides on as a padding row (one key, written to the scratch block,
 its outputs dropped) when its step runs as the loop's would without it: the same CUDA graph (padded
 size, group slots, table width; the row costs nothing there: the graph pads to that size anyway) and
-the same two-level choice for its group. Its tokens and its finish are booked when the run hands back (``finished``).
+the same two-level choice for its group. Its tokens and its finish are booked when the run hands back
+(``finished``).
 
 Requests with stop strings never run steady (a stop string needs the text of every token).
 """
@@ -173,13 +174,13 @@ class SteadyDecode:
         live = ~self.dead
         live[ending] = False
         graphs, n = self.runner.graphs, int(live.sum())
-        if graphs is None or n == 0:  # eager steps (no graph) would compute the rows
+        if graphs is None or n == 0:  # without graphs a step computes only its live rows
             return False
         for g in set(self.group[ending].tolist()) - {-1}:
             members = int((live & (self.group == g)).sum())
             if members and two_level_pays(members, self.prefix[g]) != self.two_level[g]:
                 return False
-        # the next step's keys: live rows one position further, dead ones frozen at one key of their own
+        # the next step's KV lengths: live rows one position further, dead ones frozen at one key
         kv = np.where(live, self.pos + 2, self.layout.start_pos + 1)
         groups = len({g for g in self.group[live].tolist() if g >= 0 and self.two_level[g]})
         riding = graphs.key(len(self.seqs), self.layout.num_groups, int(kv.max()))

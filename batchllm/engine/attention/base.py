@@ -134,9 +134,9 @@ class AttentionBackend(ABC):
 
     # ---- CUDA-graph hooks (backends with supports_graphs) ---------------------------------
 
-    def graph_fields(self, num_seqs: int, max_groups: int, max_blocks: int) -> dict[str, Field]:
-        """The static arrays of a decode graph of num_seqs rows, max_groups group slots and tables of
-        max_blocks (``staging``: one device buffer, refilled by one copy per replay)."""
+    def graph_fields(self, num_seqs: int, max_groups: int, width: int) -> dict[str, Field]:
+        """The static arrays of a decode graph of num_seqs rows, max_groups group slots and block tables
+        ``width`` columns wide (``staging``: one device buffer, refilled by one copy per step)."""
         raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
 
     def graph_meta(self, arrays: dict[str, torch.Tensor]) -> Any:

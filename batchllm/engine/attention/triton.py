@@ -202,7 +202,7 @@ class TritonBackend(AttentionBackend):
 
     # ---- CUDA graphs -------------------------------------------------------------------
 
-    def graph_fields(self, num_seqs: int, max_groups: int, max_blocks: int) -> dict[str, Field]:
+    def graph_fields(self, num_seqs: int, max_groups: int, width: int) -> dict[str, Field]:
         """Block tables last: a step ships only the rows of its sequences (``Staging.ship``)."""
         i32, scratch = torch.int32, self.scratch_block
         return {
@@ -211,19 +211,19 @@ class TritonBackend(AttentionBackend):
             "start_pos": Field((num_seqs,), i32),
             "cu_group_rows": Field((max_groups + 1,), i32),
             "group_prefix_lens": Field((max_groups,), i32),
-            "group_block_tables": Field((max_groups, max_blocks), i32, scratch),
-            "block_tables": Field((num_seqs, max_blocks), i32, scratch),
+            "group_block_tables": Field((max_groups, width), i32, scratch),
+            "block_tables": Field((num_seqs, width), i32, scratch),
         }
 
     def graph_meta(self, arrays: dict[str, torch.Tensor]) -> TritonMeta:
-        num_seqs, max_blocks = arrays["block_tables"].shape
+        num_seqs, width = arrays["block_tables"].shape
         dev = self.shape.device
         return TritonMeta(
             **{f.name: arrays[f.name] for f in fields(TritonMeta) if f.name in arrays},
             cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32, device=dev),
             max_q_len=1,
-            max_kv_len=max_blocks * self.shape.block_size,
-            max_prefix_len=max_blocks * self.shape.block_size,
+            max_kv_len=width * self.shape.block_size,
+            max_prefix_len=width * self.shape.block_size,
             max_group_rows=num_seqs,
             grouped=True,
             workspace={},
@@ -233,8 +233,10 @@ class TritonBackend(AttentionBackend):
         n, g = layout.num_seqs, layout.num_groups
         size = arrays["kv_lens"].shape[0]
         assert n <= size and g <= arrays["group_prefix_lens"].shape[0]
-        # tables wider than the graph's (steady decode widens by several columns) hold -1 past it
+        # a step's tables may be wider than the graph's (steady decode widens them by several columns):
+        # only the columns its keys reach are read, and the graph's width holds its longest sequence
         width = min(layout.block_tables.shape[1], arrays["block_tables"].shape[1])
+        assert int(layout.kv_lens.max()) <= arrays["block_tables"].shape[1] * self.shape.block_size
         pwidth = layout.group_block_tables.shape[1]
         # rows past the step's sequences are padding: one key each, written to the scratch block; the
         # key read is the first of the row's table, a valid block whatever step wrote it last
