@@ -113,3 +113,31 @@ def test_eager_steps_and_the_replay_of_a_key_are_identical(tmp_path) -> None:
     outs = [graphs.run(layout, ids).clone() for _ in range(4)]
     assert graphs.captured() == [(8, 2, 16)] and graphs.graphs[8, 2, 16].steps == 4
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_measured_costs_are_kept_per_gpu_and_shapes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first engine on a GPU measures; later ones read the costs back, unless the shapes, sizes or
+    software differ or the entry is unreadable; a cache that cannot be written costs nothing."""
+    from batchllm.engine.padding import cached_costs
+
+    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(tmp_path / "cache"))
+    linears = [torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)]
+    calls: list[list[int]] = []
+
+    def measure(sizes: list[int]):  # type: ignore[no-untyped-def]
+        calls.append(sizes)
+        return {s: 1e-3 / s for s in sizes}
+
+    first = cached_costs(linears, [1, 64], lambda: measure([1, 64]))
+    (entry,) = (tmp_path / "cache" / "padding").iterdir()
+    assert cached_costs(linears, [1, 64], lambda: measure([1, 64])) == first == {1: 1e-3, 64: 1e-3 / 64}
+    assert len(calls) == 1
+    cached_costs(linears, [1, 64, 128], lambda: measure([1, 64, 128]))  # other sizes: measured
+    cached_costs([torch.nn.Linear(8, 32)], [1, 64], lambda: measure([1, 64]))  # other shapes
+    assert len(calls) == 3
+    entry.write_text("{not json")
+    assert cached_costs(linears, [1, 64], lambda: measure([1, 64])) == first and len(calls) == 4
+    assert cached_costs(linears, [1, 64], lambda: measure([1, 64])) == first and len(calls) == 4  # rewritten
+    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(entry))  # a file where the folder would be
+    assert cached_costs(linears, [1, 64], lambda: measure([1, 64])) == first and len(calls) == 5
+    assert not list((tmp_path / "cache" / "padding").glob("*.tmp"))

@@ -38,7 +38,7 @@ import torch
 
 from batchllm.engine.attention import AttentionBackend, BatchLayout
 from batchllm.engine.model import CausalLM
-from batchllm.engine.padding import cheapest_sizes, projections, time_projections
+from batchllm.engine.padding import cached_costs, cheapest_sizes, projections, time_projections
 from batchllm.engine.staging import Field, Staging
 
 CAPTURE_AT = 3  # a key's step that captures its graph (the ones before run eagerly)
@@ -118,7 +118,8 @@ class DecodeGraphs:
         rows keep the ids of an earlier step (valid ids; their outputs are dropped)."""
         if self.run_at is None:
             if self.measured_padding:
-                self.cost = time_projections(projections(self.model.layers[0]), self.sizes)
+                linears = projections(self.model.layers[0])
+                self.cost = cached_costs(linears, self.sizes, lambda: time_projections(linears, self.sizes))
             self.run_at = cheapest_sizes(self.sizes, self.cost)
         key = self.key(layout.num_seqs, layout.num_groups, int(layout.kv_lens.max()))
         assert key is not None

@@ -7,15 +7,27 @@ an H200, one Llama-3.1-8B layer's four projections take 0.45 ms at 448 rows and
 bench.gemm, bench/RESULTS.md). A step of 448 rows therefore runs faster padded
 to 512. The engine times one layer's projections once per candidate size (at its
 first decode step) and sends each step to the cheapest size that holds it.
+
+The timing takes ~1 s for an 8B model (five passes over 45 sizes), which a
+nightly job would pay at every start. The costs are kept in batchllm's cache,
+keyed by the GPU, torch and CUDA versions, dtype and the projections' shapes:
+the same GPU and software choose the same sizes, measured once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from batchllm.models import cache_dir
 
 # a larger size must be cheaper by this share and by this many seconds per layer to be chosen: the
 # timings repeat within a few percent, and the projections of small models take a few microseconds
@@ -44,6 +56,50 @@ def projections(layer: nn.Module) -> list[nn.Linear]:
     """The linear layers one decoder layer runs per token, in order."""
     attn, mlp = layer.self_attn, layer.mlp
     return [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+
+
+def cached_costs(
+    linears: Sequence[nn.Linear], sizes: Sequence[int], measure: Callable[[], dict[int, float]]
+) -> dict[int, float]:
+    """The projections' costs at ``sizes`` as measured before on this GPU and software (batchllm's
+    cache), else ``measure()``'s, stored for the next start. An unreadable entry is measured again; a
+    cache that cannot be written leaves the costs unstored."""
+    weight = linears[0].weight
+    dev = weight.device
+    identity = {
+        "method": 1,  # time_projections' way of timing: a new way invalidates the old entries
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": str(weight.dtype),
+        "shapes": [list(lin.weight.shape) for lin in linears],
+        "sizes": list(sizes),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir() / "padding" / f"{digest}.json"
+    try:
+        entry = json.loads(path.read_text())
+        if entry["identity"] == identity:
+            return {int(s): float(c) for s, c in entry["costs"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    costs = measure()
+    _store(path, {"identity": identity, "costs": {str(s): c for s, c in costs.items()}})
+    return costs
+
+
+def _store(path: Path, entry: dict) -> None:
+    """Write the entry whole or not at all (a temporary file renamed into place)."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry, f)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 @torch.inference_mode()
