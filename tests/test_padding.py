@@ -116,8 +116,10 @@ def test_eager_steps_and_the_replay_of_a_key_are_identical(tmp_path) -> None:
 
 
 def test_measured_costs_are_kept_per_gpu_and_shapes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first engine on a GPU measures; later ones read the costs back, unless the shapes, sizes or
-    software differ or the entry is unreadable; a cache that cannot be written costs nothing."""
+    """The first engine measures; later ones read the costs back, unless the shapes, sizes or software
+    differ or the entry is unreadable or short of a size; a cache that cannot be written costs nothing."""
+    import json
+
     from batchllm.engine.padding import cached_costs
 
     monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(tmp_path / "cache"))
@@ -128,16 +130,26 @@ def test_measured_costs_are_kept_per_gpu_and_shapes(tmp_path, monkeypatch: pytes
         calls.append(sizes)
         return {s: 1e-3 / s for s in sizes}
 
-    first = cached_costs(linears, [1, 64], lambda: measure([1, 64]))
+    def costs() -> dict[int, float]:
+        return cached_costs(linears, [1, 64], lambda: measure([1, 64]))
+
+    first = costs()
     (entry,) = (tmp_path / "cache" / "padding").iterdir()
-    assert cached_costs(linears, [1, 64], lambda: measure([1, 64])) == first == {1: 1e-3, 64: 1e-3 / 64}
-    assert len(calls) == 1
+    assert costs() == first == {1: 1e-3, 64: 1e-3 / 64} and len(calls) == 1
+    assert entry.stat().st_mode & 0o777 == 0o644  # a shared cache serves every user
     cached_costs(linears, [1, 64, 128], lambda: measure([1, 64, 128]))  # other sizes: measured
     cached_costs([torch.nn.Linear(8, 32)], [1, 64], lambda: measure([1, 64]))  # other shapes
     assert len(calls) == 3
-    entry.write_text("{not json")
-    assert cached_costs(linears, [1, 64], lambda: measure([1, 64])) == first and len(calls) == 4
-    assert cached_costs(linears, [1, 64], lambda: measure([1, 64])) == first and len(calls) == 4  # rewritten
-    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(entry))  # a file where the folder would be
-    assert cached_costs(linears, [1, 64], lambda: measure([1, 64])) == first and len(calls) == 5
+    stored = json.loads(entry.read_text())
+    for broken in (
+        "{not json",
+        json.dumps({**stored, "identity": {**stored["identity"], "torch": "0.0"}}),  # other software
+        json.dumps({**stored, "costs": {"1": 1e-3}}),  # a size missing
+    ):
+        entry.write_text(broken)
+        before = len(calls)
+        assert costs() == first and len(calls) == before + 1  # measured again and rewritten
+        assert costs() == first and len(calls) == before + 1
     assert not list((tmp_path / "cache" / "padding").glob("*.tmp"))
+    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(entry))  # a file where the folder would be
+    assert costs() == first and len(calls) == 7

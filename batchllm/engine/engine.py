@@ -32,7 +32,7 @@ from batchllm.engine.heads import Head, SeqSampling, StopRule, TokenHead
 from batchllm.engine.kv import activation_bytes, gpu_memory, pool_blocks
 from batchllm.engine.labels import LabelSet
 from batchllm.engine.model import load_model
-from batchllm.engine.options import check_options, model_folder
+from batchllm.engine.options import check_options, model_folder, resolve_device
 from batchllm.engine.outputs import ClassifyResult, EngineStats, Result
 from batchllm.engine.pipeline import Pending, ReadBack, hold, settle
 from batchllm.engine.prefill import PACK_TOKENS, run_prefill
@@ -107,7 +107,7 @@ class Engine:
         float32_residual: bool = True,
     ) -> None:
         check_options(**{k: v for k, v in locals().items() if k not in ("self", "model")})
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
         torch_dtype = _DTYPES[dtype or ("bfloat16" if cuda else "float32")]
         self.attention = resolve_name(attention, self.device, torch_dtype)

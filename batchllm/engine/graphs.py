@@ -31,6 +31,7 @@ model's context (``table_width``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from batchllm.engine.model import CausalLM
 from batchllm.engine.padding import cached_costs, cheapest_sizes, projections, time_projections
 from batchllm.engine.staging import Field, Staging
 
+log = logging.getLogger(__name__)
 CAPTURE_AT = 3  # a key's step that captures its graph (the ones before run eagerly)
 Key = tuple[int, int, int]  # (padded rows, group slots, block-table width)
 
@@ -107,6 +109,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if self.on_cuda else None
         # captures run their warm-up and record on this stream, not on the engine's
         self.stream = torch.cuda.Stream(device=device) if self.on_cuda else None
+        self.failed: tuple[torch.cuda.CUDAGraph, Exception] | None = None  # a recording that raised
 
     def fits(self, layout: BatchLayout) -> bool:
         return layout.num_seqs <= self.sizes[-1]
@@ -135,7 +138,7 @@ class DecodeGraphs:
             g.graph.replay()
             assert g.hidden is not None
             return g.hidden[:n]
-        if g.steps >= CAPTURE_AT and self.on_cuda:
+        if g.steps >= CAPTURE_AT and self.on_cuda and self.failed is None:
             return self._capture(g)[:n]
         return self.model(g.input_ids, g.staging.device["positions"], g.meta)[:n]
 
@@ -165,16 +168,24 @@ class DecodeGraphs:
         """Run the step whose inputs were just shipped on the side stream (its buffers' eager steps
         compiled the kernels and sized the workspaces; this run sets up what the stream itself uses,
         cuBLAS's workspace), then record it there as the key's graph; returns the run's output. The
-        recording runs nothing, and the replays rewrite the keys and values the run wrote."""
-        positions, stream, current = g.staging.device["positions"], self.stream, torch.cuda.current_stream()
+        recording runs nothing, and the replays rewrite the keys and values the run wrote. A recording
+        that raises (out of memory) leaves every key eager from then on: the run goes on."""
+        positions, stream = g.staging.device["positions"], self.stream
         assert stream is not None
+        current = torch.cuda.current_stream(stream.device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
             hidden = self.model(g.input_ids, positions, g.meta)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                out = self.model(g.input_ids, positions, g.meta)
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    out = self.model(g.input_ids, positions, g.meta)
+            except RuntimeError as e:
+                # the failed graph stays referenced: the allocator may still route its pool to it
+                self.failed = (graph, e)
+                log.warning("CUDA graph capture failed (%s); decode steps run eagerly from here on", e)
+            else:
+                g.graph, g.hidden = graph, out
         current.wait_stream(stream)
         hidden.record_stream(current)  # read on the engine's stream from here on
-        g.graph, g.hidden = graph, out  # only once recorded: a failed capture leaves the key eager
         return hidden

@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batchllm.models import DEFAULT_MODEL, ModelError, resolve_model
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
@@ -20,6 +24,17 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> torch.device:
+    """The engine's device with its index: "cuda" is the GPU current when the engine is built, kept for
+    its life (``runner.on_device`` makes it current for each run)."""
+    import torch
+
+    dev = torch.device(device)
+    return (
+        torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
+    )
 
 
 def check_options(

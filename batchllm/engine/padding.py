@@ -63,42 +63,53 @@ def cached_costs(
     linears: Sequence[nn.Linear], sizes: Sequence[int], measure: Callable[[], dict[int, float]]
 ) -> dict[int, float]:
     """The projections' costs at ``sizes`` as measured before on this GPU and software (batchllm's
-    cache), else ``measure()``'s, stored for the next start. An unreadable entry is measured again; a
-    cache that cannot be written leaves the costs unstored."""
+    cache), else ``measure()``'s, stored for the next start. An entry that is unreadable or lacks a
+    size is measured again; a cache that cannot be written leaves the costs unstored. A stale entry can
+    only pick a slower padded size, never change a result (padding rows' outputs are dropped)."""
     weight = linears[0].weight
     dev = weight.device
+    cuda = dev.type == "cuda"
     identity = {
         "method": 1,  # time_projections' way of timing: a new way invalidates the old entries
-        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
+        "gpu": torch.cuda.get_device_name(dev) if cuda else dev.type,
+        "sms": torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 0,  # MIG slices
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "blas": str(torch.backends.cuda.preferred_blas_library()) if cuda else "",
         "dtype": str(weight.dtype),
-        "shapes": [list(lin.weight.shape) for lin in linears],
+        "shapes": [[*lin.weight.shape, lin.bias is not None] for lin in linears],
         "sizes": list(sizes),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-    path = cache_dir() / "padding" / f"{digest}.json"
     try:
+        path = cache_dir() / "padding" / f"{digest}.json"
         entry = json.loads(path.read_text())
-        if entry["identity"] == identity:
-            return {int(s): float(c) for s, c in entry["costs"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
+        costs = {int(s): float(c) for s, c in entry["costs"].items()}
+        if (
+            entry["identity"] == identity
+            and set(costs) == set(sizes)
+            and all(map(math.isfinite, costs.values()))
+        ):
+            return costs
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # RuntimeError: no home folder to hold the cache
     costs = measure()
-    _store(path, {"identity": identity, "costs": {str(s): c for s, c in costs.items()}})
+    _store(digest, {"identity": identity, "costs": {str(s): c for s, c in costs.items()}})
     return costs
 
 
-def _store(path: Path, entry: dict) -> None:
-    """Write the entry whole or not at all (a temporary file renamed into place)."""
+def _store(digest: str, entry: dict) -> None:
+    """Write the entry whole or not at all (a temporary file renamed into place), readable by all."""
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        folder = cache_dir() / "padding"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(entry, f)
-        os.replace(tmp, path)
-    except OSError:
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / f"{digest}.json")
+    except (OSError, RuntimeError):
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
 
