@@ -11,11 +11,11 @@ the third runs on a side stream and records the graph there, which later
 steps replay. A capture cost ~100-150 ms with two warm-up forwards besides the
 step (h1, h4: a first run paid ~25 of them, 2.4 s of SmolLM2-135M's 5.05 s and
 3.7 s of an 8B model's 22.8 s); after the eager steps the step itself is the
-one warm-up left. An eager step costs its launches, a few ms for
-a small model, hidden behind an 8B model's GPU time. A run's tail passes
-through many sizes once or twice ((a) at 900k: 27 keys, 20 used once, 6 twice,
-the full batch 67 times), so waiting for the third step keeps the captures to
-the keys that pay them back.
+one warm-up left. An eager step costs its launches, a few ms for a small model,
+hidden behind an 8B model's GPU time. A run's tail passes through many sizes
+once or twice ((a) at 900k: 27 keys, 20 used once, 6 twice, the full batch 67
+times), so waiting for the third step keeps the captures to the keys that pay
+them back. A recording that fails (out of memory) leaves the steps eager.
 
 Eager and replayed steps launch the same kernels on the same shapes, so a
 step's result does not depend on which it was. Padded rows write one token to

@@ -10,9 +10,10 @@ first decode step) and sends each step to the cheapest size that holds it.
 
 The timing takes about a second for an 8B model (estimated: five passes over
 45 sizes of ~1 ms of sleep and three calls of 0.1-1.4 ms each, plus 0.3 s of
-warm-up; not measured alone), which a nightly job would pay at every start. The costs are kept in batchllm's cache,
-keyed by the GPU, torch and CUDA versions, dtype and the projections' shapes:
-the same GPU and software choose the same sizes, measured once.
+warm-up; not measured alone), which a nightly job would pay at every start.
+The costs are kept in batchllm's cache, keyed by the GPU, its software, dtype
+and the projections' shapes: the same GPU and software choose the same sizes,
+measured once.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 It describes each step once on the host (a ``BatchLayout`` of numpy arrays,
 built without per-token Python work), hands it to the attention backend, which
 owns the KV cache, and runs the forward: eagerly, or for decode steps on CUDA on
-the static buffers and captured graph of the step's key (graphs.py). It never touches queues or
-block allocation (the scheduler does) and never decides when a request ends
-(the engine does).
+the static buffers and captured graph of the step's key (graphs.py). It never
+touches queues or block allocation (the scheduler does) and never decides when
+a request ends (the engine does).
 """
 
 from __future__ import annotations
