@@ -16,11 +16,11 @@ efficiency = floor / measured time.
 That decode term assumes the step's GEMMs (compute-bound at batch sizes in the
 hundreds) overlap its attention (bandwidth-bound). On an H200 with cuBLAS they
 do not (bench/RESULTS.md, 2026-12-04 (late), g1: attention on a second stream
-beside the GEMMs took 1.963 ms per layer against 1.883 one after the other;
-a step split in two interleaved halves 0.995x), so ``decode_serial_s`` also counts each
-step as its GEMMs (max of their FLOPs and weight bytes) plus its attention (max
-of its FLOPs and KV bytes): the floor an engine whose kernels run one after the
-other can approach.
+beside the GEMMs took 1.963 ms per layer against 1.883 one after the other; a
+step split in two interleaved halves 0.995x), so ``decode_serial_s`` also
+counts each step as its GEMMs (max of their FLOPs and weight bytes) plus its
+attention (max of its FLOPs and KV bytes): the floor an engine whose kernels
+run one after the other can approach.
 
 The counting functions are pure arithmetic (tested on CPU by
 tests/test_bench_floor.py); only ``measure_peak`` and ``measure_bandwidth``
