@@ -7,6 +7,12 @@ other elementwise work, copies, sampling) so a step's breakdown can be set
 against its floor (bench.floor): GEMMs near the matmul peak, attention near
 bandwidth, and the rest small.
 
+Where the GPU waits: the union of the kernels' intervals (all streams) is its
+busy time; the gaps between them, bucketed by length, say whether idle time is
+launch overhead (many gaps of microseconds) or the host holding the GPU back
+(fewer, of a millisecond or more: a sync, a slow step's host work), and the
+largest are listed with their time into the run.
+
     python -m bench.profile --case 2000,200,100,16,25 --out /tmp/prof
 """
 
@@ -43,14 +49,49 @@ def kind_of(name: str) -> str:
     return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
 
 
+GAP_BUCKETS_US = (10.0, 100.0, 1000.0)  # gap lengths: < 10 us, < 100 us, < 1 ms, longer
+
+
+def idle_gaps(intervals: list[tuple[float, float]], largest: int = 10) -> dict[str, Any]:
+    """Busy and idle time of the GPU from its kernels' (start, end) intervals in microseconds: the union
+    of the intervals is busy, the time between its pieces idle, bucketed by gap length."""
+    if not intervals:
+        return {"busy_ms": 0.0, "span_ms": 0.0, "idle_ms": 0.0, "idle_by_gap_ms": {}, "largest_gaps": []}
+    spans = sorted(intervals)
+    first, (start, end) = spans[0][0], spans[0]
+    busy, gaps = 0.0, []
+    for s, e in spans[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append((s - end, end - first))
+            start = s
+        end = max(end, e)
+    busy += end - start
+    names = [f"<{b:g}us" for b in GAP_BUCKETS_US] + [f">={GAP_BUCKETS_US[-1]:g}us"]
+    by_gap = dict.fromkeys(names, 0.0)
+    for gap, _ in gaps:
+        i = next((k for k, b in enumerate(GAP_BUCKETS_US) if gap < b), len(GAP_BUCKETS_US))
+        by_gap[names[i]] += gap / 1e3
+    top = sorted(gaps, reverse=True)[:largest]
+    return {
+        "busy_ms": busy / 1e3,
+        "span_ms": (end - first) / 1e3,
+        "idle_ms": sum(g for g, _ in gaps) / 1e3,
+        "idle_by_gap_ms": by_gap,
+        "largest_gaps": [{"gap_ms": g / 1e3, "at_ms": at / 1e3} for g, at in top],
+    }
+
+
 def kernel_table(prof: Any) -> dict[str, Any]:
     """Device time per kernel name and per kind (ms), from the profiler's events."""
     per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    intervals = []
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
         per_name[ev.name][0] += ev.device_time_total / 1e3 if hasattr(ev, "device_time_total") else 0.0
         per_name[ev.name][1] += 1
+        intervals.append((ev.time_range.start, ev.time_range.end))
     kinds: dict[str, float] = defaultdict(float)
     for name, (ms, _) in per_name.items():
         kinds[kind_of(name)] += ms
@@ -59,6 +100,7 @@ def kernel_table(prof: Any) -> dict[str, Any]:
         "total_ms": sum(kinds.values()),
         "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
         "top": [{"name": n[:120], "ms": ms, "calls": c, "kind": kind_of(n)} for n, (ms, c) in top],
+        "gpu": idle_gaps(intervals),
     }
 
 
@@ -120,7 +162,13 @@ def main() -> None:
     for k in sorted(kinds, key=lambda k: -whole["kinds_ms"].get(k, 0.0)):
         print(f"| {k} | {pre['kinds_ms'].get(k, 0.0):.1f} | {report['decode_kinds_ms'][k]:.1f} |")
     for phase in ("prefill", "whole"):
-        print(f"\ntop kernels, {phase}:")
+        gpu = report[phase]["gpu"]
+        print(
+            f"\nGPU, {phase}: busy {gpu['busy_ms']:.1f} of {gpu['span_ms']:.1f} ms, idle {gpu['idle_ms']:.1f} ms "
+            f"by gap length { ({k: round(v, 1) for k, v in gpu['idle_by_gap_ms'].items()}) }; largest gaps "
+            f"{[(round(g['gap_ms'], 2), round(g['at_ms'], 1)) for g in gpu['largest_gaps'][:5]]} (ms, at ms)"
+        )
+        print(f"top kernels, {phase}:")
         for row in report[phase]["top"][:18]:
             print(f"  {row['ms']:9.1f} ms {row['calls']:7d}x {row['kind']:11s} {row['name']}")
     if args.out:
