@@ -94,8 +94,8 @@ def test_ended_sequences_ride_on_as_padding(
     default_model_path, monkeypatch: pytest.MonkeyPatch, checked: None, kv_tokens: int | None
 ) -> None:
     """Sequences that end (EOS, a stop id) inside a steady run ride on as padding while the step keeps its
-    graph key (padded size, group slots, table width), and a run may start right after a step that ended sequences when nothing waits for
-    admission: longer runs, the loop's results and counts."""
+    graph key (padded size, group slots, table width), and a run may start right after a step that
+    ended sequences when nothing waits for admission: longer runs, the loop's results and counts."""
     engine = Engine(default_model_path, kv_cache_tokens=kv_tokens)
     prompts, params = _workload(engine)
     alone = engine.generate(prompts, params)
