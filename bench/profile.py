@@ -163,10 +163,11 @@ def main() -> None:
         print(f"| {k} | {pre['kinds_ms'].get(k, 0.0):.1f} | {report['decode_kinds_ms'][k]:.1f} |")
     for phase in ("prefill", "whole"):
         gpu = report[phase]["gpu"]
+        by_gap = {k: round(v, 1) for k, v in gpu["idle_by_gap_ms"].items()}
+        largest = [(round(g["gap_ms"], 2), round(g["at_ms"], 1)) for g in gpu["largest_gaps"][:5]]
         print(
-            f"\nGPU, {phase}: busy {gpu['busy_ms']:.1f} of {gpu['span_ms']:.1f} ms, idle {gpu['idle_ms']:.1f} ms "
-            f"by gap length { ({k: round(v, 1) for k, v in gpu['idle_by_gap_ms'].items()}) }; largest gaps "
-            f"{[(round(g['gap_ms'], 2), round(g['at_ms'], 1)) for g in gpu['largest_gaps'][:5]]} (ms, at ms)"
+            f"\nGPU, {phase}: busy {gpu['busy_ms']:.1f} of {gpu['span_ms']:.1f} ms, idle "
+            f"{gpu['idle_ms']:.1f} ms by gap length {by_gap}; largest gaps (ms, at ms) {largest}"
         )
         print(f"top kernels, {phase}:")
         for row in report[phase]["top"][:18]:
