@@ -96,8 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---- model folder ----------------------------------------------------------------------------
 
 
-def write_tiny_model(folder: Path) -> Path:
-    """config.json of a 2-layer GQA Llama: a CPU smoke run of the same path as the GPU one (dummy weights, no tokenizer)."""
+def write_tiny_model(folder: Path, **overrides: Any) -> Path:
+    """config.json of a 2-layer GQA Llama (``overrides`` replace its fields): a CPU smoke run of the same
+    path as the GPU one (dummy weights, no tokenizer)."""
     cfg = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -112,7 +113,7 @@ def write_tiny_model(folder: Path) -> Path:
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
         "vocab_size": 512,
-    }
+    } | overrides
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     return folder

@@ -24,7 +24,6 @@ model time excluded), steady steps and their host ms per step.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -35,24 +34,16 @@ from batchllm.engine import Engine, SamplingParams
 from batchllm.engine.graphs import Key, step_key
 from batchllm.engine.scheduler import Scheduler
 from bench.floor import Case, make_prompts
+from bench.generate import write_tiny_model
 
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
+# bench.generate's tiny model with one layer, a longer context and an EOS id (rows sample it at --eos-rate)
+MODEL = {
     "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
     "vocab_size": 2000,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
     "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
     "bos_token_id": 1,
     "eos_token_id": 2,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float32",
 }
 
 
@@ -74,9 +65,8 @@ class PaddedSizes:
 def stubbed_engine(folder: Path, eos_rate: float = 0.0, kv_tokens: int = 1_200_000) -> Engine:
     """An engine whose decode forwards do no model work (prefill runs the tiny model); with eos_rate,
     each decode step's rows sample EOS at that seeded rate."""
-    (folder / "config.json").write_text(json.dumps(CONFIG))
     engine = Engine(
-        str(folder),
+        str(write_tiny_model(folder, **MODEL)),
         device="cpu",
         load_format="dummy",
         kv_cache_tokens=kv_tokens,
@@ -84,7 +74,7 @@ def stubbed_engine(folder: Path, eos_rate: float = 0.0, kv_tokens: int = 1_200_0
         max_model_len=4096,
     )
     run, logits = engine.runner.run, engine.model.compute_logits
-    width, gen = CONFIG["hidden_size"], torch.Generator().manual_seed(0)
+    width, gen = engine.config.hidden_size, torch.Generator().manual_seed(0)
 
     def decode_free(layout, input_ids, rows=None):  # type: ignore[no-untyped-def]
         return torch.zeros(layout.num_seqs, width) if layout.is_decode else run(layout, input_ids, rows)
@@ -93,7 +83,7 @@ def stubbed_engine(folder: Path, eos_rate: float = 0.0, kv_tokens: int = 1_200_0
         if hidden.shape[0] <= 100:  # the prefill steps' few rows: the model's own logits
             return logits(hidden)
         out = hidden[:, :8].clone()
-        out[torch.rand(hidden.shape[0], generator=gen) < eos_rate, CONFIG["eos_token_id"]] = 1.0
+        out[torch.rand(hidden.shape[0], generator=gen) < eos_rate, MODEL["eos_token_id"]] = 1.0
         return out
 
     engine.runner.run = decode_free  # type: ignore[method-assign]
@@ -120,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = stubbed_engine(Path(tmp), args.eos_rate, args.kv_tokens)
             if args.padded:
                 engine.runner.graphs = PaddedSizes(args.padded)  # type: ignore[assignment]
-            prompts = list(make_prompts(args.case, CONFIG["vocab_size"], 0))
+            prompts = list(make_prompts(args.case, MODEL["vocab_size"], 0))
             params = SamplingParams(max_tokens=args.case.decode, ignore_eos=not args.eos_rate)
             for mode in args.modes.split(","):
                 Scheduler.steady = steady if mode == "steady" else (lambda self, batch, ended: False)  # type: ignore[method-assign]

@@ -104,11 +104,11 @@ class DecodeGraphs:
         self.cost: dict[int, float] = {}  # seconds of one layer's projections per size, once measured
         self.graphs: dict[Key, _Graph] = {}
         self.max_blocks = -(-model.rope.shape[0] // backend.shape.block_size)
-        device = model.embed_tokens.weight.device
-        self.on_cuda = device.type == "cuda"
+        self.device = model.embed_tokens.weight.device
+        self.on_cuda = self.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.on_cuda else None
         # captures run their warm-up and record on this stream, not on the engine's
-        self.stream = torch.cuda.Stream(device=device) if self.on_cuda else None
+        self.stream = torch.cuda.Stream(device=self.device) if self.on_cuda else None
         self.failed: tuple[torch.cuda.CUDAGraph, Exception] | None = None  # a recording that raised
 
     def fits(self, layout: BatchLayout) -> bool:
@@ -157,10 +157,9 @@ class DecodeGraphs:
 
     def _buffers(self, key: Key) -> _Graph:
         size, groups, width = key
-        dev = self.model.embed_tokens.weight.device
-        input_ids = torch.zeros(size, dtype=torch.int64, device=dev)
+        input_ids = torch.zeros(size, dtype=torch.int64, device=self.device)
         fields = self.backend.graph_fields(size, groups, width)
-        staging = Staging({"positions": Field((size,), torch.int64), **fields}, dev)
+        staging = Staging({"positions": Field((size,), torch.int64), **fields}, self.device)
         self.graphs[key] = _Graph(input_ids, staging, self.backend.graph_meta(staging.device))
         return self.graphs[key]
 

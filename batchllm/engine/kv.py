@@ -51,15 +51,10 @@ class BlockPool:
     def allocate(self, n: int) -> list[int]:
         if n > len(self.free):
             raise MemoryError(f"KV pool: {n} blocks requested, {len(self.free)} free")
-        ids = [self.free.popleft() for _ in range(n)]
-        for b in ids:
-            assert self.ref_counts[b] == 0 and self.pin_counts[b] == 0
-            self.ref_counts[b] = 1
-        self.peak_used = max(self.peak_used, self.num_used)
-        return ids
+        return [self.allocate_one() for _ in range(n)]
 
     def allocate_one(self) -> int:
-        """One block (a decode step opens one per sequence at most)."""
+        """One block (a decode step opens one per sequence at most: no list on its hot path)."""
         if not self.free:
             raise MemoryError("KV pool: 1 block requested, 0 free")
         b = self.free.popleft()
