@@ -11,7 +11,12 @@ Where the GPU waits: the union of the kernels' intervals (all streams) is its
 busy time; the gaps between them, bucketed by length, say whether idle time is
 launch overhead (many gaps of microseconds) or the host holding the GPU back
 (fewer, of a millisecond or more: a sync, a slow step's host work), and the
-largest are listed with their time into the run.
+largest are listed with their time into the run. For the gaps of a millisecond
+or more it also says what the host was doing meanwhile: the engine's own steps
+(schedule, layout, attention metadata, model, graph replay, head, settle,
+bookkeeping; labelled for the profile only) and the torch ops and CUDA runtime
+calls (a synchronize, an allocation) that overlap them, and how much of the gap
+no host event covers (the engine loop's own Python).
 
     python -m bench.profile --case 2000,200,100,16,25 --out /tmp/prof
 """
@@ -19,14 +24,19 @@ largest are listed with their time into the run.
 from __future__ import annotations
 
 import argparse
+import bisect
+import contextlib
+import functools
+import itertools
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.floor import Case, make_prompts, shuffled_order
 from bench.generate import warmup_case
@@ -52,21 +62,25 @@ def kind_of(name: str) -> str:
 GAP_BUCKETS_US = (10.0, 100.0, 1000.0)  # gap lengths: < 10 us, < 100 us, < 1 ms, longer
 
 
+def busy_spans(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of (start, end) intervals as disjoint spans, in order."""
+    spans: list[tuple[float, float]] = []
+    for s, e in sorted(intervals):
+        if spans and s <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], e))
+        else:
+            spans.append((s, e))
+    return spans
+
+
 def idle_gaps(intervals: list[tuple[float, float]], largest: int = 10) -> dict[str, Any]:
     """Busy and idle time of the GPU from its kernels' (start, end) intervals in microseconds: the union
     of the intervals is busy, the time between its pieces idle, bucketed by gap length."""
     if not intervals:
         return {"busy_ms": 0.0, "span_ms": 0.0, "idle_ms": 0.0, "idle_by_gap_ms": {}, "largest_gaps": []}
-    spans = sorted(intervals)
-    first, (start, end) = spans[0][0], spans[0]
-    busy, gaps = 0.0, []
-    for s, e in spans[1:]:
-        if s > end:
-            busy += end - start
-            gaps.append((s - end, end - first))
-            start = s
-        end = max(end, e)
-    busy += end - start
+    spans = busy_spans(intervals)
+    first, end = spans[0][0], spans[-1][1]
+    gaps = [(b[0] - a[1], a[1] - first) for a, b in itertools.pairwise(spans)]
     names = [f"<{b:g}us" for b in GAP_BUCKETS_US] + [f">={GAP_BUCKETS_US[-1]:g}us"]
     by_gap = dict.fromkeys(names, 0.0)
     for gap, _ in gaps:
@@ -74,7 +88,7 @@ def idle_gaps(intervals: list[tuple[float, float]], largest: int = 10) -> dict[s
         by_gap[names[i]] += gap / 1e3
     top = sorted(gaps, reverse=True)[:largest]
     return {
-        "busy_ms": busy / 1e3,
+        "busy_ms": sum(e - s for s, e in spans) / 1e3,
         "span_ms": (end - first) / 1e3,
         "idle_ms": sum(g for g, _ in gaps) / 1e3,
         "idle_by_gap_ms": by_gap,
@@ -82,12 +96,45 @@ def idle_gaps(intervals: list[tuple[float, float]], largest: int = 10) -> dict[s
     }
 
 
+def host_in_gaps(
+    intervals: list[tuple[float, float]],
+    host: list[tuple[str, float, float]],
+    min_gap_us: float = GAP_BUCKETS_US[-1],
+    top: int = 20,
+) -> dict[str, Any]:
+    """What the host ran while the GPU idled: for the gaps between busy spans of at least ``min_gap_us``,
+    the time each host event name (start, end in microseconds) overlaps them, summed over the gaps
+    (nested events each count: a name's time is inclusive), and the gap time no host event covers."""
+    spans = busy_spans(intervals)
+    gaps = [(a[1], b[0]) for a, b in itertools.pairwise(spans) if b[0] - a[1] >= min_gap_us]
+    starts = [s for s, _ in gaps]
+    by_name: dict[str, float] = defaultdict(float)
+    covered: list[tuple[float, float]] = []
+    for name, s, e in host:
+        i = max(bisect.bisect_right(starts, s) - 1, 0)  # the last gap starting at or before s, then on
+        while i < len(gaps) and gaps[i][0] < e:
+            lo, hi = max(s, gaps[i][0]), min(e, gaps[i][1])
+            if hi > lo:
+                by_name[name] += hi - lo
+                covered.append((lo, hi))
+            i += 1
+    total = sum(e - s for s, e in gaps)
+    names = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "gaps": len(gaps),
+        "gap_ms": total / 1e3,
+        "uncovered_ms": (total - sum(e - s for s, e in busy_spans(covered))) / 1e3,
+        "by_name_ms": {n: t / 1e3 for n, t in names},
+    }
+
+
 def kernel_table(prof: Any) -> dict[str, Any]:
     """Device time per kernel name and per kind (ms), from the profiler's events."""
     per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    intervals = []
+    intervals, host = [], []
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
+            host.append((ev.name, ev.time_range.start, ev.time_range.end))
             continue
         per_name[ev.name][0] += ev.device_time_total / 1e3 if hasattr(ev, "device_time_total") else 0.0
         per_name[ev.name][1] += 1
@@ -101,7 +148,55 @@ def kernel_table(prof: Any) -> dict[str, Any]:
         "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
         "top": [{"name": n[:120], "ms": ms, "calls": c, "kind": kind_of(n)} for n, (ms, c) in top],
         "gpu": idle_gaps(intervals),
+        "host_in_gaps": host_in_gaps(intervals, host),
     }
+
+
+def step_labels(engine: Any) -> dict[str, tuple[Any, str]]:
+    """The engine's per-step work by name: (owner, attribute) of each function the profile labels."""
+    from batchllm.engine import engine as engine_module
+    from batchllm.engine import runner as runner_module
+    from batchllm.engine.graphs import DecodeGraphs
+    from batchllm.engine.heads import TokenHead
+    from batchllm.engine.scheduler import Scheduler
+    from batchllm.engine.steady import SteadyDecode
+
+    model = type(engine.model)
+    return {
+        "schedule": (Scheduler, "schedule"),
+        "on_step_done": (Scheduler, "on_step_done"),
+        "forward": (type(engine), "_forward"),
+        "layout": (runner_module, "build_layout"),
+        "attention_prepare": (type(engine.runner.attention), "prepare"),
+        "model": (model, "forward"),
+        "graph_run": (DecodeGraphs, "run"),
+        "head_launch": (TokenHead, "launch"),
+        "hold": (engine_module, "hold"),
+        "settle": (engine_module, "settle"),
+        "steady_run": (SteadyDecode, "run"),
+    }
+
+
+@contextlib.contextmanager
+def labelled(targets: dict[str, tuple[Any, str]]) -> Iterator[None]:
+    """Each target function runs inside ``record_function("bl::<name>")`` for the duration."""
+    saved = {name: (owner, attr, getattr(owner, attr)) for name, (owner, attr) in targets.items()}
+
+    def wrap(name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def inner(*a: Any, **kw: Any) -> Any:
+            with record_function(f"bl::{name}"):
+                return fn(*a, **kw)
+
+        return inner
+
+    try:
+        for name, (owner, attr, fn) in saved.items():
+            setattr(owner, attr, wrap(name, fn))
+        yield
+    finally:
+        for owner, attr, fn in saved.values():
+            setattr(owner, attr, fn)
 
 
 def profiled(engine: Any, prompts: list, decode: int) -> dict[str, Any]:
@@ -109,7 +204,10 @@ def profiled(engine: Any, prompts: list, decode: int) -> dict[str, Any]:
 
     params = SamplingParams(max_tokens=decode, ignore_eos=True)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with (
+        labelled(step_labels(engine)),
+        profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof,
+    ):
         t = time.perf_counter()
         engine.generate(prompts, params)
         torch.cuda.synchronize()
@@ -168,6 +266,12 @@ def main() -> None:
         print(
             f"\nGPU, {phase}: busy {gpu['busy_ms']:.1f} of {gpu['span_ms']:.1f} ms, idle "
             f"{gpu['idle_ms']:.1f} ms by gap length {by_gap}; largest gaps (ms, at ms) {largest}"
+        )
+        host = report[phase]["host_in_gaps"]
+        names = ", ".join(f"{n} {t:.1f}" for n, t in list(host["by_name_ms"].items())[:14])
+        print(
+            f"host during the {host['gaps']} gaps of >= 1 ms ({host['gap_ms']:.1f} ms; "
+            f"{host['uncovered_ms']:.1f} ms under no host event), ms by name (inclusive): {names}"
         )
         print(f"top kernels, {phase}:")
         for row in report[phase]["top"][:18]:

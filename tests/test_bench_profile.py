@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.profile import idle_gaps, kind_of
+from bench.profile import host_in_gaps, idle_gaps, kind_of
 
 
 def test_idle_gaps_by_hand() -> None:
@@ -26,3 +26,47 @@ def test_kernel_kinds() -> None:
     assert kind_of("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT") == "gemm"
     assert kind_of("Memcpy HtoD (Pinned -> Device)") == "copy"
     assert kind_of("something_new") == "other"
+
+
+def test_host_in_gaps_by_hand() -> None:
+    # busy spans (0, 100), (1100, 1200), (1300, 1400), (3400, 3500): gaps of 1,000, 100 and 2,000 us
+    kernels = [(0, 100), (1100, 1200), (1300, 1400), (3400, 3500)]
+    host = [
+        ("bl::schedule", 50, 600),  # 500 us of the first gap
+        ("cudaStreamSynchronize", 500, 1150),  # 600 us of the first gap, the short gap not counted
+        ("bl::forward", 1350, 4000),  # the whole last gap
+        ("aten::mm", 2000, 2500),  # nested in bl::forward: 500 us more under its own name
+        ("late", 5000, 6000),  # after every gap
+    ]
+    out = host_in_gaps(kernels, host)
+    assert out["gaps"] == 2 and out["gap_ms"] == pytest.approx(3.0)
+    assert out["by_name_ms"] == pytest.approx(
+        {"bl::forward": 2.0, "cudaStreamSynchronize": 0.6, "bl::schedule": 0.5, "aten::mm": 0.5}
+    )
+    assert next(iter(out["by_name_ms"])) == "bl::forward"  # longest first
+    assert out["uncovered_ms"] == pytest.approx(0.0)
+    bare = host_in_gaps(kernels, [("bl::schedule", 150, 350)])
+    assert bare["uncovered_ms"] == pytest.approx(2.8)  # 1,000 + 2,000 us of gaps, 200 us covered
+    assert host_in_gaps([], host)["gaps"] == 0
+
+
+def test_step_labels_name_the_engine_steps_and_are_undone(tmp_path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from batchllm.engine import Engine, SamplingParams
+    from bench.generate import write_tiny_model
+    from bench.profile import labelled, step_labels
+
+    engine = Engine(write_tiny_model(tmp_path / "tiny"), device="cpu", load_format="dummy", seed=0)
+    targets = step_labels(engine)
+    before = {name: getattr(owner, attr) for name, (owner, attr) in targets.items()}
+    prompts = [[*range(1, 19), 20 + i] for i in range(4)]  # one shared prefix, four members
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    plain = [r.token_ids for r in engine.generate(prompts, params)]
+    with labelled(targets), profile(activities=[ProfilerActivity.CPU]) as prof:
+        labelled_ids = [r.token_ids for r in engine.generate(prompts, params)]
+    assert labelled_ids == plain
+    names = {ev.name for ev in prof.events()}
+    for step in ("schedule", "forward", "layout", "attention_prepare", "model", "head_launch", "settle"):
+        assert f"bl::{step}" in names, step
+    assert {name: getattr(owner, attr) for name, (owner, attr) in targets.items()} == before
