@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from batchllm.engine.attention import BatchLayout, KVShape, create_backend
+from batchllm.engine.attention import BatchLayout, KVShape, create_backend, to_device
 from batchllm.engine.model import CausalLM, Rope
 from batchllm.engine.packing import Unit
 from batchllm.engine.runner import build_layout
@@ -99,11 +99,11 @@ class HybridPrefill:
         dev = x.device
         positions = []
         for c, _, layout in steps:
-            x[c.start : c.end] = model.embed_tokens(torch.from_numpy(layout.input_ids).to(dev))
-            positions.append(torch.from_numpy(layout.positions).to(dev))
+            x[c.start : c.end] = model.embed_tokens(to_device(layout.input_ids, dev))
+            positions.append(to_device(layout.positions, dev))
         reads = unit.reads.astype(np.int64)
         if not len(model.layers):
-            return model.norm(x[torch.from_numpy(reads).to(dev)])
+            return model.norm(x[to_device(reads, dev)])
         last = len(model.layers) - 1
         x_read, res_read = x.new_empty(len(reads), hidden), res.new_empty(len(reads), hidden)
         for i, layer in enumerate(model.layers):
@@ -117,9 +117,9 @@ class HybridPrefill:
                     continue
                 # the last layer stores every row's keys and values but projects out only the rows read
                 sel = np.flatnonzero((reads >= c.start) & (reads < c.end))
-                keep = torch.from_numpy(reads[sel] - c.start).to(dev)
+                keep = to_device(reads[sel] - c.start, dev)
                 out, r = layer(rope, xc, rc if i else None, meta, kv=(backend, 0), keep=keep)
-                at = torch.from_numpy(sel).to(dev)
+                at = to_device(sel, dev)
                 x_read[at], res_read[at] = out, r
         return model.norm(x_read, res_read)[0]
 
