@@ -28,6 +28,7 @@ side recorded there instead of ending the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import inspect
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -464,10 +466,10 @@ def git_commit() -> str | None:
 # ---- main ------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def bench_model(args: argparse.Namespace) -> tuple[Path, ModelShape, str]:
+    """The model folder (a tiny config written for 'tiny'), its shape and the run's dtype; sets
+    ``args.model_max_len`` and the run's clock and child processes."""
     args.t_start, args.children = time.time(), []
-    cases = args.case or [Case.parse(c) for c in DEFAULT_CASES]
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -475,31 +477,74 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "tiny":
         folder = write_tiny_model(Path(tempfile.mkdtemp(prefix="bench-tiny-")))
     cfg = json.loads((folder / "config.json").read_text())
-    shape = ModelShape.from_config(cfg, DTYPE_BYTES.get(dtype, 2))
     args.model_max_len = int(cfg.get("max_position_embeddings") or args.max_model_len)
+    return folder, ModelShape.from_config(cfg, DTYPE_BYTES.get(dtype, 2)), dtype
+
+
+def run_meta(args: argparse.Namespace, argv: list[str] | None, dtype: str, **extra: Any) -> dict[str, Any]:
+    """What a results.json says of its run: command, model, dtype, commit, Python, date."""
+    return {
+        "argv": sys.argv if argv is None else argv,
+        "model": str(args.model),
+        "dtype": dtype,
+        **extra,
+        "commit": os.environ.get("BENCH_COMMIT") or git_commit(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def dump(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """results.json under ``--out``, rewritten after each stage."""
+    if args.out:
+        (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+@contextlib.contextmanager
+def recorded(args: argparse.Namespace, result: dict[str, Any]) -> Iterator[None]:
+    """The benchmark's body: a failure is recorded in ``result`` and printed instead of ending the run
+    unrecorded; a SIGTERM (a call's timeout) unwinds here too; vLLM children are killed and the results
+    written whatever happens."""
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except BaseException as e:
+        result["error"] = traceback.format_exc()
+        print(result["error"], file=sys.stderr, flush=True)
+        if not isinstance(e, Exception):
+            raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc in args.children:
+            if proc.poll() is None:
+                proc.kill()
+        result["meta"]["total_s"] = time.time() - args.t_start
+        dump(args, result)
+
+
+def publish(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    """The markdown table: into the results, to stdout and to ``--out``/table.md."""
+    result["table"] = text
+    print(text, flush=True)
+    if args.out:
+        (args.out / "table.md").write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cases = args.case or [Case.parse(c) for c in DEFAULT_CASES]
+    folder, shape, dtype = bench_model(args)
     result: dict[str, Any] = {
-        "meta": {
-            "argv": sys.argv if argv is None else argv,
-            "model": str(args.model),
-            "dtype": dtype,
-            "commit": os.environ.get("BENCH_COMMIT") or git_commit(),
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        },
+        "meta": run_meta(args, argv, dtype),
         "native_engine": {},
         "vllm": {},
         "cases": [],
     }
-
-    def dump() -> None:
-        if args.out:
-            (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-
-    def on_term(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds to the finally below: children killed, JSON written
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
+    with recorded(args, result):
         import torch
 
         meta = result["meta"]
@@ -521,11 +566,11 @@ def main(argv: list[str] | None = None) -> int:
                 {"case": case.label, "spec": case.spec, "seed": args.seed + i, "requests": case.requests}
                 | {"floor": fl.as_dict(), "native": {}, "vllm": {}}
             )
-        dump()
+        dump(args, result)
         native = run_native(args, folder, cases, shape.vocab, dtype, result["native_engine"])
         for i, run in native.items():
             result["cases"][i]["native"] = run
-        dump()
+        dump(args, result)
         ne = result["native_engine"]
         result["vllm"]["gpu_free_before_gib"] = ne.get("gpu_free_after_gib")
         result["vllm"]["gpu_total_gib"] = ne.get("gpu_total_gib")
@@ -538,22 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         for e, case, fl in zip(result["cases"], cases, floors, strict=True):
             for run in [e["native"], *e["vllm"].values()]:
                 figures(run, shape, case, hw, fl)
-        text = table(result["cases"])
-        result["table"] = text
-        print(text, flush=True)
-        if args.out:
-            (args.out / "table.md").write_text(text)
-    except BaseException as e:
-        result["error"] = traceback.format_exc()
-        print(result["error"], file=sys.stderr, flush=True)
-        if not isinstance(e, Exception):
-            raise
-    finally:
-        for proc in args.children:
-            if proc.poll() is None:
-                proc.kill()
-        result["meta"]["total_s"] = time.time() - args.t_start
-        dump()
+        publish(args, result, table(result["cases"]))
     return 1 if "error" in result else 0
 
 

@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -39,13 +35,21 @@ from typing import Any
 from bench.floor import (
     TOKEN_MARGIN,
     Case,
-    ModelShape,
     make_prompts,
     measure_peak,
     shuffled_order,
     workload_flops,
 )
-from bench.generate import DTYPE_BYTES, git_commit, run_peer, supported, timed_repeats, write_tiny_model
+from bench.generate import (
+    bench_model,
+    dump,
+    publish,
+    recorded,
+    run_meta,
+    run_peer,
+    supported,
+    timed_repeats,
+)
 
 MODES = ("packed", "members", "plain")
 
@@ -221,27 +225,10 @@ def table(entries: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.t_start, args.children = time.time(), []
     cases = args.case or [parse_case("4000,150,50,20")]
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-    folder = Path(args.model)
-    if args.model == "tiny":
-        folder = write_tiny_model(Path(tempfile.mkdtemp(prefix="bench-tiny-")))
-    cfg = json.loads((folder / "config.json").read_text())
-    shape = ModelShape.from_config(cfg, DTYPE_BYTES.get(dtype, 2))
-    args.model_max_len = int(cfg.get("max_position_embeddings") or args.max_model_len)
+    folder, shape, dtype = bench_model(args)
     result: dict[str, Any] = {
-        "meta": {
-            "argv": sys.argv if argv is None else argv,
-            "model": str(args.model),
-            "dtype": dtype,
-            "labels": args.labels,
-            "commit": os.environ.get("BENCH_COMMIT") or git_commit(),
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        },
+        "meta": run_meta(args, argv, dtype, labels=args.labels),
         "native_engine": {},
         "vllm": {},
         "cases": [
@@ -249,19 +236,14 @@ def main(argv: list[str] | None = None) -> int:
             for i, c in enumerate(cases)
         ],
     }
-
-    def dump() -> None:
-        if args.out:
-            (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-
-    try:
+    with recorded(args, result):
         big = args.device == "cuda"
         peak = measure_peak(args.device, 8192 if big else 512, dtype, iters=10 if big else 3)
         result["hardware"] = {"peak_flops": peak}
         native = run_native(args, folder, cases, shape.vocab, dtype, result["native_engine"])
         for (i, mode), run in native.items():
             result["cases"][i]["native"][mode] = run
-        dump()
+        dump(args, result)
         ne = result["native_engine"]
         result["vllm"]["gpu_free_before_gib"] = ne.get("gpu_free_after_gib")
         result["vllm"]["gpu_total_gib"] = ne.get("gpu_total_gib")
@@ -274,22 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                     run["mfu"] = (
                         workload_flops(shape, case, run.get("prompt_tokens_computed")) / run["wall_s"] / peak
                     )
-        text = table(result["cases"])
-        result["table"] = text
-        print(text, flush=True)
-        if args.out:
-            (args.out / "table.md").write_text(text)
-    except BaseException as e:
-        result["error"] = traceback.format_exc()
-        print(result["error"], file=sys.stderr, flush=True)
-        if not isinstance(e, Exception):
-            raise
-    finally:
-        for proc in args.children:
-            if proc.poll() is None:
-                proc.kill()
-        result["meta"]["total_s"] = time.time() - args.t_start
-        dump()
+        publish(args, result, table(result["cases"]))
     return 1 if "error" in result else 0
 
 

@@ -1,0 +1,62 @@
+"""The GPU benchmarks' command lines, run end to end on the CPU with a tiny model and no peer: a defect in
+their setup, their tables or their results.json shows here rather than in a device call."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(module: str, out: Path, *args: str) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        module,
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--peer",
+        "none",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert "error" not in result
+    assert (out / "table.md").read_text() == result["table"] and result["table"] in proc.stdout
+    return result
+
+
+def test_generate_bench_on_cpu(tmp_path: Path) -> None:
+    result = run_bench("bench.generate", tmp_path, "--case", "64,16,4,4,2", "--repeat", "2")
+    meta = result["meta"]
+    assert meta["dtype"] == "float32" and meta["commit"] and meta["total_s"] > 0
+    (case,) = result["cases"]
+    run = case["native"]
+    assert run["requests"] == 8 and run["errors"] == 0 and run["wrong_length"] == 0
+    assert run["output_tokens"] == 8 * 4 and len(run["walls_s"]) == 2
+    stats = run["stats"]
+    assert stats["planned_saving_ratio"] == pytest.approx(stats["saving_ratio"]) and stats["saving_ratio"] > 0
+    assert case["floor"]["total_s"] > 0 and 0 < run["efficiency"] < 1
+    assert case["vllm"] == {}  # --peer none: not run, and said so in the table
+    assert "| vLLM sorted | not run |" in result["table"]
+
+
+def test_score_bench_on_cpu(tmp_path: Path) -> None:
+    result = run_bench("bench.score", tmp_path, "--case", "64,16,4,2")
+    assert result["meta"]["labels"] == "single"
+    (case,) = result["cases"]
+    assert set(case["native"]) == {"packed", "members"}
+    for run in case["native"].values():
+        assert run["requests"] == 8 and run["errors"] == 0 and run["mfu"] > 0
+    computed = {mode: run["prompt_tokens_computed"] for mode, run in case["native"].items()}
+    assert computed["packed"] == computed["members"] == 2 * 64 + 8 * 16  # each prefix once
