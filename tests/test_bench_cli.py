@@ -60,3 +60,24 @@ def test_score_bench_on_cpu(tmp_path: Path) -> None:
         assert run["requests"] == 8 and run["errors"] == 0 and run["mfu"] > 0
     computed = {mode: run["prompt_tokens_computed"] for mode, run in case["native"].items()}
     assert computed["packed"] == computed["members"] == 2 * 64 + 8 * 16  # each prefix once
+
+
+def test_a_terminated_generate_bench_keeps_what_it_measured(tmp_path: Path) -> None:
+    """A device call's timeout sends SIGTERM: the run stops, says so, and its results.json stays."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "bench.generate", "--model", "tiny", "--device", "cpu", "--peer", "none"]
+    cmd += ["--case", "256,64,64,8,8", "--repeat", "50", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = tmp_path / "results.json"
+    deadline = time.monotonic() + 120
+    while not results.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the native runs
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    result = json.loads(results.read_text())
+    assert "SystemExit" in result["error"] and result["meta"]["total_s"] > 0
+    assert result["hardware"]["peak_flops"] > 0 and result["cases"][0]["floor"]["total_s"] > 0
