@@ -2,8 +2,12 @@
 # One device call that checks before it times: every GPU test (kernels against the torch reference,
 # backends, graphs and their staging, engine; the fa3 backend's when the vLLM carry folder peer/.vw1 is present), the engine on
 # CUDA against CPU float32 and transformers, and the attention microbenchmark beside FlashAttention-3.
-#   run(carry=["peer/.vw1"], command="bash bench/device_check.sh")
-# Output under $OUT: pytest.txt, gpu_check.json, attention.json, log.txt.
+#   run(carry=["peer/.vw1", "peer/device_setup.sh"], command="bash bench/device_check.sh")
+# Output under $OUT: pytest.txt (every test's line, so a timeout still shows what ran), gpu_check.json,
+# attention.json, log.txt. STAGES picks the parts: the GPU tests alone take about six minutes on a fresh
+# machine (Triton compiles each kernel variant once; 2026-12-05: 37 tests in 300 s), so one call runs
+# them (the default, STAGES=tests) and the next the rest:
+#   run(carry=["peer/.vw1", "peer/device_setup.sh"], command="STAGES='gpu_check attention' bash bench/device_check.sh")
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,13 +18,22 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   # every file with gpu tests, by name: the device has no duckdb, so collecting all of tests/ fails
   GPU_FILES=$(grep -l "mark.gpu" tests/*.py)
-  PYTHONPATH=$PYTHONPATH$SITE timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -rfE -m gpu $GPU_FILES \
-    2>&1 | tail -25 | tee "$OUT/pytest.txt"
-  # the elementwise kernels run on the GPU where there is one (not marked: they run under the interpreter too)
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_elementwise_kernels.py 2>&1 | tail -4 \
-    | tee -a "$OUT/pytest.txt"
-  timeout ${CHECK_TIMEOUT:-200} python3 -m bench.gpu_check --attention torch,triton > "$OUT/gpu_check.json"
-  echo "gpu_check rc=$?"; cat "$OUT/gpu_check.json"
-  PYTHONPATH=$PYTHONPATH$SITE timeout ${ATTN_TIMEOUT:-150} python3 -m bench.attention --json "$OUT/attention.json"
-  echo "attention rc=$?"
+  STAGES=${STAGES:-tests}
+  if [[ " $STAGES " == *" tests "* ]]; then
+    PYTHONPATH=$PYTHONPATH$SITE timeout ${TEST_TIMEOUT:-480} python3 -m pytest -v -p no:cacheprovider -rfE \
+      --durations=15 -m gpu $GPU_FILES > "$OUT/pytest.txt" 2>&1
+    echo "pytest rc=$?"
+    # the elementwise kernels run on the GPU where there is one (not marked: they run under the interpreter too)
+    timeout 90 python3 -m pytest -v -p no:cacheprovider -rfE tests/test_elementwise_kernels.py >> "$OUT/pytest.txt" 2>&1
+    echo "elementwise rc=$?; $(grep -c PASSED "$OUT/pytest.txt") passed"
+    grep -E "FAILED|ERROR" "$OUT/pytest.txt" | head -20; tail -25 "$OUT/pytest.txt"
+  fi
+  if [[ " $STAGES " == *" gpu_check "* ]]; then
+    timeout ${CHECK_TIMEOUT:-200} python3 -m bench.gpu_check --attention torch,triton > "$OUT/gpu_check.json"
+    echo "gpu_check rc=$?"; cat "$OUT/gpu_check.json"
+  fi
+  if [[ " $STAGES " == *" attention "* ]]; then
+    PYTHONPATH=$PYTHONPATH$SITE timeout ${ATTN_TIMEOUT:-150} python3 -m bench.attention --json "$OUT/attention.json"
+    echo "attention rc=$?"
+  fi
 } 2>&1 | tee -a "$OUT/log.txt"
