@@ -495,9 +495,12 @@ def run_meta(args: argparse.Namespace, argv: list[str] | None, dtype: str, **ext
 
 
 def dump(args: argparse.Namespace, result: dict[str, Any]) -> None:
-    """results.json under ``--out``, rewritten after each stage."""
+    """results.json under ``--out``, rewritten after each stage (whole or not at all: a kill mid-write
+    leaves the previous stage's file)."""
     if args.out:
-        (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        part = args.out / "results.json.part"
+        part.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(part, args.out / "results.json")
 
 
 @contextlib.contextmanager
@@ -507,6 +510,7 @@ def recorded(args: argparse.Namespace, result: dict[str, Any]) -> Iterator[None]
     written whatever happens."""
 
     def on_term(signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the first unwinds; a second must not cut the cleanup
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, on_term)
@@ -518,12 +522,12 @@ def recorded(args: argparse.Namespace, result: dict[str, Any]) -> Iterator[None]
         if not isinstance(e, Exception):
             raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
         for proc in args.children:
             if proc.poll() is None:
                 proc.kill()
         result["meta"]["total_s"] = time.time() - args.t_start
         dump(args, result)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def publish(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:

@@ -27,6 +27,7 @@ import argparse
 import bisect
 import contextlib
 import functools
+import inspect
 import itertools
 import json
 import time
@@ -108,16 +109,17 @@ def host_in_gaps(
     spans = busy_spans(intervals)
     gaps = [(a[1], b[0]) for a, b in itertools.pairwise(spans) if b[0] - a[1] >= min_gap_us]
     starts = [s for s, _ in gaps]
-    by_name: dict[str, float] = defaultdict(float)
-    covered: list[tuple[float, float]] = []
+    pieces: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for name, s, e in host:
         i = max(bisect.bisect_right(starts, s) - 1, 0)  # the last gap starting at or before s, then on
         while i < len(gaps) and gaps[i][0] < e:
             lo, hi = max(s, gaps[i][0]), min(e, gaps[i][1])
             if hi > lo:
-                by_name[name] += hi - lo
-                covered.append((lo, hi))
+                pieces[name].append((lo, hi))
             i += 1
+    # a name nested in itself (a recursive call) counts its time once
+    by_name = {n: sum(e - s for s, e in busy_spans(p)) for n, p in pieces.items()}
+    covered = [piece for p in pieces.values() for piece in p]
     total = sum(e - s for s, e in gaps)
     names = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
     return {
@@ -131,11 +133,14 @@ def host_in_gaps(
 def kernel_table(prof: Any) -> dict[str, Any]:
     """Device time per kernel name and per kind (ms), from the profiler's events."""
     per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    intervals, host = [], []
+    intervals: list[tuple[float, float]] = []
+    host: list[tuple[str, float, float]] = []
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             host.append((ev.name, ev.time_range.start, ev.time_range.end))
             continue
+        if getattr(ev, "is_user_annotation", False) or ev.name.startswith(LABEL):
+            continue  # a label's range on the GPU timeline (first to last kernel): not a kernel
         per_name[ev.name][0] += ev.device_time_total / 1e3 if hasattr(ev, "device_time_total") else 0.0
         per_name[ev.name][1] += 1
         intervals.append((ev.time_range.start, ev.time_range.end))
@@ -152,51 +157,68 @@ def kernel_table(prof: Any) -> dict[str, Any]:
     }
 
 
-def step_labels(engine: Any) -> dict[str, tuple[Any, str]]:
-    """The engine's per-step work by name: (owner, attribute) of each function the profile labels."""
+LABEL = "bl::"  # the profile's names for the engine's steps (record_function ranges)
+
+
+def step_labels(engine: Any) -> list[tuple[str, Any, str]]:
+    """The engine's per-step work: (name, owner, attribute) of each function the profile labels. A
+    function imported by name is labelled in each module that calls it (steady decode builds its
+    layouts and settles through its own imports, and samples through ``RowSampling.pick``)."""
     from batchllm.engine import engine as engine_module
     from batchllm.engine import runner as runner_module
+    from batchllm.engine import steady as steady_module
     from batchllm.engine.graphs import DecodeGraphs
-    from batchllm.engine.heads import TokenHead
+    from batchllm.engine.heads import RowSampling, TokenHead
     from batchllm.engine.scheduler import Scheduler
-    from batchllm.engine.steady import SteadyDecode
 
-    model = type(engine.model)
-    return {
-        "schedule": (Scheduler, "schedule"),
-        "on_step_done": (Scheduler, "on_step_done"),
-        "forward": (type(engine), "_forward"),
-        "layout": (runner_module, "build_layout"),
-        "attention_prepare": (type(engine.runner.attention), "prepare"),
-        "model": (model, "forward"),
-        "graph_run": (DecodeGraphs, "run"),
-        "head_launch": (TokenHead, "launch"),
-        "hold": (engine_module, "hold"),
-        "settle": (engine_module, "settle"),
-        "steady_run": (SteadyDecode, "run"),
-    }
+    return [
+        ("schedule", Scheduler, "schedule"),
+        ("on_step_done", Scheduler, "on_step_done"),
+        ("forward", type(engine), "_forward"),
+        ("layout", runner_module, "build_layout"),
+        ("layout", steady_module, "build_layout"),
+        ("attention_prepare", type(engine.runner.attention), "prepare"),
+        ("model", type(engine.model), "forward"),
+        ("graph_run", DecodeGraphs, "run"),
+        ("head_launch", TokenHead, "launch"),
+        ("sample", RowSampling, "pick"),
+        ("hold", engine_module, "hold"),
+        ("settle", engine_module, "settle"),
+        ("settle", steady_module, "settle"),
+        ("steady_run", steady_module.SteadyDecode, "run"),
+    ]
 
 
 @contextlib.contextmanager
-def labelled(targets: dict[str, tuple[Any, str]]) -> Iterator[None]:
-    """Each target function runs inside ``record_function("bl::<name>")`` for the duration."""
-    saved = {name: (owner, attr, getattr(owner, attr)) for name, (owner, attr) in targets.items()}
+def labelled(targets: list[tuple[str, Any, str]]) -> Iterator[None]:
+    """Each target function runs inside ``record_function("bl::<name>")`` for the duration; after, each
+    owner holds exactly what it held before (an inherited method is not left copied onto a subclass)."""
+    saved = []
+    for name, owner, attr in targets:
+        own = vars(owner).get(attr)  # None: inherited, or a module attribute missing (an error below)
+        fn = getattr(owner, attr)
+        if not inspect.isfunction(fn) or isinstance(own, staticmethod | classmethod):
+            raise TypeError(f"labelled: {owner.__name__}.{attr} is not a plain function")
+        saved.append((name, owner, attr, own, fn))
 
     def wrap(name: str, fn: Any) -> Any:
         @functools.wraps(fn)
         def inner(*a: Any, **kw: Any) -> Any:
-            with record_function(f"bl::{name}"):
+            with record_function(LABEL + name):
                 return fn(*a, **kw)
 
         return inner
 
     try:
-        for name, (owner, attr, fn) in saved.items():
+        for name, owner, attr, _, fn in saved:
             setattr(owner, attr, wrap(name, fn))
         yield
     finally:
-        for owner, attr, fn in saved.values():
-            setattr(owner, attr, fn)
+        for _, owner, attr, own, _ in reversed(saved):
+            if own is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, own)
 
 
 def profiled(engine: Any, prompts: list, decode: int) -> dict[str, Any]:

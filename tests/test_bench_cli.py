@@ -7,13 +7,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_bench(module: str, out: Path, *args: str) -> dict:
+def run_bench(module: str, out: Path, *args: str) -> dict[str, Any]:
     cmd = [
         sys.executable,
         "-m",
@@ -74,10 +75,14 @@ def test_a_terminated_generate_bench_keeps_what_it_measured(tmp_path: Path) -> N
     deadline = time.monotonic() + 120
     while not results.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)  # inside the native runs
+    assert results.exists() and proc.poll() is None, "no results.json from a running bench within 120 s"
+    time.sleep(1.0)  # inside the native runs (the whole run takes ~15 s here)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     result = json.loads(results.read_text())
     assert "SystemExit" in result["error"] and result["meta"]["total_s"] > 0
     assert result["hardware"]["peak_flops"] > 0 and result["cases"][0]["floor"]["total_s"] > 0
+    assert result["native_engine"]["engine_kwargs"]["device"] == "cpu"  # stopped in the native runs
+    assert result["cases"][0]["native"] == {}  # unfinished: nothing claimed for it
+    assert not (tmp_path / "results.json.part").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.profile import host_in_gaps, idle_gaps, kind_of
@@ -48,9 +50,17 @@ def test_host_in_gaps_by_hand() -> None:
     bare = host_in_gaps(kernels, [("bl::schedule", 150, 350)])
     assert bare["uncovered_ms"] == pytest.approx(2.8)  # 1,000 + 2,000 us of gaps, 200 us covered
     assert host_in_gaps([], host)["gaps"] == 0
+    # an event over both counted gaps (and the short one between them), one starting inside the short
+    # gap, and a name nested in itself (a recursive call): counted once
+    wide = host_in_gaps(
+        kernels,
+        [("wide", 10, 3450), ("from_short", 1250, 1500), ("rec", 2000, 2600), ("rec", 2100, 2200)],
+    )
+    assert wide["by_name_ms"] == pytest.approx({"wide": 3.0, "from_short": 0.1, "rec": 0.6})
+    assert wide["uncovered_ms"] == pytest.approx(0.0)
 
 
-def test_step_labels_name_the_engine_steps_and_are_undone(tmp_path) -> None:
+def test_step_labels_name_the_engine_steps_and_are_undone(tmp_path: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from batchllm.engine import Engine, SamplingParams
@@ -59,7 +69,11 @@ def test_step_labels_name_the_engine_steps_and_are_undone(tmp_path) -> None:
 
     engine = Engine(write_tiny_model(tmp_path / "tiny"), device="cpu", load_format="dummy", seed=0)
     targets = step_labels(engine)
-    before = {name: getattr(owner, attr) for name, (owner, attr) in targets.items()}
+
+    def held() -> list[tuple[bool, object]]:  # what each owner itself holds (not what it inherits)
+        return [(attr in vars(owner), vars(owner).get(attr)) for _, owner, attr in targets]
+
+    before = held()
     prompts = [[*range(1, 19), 20 + i] for i in range(4)]  # one shared prefix, four members
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     plain = [r.token_ids for r in engine.generate(prompts, params)]
@@ -69,4 +83,24 @@ def test_step_labels_name_the_engine_steps_and_are_undone(tmp_path) -> None:
     names = {ev.name for ev in prof.events()}
     for step in ("schedule", "forward", "layout", "attention_prepare", "model", "head_launch", "settle"):
         assert f"bl::{step}" in names, step
-    assert {name: getattr(owner, attr) for name, (owner, attr) in targets.items()} == before
+    assert held() == before
+
+
+def test_labelled_leaves_inherited_methods_inherited() -> None:
+    from bench.profile import labelled
+
+    class Base:
+        def step(self) -> int:
+            return 1
+
+    class Child(Base):
+        pass
+
+    with labelled([("step", Child, "step")]):
+        assert "step" in vars(Child) and Child().step() == 1
+    assert "step" not in vars(Child) and Child.step is Base.step
+    with (
+        pytest.raises(TypeError, match="not a plain function"),
+        labelled([("n", Child, "__init_subclass__")]),
+    ):
+        pass
