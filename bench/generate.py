@@ -210,11 +210,30 @@ def graph_info(engine: Any) -> dict[str, Any] | None:
     return {"captured": captured, "eager_only": eager, "padded": padded, "layer_gemm_us": cost_us}
 
 
+ALLOCATOR_COUNTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def allocator_counts(device: str) -> dict[str, int]:
+    """The CUDA caching allocator's counters that mean a wait: a retry frees cached blocks (cudaFree
+    synchronizes the device) and a new device allocation may; empty on the CPU."""
+    if device != "cuda":
+        return {}
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTS}
+
+
+def counts_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """What the counters added between two readings."""
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
 def native_run(
     engine: Any, case: Case, vocab: int, seed: int, device: str, repeat: int = 1
 ) -> dict[str, Any]:
     """Timed generates of the case (prompts in a random order), ``repeat`` times; throughput, stats and
-    the time split of the last, the wall time and Triton compiles of each."""
+    the time split of the last, the wall time, Triton compiles and allocator counts of each."""
     from batchllm.engine import SamplingParams
 
     prompts = make_prompts(case, vocab, seed)
@@ -223,9 +242,10 @@ def native_run(
     for k, w in enumerate(warmup_cases(case)):
         warm = list(make_prompts(w, vocab, seed + 10_000 + k))
         engine.generate(warm, SamplingParams(max_tokens=w.decode, ignore_eos=True))
-    walls, compiles = [], []
+    walls, compiles, allocator = [], [], []
     for _ in range(repeat):  # later repeats: the same run on a warmer process (variance, caches)
         sync(device)
+        before = allocator_counts(device)
         with compile_log() as log:
             t = time.perf_counter()
             results = engine.generate(shuffled, params)
@@ -233,6 +253,7 @@ def native_run(
             wall = time.perf_counter() - t
         walls.append(wall)
         compiles.append(log.as_dict())
+        allocator.append(counts_since(before, allocator_counts(device)))
     stats = engine.stats
     s = stats.as_dict() if hasattr(stats, "as_dict") else dict(vars(stats))
     out_tokens = sum(len(r.token_ids) for r in results)
@@ -251,6 +272,7 @@ def native_run(
         "stats": s,
         "walls_s": walls,
         "compiles": compiles,
+        "allocator": allocator,
         "graphs": graph_info(engine),
     }
     steps, decode_steps = s.get("steps"), s.get("decode_steps")
@@ -291,9 +313,10 @@ def run_native(
                 fails = f", {r['wrong_length']} FAILED: {r['first_error']}" if r["wrong_length"] else ""
                 walls = ", ".join(f"{w:.2f}" for w in r["walls_s"])
                 comp = ", ".join(f"{c['count']} ({c['seconds']:.1f} s)" for c in r["compiles"])
+                alloc = "; ".join(", ".join(f"{k[4:]} {v}" for k, v in a.items()) for a in r["allocator"])
                 print(
                     f"NATIVE {case.label}: {r['wall_s']:.2f} s, {r['req_per_s']:.2f} req/s{fails}; "
-                    f"walls {walls}; Triton compiles {comp}",
+                    f"walls {walls}; Triton compiles {comp}" + (f"; allocator {alloc}" if alloc else ""),
                     flush=True,
                 )
             except Exception:

@@ -40,7 +40,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.floor import Case, make_prompts, shuffled_order
-from bench.generate import warmup_case
+from bench.generate import allocator_counts, counts_since, warmup_case
 
 KINDS = (
     ("attention", ("_attention_kernel", "_reduce_kernel", "attn", "flash")),
@@ -226,6 +226,7 @@ def profiled(engine: Any, prompts: list, decode: int) -> dict[str, Any]:
 
     params = SamplingParams(max_tokens=decode, ignore_eos=True)
     torch.cuda.synchronize()
+    before = allocator_counts("cuda")
     with (
         labelled(step_labels(engine)),
         profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof,
@@ -234,9 +235,10 @@ def profiled(engine: Any, prompts: list, decode: int) -> dict[str, Any]:
         engine.generate(prompts, params)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
+    allocator = counts_since(before, allocator_counts("cuda"))
     stats = engine.stats
     s = stats.as_dict() if hasattr(stats, "as_dict") else dict(vars(stats))
-    return {"wall_s": wall, "stats": s, **kernel_table(prof)}
+    return {"wall_s": wall, "stats": s, "allocator": allocator, **kernel_table(prof)}
 
 
 def main() -> None:
@@ -295,6 +297,7 @@ def main() -> None:
             f"host during the {host['gaps']} gaps of >= 1 ms ({host['gap_ms']:.1f} ms; "
             f"{host['uncovered_ms']:.1f} ms under no host event), ms by name (inclusive): {names}"
         )
+        print(f"allocator during the run: {report[phase]['allocator']}")
         print(f"top kernels, {phase}:")
         for row in report[phase]["top"][:18]:
             print(f"  {row['ms']:9.1f} ms {row['calls']:7d}x {row['kind']:11s} {row['name']}")

@@ -45,6 +45,7 @@ def test_generate_bench_on_cpu(tmp_path: Path) -> None:
     run = case["native"]
     assert run["requests"] == 8 and run["errors"] == 0 and run["wrong_length"] == 0
     assert run["output_tokens"] == 8 * 4 and len(run["walls_s"]) == 2
+    assert run["allocator"] == [{}, {}]  # the CUDA allocator's counters, per run; none on the CPU
     stats = run["stats"]
     assert stats["planned_saving_ratio"] == pytest.approx(stats["saving_ratio"]) and stats["saving_ratio"] > 0
     assert case["floor"]["total_s"] > 0 and 0 < run["efficiency"] < 1
