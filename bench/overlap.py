@@ -21,7 +21,8 @@ measures whether the GPU overlaps them, per layer, in ms (CUDA graphs):
 
 `--carveout 0,16,24` repeats every case with the GEMMs told to leave that many SMs free (cuBLASLt's
 SM count target, torch's experimental carveout; 0: none): a GEMM that fills every SM leaves the
-attention kernel no room to run beside it.
+attention kernel no room to run beside it. The closing table sets each run's overlapped layer against
+the serial layer without a carveout (below 1: a decode step split in two halves would gain).
 
 Cases: `a900` is (a)'s decode step at 900k KV (100 groups x 16 members, P=2000,
 304 own tokens); `a205` the step at 205k KV (27 groups of 16, 256 own tokens).
@@ -141,6 +142,22 @@ def run_case(name: str, iters: int, weights: dict[str, torch.Tensor]) -> dict:
     return res
 
 
+def against_uncarved(cases: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Each run's overlapped layer (halves, chain, pingpong) against the serial layer *without* a
+    carveout: what a decode step would pay against what it pays now (a carveout slows the GEMMs, so a
+    ratio against its own serial layer flatters it). Keys are "case/carveout=N"; only cases whose sweep
+    includes carveout 0 are compared."""
+    out: dict[str, dict[str, float]] = {}
+    for key, res in cases.items():
+        name = key.split("/")[0]
+        base = cases.get(f"{name}/carveout=0")
+        if base is None:
+            continue
+        serial = base["ms"]["serial"]
+        out[key] = {op: round(res["ms"][op] / serial, 3) for op in ("halves", "chain", "pingpong")}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="also write the result here")
@@ -160,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.cases.split(","):
             print(f"# carveout {carveout}", flush=True)
             out["cases"][f"{name}/carveout={carveout}"] = run_case(name, args.iters, weights)
+    out["vs_uncarved_serial"] = against_uncarved(out["cases"])
+    print("| case / carveout | halves | chain | pingpong |  (layer ms / serial layer ms without carveout)")
+    print("|---|---|---|---|")
+    for key, r in out["vs_uncarved_serial"].items():
+        print(f"| {key} | {r['halves']} | {r['chain']} | {r['pingpong']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
