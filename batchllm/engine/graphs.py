@@ -105,10 +105,10 @@ class DecodeGraphs:
         self.graphs: dict[Key, _Graph] = {}
         self.max_blocks = -(-model.rope.shape[0] // backend.shape.block_size)
         self.device = model.embed_tokens.weight.device
-        self.on_cuda = self.device.type == "cuda"
-        self.pool = torch.cuda.graph_pool_handle() if self.on_cuda else None
-        # captures run their warm-up and record on this stream, not on the engine's
-        self.stream = torch.cuda.Stream(device=self.device) if self.on_cuda else None
+        on_cuda = self.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if on_cuda else None
+        # captures run their warm-up and record on this stream, not on the engine's (None: no captures)
+        self.stream = torch.cuda.Stream(device=self.device) if on_cuda else None
         self.failed: tuple[torch.cuda.CUDAGraph, Exception] | None = None  # a recording that raised
 
     def fits(self, layout: BatchLayout) -> bool:
@@ -138,7 +138,7 @@ class DecodeGraphs:
             g.graph.replay()
             assert g.hidden is not None
             return g.hidden[:n]
-        if g.steps >= CAPTURE_AT and self.on_cuda and self.failed is None:
+        if g.steps >= CAPTURE_AT and self.stream is not None and self.failed is None:
             return self._capture(g)[:n]
         return self.model(g.input_ids, g.staging.device["positions"], g.meta)[:n]
 
