@@ -29,11 +29,11 @@ class LabelScorer:
     def __init__(self, labels: LabelSet, num_items: int, device: torch.device) -> None:
         self.labels = labels
         self.acc = torch.zeros(num_items, labels.num_labels, dtype=torch.float32, device=device)
-        self.first = torch.from_numpy(labels.first_tokens).to(device)
+        self.first = to_device(labels.first_tokens, device)
         nodes = labels.term_reader > 0
-        self.term_node = torch.from_numpy(labels.term_reader[nodes] - 1).to(device)
-        self.term_label = torch.from_numpy(labels.term_label[nodes]).to(device)
-        self.term_token = torch.from_numpy(labels.term_token[nodes]).to(device)
+        self.term_node = to_device(labels.term_reader[nodes] - 1, device)
+        self.term_label = to_device(labels.term_label[nodes], device)
+        self.term_token = to_device(labels.term_token[nodes], device)
 
     @torch.inference_mode()
     def add(self, model: Any, hidden: torch.Tensor, items: np.ndarray, readers: np.ndarray) -> None:

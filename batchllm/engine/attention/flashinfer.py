@@ -34,7 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchllm.engine.attention.base import AttentionBackend, BatchLayout, KVShape, require_cuda_half
+from batchllm.engine.attention.base import (
+    AttentionBackend,
+    BatchLayout,
+    KVShape,
+    require_cuda_half,
+    to_device,
+)
 from batchllm.kernels.paged import store_kv
 
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace per wrapper (split-KV partials)
@@ -99,7 +105,7 @@ def _rows(token_rows: np.ndarray, device: torch.device) -> torch.Tensor | slice:
     """Row selector: a slice when the rows are one contiguous run (no gather, no scatter)."""
     if token_rows.size and token_rows[-1] - token_rows[0] + 1 == token_rows.size:
         return slice(int(token_rows[0]), int(token_rows[-1]) + 1)
-    return torch.from_numpy(token_rows.astype(np.int64)).to(device, non_blocking=True)
+    return to_device(token_rows.astype(np.int64), device)
 
 
 class FlashInferBackend(AttentionBackend):
@@ -153,7 +159,7 @@ class FlashInferBackend(AttentionBackend):
             rows = slice(first, int(cu[-1]))  # groups are the step's last rows, group by group
             prefix = Launch(rows, _host(cu[layout.group_seqs] - first), *map(_host, kv))
         return FlashInferMeta(
-            slot_mapping=torch.from_numpy(layout.slot_mapping).to(dev, non_blocking=True),
+            slot_mapping=to_device(layout.slot_mapping, dev),
             num_tokens=layout.num_tokens,
             decode=own(np.flatnonzero(one)),
             prefill=own(np.flatnonzero(~one)),
