@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, config in enumerate(ours.config):
             CONFIG_OVERRIDE.clear()
             CONFIG_OVERRIDE.update(config)
+            if engine.runner.graphs is not None:  # captured graphs replay the configuration they were
+                engine.runner.graphs.reset()  # recorded with: this one's decode steps capture anew
             with compile_log() as log:
                 if ours.bench == "score":
                     run = score.native_run(engine, case, ours.mode, args, vocab, args.seed)

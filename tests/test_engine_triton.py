@@ -72,3 +72,9 @@ def test_decode_steps_on_graph_buffers_equal_the_reference(tmp_path, monkeypatch
     assert graphs.captured() == [] and engine.stats.steady_steps > 0
     # 15 rows and fewer padded to 16, three groups in four slots, 16 table columns (the longest has 6)
     assert (16, 4, 16) in graphs.graphs and {width for *_, width in graphs.graphs} == {16}
+    # a reset drops every key's buffers (bench.config_ab: graphs keep the launch configuration they were
+    # recorded with); the next run builds them again and decodes the same tokens
+    graphs.reset()
+    assert graphs.graphs == {}
+    assert [r.token_ids for r in engine.generate(prompts, params)] == [r.token_ids for r in want]
+    assert (16, 4, 16) in graphs.graphs

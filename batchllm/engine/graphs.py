@@ -151,6 +151,13 @@ class DecodeGraphs:
         size = self.run_at[next(s for s in self.sizes if s >= rows)]
         return step_key(size, groups, max_kv_len, self.backend.shape.block_size, self.max_blocks)
 
+    def reset(self) -> None:
+        """Drop every key's buffers and graph: each key's next steps run eagerly and capture again, under
+        the launch heuristics in force then (a graph keeps the kernel configurations it was recorded
+        with, so an A/B of attention configurations in one engine resets between them: bench.config_ab).
+        The measured padding stays."""
+        self.graphs.clear()
+
     def captured(self) -> list[Key]:
         """The keys whose graph is captured; the others ran eagerly so far."""
         return sorted(key for key, g in self.graphs.items() if g.graph is not None)
