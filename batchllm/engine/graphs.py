@@ -155,7 +155,7 @@ class DecodeGraphs:
         """Drop every key's buffers and graph: each key's next steps run eagerly and capture again, under
         the launch heuristics in force then (a graph keeps the kernel configurations it was recorded
         with, so an A/B of attention configurations in one engine resets between them: bench.config_ab).
-        The measured padding stays."""
+        The measured padding stays, and so does a failed recording: its steps stay eager."""
         self.graphs.clear()
 
     def captured(self) -> list[Key]:
