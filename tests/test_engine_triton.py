@@ -44,8 +44,9 @@ def test_decode_steps_on_graph_buffers_equal_the_reference(tmp_path, monkeypatch
     folder = write_tiny_model(tmp_path / "tiny")
     rng = np.random.default_rng(1)
     prompts = []
-    for members in (5, 4, 4):  # three groups of 64 shared tokens (two-level pays), then two plain
-        prefix = rng.integers(4, 500, 64).tolist()
+    # three groups of 80 shared tokens (two-level pays with 3 members left too), then two plain
+    for members in (5, 4, 4):
+        prefix = rng.integers(4, 500, 80).tolist()
         prompts += [prefix + rng.integers(4, 500, int(rng.integers(2, 6))).tolist() for _ in range(members)]
     prompts += [rng.integers(4, 500, 12).tolist() for _ in range(2)]
     kw = dict(device="cpu", load_format="dummy", kv_cache_tokens=2048)

@@ -113,6 +113,92 @@ def test_ended_sequences_ride_on_as_padding(
     assert all(r.latency_s > 0 for r in riding)
 
 
+def _first_unseen(tokens: list[int], at: int) -> int:
+    """An id the request samples first at or after ``at``: as a stop id it ends the request there."""
+    return next(tokens[k] for k in range(at, len(tokens)) if tokens[k] not in tokens[:k])
+
+
+def _observer(layouts: list, scratch_slot: int) -> Callable:
+    """Records each step's layout as the model runs it: a decode step's live rows (position, prefix
+    length; padding rows write to the scratch block) and its groups; a prefill step's groups."""
+
+    def observe(layout) -> None:
+        if not layout.is_decode:
+            layouts.append(("prefill", layout.num_groups))
+            return
+        live = layout.slot_mapping != scratch_slot
+        rows = sorted(zip(layout.positions[live].tolist(), layout.start_pos[live].tolist(), strict=True))
+        layouts.append((rows, layout.num_groups))
+
+    return observe
+
+
+def _loop_and_riding(engine: Engine, prompts, params, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The engine's own step loop, then steady runs with ended rows riding (a GPU's graph sizes): per run
+    the results, steps, steady steps and the layouts each step ran."""
+    runs = []
+    for loop in (True, False):
+        layouts: list = []
+        observe = _observer(layouts, engine.runner.attention.scratch_block * engine.block_size)
+        engine.runner.observers.append(observe)
+        engine.runner.graphs = None if loop else PaddedSizes(8)  # type: ignore[assignment]
+        with monkeypatch.context() as m:
+            if loop:
+                m.setattr(Scheduler, "steady", lambda self, batch, ended: False)
+            results = engine.generate(prompts, params)
+        engine.runner.observers.remove(observe)
+        runs.append((_fields(results), engine.stats.steps, engine.stats.steady_steps, layouts))
+    return runs
+
+
+def test_rows_do_not_ride_while_admission_waits(tmp_path, monkeypatch: pytest.MonkeyPatch, checked) -> None:
+    """A row that ends inside a steady run while requests wait for KV hands the run back: the loop admits
+    into the KV it frees at the next step, so a riding row would hold admission back until the run's end
+    (here 318 steps against the loop's 197)."""
+    from bench.generate import write_tiny_model
+
+    engine = Engine(write_tiny_model(tmp_path / "tiny"), device="cpu", load_format="dummy", seed=0,
+                    kv_cache_tokens=512, enable_sharing=False)  # fmt: skip
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 512, 20).tolist() for _ in range(16)]
+    free = engine.generate(prompts, SamplingParams(max_tokens=80, ignore_eos=True))
+    params = [
+        SamplingParams(
+            max_tokens=80, ignore_eos=True, stop_token_ids=[_first_unseen(r.token_ids, 5)] * (i % 2)
+        )
+        for i, r in enumerate(free)
+    ]
+    (loop, loop_steps, _, loop_layouts), (riding, steps, steady, layouts) = _loop_and_riding(
+        engine, prompts, params, monkeypatch
+    )
+    assert riding == loop and steady > 0
+    assert {r["finish_reason"] for r in riding} == {"stop", "length"}
+    assert steps == loop_steps and layouts == loop_layouts
+
+
+def test_a_run_after_ends_keeps_the_loops_two_level_choice(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two members share a prefix and one ends at a stop id: the step after the end runs the other one
+    plain (a group of one reads its prefix itself), in a steady run as in the loop."""
+    from bench.generate import write_tiny_model
+
+    engine = Engine(write_tiny_model(tmp_path / "tiny"), device="cpu", load_format="dummy", seed=0)
+    rng = np.random.default_rng(2)
+    prefix = rng.integers(3, 512, 144).tolist()
+    prompts = [prefix + rng.integers(3, 512, 3 + i).tolist() for i in range(2)]
+    free = engine.generate(prompts, SamplingParams(max_tokens=30, ignore_eos=True))
+    stop = _first_unseen(free[0].token_ids, 5)
+    params = [
+        SamplingParams(max_tokens=30, ignore_eos=True, stop_token_ids=[stop]),
+        SamplingParams(max_tokens=30),
+    ]
+    (loop, _, _, loop_layouts), (riding, _, steady, layouts) = _loop_and_riding(
+        engine, prompts, params, monkeypatch
+    )
+    assert riding == loop and steady > 0 and len(riding[0]["token_ids"]) < 30
+    assert layouts == loop_layouts
+    assert loop_layouts[-1][1] == 0  # the member going on alone runs plain
+
+
 def test_steady_runs_every_decode_step_it_can(default_model_path) -> None:
     """Equal lengths, no EOS: the engine's loop books the first token (prefill), the first decode step
     (it finds the run) and the last (ends by length); steady decode runs every step between."""

@@ -16,9 +16,11 @@ have left them in:
   own and the stop rule alone decides who ends.
 
 A sequence that ends inside a run rides on as a padding row (one key, written to the scratch block,
-its outputs dropped) when its step runs as the loop's would without it: the same CUDA graph (padded
-size, group slots, table width; the row costs nothing there: the graph pads to that size anyway) and
-the same two-level choice for its group. Its tokens and its finish are booked when the run hands back
+its outputs dropped) when its step runs as the loop's would without it: nothing waits for admission
+(the loop would admit into the KV the row frees), the same CUDA graph (padded size, group slots, table
+width; the row costs nothing there: the graph pads to that size anyway) and the same two-level choice
+for its group. A run that starts right after a step that ended sequences starts only where the groups
+going on keep that step's two-level choices. Its tokens and its finish are booked when the run hands back
 (``finished``).
 
 Requests with stop strings never run steady (a stop string needs the text of every token).
@@ -26,6 +28,7 @@ Requests with stop strings never run steady (a stop string needs the text of eve
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -114,6 +117,11 @@ class SteadyDecode:
         self.group = np.array([s.group_id if k else -1 for s, k in zip(self.seqs, shared, strict=True)])
         self.prefix = {g: k for g, k in zip(self.group.tolist(), shared, strict=True) if g >= 0}
         self.two_level = {c.seq.group_id: c.two_level for c in self.chunks if c.seq.num_shared_tokens}
+        # the engine's last step chose two-level attention per group counting the rows that ended with
+        # it; where the rows going on would choose otherwise, the engine schedules the next step itself
+        members = Counter(g for g in self.group.tolist() if g >= 0)
+        if any(two_level_pays(m, self.prefix[g]) != self.two_level[g] for g, m in members.items()):
+            self.max_steps = 0
 
     def run(self, pending: Pending, stats: EngineStats, clock: Callable[[], float]) -> Handover:
         """Steps until one of the conditions of the module docstring; each step's time goes to stats."""
@@ -169,8 +177,11 @@ class SteadyDecode:
 
     def _rides(self, ending: np.ndarray) -> bool:
         """May the rows that end stay in the run as padding? Where the loop would run the same step without
-        them: a CUDA graph of the same key (padded size, group slots, table width), and every group keeps
-        its two-level choice."""
+        them: nothing waits for admission (the loop would admit into the KV they free at its next step;
+        a riding row keeps its blocks until the run hands back), a CUDA graph of the same key (padded
+        size, group slots, table width), and every group keeps its two-level choice."""
+        if not self.scheduler.admission.idle:
+            return False
         live = ~self.dead
         live[ending] = False
         graphs, n = self.runner.graphs, int(live.sum())
