@@ -28,7 +28,6 @@ Requests with stop strings never run steady (a stop string needs the text of eve
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -119,8 +118,7 @@ class SteadyDecode:
         self.two_level = {c.seq.group_id: c.two_level for c in self.chunks if c.seq.num_shared_tokens}
         # the engine's last step chose two-level attention per group counting the rows that ended with
         # it; where the rows going on would choose otherwise, the engine schedules the next step itself
-        members = Counter(g for g in self.group.tolist() if g >= 0)
-        if any(two_level_pays(m, self.prefix[g]) != self.two_level[g] for g, m in members.items()):
+        if not self._choices_hold(np.ones(n, dtype=bool), set(self.prefix)):
             self.max_steps = 0
 
     def run(self, pending: Pending, stats: EngineStats, clock: Callable[[], float]) -> Handover:
@@ -187,15 +185,21 @@ class SteadyDecode:
         graphs, n = self.runner.graphs, int(live.sum())
         if graphs is None or n == 0:  # without graphs a step computes only its live rows
             return False
-        for g in set(self.group[ending].tolist()) - {-1}:
-            members = int((live & (self.group == g)).sum())
-            if members and two_level_pays(members, self.prefix[g]) != self.two_level[g]:
-                return False
+        if not self._choices_hold(live, set(self.group[ending].tolist()) - {-1}):
+            return False
         # the next step's KV lengths: live rows one position further, dead ones frozen at one key
         kv = np.where(live, self.pos + 2, self.layout.start_pos + 1)
         groups = len({g for g in self.group[live].tolist() if g >= 0 and self.two_level[g]})
         riding = graphs.key(len(self.seqs), self.layout.num_groups, int(kv.max()))
         return riding is not None and riding == graphs.key(n, groups, int(kv[live].max()))
+
+    def _choices_hold(self, live: np.ndarray, groups: set[int]) -> bool:
+        """Would each of ``groups`` keep its two-level choice with only its ``live`` rows in the step?"""
+        for g in groups:
+            members = int((live & (self.group == g)).sum())
+            if members and two_level_pays(members, self.prefix[g]) != self.two_level[g]:
+                return False
+        return True
 
     def _dead_ids(self) -> set[int]:
         return {self.seqs[i].seq_id for i in np.flatnonzero(self.dead).tolist()}
