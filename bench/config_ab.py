@@ -26,7 +26,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = args.case or [score.parse_case("4000,150,50,20") if ours.bench == "score" else None]
     case = cases[0]
     assert case is not None, "generate: give --case"
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    folder = Path(args.model)
-    if args.model == "tiny":
-        folder = generate.write_tiny_model(Path(tempfile.mkdtemp(prefix="bench-tiny-")))
-    cfg = json.loads((folder / "config.json").read_text())
-    vocab = int(cfg["vocab_size"])
-    args.model_max_len = int(cfg.get("max_position_embeddings") or args.max_model_len)
+    folder, shape, dtype = generate.bench_model(args)
+    vocab = shape.vocab
     kw, _ignored = generate.supported(Engine, module.engine_kwargs(args, dtype))
     engine = Engine(folder, **kw)
     from batchllm.kernels.paged import CONFIG_OVERRIDE  # after the engine: it sets up Triton on CPU
