@@ -65,9 +65,8 @@ class HybridPrefill:
 
     @property
     def _residual_dtype(self) -> torch.dtype:
-        """The residual stream's dtype (the model's layers say; their own dtype by default)."""
-        layers = self.model.layers
-        return (layers[0].residual_dtype if len(layers) else None) or self.storage.dtype
+        """The residual stream's dtype (the model says; the storage's dtype by default)."""
+        return self.model.residual_dtype or self.storage.dtype
 
     def capacity(self) -> int:
         """The longest sequence the borrowed memory holds."""

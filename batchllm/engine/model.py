@@ -230,9 +230,11 @@ class CausalLM(nn.Module):
                 m.fused = on
 
     fused = False
+    residual_dtype: torch.dtype | None = None  # the layers' residual stream (None: the model's dtype)
 
     def set_residual_dtype(self, dtype: torch.dtype | None) -> None:
         """Carry the residual stream in dtype (None: the model's own); norms take and return it."""
+        self.residual_dtype = dtype
         for layer in self.layers:
             layer.residual_dtype = dtype
 
