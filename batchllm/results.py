@@ -63,6 +63,13 @@ def results_schema(
     )
 
 
+def run_schema(spec: JobSpec, rows: pa.Schema) -> pa.Schema:
+    """The results schema of a run whose rendered rows (``render.render_rows``) have ``rows``' types."""
+    keys = {name: rows.field(name).type for name in KEY_COLUMNS if name in rows.names}
+    fmt = spec.task.format
+    return results_schema(rows.field("id").type, keys, typed.typed_fields(fmt) if fmt else None)
+
+
 def result_rows(spec: JobSpec, prepared: Prepared, indices: list[int], outcomes: list[Outcome]) -> pa.Table:
     """Result rows of every row whose prompt is among ``indices``; duplicates fan out."""
     if len(indices) != len(outcomes):
@@ -87,9 +94,9 @@ def check_typed_columns(spec: JobSpec) -> None:
     fmt = spec.task.format
     if fmt is None or fmt.columns != "flat":
         return
-    taken = set(results_schema(pa.int64()).names) | set(KEY_COLUMNS)
+    taken = {name.lower() for name in (*results_schema(pa.int64()).names, *KEY_COLUMNS)}
     for f in typed.typed_fields(fmt):
-        if f.name in taken:
+        if f.name.lower() in taken:  # DuckDB's names ignore case
             raise SpecError(
                 f"task.format: field {f.name!r} would replace the results column of that name "
                 "(rename it, or use columns: struct)"
@@ -106,7 +113,8 @@ def count_status(table: pa.Table) -> tuple[int, int]:
 def _rows(spec: JobSpec, prepared: Prepared, positions: list[int], outcomes: list[Outcome]) -> pa.Table:
     rows = prepared.prompts.rows.take(pa.array(positions, pa.int64()))
     n = len(positions)
-    keys = {name: rows.schema.field(name).type for name in KEY_COLUMNS if name in rows.column_names}
+    schema = run_schema(spec, rows.schema)
+    keys = [name for name in KEY_COLUMNS if name in rows.column_names]
     fmt = spec.task.format
     typed_cols: dict[str, Any] = {}
     errors = [o.error for o in outcomes]
@@ -115,7 +123,6 @@ def _rows(spec: JobSpec, prepared: Prepared, positions: list[int], outcomes: lis
             fmt, [o.output for o in outcomes], [o.finish_reason for o in outcomes]
         )
         errors = [e or v for e, v in zip(errors, invalid, strict=True)]
-    schema = results_schema(rows.schema.field("id").type, keys, typed.typed_fields(fmt) if fmt else None)
     lens = prepared.prompts.lengths
     row_prompt = prepared.prompts.row_prompt
     prompt_tokens = [

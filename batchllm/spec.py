@@ -268,7 +268,7 @@ class JobSpec(_Strict):
                 "output.database: results would vanish in ':memory:'; set output.database "
                 "(or source.database) to a DuckDB file"
             )
-        if self.output.table.split(".")[-1] == self.output.runs_table.split(".")[-1]:
+        if self.output.table.split(".")[-1].lower() == self.output.runs_table.split(".")[-1].lower():
             raise ValueError("output.runs_table: must differ from output.table")
         return self
 

@@ -34,6 +34,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from batchllm import typed
 from batchllm.connection import WarehouseError, open_database, transaction
 from batchllm.faults import pause_point
 from batchllm.spec import JobSpec, SpecError, check_identifier, validate_columns
@@ -272,9 +273,8 @@ def load(spec: JobSpec, run: dict[str, Any]) -> int:
                 written = int(scalar(con, sql("count_rows", table=staging)))
                 con.execute(sql("create_like", table=results, like=staging))
                 statement = "replace_results" if spec.output.mode == "replace" else "merge_results"
-                if statement == "merge_results":  # merged by name: both sides get the other's columns
+                if statement == "merge_results":  # merged by name: the table gains the run's new columns
                     _widen(con, results, staging)
-                    _widen(con, staging, results)
                 con.execute(sql(statement, table=results, staging=staging))
                 con.execute(sql("drop_table", table=staging))
             elif spec.output.mode == "replace" and table_exists(con, results):
@@ -286,15 +286,72 @@ def load(spec: JobSpec, run: dict[str, Any]) -> int:
     return written
 
 
-def _columns_of(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
-    return [d[0] for d in con.execute(sql("columns", table=table)).description]
+def _column_types(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, tuple[str, str]]:
+    """Lowercased column name -> (name, DuckDB type) of a table or registered batch (names ignore case)."""
+    relation = con.sql(sql("columns", table=table))
+    return {name.lower(): (name, str(t)) for name, t in zip(relation.columns, relation.types, strict=True)}
 
 
 def _widen(con: duckdb.DuckDBPyConnection, table: str, like: str) -> None:
     """Give ``table`` the columns of ``like`` it lacks (NULL in its rows): a table written by an
     older version takes a newer version's rows instead of failing the run at its last step."""
-    if set(_columns_of(con, like)) - set(_columns_of(con, table)):
+    if set(_column_types(con, like)) - set(_column_types(con, table)):
         con.execute(sql("widen_table", table=table, like=like))
+
+
+RESULTS_MARKS = ("id", "prompt_hash", "status", "run_id")  # columns every results table has
+
+
+def check_output(spec: JobSpec, schema: pa.Schema) -> None:
+    """Before any model work: the output table's schema exists, and a table already there is a results
+    table whose columns take this run's values (``schema``) unchanged.
+
+    Raises SpecError naming the field to change. A table that is not a results table (the source
+    table itself, say) would be overwritten; a column of another type would be cast at the last step
+    (DOUBLE ids rounded into an INTEGER column collide) or fail it after all the inference.
+    """
+    table, database = spec.output.table, spec.output_database
+    schema_name, _ = _split(table)
+    if not Path(database).exists():
+        if schema_name != "main":
+            raise SpecError(f"output.table: schema {schema_name!r} does not exist in {database!r}")
+        return
+    with connect(database) as con:
+        if schema_name != "main" and not scalar(con, sql("schema_exists"), [schema_name]):
+            raise SpecError(
+                f"output.table: schema {schema_name!r} does not exist in {database!r} "
+                f"(CREATE SCHEMA {schema_name}, or name a table in main)"
+            )
+        if not table_exists(con, table):
+            return
+        have = _column_types(con, table)
+        if missing := [c for c in RESULTS_MARKS if c not in have]:
+            raise SpecError(
+                f"output.table: {table!r} exists and is not a results table (no {', '.join(missing)} "
+                "column); name another table"
+            )
+        if spec.output.mode == "replace":  # the table is rewritten from this run's rows
+            return
+        for key, (name, dtype) in _column_types(con, _register(con, schema.empty_table())).items():
+            if key in have and have[key][1] != dtype:
+                old_name, old_type = have[key]
+                raise SpecError(
+                    f"{_field_of(spec, key)}: the results table {table!r} has {old_name} {old_type} where "
+                    f"this run writes {name} {dtype}; cast it in the query or format, write to another "
+                    "output.table, or set output.mode: replace"
+                )
+
+
+def _field_of(spec: JobSpec, column: str) -> str:
+    """The spec field that decides a results column's type."""
+    if column == "id":
+        return "source.id_column"
+    if column in ("query_key", "candidate_key"):
+        return f"task.{column}"
+    fmt = spec.task.format
+    if fmt is not None and column in {f.name.lower() for f in typed.typed_fields(fmt)}:
+        return "task.format"
+    return "output.table"
 
 
 def staged_rows(spec: JobSpec, wait: bool = True) -> dict[str, int] | None:

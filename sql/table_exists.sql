@@ -1,3 +1,3 @@
--- 1 when a table exists in the current database: bind (schema, name).
+-- 1 when a table exists in the current database: bind (schema, name); DuckDB names ignore case.
 SELECT count(*) FROM duckdb_tables()
-WHERE database_name = current_database() AND schema_name = ? AND table_name = ?
+WHERE database_name = current_database() AND lower(schema_name) = lower(?) AND lower(table_name) = lower(?)

@@ -72,3 +72,21 @@ def test_outputs_cut_by_max_tokens_are_error_rows(tmp_path: Path, shared_engine)
     for status, reason, error, output, sentiment in rows:
         assert (status, reason, sentiment) == ("error", "length", None)
         assert "cut by max_tokens" in error and output.startswith("{")
+
+
+def test_changed_format_is_refused_before_inference(tmp_path: Path, shared_engine) -> None:
+    """A format whose columns no longer fit the results table fails naming task.format, before any
+    model work, and leaves the table as it was; struct and flat columns alike."""
+    from batchllm.spec import SpecError
+
+    db = make_reviews_db(tmp_path / "w.duckdb", 2)
+    for columns in ("struct", "flat"):
+        run_job(_spec(db, f"t_{columns}", 32, jump_forward=True, columns=columns))
+        before = query(db, f"SELECT * FROM t_{columns} ORDER BY id")
+        changed = _spec(db, f"t_{columns}", 32, jump_forward=True, columns=columns)
+        changed["task"]["format"]["fields"] = {**FIELDS, "mentions_acting": "int"}
+        with pytest.raises(
+            SpecError, match=r"task.format: the results table 't_.*' has (parsed|mentions_acting)"
+        ):
+            run_job(changed)
+        assert query(db, f"SELECT * FROM t_{columns} ORDER BY id") == before

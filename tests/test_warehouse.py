@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -251,3 +252,68 @@ def test_locked_database_is_waited_for_then_a_clear_error(tmp_path: Path, monkey
     finally:
         holder.wait()
     assert warehouse.done_keys(spec, include_results=False).num_rows == 1
+
+
+def test_merge_keeps_columns_the_run_does_not_write(tmp_path: Path) -> None:
+    """A column a user added to the results table survives a rerun that merges over its rows."""
+    db = tmp_path / "w.duckdb"
+    spec = _spec(db)
+    warehouse.stage(spec, _results(spec, [1, 2], "r1", "positive"))
+    warehouse.load(spec, {"run_id": "r1"})
+    con = duckdb.connect(str(db))
+    con.execute("ALTER TABLE labels ADD COLUMN reviewed BOOLEAN; UPDATE labels SET reviewed = true")
+    con.close()
+    warehouse.stage(spec, _results(spec, [2, 3], "r2", "negative"))
+    warehouse.load(spec, {"run_id": "r2"})
+    assert query(db, "SELECT id, label, reviewed FROM labels ORDER BY id") == [
+        (1, "positive", True),
+        (2, "negative", True),
+        (3, "negative", None),
+    ]
+
+
+def _run_schema(id_type: pa.DataType) -> pa.Schema:
+    return results.results_schema(id_type)
+
+
+def test_output_table_that_is_not_a_results_table_is_refused(tmp_path: Path) -> None:
+    """Naming the source table as output.table fails before any model work and leaves it as it was."""
+    db = make_reviews_db(tmp_path / "w.duckdb", 4)
+    for mode in ("merge", "replace"):
+        spec = _spec(db, output={"table": "Reviews", "mode": mode}, incremental=False)
+        with pytest.raises(SpecError, match=r"output.table: 'Reviews' exists and is not a results table"):
+            warehouse.check_output(spec, _run_schema(pa.int32()))
+    assert query(db, "SELECT count(*), count(review) FROM reviews") == [(4, 4)]
+
+
+def test_output_column_types_must_match(tmp_path: Path) -> None:
+    """A changed id type is named (source.id_column) before the run, in merge mode; replace rewrites."""
+    db = tmp_path / "w.duckdb"
+    spec = _spec(db)
+    warehouse.stage(spec, _results(spec, [1, 2], "r1", "positive"))
+    warehouse.load(spec, {"run_id": "r1"})
+    warehouse.check_output(spec, _run_schema(pa.int32()))  # the same types: fine
+    with pytest.raises(
+        SpecError, match=r"source.id_column: .* has id INTEGER where this run writes id DOUBLE"
+    ):
+        warehouse.check_output(spec, _run_schema(pa.float64()))
+    with pytest.raises(SpecError, match=r"source.id_column: .* id VARCHAR"):
+        warehouse.check_output(spec, _run_schema(pa.string()))
+    replace = _spec(db, output={"table": "labels", "mode": "replace"}, incremental=False)
+    warehouse.check_output(replace, _run_schema(pa.string()))
+
+
+def test_output_schema_must_exist(tmp_path: Path) -> None:
+    db = make_reviews_db(tmp_path / "w.duckdb", 2)
+    spec = _spec(db, output={"table": "analytics.labels"})
+    with pytest.raises(SpecError, match=r"output.table: schema 'analytics' does not exist"):
+        warehouse.check_output(spec, _run_schema(pa.int32()))
+    con = duckdb.connect(str(db))
+    con.execute("CREATE SCHEMA analytics")
+    con.close()
+    warehouse.check_output(spec, _run_schema(pa.int32()))
+
+
+def test_runs_table_name_ignores_case(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"output.runs_table: must differ"):
+        _spec(tmp_path / "w.duckdb", output={"table": "Labels", "runs_table": "labels"})
