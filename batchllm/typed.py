@@ -67,7 +67,12 @@ def _parse(
     if error is not None:
         at = ".".join(str(p) for p in error.absolute_path)
         return None, f"format: output does not match the schema{f' at {at}' if at else ''}: {error.message}"
-    return _coerce(value, tree), None
+    value = _coerce(value, tree)
+    try:  # valid JSON may still not fit its column: an integer beyond 64 bits
+        pa.scalar(value, arrow_type(tree))
+    except (pa.ArrowException, OverflowError) as exc:
+        return None, f"format: output does not fit its column type {arrow_type(tree)}: {exc}"
+    return value, None
 
 
 @cache

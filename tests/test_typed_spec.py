@@ -125,13 +125,15 @@ def test_outputs_parse_into_typed_values_or_errors() -> None:
         '{"n": 1, "x": 2.5, "tags": [',
         '{"n": "1", "x": 2.5, "tags": [], "who": "z"}',
         None,
+        '{"n": 123456789012345678901234567890, "x": 1, "tags": [], "who": null}',  # valid, beyond int64
     ]
-    columns, errors = typed_columns(fmt, texts, ["stop", "length", "stop", "error"])
+    columns, errors = typed_columns(fmt, texts, ["stop", "length", "stop", "error", "stop"])
     assert errors[0] is None and errors[3] is None
     assert "cut by max_tokens" in errors[1]
     assert "does not match the schema at n" in errors[2]
-    assert columns["n"].to_pylist() == [1, None, None, None]
-    assert columns["x"].to_pylist() == [2.0, None, None, None]
+    assert "does not fit its column type struct<n: int64" in errors[4]
+    assert columns["n"].to_pylist() == [1, None, None, None, None]
+    assert columns["x"].to_pylist() == [2.0, None, None, None, None]
     assert columns["tags"].type == pa.list_(pa.string())
     choice = FormatSpec(choice=["yes", "no"])
     assert parse(choice, "yes", "stop") == ("yes", None)
