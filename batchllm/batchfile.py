@@ -339,7 +339,10 @@ def _rows(requests: list[Request], tokenizer: Any) -> pa.Table:
             texts.append(None)
             errors.append(str(exc) if isinstance(exc, render.RowError) else f"chat template: {exc}")
             continue
-        hashes.append(render.prompt_hash(text))
+        # identical prompts are computed once only where the answer is deterministic: requests repeated
+        # to draw several samples (temperature > 0, no seed) each get their own, as OpenAI's batches do
+        sampled = r.params[1] > 0 and r.params[3] is None
+        hashes.append(render.prompt_hash(text + ("\0" + r.custom_id if sampled else "")))
         texts.append(text)
         errors.append(None)
     return pa.table(

@@ -27,6 +27,7 @@ from batchllm.backends.base import (
     Outcome,
     Progress,
     create_backend,
+    options_problem,
     resolve_device,
     supports,
 )
@@ -71,7 +72,7 @@ class PlanInfo:
 
 def check(spec: JobSpec) -> None:
     """Checks that need code but no data or weights: the backend can run the task kind on the device."""
-    reason = supports(spec.backend, spec.task.kind)
+    reason = supports(spec.backend, spec.task.kind) or options_problem(spec.backend, spec.engine_options)
     if reason:
         raise SpecError(reason)
     # else it fails at model load; on Ray the GPUs are the cluster's (checked when it is joined)

@@ -220,3 +220,18 @@ def test_chunks_keep_plan_order_and_split_only_large_groups() -> None:
     groups = [(32, [0, 1, 2]), (0, [3]), (16, [4, 5])]
     assert _chunks(groups, 2) == [[(32, [0, 1])], [(32, [2]), (0, [3])], [(16, [4, 5])]]
     assert _chunks(groups, 10) == [groups]
+
+
+def test_repeated_sampled_requests_are_each_answered(tmp_path: Path, default_model_path: Path) -> None:
+    """Identical requests share one computation where the answer is deterministic (greedy, or seeded);
+    repeated to draw several samples (temperature > 0, no seed), each is its own prompt."""
+    from batchllm import render
+    from batchllm.batchfile import _rows
+
+    sampled = [request(f"s{i}", "Say hello.", temperature=1.0) for i in range(3)]
+    greedy = [request(f"g{i}", "Say hello.") for i in range(2)]
+    seeded = [request(f"k{i}", "Say hello.", temperature=1.0, seed=7) for i in range(2)]
+    tok = Tokenizer(default_model_path)
+    for rows, distinct in ((sampled, 3), (greedy, 1), (seeded, 1)):
+        parsed = parse_requests(write_jsonl(tmp_path / "in.jsonl", rows), 6)
+        assert render.tokenize(_rows(parsed.requests, tok), tok, None).num_prompts == distinct

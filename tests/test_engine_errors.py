@@ -163,6 +163,37 @@ def test_invalid_engine_options_name_the_option(default_model_path: Path, kwargs
         Engine(default_model_path, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"kv_cache_gbb": 0.5},
+            "engine_options.kv_cache_gbb: the native engine has no such option (did you mean ",
+        ),
+        (
+            {"nothing_like_it": 1},
+            "engine_options.nothing_like_it: the native engine has no such option; it has ",
+        ),
+        ({"block_size": 0}, "engine_options.block_size: must be an integer >= 1"),
+        ({"device": "cuda"}, "engine_options.device: is the job's own 'device' field"),
+    ],
+)
+def test_job_engine_options_are_checked_before_the_run(tmp_path: Path, options: dict, message: str) -> None:
+    """A job's engine_options fail the pre-run check (``job.check``) naming the option, as the Engine
+    would refuse them after the rows were read."""
+    from batchllm import job
+    from batchllm.spec import SpecError, parse_spec
+    from tests.product_fixtures import spec_dict
+
+    spec = parse_spec(spec_dict(tmp_path / "w.duckdb", engine_options=options))
+    with pytest.raises(SpecError) as err:
+        job.check(spec)
+    assert str(err.value).startswith(message), str(err.value)
+    job.check(
+        parse_spec(spec_dict(tmp_path / "w.duckdb", engine_options={"kv_cache_gb": 0.5, "attention": "cpu"}))
+    )
+
+
 def test_kv_cache_tokens_sizes_the_pool(default_model_path: Path) -> None:
     engine = Engine(default_model_path, block_size=16, kv_cache_tokens=100, kv_cache_gb=5.0)
     assert engine.num_kv_blocks == 7  # tokens win over GB, rounded up to whole blocks

@@ -7,7 +7,7 @@ outcomes with ``error`` set; only a failure of the whole engine raises.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, Protocol
@@ -47,6 +47,12 @@ class Backend(Protocol):
 
         Checked before a run starts, so it must say exactly what ``run`` accepts.
         """
+        ...
+
+    @staticmethod
+    def check_options(options: Mapping[str, Any]) -> str | None:
+        """None when the backend takes these engine options, else why not, naming the option (no
+        model loaded)."""
         ...
 
     def run(
@@ -106,3 +112,8 @@ def supports(name: str, kind: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     return cls.supports(kind)
+
+
+def options_problem(name: str, options: Mapping[str, Any]) -> str | None:
+    """None when backend ``name`` takes engine ``options``, else the reason (before any model load)."""
+    return backend_class(name).check_options(options)

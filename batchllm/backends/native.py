@@ -7,7 +7,7 @@ runs them as given. Without groups the engine plans the shard itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,16 @@ class NativeBackend:
     def supports(kind: str) -> str | None:
         if kind not in KINDS:
             return f"task.kind: {kind!r} is not supported by the native engine yet"
+        return None
+
+    @staticmethod
+    def check_options(options: Mapping[str, Any]) -> str | None:
+        from batchllm.engine.options import check_job_options
+
+        try:
+            check_job_options(options)
+        except ValueError as exc:
+            return f"engine_options.{exc}"
         return None
 
     def run(

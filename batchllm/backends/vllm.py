@@ -25,7 +25,7 @@ import gc
 import inspect
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -121,8 +121,8 @@ class VllmBackend:
         if not self._has_tokenizer:
             options["skip_tokenizer_init"] = True  # token ids in and out
         options.update(engine_options)
-        if unknown := sorted(k for k in engine_options if k not in fields):
-            raise ValueError(f"engine_options: this vLLM ({vllm.__version__}) has no option {unknown}")
+        if reason := self.check_options(engine_options):
+            raise ValueError(reason)
         t = time.perf_counter()
         self._llm = LLM(**options)
         self.init_s = time.perf_counter() - t
@@ -153,6 +153,19 @@ class VllmBackend:
             return
         if device in ("cpu", "cuda") and kind in ("cpu", "cuda") and kind != device:
             raise ValueError(f"device: {device!r}, but the installed vLLM runs on {kind!r}")
+
+    @staticmethod
+    def check_options(options: Mapping[str, Any]) -> str | None:
+        """Every option must be one of this vLLM's EngineArgs (``feed`` is ours); None where vLLM is
+        missing (``supports`` says so)."""
+        if vllm_missing():
+            return None
+        import vllm
+
+        fields = _engine_args_fields() | {"feed"}
+        if unknown := sorted(k for k in options if k not in fields):
+            return f"engine_options: this vLLM ({vllm.__version__}) has no option {unknown}"
+        return None
 
     @staticmethod
     def supports(kind: str) -> str | None:

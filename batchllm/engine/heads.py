@@ -86,6 +86,14 @@ class RowSampling:
             to_device(np.array([p.seed for p in params], dtype=np.int64), device),
         )
 
+    def take(self, rows: np.ndarray) -> RowSampling:
+        """The sampling of some rows (indices, in order)."""
+        if self.greedy:
+            return RowSampling(True, self.temps[rows])
+        assert self.top_ps is not None and self.top_ks is not None and self.seeds is not None
+        seeds = self.seeds[to_device(rows.astype(np.int64), self.seeds.device)]
+        return RowSampling(False, self.temps[rows], self.top_ps[rows], self.top_ks[rows], seeds)
+
     def pick(self, logits: torch.Tensor, lengths: np.ndarray | None) -> torch.Tensor:
         """The next token per row; lengths [rows]: each sequence's length, the sampled token's position."""
         if self.greedy:

@@ -101,6 +101,7 @@ class SteadyDecode:
         self.max_steps = int(first_end.min()) - 1  # steps this run may take; the engine runs the next
         self.pos = lengths - 1  # each row's input position at the next step (its KV is computed there)
         self.sampling = RowSampling.of(self.seqs, runner.device)
+        self._live_sampling: tuple[int, RowSampling] | None = None  # the live rows' (count, sampling)
         self.seq_ids = to_device(np.fromiter((s.seq_id for s in self.seqs), np.int64, n), runner.device)
         # ids read back, a column per step from the engine's last one (copies: the read-back buffers
         # are taken again in turns)
@@ -234,9 +235,23 @@ class SteadyDecode:
         return self.layout
 
     def _launch(self, layout: BatchLayout) -> torch.Tensor:
-        """Launch one step; its sampled ids stay on the device (and in the engine's token buffer)."""
-        hidden = self.runner.run(layout, self.tokens[self.seq_ids])
-        ids = self.sampling.pick(self.runner.model.compute_logits(hidden), self.pos + 1)
+        """Launch one step; its sampled ids stay on the device (and in the engine's token buffer).
+
+        With rows riding, the logits are of the live rows only, as in the loop's step: the logits
+        GEMM's kernel depends on its row count, and with it the last bits of a near tie. A riding row
+        keeps its last id as its next input."""
+        inputs = self.tokens[self.seq_ids]
+        hidden = self.runner.run(layout, inputs)
+        if not self.dead.any():
+            ids = self.sampling.pick(self.runner.model.compute_logits(hidden), self.pos + 1)
+        else:
+            live = np.flatnonzero(~self.dead)
+            if self._live_sampling is None or self._live_sampling[0] != live.size:
+                self._live_sampling = (live.size, self.sampling.take(live))
+            rows = to_device(live, hidden.device)
+            logits = self.runner.model.compute_logits(hidden[rows])
+            ids = inputs.clone()
+            ids[rows] = self._live_sampling[1].pick(logits, self.pos[live] + 1)
         self.tokens[self.seq_ids] = ids
         return ids
 
