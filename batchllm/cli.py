@@ -198,7 +198,9 @@ def plan(
     tokenizer: Annotated[
         str | None, typer.Option(help="model folder or 'default' whose tokenizer encodes a prompt file")
     ] = None,
-    block_size: Annotated[int, typer.Option(help="KV block size used for planning")] = 16,
+    block_size: Annotated[
+        int | None, typer.Option(help="KV block size used for planning (default: the spec's, or 16)")
+    ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="decode tokens per prompt (prompt files)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
@@ -206,14 +208,14 @@ def plan(
     if not _is_yaml(path):
         from batchllm.planfile import plan_file_command
 
-        plan_file_command(path, tokenizer, block_size, max_tokens, as_json)
+        plan_file_command(path, tokenizer, block_size or 16, max_tokens, as_json)
         return
     from batchllm import job as steps
     from batchllm.spec import load_spec
 
     try:
         spec = load_spec(path)
-        overrides: dict[str, Any] = {"block_size": block_size}
+        overrides: dict[str, Any] = {} if block_size is None else {"block_size": block_size}
         if max_tokens is not None:
             overrides["sampling"] = {"max_tokens": max_tokens}
         spec = spec.updated(**overrides)
@@ -250,11 +252,17 @@ def batch(
 
     if not input_path.is_file():
         _fail(f"batch: no such file {str(input_path)!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        _fail(f"batch: --device must be auto, cpu or cuda, got {device!r}")
+    if not output.parent.is_dir():
+        _fail(f"batch: the output's folder {str(output.parent)!r} does not exist")
     try:
         with console.status("running batch requests..."):
             counts = run_batch(input_path, output, model=model, device=device, default_max_tokens=max_tokens)
     except (BatchFileError, ModelError, SpecError) as exc:
         _fail(str(exc))
+    except Exception as exc:  # answered lines are on disk already: a rerun does the rest
+        _fail(f"batch failed: {type(exc).__name__}: {exc}", code=1)
     out.print(", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {output}", highlight=False)
 
 

@@ -184,12 +184,26 @@ def _chat_control(tokenizer: Tokenizer | None) -> re.Pattern[str] | None:
 
 
 def _check_control(values: dict[str, Any], control: re.Pattern[str] | None) -> None:
+    """Raises RowError for a control token in any text of a field, inside lists and structs too."""
+    if control is None:
+        return
     for name, value in values.items():
-        if control is not None and isinstance(value, str) and (hit := control.search(value)):
+        if (hit := _control_in(value, control)) is not None:
             raise RowError(
-                f"field {name!r} contains the model's control token {hit.group()!r} (as data it would "
+                f"field {name!r} contains the model's control token {hit!r} (as data it would "
                 "be read as chat structure); remove it in the query, e.g. with replace()"
             )
+
+
+def _control_in(value: Any, control: re.Pattern[str]) -> str | None:
+    """The first control token in a value's texts: a string, or the keys and items of lists and dicts."""
+    if isinstance(value, str):
+        return hit.group() if (hit := control.search(value)) else None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list | tuple):
+        return next((hit for v in value if (hit := _control_in(v, control)) is not None), None)
+    return None
 
 
 def _render_one(

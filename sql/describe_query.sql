@@ -1,2 +1,5 @@
--- Column names and types of the job's query, without reading its rows.
-SELECT * FROM (@query) AS q LIMIT 0
+-- Column names and types of the job's query, without reading its rows (the query on its own lines,
+-- as in extract.sql).
+SELECT * FROM (
+@query
+) AS q LIMIT 0

@@ -1,2 +1,5 @@
--- The job's rows; LIMIT NULL means no limit (limits.max_rows).
-SELECT * FROM (@query) AS q LIMIT ?
+-- The job's rows; LIMIT NULL means no limit (limits.max_rows). The query stands on its own lines: a
+-- trailing -- comment in it ends there.
+SELECT * FROM (
+@query
+) AS q LIMIT ?

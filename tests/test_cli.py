@@ -57,6 +57,31 @@ def test_plan_generate_counts_decode(tmp_path: Path) -> None:
     assert summary["estimated_compute_tokens"] == summary["planned_prompt_tokens"] + 120
 
 
+def test_plan_keeps_the_specs_block_size(tmp_path: Path) -> None:
+    """The spec's block_size plans (and names the staging a crashed run left); --block-size overrides it."""
+    from batchllm import job as steps
+    from batchllm.spec import load_spec
+
+    path = _job(tmp_path, block_size=64)  # longer than the shared prefixes of these prompts: no saving
+    summary = json.loads(runner.invoke(app, ["plan", str(path), "--json"]).stdout)
+    assert summary == json.loads(json.dumps(steps.dry_run(load_spec(path))))
+    assert summary["saving_ratio"] == 0.0
+    override = json.loads(runner.invoke(app, ["plan", str(path), "--json", "--block-size", "16"]).stdout)
+    assert override["saving_ratio"] > 0.2
+
+
+def test_batch_bad_arguments_exit_2_without_a_traceback(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text("{}\n")
+    for args, message in (
+        (["--device", "bogus", "-o", str(tmp_path / "out.jsonl")], "--device must be auto, cpu or cuda"),
+        (["-o", str(tmp_path / "missing" / "out.jsonl")], "the output's folder"),
+    ):
+        result = runner.invoke(app, ["batch", str(src), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output
+
+
 def test_plan_prompt_file(tmp_path: Path) -> None:
     path = tmp_path / "prompts.jsonl"
     shared = "You are a careful assistant. Answer in one word. " * 4

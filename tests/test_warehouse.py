@@ -317,3 +317,12 @@ def test_output_schema_must_exist(tmp_path: Path) -> None:
 def test_runs_table_name_ignores_case(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"output.runs_table: must differ"):
         _spec(tmp_path / "w.duckdb", output={"table": "Labels", "runs_table": "labels"})
+
+
+def test_query_may_end_in_a_comment(tmp_path: Path) -> None:
+    db = make_reviews_db(tmp_path / "w.duckdb", 3)
+    spec = _spec(
+        db, source={"database": str(db), "query": "SELECT id, plot, review FROM reviews -- all of them"}
+    )
+    assert warehouse.describe(spec) == ["id", "plot", "review"]
+    assert warehouse.extract(spec).num_rows == 3
