@@ -270,7 +270,7 @@ def load(spec: JobSpec, run: dict[str, Any]) -> int:
                 return 0
             written = 0
             if table_exists(con, staging):
-                written = int(scalar(con, sql("count_rows", table=staging)))
+                written = int(scalar(con, sql("count_ids", table=staging)))
                 con.execute(sql("create_like", table=results, like=staging))
                 statement = "replace_results" if spec.output.mode == "replace" else "merge_results"
                 if statement == "merge_results":  # merged by name: the table gains the run's new columns

@@ -129,7 +129,7 @@ def test_stage_and_merge(tmp_path: Path) -> None:
     # A second run: ids 3 and 4, with a newer staged row for 3 winning over an older one.
     warehouse.stage(spec, _results(spec, [3], "r2", "stale"))
     warehouse.stage(spec, _results(spec, [3, 4], "r2", "negative"))
-    warehouse.load(spec, {"run_id": "r2", "rows_ok": 2})
+    assert warehouse.load(spec, {"run_id": "r2", "rows_ok": 2}) == 2  # rows written, not rows staged
     rows = query(db, "SELECT id, label, label_probs['positive'], run_id FROM labels ORDER BY id")
     assert rows == [
         (1, "positive", 0.75, "r1"),
