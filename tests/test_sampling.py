@@ -82,3 +82,22 @@ def test_greedy_reads_float32_logits_of_a_bf16_model(device: str) -> None:
     logits = _logits(hidden, w)
     assert logits.dtype == torch.float32 and logits.argmax(-1).item() == 1
     torch.testing.assert_close(logits, hidden.float() @ w.float().T, rtol=1e-6, atol=1e-6)
+
+
+def test_rows_without_top_k_or_top_p_are_never_truncated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 running sum reaches 1 before the tail (one token at ~1 - 1e-10): top_p 1 still keeps
+    every token, and only the rows that ask for truncation are truncated, whatever else is in the step."""
+    from batchllm.engine import sampling
+
+    x = torch.zeros(2, 1000)
+    x[:, 0] = 30.0
+    out = sampling._apply_top_k_top_p(x.clone(), torch.tensor([0, 0]), torch.tensor([1.0, 0.5]))
+    assert torch.isfinite(out[0]).all() and int(torch.isfinite(out[1]).sum()) == 1
+    seen: list[int] = []
+    apply = sampling._apply_top_k_top_p
+    monkeypatch.setattr(
+        sampling, "_apply_top_k_top_p", lambda x, k, p: seen.append(x.shape[0]) or apply(x, k, p)
+    )
+    keys = row_keys(torch.tensor([1, 2, 3]), torch.tensor([4, 4, 4]))
+    sample(x.repeat(2, 1)[:3], torch.ones(3), torch.tensor([1.0, 1.0, 0.9]), torch.tensor([5, 0, 0]), keys)
+    assert seen == [2]  # the top_k row and the top_p row, not the plain one

@@ -100,6 +100,28 @@ def test_greedy_mask_keeps_allowed_choices_and_sharing_does_not_matter(engine: E
     assert conforming >= 1  # "Dan" answers with conforming JSON unconstrained
 
 
+def test_a_stop_id_among_forced_tokens_ends_the_request_there(engine: Engine) -> None:
+    """Jump-forward appends the tokens the grammar forces all at once; a stop id among them ends the
+    request at that token, as decoding them one by one does."""
+    source = FormatSpec(json_schema=PERSON).grammar()[1]
+    prompt = [_chat(engine, SYSTEM, PEOPLE[0])]
+    plain = Constraint("json_schema", source, any_whitespace=False, jump_forward=False)
+    jump = Constraint("json_schema", source, any_whitespace=False, jump_forward=True)
+    [free] = engine.generate(prompt, SamplingParams(max_tokens=24), constraint=plain)
+    [forced] = engine.generate(prompt, SamplingParams(max_tokens=24), constraint=jump)
+    assert engine.stats.forced_tokens > 0
+    # every token jump-forward forced after the first (those in the middle of a forced run)
+    for k in range(2, 8):
+        stop = free.token_ids[k]
+        if stop in free.token_ids[:k]:
+            continue
+        params = SamplingParams(max_tokens=24, stop_token_ids=[stop])
+        [one] = engine.generate(prompt, params, constraint=plain)
+        [many] = engine.generate(prompt, params, constraint=jump)
+        assert (many.token_ids, many.text, many.finish_reason) == (one.token_ids, one.text, "stop"), k
+    assert forced.token_ids == free.token_ids
+
+
 def test_max_tokens_cut_is_an_invalid_output(engine: Engine) -> None:
     fmt = FormatSpec(json_schema=PERSON)
     [r] = engine.generate(

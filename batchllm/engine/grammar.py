@@ -169,6 +169,9 @@ class GrammarHead(TokenHead):
         if super().record(req, seq, output, now):
             return self._end(seq)
         if self.jump_forward and (forced := self._forced(state, seq)):
+            # a stop id (or EOS) among them ends the request there, as decoding them one by one would
+            ends = next((k + 1 for k, t in enumerate(forced) if self.stop.token_ends(req, t)), len(forced))
+            forced = forced[:ends]
             seq.add_tokens(forced)
             state.accepted += len(forced)
             self.forced_tokens += len(forced)

@@ -122,8 +122,12 @@ def sample(
     temps = to_device(temperatures[random].astype(np.float32), dev)
     x = logits[rows].float() / temps[:, None]
     ks, ps = top_ks[random], top_ps[random]
-    if (ks > 0).any() or (ps < 1.0).any():
-        x = _apply_top_k_top_p(x, to_device(ks.astype(np.int64), dev), to_device(ps.astype(np.float32), dev))
+    # only the rows that ask for it are truncated: what a row draws never depends on the other rows
+    if (cut := np.flatnonzero((ks > 0) | (ps < 1.0))).size:
+        at = to_device(cut.astype(np.int64), dev)
+        x[at] = _apply_top_k_top_p(
+            x[at], to_device(ks[cut].astype(np.int64), dev), to_device(ps[cut].astype(np.float32), dev)
+        )
     probs = torch.softmax(x, dim=-1)
     # argmax(p / E) with E ~ Exp(1) draws from p without a device sync
     token = (probs / exponential_noise(keys[rows], x.shape[-1])).argmax(dim=-1)
@@ -137,7 +141,8 @@ def _apply_top_k_top_p(x: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tens
     ranks = torch.arange(vocab, device=x.device)[None, :]
     drop = ranks >= k[:, None]
     probs = torch.softmax(sorted_x.masked_fill(drop, -math.inf), dim=-1)
-    # keep the smallest set whose mass reaches top_p (the first token always stays)
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_ps[:, None]
+    # keep the smallest set whose mass reaches top_p (the first token always stays); top_p 1 keeps all,
+    # though a float32 running sum may round to 1 before the last token
+    drop |= ((probs.cumsum(dim=-1) - probs) >= top_ps[:, None]) & (top_ps < 1.0)[:, None]
     sorted_x = sorted_x.masked_fill(drop, -math.inf)
     return torch.full_like(x, -math.inf).scatter(-1, order, sorted_x)
