@@ -79,3 +79,27 @@ def test_bad_prompt_gets_an_error_result(engine, prompts) -> None:
     results = engine.classify([prompts[0], [], prompts[1]], LABELS)
     assert results[1].status == "error" and "empty" in results[1].error
     assert results[0].status == results[2].status == "ok"
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_packed_units_fit_the_kv_pool(tmp_path, hybrid: bool) -> None:
+    """Packing fills a unit with a group's members only as far as the KV pool holds it: members that
+    fit one by one never fail (or go to hybrid prefill) because they were packed together."""
+    import random
+
+    from batchllm.engine import Engine
+    from batchllm.engine.labels import LabelSet
+    from bench.generate import write_tiny_model
+
+    rng = random.Random(0)
+    prefix = [rng.randrange(3, 512) for _ in range(32)]
+    prompts = [prefix + [rng.randrange(3, 512) for _ in range(100)] for _ in range(10)]
+    labels = LabelSet.from_token_ids(["a", "b"], [[5], [6]])
+    folder = write_tiny_model(tmp_path / "tiny")
+    engine = Engine(folder, load_format="dummy", kv_cache_tokens=512, hybrid_prefill=hybrid, seed=0)
+    plain = engine.classify(prompts, labels, pack=False)
+    packed = engine.classify(prompts, labels, pack=True)
+    assert all(r.error is None for r in packed), packed[0].error
+    assert engine.stats.hybrid_units == 0
+    for a, b in zip(plain, packed, strict=True):
+        assert a.label == b.label and a.probs == pytest.approx(b.probs, abs=1e-5)

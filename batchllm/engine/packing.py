@@ -90,13 +90,21 @@ def build_unit(trunk: np.ndarray, items: Sequence[tuple[int, np.ndarray]], label
 
 
 def plan_units(
-    batch: Batch, labels: LabelSet, *, pack: bool, pack_tokens: int, block_size: int
+    batch: Batch,
+    labels: LabelSet,
+    *,
+    pack: bool,
+    pack_tokens: int,
+    block_size: int,
+    max_unit_tokens: int | None = None,
 ) -> list[tuple[np.ndarray, list[Unit]]]:
     """(shared prefix tokens, units) per group of the batch, in its execution order.
 
     Requests with an error are left out. With ``pack``, the members of a group
     with a shared prefix fill units of up to ``pack_tokens`` item tokens (label
-    nodes included) in plan order; an item larger than that gets a unit alone.
+    nodes included) in plan order, and of up to ``max_unit_tokens`` tokens with
+    the prefix (the KV pool: a packed unit must fit where each item would);
+    an item larger than that gets a unit alone.
     """
     out: list[tuple[np.ndarray, list[Unit]]] = []
     for prefix_len, members in batch.groups:
@@ -108,7 +116,8 @@ def plan_units(
         trunk = batch.requests[reqs[0]].tokens[:shared]
         items = [(k, batch.requests[k].tokens[shared:]) for k in reqs]
         if pack and shared > 0 and len(items) > 1:
-            bins = _bins([int(t.size) + labels.num_nodes for _, t in items], pack_tokens)
+            budget = pack_tokens if max_unit_tokens is None else min(pack_tokens, max_unit_tokens - shared)
+            bins = _bins([int(t.size) + labels.num_nodes for _, t in items], budget)
         else:
             bins = [[i] for i in range(len(items))]
         out.append((trunk, [build_unit(trunk, [items[i] for i in b], labels) for b in bins]))

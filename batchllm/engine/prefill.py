@@ -183,7 +183,10 @@ def _submit(
     """One Sequence per unit, group by group; returns units by seq_id, each unit's first item index
     and the units longer than the whole KV pool (for hybrid prefill; without it they get an error)."""
     units: dict[int, Unit] = {}
-    for trunk, group in plan_units(batch, labels, pack=pack, pack_tokens=pack_tokens, block_size=block_size):
+    pool_tokens = scheduler.pool.num_blocks * block_size
+    for trunk, group in plan_units(
+        batch, labels, pack=pack, pack_tokens=pack_tokens, block_size=block_size, max_unit_tokens=pool_tokens
+    ):
         seqs = []
         for u in group:
             seq = Seq(
