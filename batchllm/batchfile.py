@@ -276,7 +276,7 @@ def _run(
             )
             if not prompts.token_ids:
                 continue
-            loaded = loaded or backend("native", model, device, **engine_options)
+            loaded = loaded or backend("native", model, device, **{"block_size": sizes[0], **engine_options})
             info = job.plan_prompts(prompts.token_ids, key[0], sizes[0])
             order, planned = info.shards[0], info.groups(0) or [(0, list(range(len(info.shards[0]))))]
             sampling = SamplingSpec(

@@ -75,6 +75,11 @@ def check(spec: JobSpec) -> None:
     reason = supports(spec.backend, spec.task.kind) or options_problem(spec.backend, spec.engine_options)
     if reason:
         raise SpecError(reason)
+    if spec.engine_options.get("block_size", spec.block_size) != spec.block_size:
+        raise SpecError(
+            f"engine_options.block_size: {spec.engine_options['block_size']} differs from block_size "
+            f"{spec.block_size}, which the plan's shared prefixes are cut to; set block_size alone"
+        )
     # else it fails at model load; on Ray the GPUs are the cluster's (checked when it is joined)
     if spec.device == "cuda" and spec.executor.kind == "local" and resolve_device("auto") != "cuda":
         raise SpecError("device: 'cuda' but no CUDA device is visible here (use 'auto' or 'cpu')")
@@ -228,8 +233,10 @@ def _shard_inputs(part: Any) -> list[int]:
 
 
 def load_backend(spec: JobSpec) -> Backend:
-    """The job's model on the job's device, through the job's backend."""
-    return create_backend(spec.backend, spec.model, spec.device, **spec.engine_options)
+    """The job's model on the job's device, through the job's backend; the native engine's KV blocks
+    are the plan's (a prefix planned to a block boundary the engine does not have would not be shared)."""
+    blocks = {"block_size": spec.block_size} if spec.backend == "native" else {}
+    return create_backend(spec.backend, spec.model, spec.device, **(blocks | spec.engine_options))
 
 
 def infer_shard(

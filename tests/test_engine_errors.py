@@ -248,3 +248,18 @@ def test_dummy_weights_take_eos_ids_from_the_config(dummy_folder: Path) -> None:
 def test_safetensors_need_a_tokenizer(dummy_folder: Path) -> None:
     with pytest.raises(ModelError, match="safetensors"):
         Engine(dummy_folder)
+
+
+def test_the_engine_takes_the_plans_block_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native engine's KV blocks are the plan's: set by block_size, refused where they differ."""
+    from batchllm import job
+    from batchllm.spec import SpecError, parse_spec
+    from tests.product_fixtures import spec_dict
+
+    seen: dict = {}
+    monkeypatch.setattr(job, "create_backend", lambda name, model, device, **options: seen.update(options))
+    job.load_backend(parse_spec(spec_dict(tmp_path / "w.duckdb", block_size=32)))
+    assert seen["block_size"] == 32
+    spec = parse_spec(spec_dict(tmp_path / "w.duckdb", block_size=32, engine_options={"block_size": 16}))
+    with pytest.raises(SpecError, match=r"^engine_options.block_size: 16 differs from block_size 32"):
+        job.check(spec)
