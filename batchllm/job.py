@@ -72,14 +72,16 @@ class PlanInfo:
 
 def check(spec: JobSpec) -> None:
     """Checks that need code but no data or weights: the backend can run the task kind on the device."""
-    reason = supports(spec.backend, spec.task.kind) or options_problem(spec.backend, spec.engine_options)
-    if reason:
+    if reason := supports(spec.backend, spec.task.kind):
         raise SpecError(reason)
     if spec.engine_options.get("block_size", spec.block_size) != spec.block_size:
         raise SpecError(
             f"engine_options.block_size: {spec.engine_options['block_size']} differs from block_size "
             f"{spec.block_size}, which the plan's shared prefixes are cut to; set block_size alone"
         )
+    if reason := options_problem(spec.backend, engine_options(spec)):
+        # the native engine's block size is the job's own block_size field (equal, checked just above)
+        raise SpecError(reason.replace("engine_options.block_size", "block_size", 1))
     # else it fails at model load; on Ray the GPUs are the cluster's (checked when it is joined)
     if spec.device == "cuda" and spec.executor.kind == "local" and resolve_device("auto") != "cuda":
         raise SpecError("device: 'cuda' but no CUDA device is visible here (use 'auto' or 'cpu')")
@@ -232,11 +234,16 @@ def _shard_inputs(part: Any) -> list[int]:
     return members + extra
 
 
-def load_backend(spec: JobSpec) -> Backend:
-    """The job's model on the job's device, through the job's backend; the native engine's KV blocks
-    are the plan's (a prefix planned to a block boundary the engine does not have would not be shared)."""
+def engine_options(spec: JobSpec) -> dict[str, Any]:
+    """The options the job's backend is created with: the native engine's KV blocks are the plan's (a
+    prefix planned to a block boundary the engine does not have would not be shared)."""
     blocks = {"block_size": spec.block_size} if spec.backend == "native" else {}
-    return create_backend(spec.backend, spec.model, spec.device, **(blocks | spec.engine_options))
+    return blocks | spec.engine_options
+
+
+def load_backend(spec: JobSpec) -> Backend:
+    """The job's model on the job's device, through the job's backend."""
+    return create_backend(spec.backend, spec.model, spec.device, **engine_options(spec))
 
 
 def infer_shard(

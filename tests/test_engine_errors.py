@@ -174,7 +174,7 @@ def test_invalid_engine_options_name_the_option(default_model_path: Path, kwargs
             {"nothing_like_it": 1},
             "engine_options.nothing_like_it: the native engine has no such option; it has ",
         ),
-        ({"block_size": 0}, "engine_options.block_size: must be an integer >= 1"),
+        ({"block_size": 0}, "engine_options.block_size: 0 differs from block_size 16"),
         ({"device": "cuda"}, "engine_options.device: is the job's own 'device' field"),
     ],
 )
@@ -263,3 +263,5 @@ def test_the_engine_takes_the_plans_block_size(tmp_path: Path, monkeypatch: pyte
     spec = parse_spec(spec_dict(tmp_path / "w.duckdb", block_size=32, engine_options={"block_size": 16}))
     with pytest.raises(SpecError, match=r"^engine_options.block_size: 16 differs from block_size 32"):
         job.check(spec)
+    with pytest.raises(SpecError, match=r"^block_size: must be a power of two .* got 24"):
+        job.check(parse_spec(spec_dict(tmp_path / "w.duckdb", block_size=24)))
