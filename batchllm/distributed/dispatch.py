@@ -90,7 +90,7 @@ def run_shard(
     member = pool.lease(ledger.tried(shard))
     t0 = time.perf_counter()
     ref = member.handle.run.remote(shard, token_ids, groups)
-    watcher = _Watcher(member, on_progress, on_log)
+    watcher = _Watcher(member, shard, on_progress, on_log)
     try:
         while not ray.wait([ref], timeout=POLL_S)[0]:
             watcher.poll()
@@ -107,6 +107,12 @@ def run_shard(
         pool.release(member)
         ledger.record(shard, member, "error", time.perf_counter() - t0, reason)
         raise ShardFailed(f"shard {shard}: {reason}", actor_died=False) from None
+    except Exception as exc:  # Ray lost the call's result (object lost, owner died): the actor may still
+        # be computing it, so it is ended and replaced rather than leased again while busy
+        reason = f"actor {member.index}: {type(exc).__name__}: {_first_line(exc)}"
+        pool.release(member, dead=True, reason=reason)
+        ledger.record(shard, member, "lost", time.perf_counter() - t0, reason)
+        raise ShardFailed(f"shard {shard}: {reason}", actor_died=True) from None
     pool.release(member)
     ledger.record(shard, member, "ok", time.perf_counter() - t0)
     stats["actor"] = {k: member.info.get(k) for k in ("index", "pid", "host", "gpu_ids")}
@@ -124,9 +130,14 @@ class _Watcher:
     """Fetches a running actor's progress and log lines, one ``poll`` call in flight at a time."""
 
     def __init__(
-        self, member: Member, on_progress: Callable[[int], None], on_log: Callable[[Member, str], None]
+        self,
+        member: Member,
+        shard: int,
+        on_progress: Callable[[int], None],
+        on_log: Callable[[Member, str], None],
     ) -> None:
         self.member = member
+        self.shard = shard
         self.on_progress = on_progress
         self.on_log = on_log
         self.pending: Any = None
@@ -147,12 +158,16 @@ class _Watcher:
             return
         ref, self.pending = self.pending, None
         try:
-            _, done, lines = ray.get(ref)
+            running, done, lines = ray.get(ref)
         except Exception:  # a dead actor: the shard's own call reports it
             return
-        for line in lines:
-            self.on_log(self.member, line)
-        self.on_progress(done)
+        try:  # reporting (a log handler, the Prefect API) never fails the shard it reports on
+            for line in lines:
+                self.on_log(self.member, line)
+            if running == self.shard:  # asked before the run began, the actor answers for its last shard
+                self.on_progress(done)
+        except Exception as exc:
+            self.member.info.setdefault("report_errors", []).append(f"{type(exc).__name__}: {exc}"[:200])
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,8 +2,8 @@
 
 An actor is handed out once Ray has placed and started it (its ``info`` has
 answered), so a lease never waits on an actor the cluster cannot place. A
-shard's retry prefers an actor it has not tried yet: it waits for one while
-any is alive, and takes a tried one only when no other is left. A dead actor
+shard's retry prefers an actor it has not tried yet: it waits for one a while
+(TRIED_GRACE_S), then takes a tried one that is idle. A dead actor
 (its process gone: node lost, OOM kill, SIGKILL) leaves the pool and a new one
 is started in its place, up to as many replacements as the pool has actors.
 """
@@ -20,6 +20,7 @@ from typing import Any
 from batchllm.distributed.cluster import Cluster
 from batchllm.spec import JobSpec
 
+TRIED_GRACE_S = 30.0  # a retry waits this long for an actor it has not tried before taking a tried one
 NAMESPACE = "batchllm"  # actors are named batchllm-<run id>-<index> here, found with ray.get_actor
 
 
@@ -78,23 +79,31 @@ class ActorPool:
             self._start()
 
     def lease(self, tried: set[int]) -> Member:
-        """An idle, started actor, preferring one not in ``tried``; waits while all are busy."""
-        deadline = time.monotonic() + self._timeout
+        """An idle, started actor, preferring one not in ``tried``; waits while all are busy.
+
+        A tried actor that is idle is taken after TRIED_GRACE_S of waiting for the others (they may be
+        busy for the rest of the run). Raises NoActorError when none is alive, or none has started
+        within ``executor.start_timeout_s`` (the cluster cannot place them); busy ones are waited for.
+        """
+        start = time.monotonic()
         with self._changed:
             while True:
                 self._refresh()
                 alive = [m for m in self.members if not m.dead]
                 if not alive:
                     raise NoActorError("no engine actor is alive and no replacement is left to start")
+                waited = time.monotonic() - start
                 fresh = [m for m in alive if m.index not in tried]
                 pick = [m for m in (fresh or alive) if m.info and not m.busy]
+                if not pick and waited > min(TRIED_GRACE_S, self._timeout):
+                    pick = [m for m in alive if m.info and not m.busy]
                 if pick:
                     member = min(pick, key=lambda m: (m.shards_run, m.index))
                     member.busy = True
                     return member
-                if time.monotonic() > deadline:
+                if waited > self._timeout and not any(m.info for m in alive):
                     raise NoActorError(
-                        f"no engine actor became free within {self._timeout:g}s "
+                        f"no engine actor started within {self._timeout:g}s "
                         "(executor.start_timeout_s; can the cluster place the actors?)"
                     )
                 self._changed.wait(timeout=0.2)  # also wakes to notice actors that finished starting
