@@ -219,11 +219,12 @@ def plan_prompts(
     built = build_plan(token_ids, decode, block_size=block_size)
     parts = shard_plan(built, shards) if shards > 1 else [built]
     kept = [(inputs, part) for part in parts if (inputs := _shard_inputs(part))]
-    return PlanInfo(
-        shards=[inputs for inputs, _ in kept],
-        stats=dict(built.stats.to_dict()),
-        parts=[part for _, part in kept],
-    )
+    stats = dict(built.stats.to_dict())
+    if len(parts) > 1:  # a group split across shards computes its prefix once per shard
+        stats["physical_tokens"] = physical = sum(p.stats.physical_tokens for p in parts)
+        logical = stats["logical_tokens"]
+        stats["saving_ratio"] = 1.0 - physical / logical if logical else 0.0
+    return PlanInfo(shards=[inputs for inputs, _ in kept], stats=stats, parts=[part for _, part in kept])
 
 
 def _shard_inputs(part: Any) -> list[int]:

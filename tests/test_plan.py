@@ -136,6 +136,10 @@ def test_shards_cover_every_input_once(work: tuple[list[np.ndarray], np.ndarray,
         _check_invariants_subset(s, prompts)
         ranks = [_group_rank(plan, g) for g in s.iter_groups()]
         assert ranks == sorted(ranks)  # shards keep the plan's execution order
+        shared = [
+            r for r, g in zip(ranks, s.iter_groups(), strict=True) if g.prefix_len and len(g.members) > 1
+        ]
+        assert len(shared) == len(set(shared))  # a group's pieces on one shard share its prefix once
 
 
 def _check_invariants_subset(plan: Plan, prompts: list[np.ndarray]) -> None:
@@ -257,6 +261,18 @@ def test_shard_splits_a_dominant_group_by_members() -> None:
     assert sorted(s.num_groups for s in whole) == [0, 0, 0, 1]
 
 
+def test_pieces_of_a_group_on_one_shard_are_one_group() -> None:
+    """A group cut where it overflows a shard can have a later piece come back to that shard: the pieces
+    are then one group there, its prefix computed once (five members of one 16-token prefix, 2 shards)."""
+    lengths = (82, 129, 110, 18, 6)
+    prompts = [np.r_[np.arange(16), 1000 * (i + 1) + np.arange(k)] for i, k in enumerate(lengths)]
+    plan = build_plan(prompts, np.zeros(5, np.int64), block_size=16)
+    assert plan.prefix_len.tolist() == [16]
+    shards = shard_plan(plan, 2)
+    assert [s.num_groups for s in shards] == [1, 1]  # the pieces that fell on one shard were two groups
+    assert sum(s.stats.physical_tokens for s in shards) == plan.stats.physical_tokens + 16
+
+
 def test_shard_keeps_a_group_whole_when_its_prefix_dominates() -> None:
     w = shared_prefix_workload(prefix=2048, suffix=16, decode=10, members=10, groups=1)
     shards = shard_plan(build_plan(w.table, w.max_tokens), 4)
@@ -272,3 +288,18 @@ def test_shard_balances_many_small_groups() -> None:
     assert sorted(np.concatenate([s.inputs() for s in shards]).tolist()) == list(range(3000))
     costs = _shard_costs(shards)
     assert costs.max() / costs.mean() < 1.01
+
+
+def test_a_sharded_plan_reports_what_its_shards_compute() -> None:
+    """A group split across shards computes its prefix once per shard: the job's planned saving says so
+    (the engine's achieved saving counts it)."""
+    from batchllm.job import plan_prompts
+
+    w = shared_prefix_workload(prefix=256, suffix=16, decode=10, members=1000, groups=1)
+    table = w.table
+    prompts = [table.values[table.offsets[i] : table.offsets[i + 1]] for i in range(1000)]
+    whole = plan_prompts(prompts, w.max_tokens, 16, 1)
+    info = plan_prompts(prompts, w.max_tokens, 16, 4)
+    assert info.stats["physical_tokens"] == whole.stats["physical_tokens"] + 3 * 256
+    assert info.stats["physical_tokens"] == sum(p.stats.physical_tokens for p in info.parts)
+    assert info.stats["saving_ratio"] < whole.stats["saving_ratio"]

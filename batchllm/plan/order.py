@@ -68,7 +68,7 @@ def shard_plan(plan: Plan, n: int, split: bool = True) -> list[Plan]:
     Each shard is a Plan over global input indices, keeping the parent's group
     order; every input appears in exactly one shard (duplicates go with their
     representative). A split group appears in several shards with the same
-    prefix. Shards may be empty when there are fewer groups than shards.
+    prefix, once per shard. Shards may be empty when there are fewer groups than shards.
     """
     if n < 1:
         raise ValueError("shard_plan: n must be >= 1")
@@ -80,10 +80,15 @@ def shard_plan(plan: Plan, n: int, split: bool = True) -> list[Plan]:
         mine = pieces[pieces[:, 3] == s]
         mine = mine[np.lexsort((mine[:, 1], mine[:, 0]))]  # plan order, then member order
         sizes = mine[:, 2] - mine[:, 1]
-        off = np.zeros(mine.shape[0] + 1, dtype=np.int64)
-        np.cumsum(sizes, out=off[1:])
         mem = members[concat_ranges(mine[:, 1], sizes)]
-        pl = prefix_len[mine[:, 0]]
+        # pieces of one group on one shard are one group there: its prefix is computed once
+        first = (
+            np.flatnonzero(np.r_[True, mine[1:, 0] != mine[:-1, 0]]) if mine.size else np.zeros(0, np.int64)
+        )
+        off = np.zeros(first.size + 1, dtype=np.int64)
+        if first.size:
+            np.cumsum(np.add.reduceat(sizes, first), out=off[1:])
+        pl = prefix_len[mine[first, 0]]
         out.append(make_plan(plan.table, plan.max_tokens, plan.duplicate_of, pl, off, mem, plan.block_size))
     return out
 
