@@ -276,8 +276,11 @@ def _run(
             )
             if not prompts.token_ids:
                 continue
-            loaded = loaded or backend("native", model, device, **{"block_size": sizes[0], **engine_options})
-            info = job.plan_prompts(prompts.token_ids, key[0], sizes[0])
+            block_size = engine_options.get("block_size", sizes[0])  # the plan's blocks are the engine's
+            loaded = loaded or backend(
+                "native", model, device, **{**engine_options, "block_size": block_size}
+            )
+            info = job.plan_prompts(prompts.token_ids, key[0], block_size)
             order, planned = info.shards[0], info.groups(0) or [(0, list(range(len(info.shards[0]))))]
             sampling = SamplingSpec(
                 max_tokens=key[0], temperature=key[1], top_p=key[2], seed=key[3], stop=list(key[4])

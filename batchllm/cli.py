@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -252,8 +253,8 @@ def batch(
 
     if not input_path.is_file():
         _fail(f"batch: no such file {str(input_path)!r}")
-    if device not in ("auto", "cpu", "cuda"):
-        _fail(f"batch: --device must be auto, cpu or cuda, got {device!r}")
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+        _fail(f"batch: --device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if not output.parent.is_dir():
         _fail(f"batch: the output's folder {str(output.parent)!r} does not exist")
     try:

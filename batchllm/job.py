@@ -74,7 +74,7 @@ def check(spec: JobSpec) -> None:
     """Checks that need code but no data or weights: the backend can run the task kind on the device."""
     if reason := supports(spec.backend, spec.task.kind):
         raise SpecError(reason)
-    if spec.engine_options.get("block_size", spec.block_size) != spec.block_size:
+    if spec.backend == "native" and spec.engine_options.get("block_size", spec.block_size) != spec.block_size:
         raise SpecError(
             f"engine_options.block_size: {spec.engine_options['block_size']} differs from block_size "
             f"{spec.block_size}, which the plan's shared prefixes are cut to; set block_size alone"

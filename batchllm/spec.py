@@ -289,9 +289,8 @@ class JobSpec(_Strict):
 
     @cached_property
     def spec_hash(self) -> str:
-        """What the job computes: not where (``executor``), how it is cut (``shards``), what it is called
-        or whether done rows are skipped, so a rerun changed in those finds the crashed run's staging."""
-        return _hash(self.model_dump(mode="json", exclude={"executor", "shards", "name", "incremental"}))
+        """What the job computes: not where (``executor``), so another executor's rerun finds the staging."""
+        return _hash(self.model_dump(mode="json", exclude={"executor"}))
 
     @cached_property
     def params_hash(self) -> str:

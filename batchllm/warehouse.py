@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from functools import cache
 from importlib.resources import files
@@ -303,25 +303,27 @@ RESULTS_MARKS = ("id", "prompt_hash", "status", "run_id")  # columns every resul
 
 
 def check_output(spec: JobSpec, schema: pa.Schema) -> None:
-    """Before any model work: the output table's schema exists, and a table already there is a results
-    table whose columns take this run's values (``schema``) unchanged.
+    """Before any model work: the output tables' schemas exist, and a results table already there is
+    a table of results whose columns take this run's values (``schema``).
 
     Raises SpecError naming the field to change. A table that is not a results table (the source
-    table itself, say) would be overwritten; a column of another type would be cast at the last step
-    (DOUBLE ids rounded into an INTEGER column collide) or fail it after all the inference.
+    table itself, say) would be overwritten, a view cannot be written; a column whose type the run's
+    does not cast to implicitly would be cast at the last step (DOUBLE ids rounded into an INTEGER
+    column collide) or fail it after all the inference.
     """
     table, database = spec.output.table, spec.output_database
-    schema_name, _ = _split(table)
-    if not Path(database).exists():
-        if schema_name != "main":
-            raise SpecError(f"output.table: schema {schema_name!r} does not exist in {database!r}")
-        return
-    with connect(database) as con:
-        if schema_name != "main" and not scalar(con, sql("schema_exists"), [schema_name]):
-            raise SpecError(
-                f"output.table: schema {schema_name!r} does not exist in {database!r} "
-                f"(CREATE SCHEMA {schema_name}, or name a table in main)"
-            )
+    with connect(database) if Path(database).exists() else nullcontext() as con:
+        for field, name in (("output.table", table), ("output.runs_table", spec.output.runs_table)):
+            where = _split(name)[0]
+            if where != "main" and (con is None or not scalar(con, sql("schema_exists"), [where])):
+                raise SpecError(
+                    f"{field}: schema {where!r} does not exist in {database!r} "
+                    f"(CREATE SCHEMA {where}, or name a table in main)"
+                )
+        if con is None:
+            return
+        if scalar(con, sql("view_exists"), list(_split(table))):
+            raise SpecError(f"output.table: {table!r} is a view; name a table")
         if not table_exists(con, table):
             return
         have = _column_types(con, table)
@@ -332,14 +334,18 @@ def check_output(spec: JobSpec, schema: pa.Schema) -> None:
             )
         if spec.output.mode == "replace":  # the table is rewritten from this run's rows
             return
-        for key, (name, dtype) in _column_types(con, _register(con, schema.empty_table())).items():
-            if key in have and have[key][1] != dtype:
-                old_name, old_type = have[key]
-                raise SpecError(
-                    f"{_field_of(spec, key)}: the results table {table!r} has {old_name} {old_type} where "
-                    f"this run writes {name} {dtype}; cast it in the query or format, write to another "
-                    "output.table, or set output.mode: replace"
-                )
+        batch = _register(con, schema.empty_table())
+        for key, (name, dtype) in _column_types(con, batch).items():
+            if key not in have or have[key][1] == dtype:
+                continue
+            if scalar(con, sql("casts_implicitly", column=name, batch=batch, table=table)):
+                continue  # a wider id, struct fields in another order: the merge casts them safely
+            old_name, old_type = have[key]
+            raise SpecError(
+                f"{_field_of(spec, key)}: the results table {table!r} has {old_name} {old_type} where "
+                f"this run writes {name} {dtype}; cast it in the query or format, write to another "
+                "output.table, or set output.mode: replace"
+            )
 
 
 def _field_of(spec: JobSpec, column: str) -> str:

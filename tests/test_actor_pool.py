@@ -53,8 +53,8 @@ def test_the_watcher_reports_its_own_shard_and_survives_reporting_errors(
     ray = pytest.importorskip("ray")
     monkeypatch.setattr(ray, "wait", lambda refs, timeout=None: (refs, []))
     monkeypatch.setattr(ray, "get", lambda ref: ref)
-    # a poll sent before the run began answers for the actor's last shard (3, all 10 done)
-    answers = iter([(3, 10, ["old line"]), (5, 2, ["a"]), (5, 4, []), (5, 6, ["b"])])
+    # a poll answered before the run began says no shard runs (the last one's count still in `done`)
+    answers = iter([(None, 10, ["old line"]), (5, 2, ["a"]), (5, 4, []), (5, 6, ["b"])])
     member = Member(0, SimpleNamespace(poll=SimpleNamespace(remote=lambda: next(answers))), None, info={})
     progress: list[int] = []
 

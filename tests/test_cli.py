@@ -74,7 +74,10 @@ def test_batch_bad_arguments_exit_2_without_a_traceback(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text("{}\n")
     for args, message in (
-        (["--device", "bogus", "-o", str(tmp_path / "out.jsonl")], "--device must be auto, cpu or cuda"),
+        (
+            ["--device", "bogus", "-o", str(tmp_path / "out.jsonl")],
+            "--device must be auto, cpu, cuda or cuda:N",
+        ),
         (["-o", str(tmp_path / "missing" / "out.jsonl")], "the output's folder"),
     ):
         result = runner.invoke(app, ["batch", str(src), *args])

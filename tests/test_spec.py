@@ -123,8 +123,6 @@ def test_hashes(tmp_path: Path) -> None:
     b = parse_spec(spec_dict(tmp_path / "w.duckdb", output={"table": "other"}))
     c = parse_spec(spec_dict(tmp_path / "w.duckdb", sampling={"max_tokens": 9}))
     assert a.spec_hash == parse_spec(spec_dict(tmp_path / "w.duckdb")).spec_hash
-    for over in ({"name": "renamed"}, {"shards": 3}, {"incremental": False}):  # a rerun finds the staging
-        assert parse_spec(spec_dict(tmp_path / "w.duckdb", **over)).spec_hash == a.spec_hash
     assert a.spec_hash != b.spec_hash
     assert a.params_hash == b.params_hash  # where results go does not change them
     assert a.params_hash != c.params_hash

@@ -312,6 +312,34 @@ def test_output_schema_must_exist(tmp_path: Path) -> None:
     con.execute("CREATE SCHEMA analytics")
     con.close()
     warehouse.check_output(spec, _run_schema(pa.int32()))
+    audit = _spec(db, output={"table": "labels", "runs_table": "audit.runs"})
+    with pytest.raises(SpecError, match=r"output.runs_table: schema 'audit' does not exist"):
+        warehouse.check_output(audit, _run_schema(pa.int32()))
+
+
+def test_a_view_is_not_an_output_table(tmp_path: Path) -> None:
+    db = make_reviews_db(tmp_path / "w.duckdb", 2)
+    con = duckdb.connect(str(db))
+    con.execute("CREATE VIEW recent AS SELECT * FROM reviews")
+    con.close()
+    with pytest.raises(SpecError, match=r"output.table: 'Recent' is a view"):
+        warehouse.check_output(_spec(db, output={"table": "Recent"}), _run_schema(pa.int32()))
+
+
+def test_types_the_merge_casts_safely_are_taken(tmp_path: Path) -> None:
+    """A run's id that widens the table's (INTEGER -> BIGINT) merges; a narrowing one is refused."""
+    db = tmp_path / "w.duckdb"
+    spec = _spec(db)
+    warehouse.stage(spec, _results(spec, [1], "r1", "positive"))
+    warehouse.load(spec, {"run_id": "r1"})
+    con = duckdb.connect(str(db))
+    con.execute("ALTER TABLE labels ALTER id TYPE BIGINT")
+    con.close()
+    warehouse.check_output(spec, _run_schema(pa.int32()))  # INTEGER into BIGINT: the merge widens it
+    with pytest.raises(
+        SpecError, match=r"source.id_column: .* has id BIGINT where this run writes id DECIMAL\(38,0\)"
+    ):
+        warehouse.check_output(spec, _run_schema(pa.decimal128(38, 0)))
 
 
 def test_runs_table_name_ignores_case(tmp_path: Path) -> None:

@@ -89,9 +89,9 @@ def run_shard(
 
     member = pool.lease(ledger.tried(shard))
     t0 = time.perf_counter()
-    ref = member.handle.run.remote(shard, token_ids, groups)
     watcher = _Watcher(member, shard, on_progress, on_log)
     try:
+        ref = member.handle.run.remote(shard, token_ids, groups)
         while not ray.wait([ref], timeout=POLL_S)[0]:
             watcher.poll()
         watcher.poll(final=True)
@@ -113,6 +113,9 @@ def run_shard(
         pool.release(member, dead=True, reason=reason)
         ledger.record(shard, member, "lost", time.perf_counter() - t0, reason)
         raise ShardFailed(f"shard {shard}: {reason}", actor_died=True) from None
+    except BaseException:  # cancelled mid-shard: the actor may still compute, it is not leased again
+        pool.release(member, dead=True, reason="the attempt was cancelled")
+        raise
     pool.release(member)
     ledger.record(shard, member, "ok", time.perf_counter() - t0)
     stats["actor"] = {k: member.info.get(k) for k in ("index", "pid", "host", "gpu_ids")}
@@ -164,7 +167,7 @@ class _Watcher:
         try:  # reporting (a log handler, the Prefect API) never fails the shard it reports on
             for line in lines:
                 self.on_log(self.member, line)
-            if running == self.shard:  # asked before the run began, the actor answers for its last shard
+            if running == self.shard:  # asked before the run began (or after it), the actor answers None
                 self.on_progress(done)
         except Exception as exc:
             self.member.info.setdefault("report_errors", []).append(f"{type(exc).__name__}: {exc}"[:200])

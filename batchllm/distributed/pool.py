@@ -49,6 +49,7 @@ class Member:
     busy: bool = False
     dead: bool = False
     shards_run: int = 0
+    started: float = field(default_factory=time.monotonic)  # when it was asked for (the start timeout's)
 
 
 class ActorPool:
@@ -82,8 +83,9 @@ class ActorPool:
         """An idle, started actor, preferring one not in ``tried``; waits while all are busy.
 
         A tried actor that is idle is taken after TRIED_GRACE_S of waiting for the others (they may be
-        busy for the rest of the run). Raises NoActorError when none is alive, or none has started
-        within ``executor.start_timeout_s`` (the cluster cannot place them); busy ones are waited for.
+        busy for the rest of the run). Raises NoActorError when none is alive, or when none has started
+        and each has been starting for ``executor.start_timeout_s`` (the cluster cannot place them);
+        busy ones are waited for.
         """
         start = time.monotonic()
         with self._changed:
@@ -101,7 +103,8 @@ class ActorPool:
                     member = min(pick, key=lambda m: (m.shards_run, m.index))
                     member.busy = True
                     return member
-                if waited > self._timeout and not any(m.info for m in alive):
+                now = time.monotonic()
+                if not any(m.info for m in alive) and all(now - m.started > self._timeout for m in alive):
                     raise NoActorError(
                         f"no engine actor started within {self._timeout:g}s "
                         "(executor.start_timeout_s; can the cluster place the actors?)"

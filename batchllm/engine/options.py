@@ -76,7 +76,7 @@ def check_options(
         if value is not None and (not _is_int(value) or value < low):
             raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
     if not _is_int(block_size) or block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"block_size: must be a power of two (1, 2, 4, ... 16), got {block_size!r}")
+        raise ValueError(f"block_size: must be a power of two (1, 2, 4, 8, 16, ...), got {block_size!r}")
     if kv_cache_gb is not None and not (
         _is_real(kv_cache_gb) and math.isfinite(kv_cache_gb) and kv_cache_gb > 0
     ):
