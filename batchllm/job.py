@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from batchllm import render, results, warehouse
+from batchllm import output_check, render, results, warehouse
 from batchllm.backends.base import (
     Backend,
     GroupSpec,
@@ -173,7 +173,7 @@ def prepare(spec: JobSpec, table: pa.Table, run_id: str | None = None, dry_run: 
     tokenizer, folder = tokenizer_for(spec)
     check_labels(spec, tokenizer)
     rows = render.render_rows(spec, table, tokenizer)
-    warehouse.check_output(spec, results.run_schema(spec, rows.schema))
+    output_check.check_output(spec, results.run_schema(spec, rows.schema))
     t1 = time.perf_counter()
     if not dry_run:
         warehouse.prune_staging(spec, rows)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from importlib.resources import files
@@ -34,7 +34,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from batchllm import typed
 from batchllm.connection import WarehouseError, open_database, transaction
 from batchllm.faults import pause_point
 from batchllm.spec import JobSpec, SpecError, check_identifier, validate_columns
@@ -95,13 +94,13 @@ def connect(
         con.close()
 
 
-def _split(table: str) -> tuple[str, str]:
+def split_table(table: str) -> tuple[str, str]:
     schema, _, name = table.rpartition(".")
     return schema or "main", name
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    return bool(scalar(con, sql("table_exists"), list(_split(table))))
+    return bool(scalar(con, sql("table_exists"), list(split_table(table))))
 
 
 def scalar(con: duckdb.DuckDBPyConnection, statement: str, params: list[Any] | None = None) -> Any:
@@ -112,7 +111,7 @@ def scalar(con: duckdb.DuckDBPyConnection, statement: str, params: list[Any] | N
 
 def staging_table(spec: JobSpec) -> str:
     """Staging is per spec: an interrupted run of the same spec finds its finished shards there."""
-    schema, _ = _split(spec.output.table)
+    schema, _ = split_table(spec.output.table)
     name = f"batchllm_staging_{spec.spec_hash[:16]}"
     return name if schema == "main" else f"{schema}.{name}"
 
@@ -189,7 +188,7 @@ def check_id_type(column: str, dtype: Any) -> None:
 def check_ids(con: duckdb.DuckDBPyConnection, table: pa.Table, column: str) -> None:
     """Every id present and unique by DuckDB's own equality, the one the MERGE uses (INTERVAL
     '1 day' = '24 hours', 0.0 = -0.0): a duplicate here would be a row silently lost there."""
-    ids = _register(con, table.select([column]).rename_columns(["id"]))
+    ids = register(con, table.select([column]).rename_columns(["id"]))
     nulls, dup = con.execute(sql("check_ids", ids=ids)).fetchall()[0]
     if nulls:
         raise SpecError(f"source.id_column: {nulls} row(s) have a null {column!r}; every row needs an id")
@@ -222,7 +221,7 @@ def done_keys(spec: JobSpec, include_results: bool, include_staging: bool = True
 # --- load --------------------------------------------------------------------------------------
 
 
-def _register(con: duckdb.DuckDBPyConnection, table: pa.Table) -> str:
+def register(con: duckdb.DuckDBPyConnection, table: pa.Table) -> str:
     name = f"batchllm_arrow_{id(table):x}"
     con.register(name, table)
     return name
@@ -234,7 +233,7 @@ def prune_staging(spec: JobSpec, keys: pa.Table) -> int:
         staging = staging_table(spec)
         if not table_exists(con, staging):
             return 0
-        view = _register(con, keys.select(["id", "prompt_hash"]))
+        view = register(con, keys.select(["id", "prompt_hash"]))
         return int(scalar(con, sql("prune_staging", staging=staging, keys=view)))  # DELETE returns its count
 
 
@@ -244,7 +243,7 @@ def stage(spec: JobSpec, rows: pa.Table) -> int:
         return 0
     with connect(spec.output_database) as con:
         staging = staging_table(spec)
-        view = _register(con, rows)
+        view = register(con, rows)
         with transaction(con, "staging results", spec.output_database):
             con.execute(sql("create_like", table=staging, like=view))
             _widen(con, staging, view)
@@ -264,7 +263,7 @@ def load(spec: JobSpec, run: dict[str, Any]) -> int:
         staging = staging_table(spec)
         results = spec.output.table
         runs = spec.output.runs_table
-        run_row = _register(con, runs_row(run))
+        run_row = register(con, runs_row(run))
         with transaction(con, "loading the results", spec.output_database):
             if table_exists(con, runs) and scalar(con, sql("run_recorded", table=runs), [run["run_id"]]):
                 return 0
@@ -286,7 +285,7 @@ def load(spec: JobSpec, run: dict[str, Any]) -> int:
     return written
 
 
-def _column_types(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, tuple[str, str]]:
+def column_types(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, tuple[str, str]]:
     """Lowercased column name -> (name, DuckDB type) of a table or registered batch (names ignore case)."""
     relation = con.sql(sql("columns", table=table))
     return {name.lower(): (name, str(t)) for name, t in zip(relation.columns, relation.types, strict=True)}
@@ -295,69 +294,8 @@ def _column_types(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, tuple
 def _widen(con: duckdb.DuckDBPyConnection, table: str, like: str) -> None:
     """Give ``table`` the columns of ``like`` it lacks (NULL in its rows): a table written by an
     older version takes a newer version's rows instead of failing the run at its last step."""
-    if set(_column_types(con, like)) - set(_column_types(con, table)):
+    if set(column_types(con, like)) - set(column_types(con, table)):
         con.execute(sql("widen_table", table=table, like=like))
-
-
-RESULTS_MARKS = ("id", "prompt_hash", "status", "run_id")  # columns every results table has
-
-
-def check_output(spec: JobSpec, schema: pa.Schema) -> None:
-    """Before any model work: the output tables' schemas exist, and a results table already there is
-    a table of results whose columns take this run's values (``schema``).
-
-    Raises SpecError naming the field to change. A table that is not a results table (the source
-    table itself, say) would be overwritten, a view cannot be written; a column whose type the run's
-    does not cast to implicitly would be cast at the last step (DOUBLE ids rounded into an INTEGER
-    column collide) or fail it after all the inference.
-    """
-    table, database = spec.output.table, spec.output_database
-    with connect(database) if Path(database).exists() else nullcontext() as con:
-        for field, name in (("output.table", table), ("output.runs_table", spec.output.runs_table)):
-            where = _split(name)[0]
-            if where != "main" and (con is None or not scalar(con, sql("schema_exists"), [where])):
-                raise SpecError(
-                    f"{field}: schema {where!r} does not exist in {database!r} "
-                    f"(CREATE SCHEMA {where}, or name a table in main)"
-                )
-        if con is None:
-            return
-        if scalar(con, sql("view_exists"), list(_split(table))):
-            raise SpecError(f"output.table: {table!r} is a view; name a table")
-        if not table_exists(con, table):
-            return
-        have = _column_types(con, table)
-        if missing := [c for c in RESULTS_MARKS if c not in have]:
-            raise SpecError(
-                f"output.table: {table!r} exists and is not a results table (no {', '.join(missing)} "
-                "column); name another table"
-            )
-        if spec.output.mode == "replace":  # the table is rewritten from this run's rows
-            return
-        batch = _register(con, schema.empty_table())
-        for key, (name, dtype) in _column_types(con, batch).items():
-            if key not in have or have[key][1] == dtype:
-                continue
-            if scalar(con, sql("casts_implicitly", column=name, batch=batch, table=table)):
-                continue  # a wider id, struct fields in another order: the merge casts them safely
-            old_name, old_type = have[key]
-            raise SpecError(
-                f"{_field_of(spec, key)}: the results table {table!r} has {old_name} {old_type} where "
-                f"this run writes {name} {dtype}; cast it in the query or format, write to another "
-                "output.table, or set output.mode: replace"
-            )
-
-
-def _field_of(spec: JobSpec, column: str) -> str:
-    """The spec field that decides a results column's type."""
-    if column == "id":
-        return "source.id_column"
-    if column in ("query_key", "candidate_key"):
-        return f"task.{column}"
-    fmt = spec.task.format
-    if fmt is not None and column in {f.name.lower() for f in typed.typed_fields(fmt)}:
-        return "task.format"
-    return "output.table"
 
 
 def staged_rows(spec: JobSpec, wait: bool = True) -> dict[str, int] | None:

@@ -10,7 +10,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from batchllm import results, warehouse
+from batchllm import output_check, results, warehouse
 from batchllm.spec import SpecError, parse_spec
 from tests.product_fixtures import make_reviews_db, query, review_rows, spec_dict
 
@@ -282,7 +282,7 @@ def test_output_table_that_is_not_a_results_table_is_refused(tmp_path: Path) -> 
     for mode in ("merge", "replace"):
         spec = _spec(db, output={"table": "Reviews", "mode": mode}, incremental=False)
         with pytest.raises(SpecError, match=r"output.table: 'Reviews' exists and is not a results table"):
-            warehouse.check_output(spec, _run_schema(pa.int32()))
+            output_check.check_output(spec, _run_schema(pa.int32()))
     assert query(db, "SELECT count(*), count(review) FROM reviews") == [(4, 4)]
 
 
@@ -292,29 +292,29 @@ def test_output_column_types_must_match(tmp_path: Path) -> None:
     spec = _spec(db)
     warehouse.stage(spec, _results(spec, [1, 2], "r1", "positive"))
     warehouse.load(spec, {"run_id": "r1"})
-    warehouse.check_output(spec, _run_schema(pa.int32()))  # the same types: fine
+    output_check.check_output(spec, _run_schema(pa.int32()))  # the same types: fine
     with pytest.raises(
         SpecError, match=r"source.id_column: .* has id INTEGER where this run writes id DOUBLE"
     ):
-        warehouse.check_output(spec, _run_schema(pa.float64()))
+        output_check.check_output(spec, _run_schema(pa.float64()))
     with pytest.raises(SpecError, match=r"source.id_column: .* id VARCHAR"):
-        warehouse.check_output(spec, _run_schema(pa.string()))
+        output_check.check_output(spec, _run_schema(pa.string()))
     replace = _spec(db, output={"table": "labels", "mode": "replace"}, incremental=False)
-    warehouse.check_output(replace, _run_schema(pa.string()))
+    output_check.check_output(replace, _run_schema(pa.string()))
 
 
 def test_output_schema_must_exist(tmp_path: Path) -> None:
     db = make_reviews_db(tmp_path / "w.duckdb", 2)
     spec = _spec(db, output={"table": "analytics.labels"})
     with pytest.raises(SpecError, match=r"output.table: schema 'analytics' does not exist"):
-        warehouse.check_output(spec, _run_schema(pa.int32()))
+        output_check.check_output(spec, _run_schema(pa.int32()))
     con = duckdb.connect(str(db))
     con.execute("CREATE SCHEMA analytics")
     con.close()
-    warehouse.check_output(spec, _run_schema(pa.int32()))
+    output_check.check_output(spec, _run_schema(pa.int32()))
     audit = _spec(db, output={"table": "labels", "runs_table": "audit.runs"})
     with pytest.raises(SpecError, match=r"output.runs_table: schema 'audit' does not exist"):
-        warehouse.check_output(audit, _run_schema(pa.int32()))
+        output_check.check_output(audit, _run_schema(pa.int32()))
 
 
 def test_a_view_is_not_an_output_table(tmp_path: Path) -> None:
@@ -323,7 +323,7 @@ def test_a_view_is_not_an_output_table(tmp_path: Path) -> None:
     con.execute("CREATE VIEW recent AS SELECT * FROM reviews")
     con.close()
     with pytest.raises(SpecError, match=r"output.table: 'Recent' is a view"):
-        warehouse.check_output(_spec(db, output={"table": "Recent"}), _run_schema(pa.int32()))
+        output_check.check_output(_spec(db, output={"table": "Recent"}), _run_schema(pa.int32()))
 
 
 def test_types_the_merge_casts_safely_are_taken(tmp_path: Path) -> None:
@@ -335,11 +335,11 @@ def test_types_the_merge_casts_safely_are_taken(tmp_path: Path) -> None:
     con = duckdb.connect(str(db))
     con.execute("ALTER TABLE labels ALTER id TYPE BIGINT")
     con.close()
-    warehouse.check_output(spec, _run_schema(pa.int32()))  # INTEGER into BIGINT: the merge widens it
+    output_check.check_output(spec, _run_schema(pa.int32()))  # INTEGER into BIGINT: the merge widens it
     with pytest.raises(
         SpecError, match=r"source.id_column: .* has id BIGINT where this run writes id DECIMAL\(38,0\)"
     ):
-        warehouse.check_output(spec, _run_schema(pa.decimal128(38, 0)))
+        output_check.check_output(spec, _run_schema(pa.decimal128(38, 0)))
 
 
 def test_runs_table_name_ignores_case(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ runs them as given. Without groups the engine plans the shard itself.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -36,10 +38,22 @@ class NativeBackend:
 
     @staticmethod
     def check_options(options: Mapping[str, Any]) -> str | None:
-        from batchllm.engine.options import check_job_options
+        """The job's engine options as the Engine will take them: an unknown name, or a value
+        ``check_options`` refuses, names the option (the device and the model are the job's own)."""
+        from batchllm.engine import Engine
+        from batchllm.engine.options import check_options
 
-        try:
-            check_job_options(options)
+        params = inspect.signature(Engine.__init__).parameters
+        names = [n for n in params if n not in ("self", "model", "device")]
+        for key in options:
+            if key in ("model", "device"):
+                return f"engine_options.{key}: is the job's own {key!r} field, not an engine option"
+            if key not in names:
+                near = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else f"; it has {', '.join(names)}"
+                return f"engine_options.{key}: the native engine has no such option{hint}"
+        try:  # the device is checked with the job's own field
+            check_options(device="cpu", **({n: params[n].default for n in names} | dict(options)))
         except ValueError as exc:
             return f"engine_options.{exc}"
         return None

@@ -6,13 +6,10 @@ which names the option) is in one place.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from batchllm.models import DEFAULT_MODEL, ModelError, resolve_model
 
@@ -101,25 +98,6 @@ def check_options(
     ):
         if not isinstance(flag, bool):
             raise ValueError(f"{name}: must be a bool, got {flag!r}")
-
-
-def check_job_options(options: Mapping[str, Any]) -> None:
-    """A job's ``engine_options`` as the Engine will take them, checked before any model loads: an
-    unknown name, or a value ``check_options`` refuses, raises ValueError naming the option (the
-    device and the model are the job's own fields)."""
-    from batchllm.engine.engine import Engine
-
-    params = inspect.signature(Engine.__init__).parameters
-    names = [n for n in params if n not in ("self", "model", "device")]
-    for key in options:
-        if key in ("model", "device"):
-            raise ValueError(f"{key}: is the job's own {key!r} field, not an engine option")
-        if key not in names:
-            near = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else f"; it has {', '.join(names)}"
-            raise ValueError(f"{key}: the native engine has no such option{hint}")
-    values = {n: params[n].default for n in names} | dict(options)
-    check_options(device="cpu", **values)  # the device is checked with the job's own field
 
 
 def model_folder(model: str | os.PathLike[str], load_format: str) -> Path:

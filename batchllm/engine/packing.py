@@ -103,8 +103,9 @@ def plan_units(
     Requests with an error are left out. With ``pack``, the members of a group
     with a shared prefix fill units of up to ``pack_tokens`` item tokens (label
     nodes included) in plan order, and of up to ``max_unit_tokens`` tokens with
-    the prefix (the KV pool: a packed unit must fit where each item would);
-    an item larger than that gets a unit alone.
+    the prefix (the KV pool: a packed unit must fit where each of its items
+    would; items longer than the pool pack among themselves, for hybrid
+    prefill); an item larger than ``pack_tokens`` gets a unit alone.
     """
     out: list[tuple[np.ndarray, list[Unit]]] = []
     for prefix_len, members in batch.groups:
@@ -116,8 +117,17 @@ def plan_units(
         trunk = batch.requests[reqs[0]].tokens[:shared]
         items = [(k, batch.requests[k].tokens[shared:]) for k in reqs]
         if pack and shared > 0 and len(items) > 1:
-            budget = pack_tokens if max_unit_tokens is None else min(pack_tokens, max_unit_tokens - shared)
-            bins = _bins([int(t.size) + labels.num_nodes for _, t in items], budget)
+            sizes = [int(t.size) + labels.num_nodes for _, t in items]
+            room = pack_tokens if max_unit_tokens is None else max_unit_tokens - shared
+            # items that fit the pool alone pack as far as it holds them; longer ones (hybrid prefill's
+            # anyway) pack among themselves
+            fit = [i for i, size in enumerate(sizes) if size <= room]
+            over = [i for i, size in enumerate(sizes) if size > room]
+            bins = [
+                [part[j] for j in b]
+                for part, budget in ((fit, min(pack_tokens, room)), (over, pack_tokens))
+                for b in _bins([sizes[i] for i in part], budget)
+            ]
         else:
             bins = [[i] for i in range(len(items))]
         out.append((trunk, [build_unit(trunk, [items[i] for i in b], labels) for b in bins]))
