@@ -122,6 +122,21 @@ def test_a_stop_id_among_forced_tokens_ends_the_request_there(engine: Engine) ->
     assert forced.token_ids == free.token_ids
 
 
+def test_a_stop_string_early_in_a_long_forced_run_is_found(engine: Engine) -> None:
+    """A forced run longer than the stop rule's tail window: the stop string in its first tokens ends the
+    request with the text before it, as decoding the tokens one by one does."""
+    after = " and then the story goes on and on" * 8
+    schema = json.dumps({"type": "object", "properties": {"k": {"const": "once upon a time END" + after}}})
+    prompt = [_chat(engine, SYSTEM, PEOPLE[0])]
+    params = SamplingParams(max_tokens=200, stop=["END"])
+    out = []
+    for jump in (False, True):
+        constraint = Constraint("json_schema", schema, any_whitespace=False, jump_forward=jump)
+        [r] = engine.generate(prompt, params, constraint=constraint)
+        out.append((r.text, r.finish_reason))
+    assert out[0] == out[1] and out[0][0].endswith('"once upon a time ') and out[0][1] == "stop", out
+
+
 def test_max_tokens_cut_is_an_invalid_output(engine: Engine) -> None:
     fmt = FormatSpec(json_schema=PERSON)
     [r] = engine.generate(

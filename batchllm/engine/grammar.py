@@ -175,7 +175,7 @@ class GrammarHead(TokenHead):
             seq.add_tokens(forced)
             state.accepted += len(forced)
             self.forced_tokens += len(forced)
-            if self.stop(req, seq):
+            if self.stop(req, seq, new=len(forced)):
                 return self._end(seq)
         return False
 

@@ -112,21 +112,22 @@ class StopRule:
     max_model_len: int
     decode: Decode | None  # needed for stop strings only
 
-    def __call__(self, req: Request, seq: Seq) -> bool:
-        if self.by_token(req, seq):
+    def __call__(self, req: Request, seq: Seq, new: int = 1) -> bool:
+        """``new``: tokens added since the last check (jump-forward adds several at once)."""
+        if self.by_token(req, seq, new):
             return True
         if self.by_length(seq):
             req.finish_reason = "length"
             return True
         return False
 
-    def by_token(self, req: Request, seq: Seq) -> bool:
-        """The newest token ends the request (EOS, a stop token id, a stop string); checked first, so a
-        stop at the last allowed position reads "stop", not "length"."""
+    def by_token(self, req: Request, seq: Seq, new: int = 1) -> bool:
+        """The newest token ends the request (EOS, a stop token id, a stop string in the ``new`` newest
+        tokens); checked first, so a stop at the last allowed position reads "stop", not "length"."""
         if self.token_ends(req, seq.token_ids[-1]):
             req.finish_reason = "stop"
             return True
-        return bool(req.params.stop) and self._stop_string(req, seq)
+        return bool(req.params.stop) and self._stop_string(req, seq, new)
 
     def token_ends(self, req: Request, token: int) -> bool:
         """This token id ends the request by itself: an EOS (unless ignored) or one of its stop ids."""
@@ -138,11 +139,11 @@ class StopRule:
         n = len(seq.token_ids)
         return n - seq.num_prompt_tokens >= seq.max_tokens or n >= self.max_model_len
 
-    def _stop_string(self, req: Request, seq: Seq) -> bool:
+    def _stop_string(self, req: Request, seq: Seq, new: int = 1) -> bool:
         assert self.decode is not None, "stop strings need a tokenizer (checked before the run)"
         stops = req.params.stop
         # a new match ends in the newest tokens: decode only a tail (a char can take 4 byte tokens)
-        tail = seq.completion_token_ids[-(4 * max(len(s) for s in stops) + 8) :]
+        tail = seq.completion_token_ids[-(4 * max(len(s) for s in stops) + 7 + new) :]
         if not any(s in self.decode(tail) for s in stops):
             return False
         text = self.decode(seq.completion_token_ids)
