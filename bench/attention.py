@@ -5,7 +5,7 @@ shares a P-token prefix (the same physical KV blocks), every member has S own
 tokens and one query; 32 query heads, 8 KV heads, head_dim 128, bf16, block
 16; block ids are shuffled over the pool. Cases: `main` (G=100, sd=16,
 P=2000, S=304), `sd1` (no sharing: 1600 groups of 1), `p512` (P=512, 4
-members). Per case it times, with CUDA graphs (eager if capture fails):
+members), `a205` ((a)'s step with a 205k-token pool: 27 groups of 16, 256 own). Per case it times, with CUDA graphs (eager if capture fails):
 
 - paged: paged_attention over the full contexts (reads every prefix sd times);
 - two_level: two_level_attention as the engine runs it (decode: the two levels as two
@@ -49,7 +49,12 @@ import torch
 from batchllm.kernels import paged as pa
 from batchllm.kernels.paged import fused
 
-CASES = {"main": (100, 16, 2000, 304), "sd1": (1600, 1, 2000, 304), "p512": (400, 4, 512, 304)}
+CASES = {
+    "main": (100, 16, 2000, 304),
+    "sd1": (1600, 1, 2000, 304),
+    "p512": (400, 4, 512, 304),
+    "a205": (27, 16, 2000, 256),
+}
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
 KNOBS = (
     "block_n", "num_warps", "num_stages", "maxnreg", "block_m_pre", "block_m_own",
@@ -441,7 +446,13 @@ def sweep(iters: int, case: str) -> list[dict]:
         {"maxnreg": 128},
         {"maxnreg": 200},
         {"own_splits": 2},
+        {"own_splits": 4},
         {"prefix_splits": 2},
+        {"prefix_splits": 4},
+        {"own_splits": 2, "prefix_splits": 2},
+        {"own_splits": 2, "prefix_splits": 4},
+        {"heads_per_tile": 8},
+        {"block_n_own": 64},
         {"heads_per_tile": 2},
         {"block_n_pre": 128},
         {"num_warps": 8},
