@@ -26,6 +26,7 @@ from batchllm.shape import FormatSpec
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 MEMORY = ":memory:"
+PACK_TOKENS = 2048  # task.pack_tokens' default, the engine's too (engine.prefill.PACK_TOKENS)
 
 
 class SpecError(ValueError):
@@ -149,7 +150,7 @@ class TaskSpec(_Strict):
     query_key: str | None = None
     candidate_key: str | None = None
     pack: bool | None = None
-    pack_tokens: int = Field(default=2048, ge=16, le=1 << 20)
+    pack_tokens: int = Field(default=PACK_TOKENS, ge=16, le=1 << 20)
     format: FormatSpec | None = None
 
     @model_validator(mode="after")
@@ -160,8 +161,10 @@ class TaskSpec(_Strict):
                 raise ValueError(f"task.{name}: only used with kind 'score' (kind is {kind!r})")
         if kind == "generate" and self.labels is not None:
             raise ValueError("task.labels: not used with kind 'generate'")
-        if kind == "generate" and self.pack is not None:
-            raise ValueError("task.pack: only used with kinds 'classify' and 'score'")
+        # pack_tokens by value: a dumped and re-parsed spec (updated()) carries the default
+        if kind == "generate" and (self.pack is not None or self.pack_tokens != PACK_TOKENS):
+            name = "pack" if self.pack is not None else "pack_tokens"
+            raise ValueError(f"task.{name}: only used with kinds 'classify' and 'score'")
         if kind != "generate" and self.format is not None:
             raise ValueError(f"task.format: only used with kind 'generate' (kind is {kind!r})")
         if kind == "classify" and (not self.labels or len(self.labels) < 2):

@@ -107,9 +107,18 @@ def test_classify_spec_errors(tmp_path: Path) -> None:
         ({"kind": "classify", "labels": ["a", "b", "a"]}, "'a' given twice"),
         ({"kind": "classify", "labels": ["a", "b"], "yes": "a"}, "task.yes: only used with kind 'score'"),
         ({"kind": "generate", "pack": True}, "task.pack: only used with kinds"),
+        ({"kind": "generate", "pack_tokens": 512}, "task.pack_tokens: only used with kinds"),
     ]:
         with pytest.raises(SpecError, match=message):
             parse_spec({**spec, "task": task})
+
+
+def test_generate_specs_keep_the_default_pack_tokens_through_updated(tmp_path: Path) -> None:
+    from batchllm.engine.prefill import PACK_TOKENS as ENGINE_PACK_TOKENS
+    from batchllm.spec import PACK_TOKENS
+
+    spec = parse_spec({**score_spec(tmp_path / "w.duckdb"), "task": {"kind": "generate"}})
+    assert spec.updated(limits={"max_rows": 5}).task.pack_tokens == PACK_TOKENS == ENGINE_PACK_TOKENS
 
 
 def test_checks_that_need_the_data_or_the_tokenizer_fail_before_the_model_loads(
