@@ -124,7 +124,8 @@ def test_a_stop_id_among_forced_tokens_ends_the_request_there(engine: Engine) ->
 
 def test_a_stop_string_early_in_a_long_forced_run_is_found(engine: Engine) -> None:
     """A forced run longer than the stop rule's tail window: the stop string in its first tokens ends the
-    request with the text before it, as decoding the tokens one by one does."""
+    request with the text before it, and at the token that completes it, as decoding the tokens one by
+    one does."""
     after = " and then the story goes on and on" * 8
     schema = json.dumps({"type": "object", "properties": {"k": {"const": "once upon a time END" + after}}})
     prompt = [_chat(engine, SYSTEM, PEOPLE[0])]
@@ -134,6 +135,9 @@ def test_a_stop_string_early_in_a_long_forced_run_is_found(engine: Engine) -> No
         constraint = Constraint("json_schema", schema, any_whitespace=False, jump_forward=jump)
         [r] = engine.generate(prompt, params, constraint=constraint)
         out.append((r.text, r.finish_reason))
+        # the last token completes the stop (forced runs tokenize differently from sampled ones)
+        text = [engine.tokenizer.decode(r.token_ids[:n]) for n in (len(r.token_ids) - 1, len(r.token_ids))]
+        assert "END" not in text[0] and "END" in text[1], (jump, text)
     assert out[0] == out[1] and out[0][0].endswith('"once upon a time ') and out[0][1] == "stop", out
 
 

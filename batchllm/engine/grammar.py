@@ -171,7 +171,7 @@ class GrammarHead(TokenHead):
         if self.jump_forward and (forced := self._forced(state, seq)):
             # a stop id (or EOS) among them ends the request there, as decoding them one by one would
             ends = next((k + 1 for k, t in enumerate(forced) if self.stop.token_ends(req, t)), len(forced))
-            forced = forced[:ends]
+            forced = forced[: self.stop.string_end(req, seq, forced[:ends])]
             seq.add_tokens(forced)
             state.accepted += len(forced)
             self.forced_tokens += len(forced)

@@ -139,6 +139,27 @@ class StopRule:
         n = len(seq.token_ids)
         return n - seq.num_prompt_tokens >= seq.max_tokens or n >= self.max_model_len
 
+    def string_end(self, req: Request, seq: Seq, tokens: list[int]) -> int:
+        """How many of ``tokens`` (about to be appended at once) are taken before a stop string is
+        complete: all of them when none is. Decoding them one by one would end at that token."""
+        stops = req.params.stop
+        if not stops or len(tokens) < 2:
+            return len(tokens)
+        assert self.decode is not None, "stop strings need a tokenizer (checked before the run)"
+        done = seq.completion_token_ids
+
+        def has_stop(k: int) -> bool:
+            text = self.decode([*done, *tokens[:k]])
+            return any(s in text for s in stops)
+
+        if not has_stop(len(tokens)):
+            return len(tokens)
+        lo, hi = 1, len(tokens)  # the shortest run that completes a stop (a stop stays once there)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if has_stop(mid) else (mid + 1, hi)
+        return lo
+
     def _stop_string(self, req: Request, seq: Seq, new: int = 1) -> bool:
         assert self.decode is not None, "stop strings need a tokenizer (checked before the run)"
         stops = req.params.stop
