@@ -18,7 +18,7 @@ bookkeeping; labelled for the profile only) and the torch ops and CUDA runtime
 calls (a synchronize, an allocation) that overlap them, and how much of the gap
 no host event covers (the engine loop's own Python).
 
-    python -m bench.profile --case 2000,200,100,16,25 --out /tmp/prof
+    python -m bench.profile --case 2000,200,100,16,25 --out /tmp/prof [--warm-whole]
 """
 
 from __future__ import annotations
@@ -247,6 +247,9 @@ def main() -> None:
     ap.add_argument("--case", type=Case.parse, default=Case.parse("2000,200,100,16,25"))
     ap.add_argument("--kv-tokens", type=int, default=300_000)
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument(
+        "--warm-whole", action="store_true", help="run the whole case once unprofiled first (graphs recorded)"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from batchllm.engine import Engine, SamplingParams
@@ -269,6 +272,8 @@ def main() -> None:
     )
     prompts = make_prompts(case, vocab, 0)
     prompts = list(prompts[shuffled_order(case.requests, 0)])
+    if args.warm_whole:  # the profiled runs are then second runs, as bench.peers times them
+        engine.generate(prompts, SamplingParams(max_tokens=case.decode, ignore_eos=True))
     report = {
         "case": case.label,
         "prefill": profiled(engine, prompts, 1),
