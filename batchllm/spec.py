@@ -241,7 +241,7 @@ class LimitsSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    """A whole job. ``spec_hash`` identifies it; ``params_hash`` the task + sampling part."""
+    """A whole job. ``spec_hash`` identifies it; ``params_hash`` what decides a row's result."""
 
     name: str | None = None
     source: SourceSpec
@@ -297,10 +297,12 @@ class JobSpec(_Strict):
 
     @cached_property
     def params_hash(self) -> str:
-        """What, besides the prompt and model, decides a row's result: task and sampling."""
-        return _hash(
-            {"task": self.task.model_dump(mode="json"), "sampling": self.sampling.model_dump(mode="json")}
-        )
+        """What, besides the prompt and model, decides a row's result: the task, and sampling for generate
+        (classify and score decode nothing: a changed max_tokens must not rerun their rows)."""
+        parts = {"task": self.task.model_dump(mode="json")}
+        if self.task.kind == "generate":
+            parts["sampling"] = self.sampling.model_dump(mode="json")
+        return _hash(parts)
 
 
 def _hash(obj: Any) -> str:

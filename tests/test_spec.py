@@ -125,7 +125,13 @@ def test_hashes(tmp_path: Path) -> None:
     assert a.spec_hash == parse_spec(spec_dict(tmp_path / "w.duckdb")).spec_hash
     assert a.spec_hash != b.spec_hash
     assert a.params_hash == b.params_hash  # where results go does not change them
-    assert a.params_hash != c.params_hash
+    # classify decodes nothing: sampling does not change its results (nor rerun its rows)
+    assert a.params_hash == c.params_hash and a.spec_hash != c.spec_hash
+    gen = {"kind": "generate"}
+    d, e = (
+        parse_spec(spec_dict(tmp_path / "w.duckdb", task=gen, sampling={"max_tokens": m})) for m in (8, 9)
+    )
+    assert d.params_hash != e.params_hash and d.params_hash != a.params_hash
 
 
 def test_load_spec_errors(tmp_path: Path) -> None:
@@ -172,7 +178,8 @@ def test_updated_revalidates_and_rehashes(tmp_path: Path) -> None:
     changed = spec.updated(sampling={"max_tokens": 3}, limits={"max_rows": 7})
     assert changed.sampling.max_tokens == 3 and changed.limits.max_rows == 7
     assert changed.sampling.temperature == spec.sampling.temperature
-    assert changed.spec_hash != before[0] and changed.params_hash != before[1]
+    assert changed.spec_hash != before[0] and changed.params_hash == before[1]  # classify: no sampling
+    assert spec.updated(task={"labels": ["x", "y"]}).params_hash != before[1]
     assert (spec.spec_hash, spec.params_hash) == before
     with pytest.raises(SpecError, match=r"sampling\.max_tokens"):
         spec.updated(sampling={"max_tokens": -1})
