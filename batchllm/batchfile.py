@@ -120,9 +120,9 @@ def _request(obj: dict[str, Any], cid: str, default_max_tokens: int) -> Request:
     stop = body.get("stop") or []
     try:
         sampling = SamplingSpec(
-            max_tokens=body.get("max_completion_tokens", body.get("max_tokens", default_max_tokens)),
-            temperature=body.get("temperature", DEFAULT_TEMPERATURE),
-            top_p=body.get("top_p", 1.0),
+            max_tokens=_given(body, "max_completion_tokens", "max_tokens", default=default_max_tokens),
+            temperature=_given(body, "temperature", default=DEFAULT_TEMPERATURE),
+            top_p=_given(body, "top_p", default=1.0),
             seed=body.get("seed"),
             stop=[stop] if isinstance(stop, str) else stop,
         )
@@ -131,6 +131,11 @@ def _request(obj: dict[str, Any], cid: str, default_max_tokens: int) -> Request:
         raise ValueError(f"body.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     key = (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.seed, tuple(sampling.stop))
     return Request(cid, messages, key)
+
+
+def _given(body: dict[str, Any], *names: str, default: Any) -> Any:
+    """The first of ``names`` the body sets to a value; null means the default, as in OpenAI's API."""
+    return next((body[n] for n in names if body.get(n) is not None), default)
 
 
 def _message(i: int, m: Any) -> dict[str, str]:
@@ -166,11 +171,18 @@ def _rewrite(path: Path, lines: list[str]) -> None:
     """Replace ``path`` by ``lines`` atomically (temporary file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would create it (mkstemp makes it 0600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _response_line(cid: str, model: str, outcome: Outcome) -> dict[str, Any]:
@@ -219,8 +231,14 @@ def run_batch(
     requests, skipped (answered before), ran, ok, errors (error lines written).
     """
     input_path, output_path = Path(input_path), Path(output_path)
+    if output_path.is_dir():
+        raise BatchFileError(f"batch: the output {str(output_path)!r} is a folder")
+    if output_path.exists() and output_path.samefile(input_path):
+        raise BatchFileError("batch: the output must not be the input file")
     parsed = parse_requests(input_path, default_max_tokens)
     answered = read_answered(output_path)
+    # a request answered ok before keeps that answer, even if its line is now invalid: one line per id
+    parsed.errors = [e for e in parsed.errors if e["custom_id"] not in answered]
     todo = [r for r in parsed.requests if r.custom_id not in answered]
     _rewrite(output_path, list(answered.values()))
     counts = {"requests": len(parsed.requests), "skipped": len(parsed.requests) - len(todo)}

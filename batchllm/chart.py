@@ -24,8 +24,10 @@ PANELS = (  # (series, title, y label)
 def run_series(engine_stats: list[dict[str, Any]]) -> dict[str, np.ndarray] | None:
     """The shards' timelines on one clock (s since the first shard started); None without any.
 
-    Rates are per sampling interval (the first from the shard's start); prompts done add up
-    over shards, which run one after another.
+    Shards run one after another on one engine or side by side on several (Ray actors): every sample
+    of every shard, in time order, gives the run's state then. Prompts done add up over all shards;
+    throughput and tokens per step over the shards running then (each shard's latest sampling
+    interval, the first from its start), KV use over their pools.
     """
     shards = [
         s["timeline"] for s in engine_stats if isinstance(s.get("timeline"), dict) and s["timeline"]["t"]
@@ -33,24 +35,29 @@ def run_series(engine_stats: list[dict[str, Any]]) -> dict[str, np.ndarray] | No
     if not shards:
         return None
     first = min(float(s["started"]) for s in shards)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("t", *(p[0] for p in PANELS))}
-    done_before = 0
-    for s in sorted(shards, key=lambda s: float(s["started"])):
-        t = np.asarray(s["t"], dtype=np.float64)
-        tokens = np.asarray(s["tokens"], dtype=np.float64)
-        steps = np.asarray(s["steps"], dtype=np.float64)
-        dt = np.diff(t, prepend=0.0)
-        dtok = np.diff(tokens, prepend=0.0)
-        dsteps = np.diff(steps, prepend=0.0)
-        rows = np.asarray(s["prompts_done"], dtype=np.float64) + done_before
-        parts["t"].append(t + float(s["started"]) - first)
-        parts["prompts_done"].append(rows)
-        parts["tokens_per_s"].append(np.divide(dtok, dt, out=np.zeros_like(dt), where=dt > 0))
-        parts["tokens_per_step"].append(np.divide(dtok, dsteps, out=np.zeros_like(dt), where=dsteps > 0))
-        total = max(int(s.get("kv_blocks_total") or 0), 1)
-        parts["kv_use"].append(100.0 * np.asarray(s["kv_blocks"], dtype=np.float64) / total)
-        done_before = int(rows[-1])
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    n = len(shards)
+    start = np.array([float(s["started"]) - first for s in shards])
+    times = [np.asarray(s["t"], dtype=np.float64) + start[i] for i, s in enumerate(shards)]
+    end = np.array([t[-1] for t in times])
+    total = np.array([max(int(s.get("kv_blocks_total") or 0), 1) for s in shards], dtype=np.float64)
+    done, kv, dtok, dsteps, dt = (np.zeros(n) for _ in range(5))
+    order = sorted((t, i, k) for i, ts in enumerate(times) for k, t in enumerate(ts))
+    out: dict[str, list[float]] = {k: [] for k in ("t", *(p[0] for p in PANELS))}
+    for t, i, k in order:
+        s = shards[i]
+        done[i], kv[i] = s["prompts_done"][k], s["kv_blocks"][k]
+        dtok[i] = s["tokens"][k] - (s["tokens"][k - 1] if k else 0)
+        dsteps[i] = s["steps"][k] - (s["steps"][k - 1] if k else 0)
+        dt[i] = times[i][k] - (times[i][k - 1] if k else start[i])
+        running = (start <= t) & (end >= t)
+        rates = np.divide(dtok, dt, out=np.zeros(n), where=dt > 0)
+        steps = dsteps[running].sum()
+        out["t"].append(t)
+        out["prompts_done"].append(done.sum())
+        out["tokens_per_s"].append(rates[running].sum())
+        out["tokens_per_step"].append(dtok[running].sum() / steps if steps > 0 else 0.0)
+        out["kv_use"].append(100.0 * kv[running].sum() / total[running].sum())
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
 
 
 def figure(run: dict[str, Any]) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -56,6 +57,8 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Run a job through the Prefect flow (ephemeral Prefect unless PREFECT_API_URL is set)."""
+    # the temporary server's telemetry: offline machines logged an ERROR per run (set it to override)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from batchllm import job as steps
     from batchllm.spec import load_spec
 
@@ -209,7 +212,7 @@ def plan(
     if not _is_yaml(path):
         from batchllm.planfile import plan_file_command
 
-        plan_file_command(path, tokenizer, block_size or 16, max_tokens, as_json)
+        plan_file_command(path, tokenizer, 16 if block_size is None else block_size, max_tokens, as_json)
         return
     from batchllm import job as steps
     from batchllm.spec import load_spec
@@ -257,6 +260,8 @@ def batch(
         _fail(f"batch: --device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if not output.parent.is_dir():
         _fail(f"batch: the output's folder {str(output.parent)!r} does not exist")
+    if not 1 <= max_tokens <= 32768:
+        _fail(f"batch: --max-tokens must be between 1 and 32768, got {max_tokens}")
     try:
         with console.status("running batch requests..."):
             counts = run_batch(input_path, output, model=model, device=device, default_max_tokens=max_tokens)
@@ -275,7 +280,7 @@ def show(
     database: Annotated[
         str | None, typer.Option("--database", "-d", help=f"DuckDB file (default {DEFAULT_DATABASE})")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="rows to show")] = 5,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=0, help="rows to show")] = 5,
     all_columns: Annotated[
         bool, typer.Option("--all", help="every column (default: the useful ones)")
     ] = False,
@@ -315,6 +320,8 @@ def report(
     runs_table: Annotated[str, typer.Option(help="the runs table")] = "batchllm_runs",
 ) -> None:
     """Write a recorded run's report (the flow's markdown report, chart and stats table) as HTML or PNG."""
+    import duckdb
+
     from batchllm import report as reports
     from batchllm import warehouse
     from batchllm.chart import chart_png
@@ -322,15 +329,21 @@ def report(
     database = database or DEFAULT_DATABASE
     if not Path(database).exists():
         _fail(f"database {database!r} does not exist")
+    if output is not None and not output.parent.is_dir():
+        _fail(f"report: the output's folder {str(output.parent)!r} does not exist")
+    if output is not None and output.suffix.lower() not in (".html", ".htm", ".png"):
+        _fail(f"report: --output must end in .html or .png, got {output.name!r}")
     try:
         run = warehouse.read_run(database, run_id, runs_table)
-    except (SpecError, WarehouseError) as exc:
+    except (SpecError, WarehouseError, ValueError) as exc:  # ValueError: an unsafe --runs-table name
         _fail(str(exc))
+    except duckdb.Error as exc:  # a table that is not a runs table
+        _fail(f"report: {runs_table!r} is not a runs table ({type(exc).__name__}: {exc})")
     output = output or Path(f"run-{run['run_id']}.html")
     if output.suffix.lower() == ".png":
         png = chart_png(run)
         if png is None:
-            _fail(f"run {run['run_id']} has no metrics over time (run by a backend that records none)")
+            _fail(f"run {run['run_id']} has no metrics over time (no step of it recorded any)")
         output.write_bytes(png)
     else:
         output.write_text(reports.html_report(run, run.get("table") or "?"), encoding="utf-8")

@@ -375,6 +375,20 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             if db != MEMORY and not Path(db).expanduser().is_absolute():
                 part = {**part, "database": str((base / db).resolve())}
             out[section] = part
+    source = out.get("source")
+    if isinstance(source, dict) and isinstance(source.get("attach"), list):
+        # attached database files, like source.database, are relative to the spec (postgres: a DSN)
+        attach = [
+            {**a, "path": str((base / a["path"]).resolve())}
+            if isinstance(a, dict)
+            and a.get("type", "duckdb") in ("duckdb", "sqlite")
+            and isinstance(a.get("path"), str)
+            and a["path"] != MEMORY
+            and not Path(a["path"]).expanduser().is_absolute()
+            else a
+            for a in source["attach"]
+        ]
+        out["source"] = {**source, "attach": attach}
     return out
 
 

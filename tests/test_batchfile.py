@@ -235,3 +235,51 @@ def test_repeated_sampled_requests_are_each_answered(tmp_path: Path, default_mod
     for rows, distinct in ((sampled, 3), (greedy, 1), (seeded, 1)):
         parsed = parse_requests(write_jsonl(tmp_path / "in.jsonl", rows), 6)
         assert render.tokenize(_rows(parsed.requests, tok), tok, None).num_prompts == distinct
+
+
+def test_null_fields_take_the_defaults(tmp_path: Path) -> None:
+    """OpenAI's API reads a null max_tokens, temperature or top_p as "not given"."""
+    row = request("n", "hi", max_tokens=None, temperature=None, top_p=None, stop=None, seed=None)
+    parsed = parse_requests(write_jsonl(tmp_path / "in.jsonl", [row]), default_max_tokens=9)
+    assert not parsed.errors and parsed.requests[0].params[:3] == (9, 1.0, 1.0)
+
+
+def test_a_rerun_keeps_one_line_per_custom_id(tmp_path: Path) -> None:
+    """A request answered ok before and now invalid keeps its answer; no error line joins it."""
+    answered = {"id": "batch_req_1", "custom_id": "a", "response": {"status_code": 200}, "error": None}
+    src = write_jsonl(tmp_path / "in.jsonl", [request("a", "hi", max_tokens=0)])
+    out = write_jsonl(tmp_path / "out.jsonl", [answered])
+    counts = run_batch(src, out, backend=no_model)
+    assert [x["custom_id"] for x in read_lines(out)] == ["a"] and counts["errors"] == 0
+
+
+def test_output_file_mode_and_bad_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import stat
+
+    from batchllm.batchfile import BatchFileError
+
+    src = write_jsonl(tmp_path / "in.jsonl", ["[1, 2"])
+    out = tmp_path / "out.jsonl"
+    old = os.umask(0o022)
+    try:
+        run_batch(src, out, backend=no_model)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # as any file the user creates, not mkstemp's 0600
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(BatchFileError, match="is a folder"):
+        run_batch(src, tmp_path / "folder", backend=no_model)
+    with pytest.raises(BatchFileError, match="must not be the input"):
+        run_batch(src, src, backend=no_model)
+    assert src.read_text() == "[1, 2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in.jsonl", "out.jsonl"]  # no temp left
+
+
+def test_cli_batch_checks_max_tokens(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [request("a", "hi")])
+    result = CliRunner().invoke(
+        app, ["batch", str(src), "-o", str(tmp_path / "o.jsonl"), "--max-tokens", "0"]
+    )
+    assert result.exit_code == 2 and "--max-tokens must be between 1 and 32768" in result.output
+    assert not (tmp_path / "o.jsonl").exists()

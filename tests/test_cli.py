@@ -157,3 +157,36 @@ def test_show_picks_typed_and_key_columns() -> None:
         }
     )
     assert _useful_columns(rows) == ["id", "status", "output", "parsed", "sector"]
+
+
+def test_flag_errors_exit_2_without_a_traceback(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": [1, 2, 3]}\n')
+    result = runner.invoke(app, ["plan", str(prompts), "--block-size", "0"])
+    assert result.exit_code == 2 and "block_size must be >= 1" in result.output  # not planned at 16
+    db = make_reviews_db(tmp_path / "w.duckdb", 3)
+    result = runner.invoke(app, ["show", "reviews", "-d", str(db), "-n", "-1"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    for args, message in [
+        (["--runs-table", "bad-name"], "not a safe SQL identifier"),
+        (["--runs-table", "reviews"], "'reviews' is not a runs table"),
+        (["-o", str(tmp_path / "nodir" / "r.html")], "the output's folder"),
+        (["-o", str(tmp_path / "r.svg")], "--output must end in .html or .png"),
+    ]:
+        result = runner.invoke(app, ["report", "abc", "-d", str(db), *args])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert message in " ".join(result.output.split()), (args, result.output)
+
+
+def test_attached_databases_are_relative_to_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchllm.spec import load_spec
+
+    (tmp_path / "jobs").mkdir()
+    make_reviews_db(tmp_path / "other.duckdb", 2)
+    spec = spec_dict("../w.duckdb")
+    spec["source"]["attach"] = [{"alias": "o", "path": "../other.duckdb"}, {"alias": "p", "path": "/abs.db"}]
+    (tmp_path / "jobs" / "job.yaml").write_text(yaml.safe_dump(spec))
+    for cwd in (tmp_path, tmp_path / "jobs"):
+        monkeypatch.chdir(cwd)
+        paths = [a.path for a in load_spec(tmp_path / "jobs" / "job.yaml").source.attach]
+        assert paths == [str(tmp_path / "other.duckdb"), "/abs.db"]

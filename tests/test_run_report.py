@@ -89,6 +89,22 @@ def test_series_join_shards_and_the_chart_shows_them() -> None:
     assert run_series([{"steps": 1}]) is None and chart_png({"run_id": "x", "engine": []}) is None
 
 
+def test_series_of_shards_side_by_side() -> None:
+    """Ray shards run at once on two engines: one clock in time order, counts and rates summed over
+    the shards running, KV use over their two pools."""
+    engine = [
+        _shard(1000.0, [1.0, 2.0, 4.0], [2, 4, 6], [100, 200, 300], [50, 40, 0], [0, 2, 6]),
+        _shard(1000.2, [1.0, 3.0], [1, 3], [30, 90], [30, 0], [1, 4]),
+    ]
+    s = run_series(engine)
+    assert s is not None
+    np.testing.assert_allclose(s["t"], [1.0, 1.2, 2.0, 3.2, 4.0])
+    np.testing.assert_allclose(s["prompts_done"], [0, 1, 3, 6, 10])  # never backwards
+    np.testing.assert_allclose(s["tokens_per_s"], [100, 130, 130, 130, 50])
+    np.testing.assert_allclose(s["kv_use"], [25, 40, 35, 20, 0])  # B runs from 0.2, its pool empty
+    np.testing.assert_allclose(s["tokens_per_step"], [50, 130 / 3, 130 / 3, 160 / 4, 50])
+
+
 def test_recorded_run_report_from_the_cli(tmp_path: Path) -> None:
     """A real generate run on the default model (the flow's steps without Prefect), recorded, then
     `batchllm report` writes its HTML page and its chart from the runs table."""
