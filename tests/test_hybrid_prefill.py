@@ -140,3 +140,59 @@ def test_triton_backend_hybrid_equals_paged(tmp_path, device: str, name: str) ->
     for w, g in zip(want, got, strict=True):
         assert g.ok, g.error
         assert [g.probs[x] for x in "abc"] == pytest.approx([w.probs[x] for x in "abc"], abs=tol)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from bench.generate import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "m", num_hidden_layers=8)
+
+
+def test_long_items_pack_only_as_far_as_hybrid_prefill_holds(tiny_folder) -> None:
+    """Items longer than the pool pack among themselves for hybrid prefill, never beyond what it holds:
+    five 116-token items each fit, and packed together (up to pack_tokens) they would not."""
+    e = Engine(tiny_folder, load_format="dummy", seed=0, kv_cache_tokens=64, max_num_batched_tokens=64)
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(3, 512, 16).tolist()
+    prompts = [prefix + rng.integers(3, 512, 100).tolist() for _ in range(5)]
+    labels = LabelSet.from_token_ids(["a", "b"], [[5], [6]])
+    alone = e.classify(prompts, labels, pack=False)
+    packed = e.classify(prompts, labels, pack=True)
+    assert all(r.ok for r in alone) and all(r.ok for r in packed), [r.error for r in packed]
+    for a, p in zip(alone, packed, strict=True):
+        assert [p.probs[x] for x in "ab"] == pytest.approx([a.probs[x] for x in "ab"], abs=1e-5)
+
+
+def test_hybrid_prefill_leaves_the_pool_clean(tiny_folder) -> None:
+    """Hidden states and residuals left in the borrowed pool read as bf16 KV hold NaN/inf patterns:
+    the next call must score and generate as a fresh engine does."""
+    from batchllm.engine import SamplingParams
+
+    def make() -> Engine:
+        kw = {"load_format": "dummy", "seed": 0, "kv_cache_tokens": 64, "max_num_batched_tokens": 64}
+        return Engine(tiny_folder, dtype="bfloat16", **kw)
+
+    rng = np.random.default_rng(1)
+    long = [rng.integers(3, 512, 150).tolist() for _ in range(3)]
+    pre = rng.integers(3, 512, 16).tolist()
+    short = [pre + rng.integers(3, 512, n).tolist() for n in (3, 9, 17)]
+    labels = LabelSet.from_token_ids(["a", "b", "c"], [[5, 9], [6, 7, 2], [6, 8]])
+    fresh = make()
+    want = ([r.probs for r in fresh.classify(short, labels, pack=True)],
+            [r.token_ids for r in fresh.generate(short, SamplingParams(max_tokens=8))])  # fmt: skip
+    used = make()
+    used.classify(long, labels, pack=False)
+    assert used.stats.hybrid_units == 3
+    assert bool(used.runner.kv_cache.isfinite().all())
+    got = ([r.probs for r in used.classify(short, labels, pack=True)],
+           [r.token_ids for r in used.generate(short, SamplingParams(max_tokens=8))])  # fmt: skip
+    assert got == want
+
+
+def test_label_token_ids_outside_the_vocabulary_are_refused(tiny_folder) -> None:
+    e = Engine(tiny_folder, load_format="dummy", seed=0, kv_cache_tokens=64)
+    with pytest.raises(ValueError, match=r"labels: 'b' hold token ids outside the vocabulary \(512\)"):
+        e.classify([[5, 6, 7]], LabelSet.from_token_ids(["a", "b"], [[5], [600, 6]]))
+    with pytest.raises(ValueError, match="token ids must be >= 0"):
+        LabelSet.from_token_ids(["a", "b"], [[5], [-1]])

@@ -79,13 +79,24 @@ class HybridPrefill:
 
     @torch.inference_mode()
     def forward(self, unit: Unit) -> torch.Tensor:
-        """Final hidden states [len(unit.reads), hidden] at the unit's read positions."""
-        n, model = unit.num_tokens, self.model
+        """Final hidden states [len(unit.reads), hidden] at the unit's read positions.
+
+        The borrowed memory is zeroed after: hidden states and residuals left in it would read as KV
+        of NaN or inf bit patterns, which a backend that masks whole blocks by adding -inf (cpu)
+        turns into NaN scores in the engine's next call."""
+        n = unit.num_tokens
         if n > self.capacity():
             raise MemoryError(
                 f"{n} tokens need {self.bytes_needed(n)} bytes, the idle KV pool has "
                 f"{self.storage.numel() * self.storage.element_size()}"
             )
+        try:
+            return self._forward(unit)
+        finally:
+            self.storage[: -(-self.bytes_needed(n) // self.storage.element_size())].zero_()
+
+    def _forward(self, unit: Unit) -> torch.Tensor:
+        n, model = unit.num_tokens, self.model
         cfg, bs = model.cfg, self.block_size
         hidden = cfg.hidden_size
         x = self.storage[: n * hidden].view(n, hidden)

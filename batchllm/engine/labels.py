@@ -82,6 +82,8 @@ class LabelSet:
         toks = [tuple(int(t) for t in ids) for ids in token_ids]
         if len(toks) != len(labels) or not all(toks):
             raise ValueError("labels: every label needs at least one token")
+        if any(t < 0 for ids in toks for t in ids):
+            raise ValueError("labels: token ids must be >= 0")
         seen: dict[tuple[int, ...], str] = {}
         for label, ids in zip(labels, toks, strict=True):
             if ids in seen:

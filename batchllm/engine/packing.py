@@ -97,6 +97,7 @@ def plan_units(
     pack_tokens: int,
     block_size: int,
     max_unit_tokens: int | None = None,
+    max_hybrid_tokens: int | None = None,
 ) -> list[tuple[np.ndarray, list[Unit]]]:
     """(shared prefix tokens, units) per group of the batch, in its execution order.
 
@@ -105,7 +106,8 @@ def plan_units(
     nodes included) in plan order, and of up to ``max_unit_tokens`` tokens with
     the prefix (the KV pool: a packed unit must fit where each of its items
     would; items longer than the pool pack among themselves, for hybrid
-    prefill); an item larger than ``pack_tokens`` gets a unit alone.
+    prefill, up to ``max_hybrid_tokens`` with the prefix, what it holds); an
+    item larger than its budget gets a unit alone.
     """
     out: list[tuple[np.ndarray, list[Unit]]] = []
     for prefix_len, members in batch.groups:
@@ -121,11 +123,14 @@ def plan_units(
             room = pack_tokens if max_unit_tokens is None else max_unit_tokens - shared
             # items that fit the pool alone pack as far as it holds them; longer ones (hybrid prefill's
             # anyway) pack among themselves
+            over_room = (
+                pack_tokens if max_hybrid_tokens is None else min(pack_tokens, max_hybrid_tokens - shared)
+            )
             fit = [i for i, size in enumerate(sizes) if size <= room]
             over = [i for i, size in enumerate(sizes) if size > room]
             bins = [
                 [part[j] for j in b]
-                for part, budget in ((fit, min(pack_tokens, room)), (over, pack_tokens))
+                for part, budget in ((fit, min(pack_tokens, room)), (over, over_room))
                 for b in _bins([sizes[i] for i in part], budget)
             ]
         else:

@@ -51,6 +51,13 @@ def run_prefill(
     """Score every request of the batch against the labels; results in input order, and the run's stats."""
     if isinstance(pack_tokens, bool) or not isinstance(pack_tokens, int) or pack_tokens < 1:
         raise ValueError(f"pack_tokens: must be an integer >= 1, got {pack_tokens!r}")
+    vocab = engine.model.cfg.vocab_size
+    if bad := [
+        label for label, ids in zip(labels.labels, labels.token_ids, strict=True) if max(ids) >= vocab
+    ]:
+        raise ValueError(
+            f"labels: {', '.join(map(repr, bad))} hold token ids outside the vocabulary ({vocab})"
+        )
     clock, total = time.perf_counter, batch.num_inputs
     stats = EngineStats(num_requests=total, num_kv_blocks=engine.num_kv_blocks)
     stats.prompt_tokens_logical, stats.num_groups = batch.logical_tokens, len(batch.groups)
@@ -66,8 +73,9 @@ def run_prefill(
         engine.max_num_batched_tokens,
         starvation_lambda=engine.starvation_lambda,
     )
+    hybrid = _hybrid(engine) if engine.hybrid_prefill else None
     units, first_item, oversized = _submit(
-        scheduler, batch, labels, pack, pack_tokens, engine.block_size, hybrid=engine.hybrid_prefill
+        scheduler, batch, labels, pack, pack_tokens, engine.block_size, hybrid
     )
     items = [k for u in units.values() for k in u.requests]
     scorer = LabelScorer(labels, len(items), engine.runner.device)
@@ -96,8 +104,10 @@ def run_prefill(
     failed: set[int] = set()  # hybrid units that did not fit: computed nothing
     if oversized:
         t_run = clock()
+        assert hybrid is not None
         failed = _run_hybrid(
             engine,
+            hybrid,
             batch,
             {i: units[i] for i in oversized},
             first_item,
@@ -131,8 +141,19 @@ def _check_label_room(batch: Batch, labels: LabelSet, max_model_len: int) -> Non
             )
 
 
+def _hybrid(engine: Engine) -> HybridPrefill:
+    return HybridPrefill(
+        engine.model,
+        engine.attention,
+        engine.runner.kv_cache,
+        engine.block_size,
+        engine.max_num_batched_tokens,
+    )
+
+
 def _run_hybrid(
     engine: Engine,
+    runner: HybridPrefill,
     batch: Batch,
     units: dict[int, Unit],
     first_item: dict[int, int],
@@ -142,13 +163,6 @@ def _run_hybrid(
 ) -> set[int]:
     """Units longer than the KV pool, one at a time through hybrid prefill over the idle pool's memory;
     one that does not fit even so gets an error and the rest of the run stands. Returns those."""
-    runner = HybridPrefill(
-        engine.model,
-        engine.attention,
-        engine.runner.kv_cache,
-        engine.block_size,
-        engine.max_num_batched_tokens,
-    )
     failed = set()
     for seq_id, unit in units.items():
         try:
@@ -177,15 +191,20 @@ def _submit(
     pack: bool,
     pack_tokens: int,
     block_size: int,
-    *,
-    hybrid: bool,
+    hybrid: HybridPrefill | None,
 ) -> tuple[dict[int, Unit], dict[int, int], list[int]]:
     """One Sequence per unit, group by group; returns units by seq_id, each unit's first item index
     and the units longer than the whole KV pool (for hybrid prefill; without it they get an error)."""
     units: dict[int, Unit] = {}
     pool_tokens = scheduler.pool.num_blocks * block_size
     for trunk, group in plan_units(
-        batch, labels, pack=pack, pack_tokens=pack_tokens, block_size=block_size, max_unit_tokens=pool_tokens
+        batch,
+        labels,
+        pack=pack,
+        pack_tokens=pack_tokens,
+        block_size=block_size,
+        max_unit_tokens=pool_tokens,
+        max_hybrid_tokens=None if hybrid is None else hybrid.capacity(),
     ):
         seqs = []
         for u in group:
@@ -205,7 +224,7 @@ def _submit(
             for k in units[seq.seq_id].requests:
                 batch.requests[k].cached_tokens = seq.num_shared_tokens
     oversized = [seq.seq_id for seq in scheduler.rejected]
-    if not hybrid:
+    if hybrid is None:
         for seq_id in oversized:
             reason = f"prompt: {scheduler.rejection_reasons[seq_id]} (hybrid_prefill is off)"
             for k in units.pop(seq_id).requests:
