@@ -60,7 +60,7 @@ def run(
     # the temporary server's telemetry: offline machines logged an ERROR per run (set it to override)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from batchllm import job as steps
-    from batchllm.spec import load_spec
+    from batchllm.spec_yaml import load_spec
 
     received: list[int] = []
     spec: Any = None
@@ -215,7 +215,7 @@ def plan(
         plan_file_command(path, tokenizer, 16 if block_size is None else block_size, max_tokens, as_json)
         return
     from batchllm import job as steps
-    from batchllm.spec import load_spec
+    from batchllm.spec_yaml import load_spec
 
     try:
         spec = load_spec(path)
@@ -287,7 +287,7 @@ def show(
 ) -> None:
     """Print a few rows of a table (for a results table: id, status and what the model produced)."""
     from batchllm import warehouse
-    from batchllm.spec import load_spec
+    from batchllm.spec_yaml import load_spec
 
     try:
         if _is_yaml(Path(table)):
@@ -329,10 +329,8 @@ def report(
     database = database or DEFAULT_DATABASE
     if not Path(database).exists():
         _fail(f"database {database!r} does not exist")
-    if output is not None and not output.parent.is_dir():
-        _fail(f"report: the output's folder {str(output.parent)!r} does not exist")
-    if output is not None and output.suffix.lower() not in (".html", ".htm", ".png"):
-        _fail(f"report: --output must end in .html or .png, got {output.name!r}")
+    if output is not None and (not output.parent.is_dir() or output.suffix.lower() not in (".html", ".png")):
+        _fail(f"report: --output must be an .html or .png file in a folder that exists, got {str(output)!r}")
     try:
         run = warehouse.read_run(database, run_id, runs_table)
     except (SpecError, WarehouseError, ValueError) as exc:  # ValueError: an unsafe --runs-table name

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
 
-    from batchllm.spec import load_spec
+    from batchllm.spec_yaml import load_spec
 
     database = (args.data_dir / "warehouse.duckdb").resolve()
     if args.rebuild:

@@ -1,6 +1,6 @@
 """JobSpec: the one description of a batch job (source SQL, prompt, task, model, output).
 
-Loaded from YAML (or built in Python) and validated before any model loads:
+Loaded from YAML (spec_yaml.py) or built in Python, and validated before any model loads:
 unknown fields, template syntax errors, unsafe identifiers and inconsistent
 options fail here with a message naming the field. Checks that need the
 warehouse (columns of the query result) live in ``validate_columns``, called by
@@ -13,10 +13,8 @@ import hashlib
 import json
 import re
 from functools import cache, cached_property
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from jinja2 import TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -335,61 +333,6 @@ def parse_spec(data: Any, origin: str = "job spec") -> JobSpec:
             # Our own messages already start with the field name.
             lines.append(msg if loc == "" or msg.startswith(loc.split(".")[0]) else f"{loc}: {msg}")
         raise SpecError(f"{origin}: " + "; ".join(lines)) from None
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which
-    would turn ``task.yes: Yes`` or ``labels: [Yes, No]`` into True/False."""
-
-
-_BOOL = "tag:yaml.org,2002:bool"
-_SpecLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_SpecLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def load_spec(path: str | Path) -> JobSpec:
-    """Read a YAML job spec. Relative database paths resolve against the YAML file's folder."""
-    path = Path(path)
-    try:
-        data = yaml.load(path.read_text(), Loader=_SpecLoader)
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML ({exc})") from None
-    except RecursionError:  # the parser recurses per nesting level
-        raise SpecError(f"{path}: not valid YAML (nested too deeply)") from None
-    if isinstance(data, dict):
-        data = _resolve_paths(data, path.parent)
-    return parse_spec(data, origin=str(path))
-
-
-def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    out = dict(data)
-    for section in ("source", "output"):
-        part = out.get(section)
-        if isinstance(part, dict) and isinstance(part.get("database"), str):
-            db = part["database"]
-            if db != MEMORY and not Path(db).expanduser().is_absolute():
-                part = {**part, "database": str((base / db).resolve())}
-            out[section] = part
-    source = out.get("source")
-    if isinstance(source, dict) and isinstance(source.get("attach"), list):
-        # attached database files, like source.database, are relative to the spec (postgres: a DSN)
-        attach = [
-            {**a, "path": str((base / a["path"]).resolve())}
-            if isinstance(a, dict)
-            and a.get("type", "duckdb") in ("duckdb", "sqlite")
-            and isinstance(a.get("path"), str)
-            and a["path"] != MEMORY
-            and not Path(a["path"]).expanduser().is_absolute()
-            else a
-            for a in source["attach"]
-        ]
-        out["source"] = {**source, "attach": attach}
-    return out
 
 
 def validate_columns(spec: JobSpec, columns: list[str]) -> None:

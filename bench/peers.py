@@ -130,7 +130,7 @@ def demo_workload(rows: int, data_dir: Path, seed: int) -> Workload:
     """The demo's classify job: rendered, deduplicated and tokenized as a run does (nothing written)."""
     from batchllm import demo, job, warehouse
     from batchllm.engine.labels import LabelSet
-    from batchllm.spec import load_spec
+    from batchllm.spec_yaml import load_spec
 
     database = (data_dir / "warehouse.duckdb").resolve()
     if not database.exists():

@@ -38,7 +38,8 @@ from batchllm.backends.base import GroupSpec, Progress
 from batchllm.connection import check_writable
 from batchllm.distributed import cluster as ray_cluster
 from batchllm.faults import pause_point
-from batchllm.spec import JobSpec, SpecError, load_spec
+from batchllm.spec import JobSpec, SpecError
+from batchllm.spec_yaml import load_spec
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -60,7 +60,7 @@ def test_plan_generate_counts_decode(tmp_path: Path) -> None:
 def test_plan_keeps_the_specs_block_size(tmp_path: Path) -> None:
     """The spec's block_size plans (and names the staging a crashed run left); --block-size overrides it."""
     from batchllm import job as steps
-    from batchllm.spec import load_spec
+    from batchllm.spec_yaml import load_spec
 
     path = _job(tmp_path, block_size=64)  # longer than the shared prefixes of these prompts: no saving
     summary = json.loads(runner.invoke(app, ["plan", str(path), "--json"]).stdout)
@@ -170,8 +170,8 @@ def test_flag_errors_exit_2_without_a_traceback(tmp_path: Path) -> None:
     for args, message in [
         (["--runs-table", "bad-name"], "not a safe SQL identifier"),
         (["--runs-table", "reviews"], "'reviews' is not a runs table"),
-        (["-o", str(tmp_path / "nodir" / "r.html")], "the output's folder"),
-        (["-o", str(tmp_path / "r.svg")], "--output must end in .html or .png"),
+        (["-o", str(tmp_path / "nodir" / "r.html")], "in a folder that exists"),
+        (["-o", str(tmp_path / "r.svg")], "--output must be an .html or .png file"),
     ]:
         result = runner.invoke(app, ["report", "abc", "-d", str(db), *args])
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
@@ -179,7 +179,7 @@ def test_flag_errors_exit_2_without_a_traceback(tmp_path: Path) -> None:
 
 
 def test_attached_databases_are_relative_to_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchllm.spec import load_spec
+    from batchllm.spec_yaml import load_spec
 
     (tmp_path / "jobs").mkdir()
     make_reviews_db(tmp_path / "other.duckdb", 2)

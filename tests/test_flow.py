@@ -274,7 +274,7 @@ def test_supports_says_exactly_what_run_accepts() -> None:
 
 def test_generation_job_from_the_examples(tmp_path: Path, prefect_server: None) -> None:
     from batchllm import demo
-    from batchllm.spec import load_spec
+    from batchllm.spec_yaml import load_spec
 
     db = tmp_path / "warehouse.duckdb"
     demo.build_warehouse(db)
@@ -297,7 +297,7 @@ def test_generation_job_from_the_examples(tmp_path: Path, prefect_server: None) 
 def test_deployment_file_points_at_real_flows_and_specs() -> None:
     from prefect.flows import load_flow_from_entrypoint
 
-    from batchllm.spec import load_spec
+    from batchllm.spec_yaml import load_spec
 
     root = Path(__file__).resolve().parent.parent
     config = yaml.safe_load((root / "deploy" / "prefect.yaml").read_text())

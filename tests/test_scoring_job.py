@@ -181,7 +181,7 @@ def test_score_job_ranks_candidates_per_query_and_keeps_both_keys(tmp_path: Path
 
 def test_yaml_yes_and_no_are_strings(tmp_path: Path) -> None:
     """YAML 1.1 reads yes/no as booleans; job specs use YAML 1.2 booleans, so `yes: Yes` means what it says."""
-    from batchllm.spec import load_spec
+    from batchllm.spec_yaml import load_spec
 
     path = tmp_path / "job.yaml"
     data = score_spec(tmp_path / "w.duckdb")
@@ -200,7 +200,7 @@ def yaml_dump(data: dict[str, Any]) -> str:
 
 
 def test_ranking_example_is_a_valid_score_job() -> None:
-    from batchllm.spec import load_spec
+    from batchllm.spec_yaml import load_spec
 
     spec = load_spec(Path(__file__).resolve().parent.parent / "examples" / "ranking.yaml")
     assert spec.task.kind == "score" and spec.task.answer_labels() == ["Yes", "No"]

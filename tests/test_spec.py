@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from batchllm.spec import JobSpec, SpecError, load_spec, parse_spec, validate_columns
+from batchllm.spec import JobSpec, SpecError, parse_spec, validate_columns
+from batchllm.spec_yaml import load_spec
 from tests.product_fixtures import spec_dict
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

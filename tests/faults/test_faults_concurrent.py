@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from batchllm.spec import load_spec
+from batchllm.spec_yaml import load_spec
 from tests.faults.harness import runs, staged
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 from batchllm import job
 from batchllm.cli import app
 from batchllm.connection import WarehouseError
-from batchllm.spec import SpecError, load_spec
+from batchllm.spec import SpecError
+from batchllm.spec_yaml import load_spec
 from tests.product_fixtures import make_reviews_db, spec_dict
 
 FIELDS = [
