@@ -225,8 +225,10 @@ def plan(
         spec = spec.updated(**overrides)
         with console.status("extracting, rendering and planning..."):
             summary = steps.dry_run(spec)
-    except (SpecError, WarehouseError) as exc:
+    except SpecError as exc:
         _fail(str(exc))
+    except WarehouseError as exc:  # as `run` reports it: the job is fine, the warehouse is not
+        _fail(str(exc), code=1)
     except Exception as exc:
         _fail(f"plan failed: {type(exc).__name__}: {exc}", code=1)
     if as_json:
@@ -260,6 +262,11 @@ def batch(
         _fail(f"batch: --device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if not output.parent.is_dir():
         _fail(f"batch: the output's folder {str(output.parent)!r} does not exist")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail(f"batch: --device {device}, but this machine has no CUDA device")
     if not 1 <= max_tokens <= 32768:
         _fail(f"batch: --max-tokens must be between 1 and 32768, got {max_tokens}")
     try:
@@ -288,6 +295,7 @@ def show(
     """Print a few rows of a table (for a results table: id, status and what the model produced)."""
     from batchllm import warehouse
     from batchllm.spec_yaml import load_spec
+    from batchllm.table_view import cell, useful_columns
 
     try:
         if _is_yaml(Path(table)):
@@ -299,12 +307,12 @@ def show(
         rows = warehouse.show(database, table, limit)
     except (SpecError, WarehouseError, ValueError) as exc:
         _fail(str(exc))
-    names = rows.column_names if all_columns else _useful_columns(rows)
+    names = rows.column_names if all_columns else useful_columns(rows)
     grid = Table(title=f"{table} ({database})")
     for name in names:
         grid.add_column(name, overflow="fold", max_width=60)
     for row in rows.to_pylist():
-        grid.add_row(*(_cell(row[name]) for name in names))
+        grid.add_row(*(cell(row[name]) for name in names))
     out.print(grid)
 
 
@@ -346,50 +354,6 @@ def report(
     else:
         output.write_text(reports.html_report(run, run.get("table") or "?"), encoding="utf-8")
     out.print(f"run {run['run_id']} -> {output}", highlight=False)
-
-
-RESULT_COLUMNS = (
-    "id",
-    "query_key",
-    "candidate_key",
-    "status",
-    "label",
-    "label_probs",
-    "score",
-    "output",
-    "error",
-    "prompt_tokens",
-    "output_tokens",
-)
-# bookkeeping columns of a results table that a reader skims past
-META_COLUMNS = frozenset(
-    {"prompt_hash", "model", "params_hash", "task", "cached_tokens", "finish_reason", "run_id", "created_at"}
-)
-
-
-def _useful_columns(rows: Any) -> list[str]:
-    """For a results table, the columns a reader wants (skipping all-null ones): the known result
-    columns, then any other column that is not bookkeeping (typed output: ``parsed`` or one per
-    field); else all columns."""
-    names = rows.column_names
-    if not {"status", "prompt_hash", "run_id"} <= set(names):
-        return list(names)
-    known = [c for c in RESULT_COLUMNS if c in names]
-    extra = [c for c in names if c not in RESULT_COLUMNS and c not in META_COLUMNS]
-    return [c for c in known + extra if c == "id" or rows.column(c).null_count < rows.num_rows]
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, list) and value and isinstance(value[0], tuple):  # a MAP as key/value pairs
-        value = dict(value)
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
-    text = str(value)
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def main() -> None:

@@ -141,7 +141,7 @@ def test_run_and_show_through_the_entry_point(tmp_path: Path) -> None:
 def test_show_picks_typed_and_key_columns() -> None:
     import pyarrow as pa
 
-    from batchllm.cli import _useful_columns
+    from batchllm.table_view import useful_columns
 
     rows = pa.table(
         {
@@ -156,7 +156,7 @@ def test_show_picks_typed_and_key_columns() -> None:
             "created_at": ["t", "t"],
         }
     )
-    assert _useful_columns(rows) == ["id", "status", "output", "parsed", "sector"]
+    assert useful_columns(rows) == ["id", "status", "output", "parsed", "sector"]
 
 
 def test_flag_errors_exit_2_without_a_traceback(tmp_path: Path) -> None:
