@@ -151,6 +151,10 @@ def _check_regex(pattern: str) -> None:
         re.compile(pattern)
     except re.error as exc:
         raise ValueError(f"task.format.regex: not a valid regular expression ({exc})") from None
+    if re.search(r"(?<!\\)\\[AZz]", pattern):  # the grammar reads them as the letters A, Z, z
+        raise ValueError(
+            "task.format.regex: \\A, \\Z and \\z are not supported (the whole output must match)"
+        )
 
 
 def _ebnf_literal(text: str) -> str:
@@ -257,6 +261,11 @@ def type_tree(schema: dict[str, Any], where: str, path: str = "") -> TypeTree:
             raise ValueError(f"{_path(where, path)}: an object needs 'properties' (maps are not supported)")
         if schema.get("additionalProperties", False) is not False:
             raise ValueError(f"{_path(where, path)}: 'additionalProperties' must be false (or left out)")
+        unknown = [n for n in schema.get("required", []) if n not in props]
+        if unknown:
+            raise ValueError(
+                f"{_path(where, path)}: 'required' names {unknown[0]!r}, not among its properties"
+            )
         fields = []
         for name, sub in props.items():
             _check_name(name, _path(where, path))

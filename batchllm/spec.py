@@ -291,16 +291,21 @@ class JobSpec(_Strict):
     @cached_property
     def spec_hash(self) -> str:
         """What the job computes: not where (``executor``), so another executor's rerun finds the staging."""
-        return _hash(self.model_dump(mode="json", exclude={"executor"}))
+        return _hash({**self.model_dump(mode="json", exclude={"executor"}), **self._field_order()})
 
     @cached_property
     def params_hash(self) -> str:
         """What, besides the prompt and model, decides a row's result: the task, and sampling for generate
         (classify and score decode nothing: a changed max_tokens must not rerun their rows)."""
-        parts = {"task": self.task.model_dump(mode="json")}
+        parts = {"task": self.task.model_dump(mode="json"), **self._field_order()}
         if self.task.kind == "generate":
             parts["sampling"] = self.sampling.model_dump(mode="json")
         return _hash(parts)
+
+    def _field_order(self) -> dict[str, Any]:
+        """A format's grammar, in the hashes beside the sorted dumps: a schema's property order is the
+        order the model writes its fields in (reordering them changes the answers)."""
+        return {} if self.task.format is None else {"format_grammar": self.task.format.grammar()[1]}
 
 
 def _hash(obj: Any) -> str:

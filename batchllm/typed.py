@@ -56,21 +56,22 @@ def _parse(
             return text, None
         return None, f"format: output {_short(text)} is not one of the choices{cut}"
     if fmt.regex is not None:
-        if re.fullmatch(fmt.regex, text):
+        if re.fullmatch(fmt.regex, text, re.DOTALL):  # the grammar's '.' matches a newline too
             return text, None
         return None, f"format: output {_short(text)} does not match the regex{cut}"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        return None, f"format: output is not valid JSON: {exc.msg} at char {exc.pos}{cut}"
+        return None, f"format: output is not valid JSON: {exc.msg} (char {exc.pos}){cut}"
     error = next(iter(_validator(schema_text).iter_errors(value)), None)
     if error is not None:
         at = ".".join(str(p) for p in error.absolute_path)
         return None, f"format: output does not match the schema{f' at {at}' if at else ''}: {error.message}"
-    value = _coerce(value, tree)
-    try:  # valid JSON may still not fit its column: an integer beyond 64 bits
+    try:  # valid JSON may still not fit its column: an integer beyond 64 bits or a float's range, a
+        # lone surrogate escape in a string
+        value = _coerce(value, tree)
         pa.scalar(value, arrow_type(tree))
-    except (pa.ArrowException, OverflowError) as exc:
+    except (pa.ArrowException, OverflowError, UnicodeError, ValueError) as exc:
         return None, f"format: output does not fit its column type {arrow_type(tree)}: {exc}"
     return value, None
 

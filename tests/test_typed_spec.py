@@ -61,6 +61,10 @@ def test_params_hash_includes_the_format(tmp_path: Path) -> None:
     b = parse_spec(_spec(db, {"fields": {"x": "float"}}))
     c = parse_spec(spec_dict(db, task={"kind": "generate"}, output={"table": "facts"}))
     assert len({a.params_hash, b.params_hash, c.params_hash}) == 3
+    # the fields' order is the order the model writes them in: another job, whatever sorted dumps say
+    d = parse_spec(_spec(db, {"fields": {"reason": "str", "answer": "int"}}))
+    e = parse_spec(_spec(db, {"fields": {"answer": "int", "reason": "str"}}))
+    assert d.params_hash != e.params_hash and d.spec_hash != e.spec_hash
 
 
 @pytest.mark.parametrize(
@@ -90,6 +94,17 @@ def test_params_hash_includes_the_format(tmp_path: Path) -> None:
         ({"choice": []}, "task.format.choice: give one or more"),
         ({"choice": ["a", "a"]}, "task.format.choice: choices must be distinct"),
         ({"regex": "(unclosed"}, "task.format.regex: not a valid regular expression"),
+        ({"regex": "abc\\Z"}, "z are not supported"),
+        (
+            {
+                "json_schema": {
+                    "type": "object",
+                    "properties": {"sentiment": {"type": "string"}},
+                    "required": ["sentimnet"],
+                }
+            },
+            "task.format.json_schema: 'required' names 'sentimnet', not among its properties",
+        ),
         ({"regex": "a", "choice": ["a"]}, "task.format: give exactly one of"),
         ({"choice": ["a"], "columns": "flat"}, "task.format.columns: 'flat' needs an object output"),
         ({"choice": ["a"], "layout": "x"}, "task.format.layout: unknown field"),
@@ -141,3 +156,17 @@ def test_outputs_parse_into_typed_values_or_errors() -> None:
         parse(choice, "ye", "length")[1]
         == "format: output 'ye' is not one of the choices (cut by max_tokens before the value was complete)"
     )
+
+
+def test_answers_the_grammar_allows_parse_or_become_row_errors(tmp_path: Path) -> None:
+    """'.' in a regex matches a newline in the grammar, so in the check too; a schema-valid value that
+    no column holds (a lone surrogate, a number beyond a float) is that row's error, not the run's."""
+    from batchllm.typed import parse
+
+    regex = parse_spec(_spec(tmp_path / "w.duckdb", {"regex": "Steps: .{3,20}"})).task.format
+    assert parse(regex, "Steps: one,\ntwo", "stop") == ("Steps: one,\ntwo", None)
+    fmt = parse_spec(_spec(tmp_path / "w.duckdb", {"fields": {"name": "str", "rating": "float"}})).task.format
+    for text in ['{"name": "\\ud83d", "rating": 1}', '{"name": "x", "rating": 1' + "0" * 320 + "}"]:
+        value, error = parse(fmt, text, "stop")
+        assert value is None and error is not None and "does not fit its column type" in error, error
+    assert parse(fmt, '{"name": "x", "rating": 2}', "stop") == ({"name": "x", "rating": 2.0}, None)

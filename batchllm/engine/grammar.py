@@ -5,8 +5,9 @@ per tokenizer and cached by its hash (``GrammarCache``). ``GrammarHead`` is the
 generation head with one matcher per sequence: each step it fills a token
 bitmask for the sampled rows (xgrammar's batch filler, threads in C++), applies
 it to the logits of the whole batch in one vectorized op (CPU or CUDA), then
-chooses tokens exactly as ``TokenHead`` does, so greedy and seeded sampling
-pick the same token as unconstrained decoding whenever that token is allowed.
+chooses tokens exactly as ``TokenHead`` does, so greedy and seeded sampling (top_p
+1; a nucleus is taken after the mask) pick the same token as unconstrained
+decoding whenever that token is allowed.
 Each chosen token advances its matcher. With ``jump_forward`` the tokens the
 grammar forces next are appended without sampling them (their KV is computed
 as a chunk of the next step).
