@@ -223,3 +223,20 @@ def test_mask_applies_each_rows_grammar(engine: Engine) -> None:
         allowed = torch.from_numpy(bits.astype(bool))
         assert torch.equal(row[allowed], orig[allowed]) and bool(torch.isinf(row[~allowed]).all())
         assert 0 < int(allowed.sum()) < engine.config.vocab_size
+
+
+def test_special_tokens_are_never_text_in_a_grammar(engine: Engine) -> None:
+    """<|im_start|> and the like decode to nothing (skip_special_tokens): inside a JSON string they
+    would change the stored value, so no grammar allows them; the stop ids still end the output."""
+    import xgrammar as xgr
+
+    compiled = engine.grammars.get(Constraint("json_schema", json.dumps(PERSON)))
+    matcher = xgr.GrammarMatcher(compiled)
+    for t in engine.tokenizer.encode('{"name": "'):
+        assert matcher.accept_token(t)
+    bitmask = xgr.allocate_token_bitmask(1, engine.config.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask)
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[: engine.config.vocab_size]
+    special = {i for i in range(32) if engine.tokenizer.decode([i]) == "" and i not in engine.eos_token_ids}
+    assert special and not any(bits[i] for i in special)
+    assert bits[engine.tokenizer.encode("Ann")[0]]

@@ -84,9 +84,19 @@ class GrammarCache:
             from transformers import PreTrainedTokenizerFast
 
             tok = PreTrainedTokenizerFast(tokenizer_file=str(self.folder / "tokenizer.json"))
-            info = xgr.TokenizerInfo.from_huggingface(
-                tok, vocab_size=self.vocab_size, stop_token_ids=sorted(self.eos_token_ids)
-            )
+            stop = sorted(self.eos_token_ids)
+            info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab_size, stop_token_ids=stop)
+            # special tokens (<|im_start|>, ...) as empty strings, which xgrammar never allows: as text
+            # they could fill a JSON string, and decoding skips them (the stored value would differ)
+            vocab = [""] * self.vocab_size
+            special = {i for i, added in tok.added_tokens_decoder.items() if added.special} - set(stop)
+            for text, i in tok.get_vocab().items():
+                if i < self.vocab_size and i not in special:
+                    vocab[i] = text
+            info = xgr.TokenizerInfo(
+                vocab, info.vocab_type, vocab_size=self.vocab_size, stop_token_ids=stop,
+                add_prefix_space=info.add_prefix_space,
+            )  # fmt: skip
             self._compiler = xgr.GrammarCompiler(info)
         return self._compiler
 
