@@ -183,6 +183,8 @@ def prepare(spec: JobSpec, table: pa.Table, run_id: str | None = None, dry_run: 
     if spec.incremental:  # staged rows were dropped just above: only the results table is left to check
         done = warehouse.done_keys(spec, include_results=True, include_staging=False)
         rows, skipped = render.drop_done(rows, done)
+        if spec.limits.max_rows is not None:  # the rows to run, in the query's order (the read was not cut)
+            rows = rows.slice(0, spec.limits.max_rows)
     t2 = time.perf_counter()
     config = model_config(folder)
     context = config.max_context if config else None

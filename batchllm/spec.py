@@ -290,8 +290,11 @@ class JobSpec(_Strict):
 
     @cached_property
     def spec_hash(self) -> str:
-        """What the job computes: not where (``executor``), so another executor's rerun finds the staging."""
-        return _hash({**self.model_dump(mode="json", exclude={"executor"}), **self._field_order()})
+        """What the job computes, not where or how (executor, device, engine_options, shards) nor how much
+        (limits.max_rows, incremental): a rerun with the engine tuned after a crash finds the staging."""
+        how = {"executor": True, "device": True, "engine_options": True, "shards": True, "name": True}
+        dump = self.model_dump(mode="json", exclude={**how, "incremental": True, "limits": {"max_rows"}})
+        return _hash({**dump, **self._field_order()})
 
     @cached_property
     def params_hash(self) -> str:

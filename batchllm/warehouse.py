@@ -130,7 +130,7 @@ def _source(spec: JobSpec) -> Any:
 
 
 def extract(spec: JobSpec) -> pa.Table:
-    """Run the job's query (up to ``limits.max_rows`` rows) and return it as Arrow.
+    """Run the job's query (up to ``limits.max_rows`` rows unless incremental) and return it as Arrow.
 
     Checks the query's columns against the spec before reading rows, and that ids
     are present and unique (merge by id needs both).
@@ -139,12 +139,18 @@ def extract(spec: JobSpec) -> pa.Table:
         validate_columns(spec, _columns(con, spec))
         try:
             table = con.sql(
-                sql("extract", query=spec.source.query), params=[spec.limits.max_rows]
+                sql("extract", query=spec.source.query), params=[_read_limit(spec)]
             ).to_arrow_table()
         except duckdb.Error as exc:  # e.g. a malformed CSV line: the query cannot run as written
             raise SpecError(f"source.query: reading the rows failed: {exc}") from None
         check_ids(con, table, spec.source.id_column)
     return table
+
+
+def _read_limit(spec: JobSpec) -> int | None:
+    """limits.max_rows caps the rows read, or for an incremental job the rows to run (job.prepare): a
+    cap on the rows read would read the same first rows, all done, every night."""
+    return None if spec.incremental else spec.limits.max_rows
 
 
 def describe(spec: JobSpec) -> list[str]:

@@ -198,13 +198,15 @@ def _infer_shards(
     progress: Progress | None,
 ) -> list[dict[str, Any]]:
     """Run the shards one after another, staging each as soon as it finishes."""
+    total = sum(len(s) for s in plan_info.shards)
+    progress_id = create_progress_artifact(  # every run has one: 100% at once when nothing is left to run
+        progress=0.0 if total else 100.0,
+        key=f"{_artifact_key(spec)}-progress",
+        description=f"prompts of {spec.output.table}",
+    )
     if not plan_info.shards:
         get_run_logger().info("nothing to run: no model is loaded")
         return []
-    total = sum(len(s) for s in plan_info.shards)
-    progress_id = create_progress_artifact(
-        progress=0.0, key=f"{_artifact_key(spec)}-progress", description=f"prompts of {spec.output.table}"
-    )
     device = job.device_name(spec)
     limit = _device_limit(device)
     engine_stats = []

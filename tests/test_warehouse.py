@@ -354,3 +354,28 @@ def test_query_may_end_in_a_comment(tmp_path: Path) -> None:
     )
     assert warehouse.describe(spec) == ["id", "plot", "review"]
     assert warehouse.extract(spec).num_rows == 3
+
+
+def test_incremental_max_rows_caps_the_rows_to_run(tmp_path: Path) -> None:
+    """An incremental job's max_rows is the rows to run, the first not done yet: a cap on the rows
+    read would read the same first rows, all done, every night. Edits that change no result (engine
+    options, shards, the cap) keep the staging of an interrupted run."""
+    from batchllm import job
+    from batchllm.backends.base import Outcome
+
+    db = make_reviews_db(tmp_path / "w.duckdb", 12)
+    spec = _spec(db, incremental=True, limits={"max_rows": 5})
+    seen = []
+    for _ in range(3):
+        prepared = job.prepare(spec, warehouse.extract(spec))
+        ids = prepared.prompts.rows.column("id").to_pylist()
+        seen.append(ids)
+        outcomes = [
+            Outcome(prompt_tokens=3, label="positive", label_probs={"positive": 1.0, "negative": 0.0})
+        ]
+        indices = list(range(prepared.prompts.num_prompts))
+        warehouse.stage(spec, results.result_rows(spec, prepared, indices, outcomes * len(indices)))
+        warehouse.load(spec, {"run_id": prepared.run_id, "rows_ok": len(ids)})
+    assert seen == [list(range(5)), list(range(5, 10)), [10, 11]]
+    tuned = spec.updated(engine_options={"max_num_batched_tokens": 512}, shards=3, limits={"max_rows": 2})
+    assert warehouse.staging_table(tuned) == warehouse.staging_table(spec)
