@@ -1,4 +1,4 @@
-"""The `batchllm` command line: run a job, plan it (dry run), show result rows.
+"""The `batchllm` command line: run a job, plan it (dry run), show result rows, report a run, answer a batch file.
 
 Spec errors print one line naming the field and exit with status 2; a failed
 run exits with status 1; a run stopped by Ctrl-C or SIGTERM exits with 128 +
@@ -236,7 +236,7 @@ def plan(
         return
     table = Table(title=f"plan for {path.name}", show_header=False)
     for key, value in summary.items():
-        if key == "planner":
+        if key == "planner" or value is None:  # a job without task.format has no format line
             continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     out.print(table)

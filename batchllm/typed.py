@@ -62,7 +62,7 @@ def _parse(
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        return None, f"format: output is not valid JSON: {exc.msg} (char {exc.pos}){cut}"
+        return None, f"format: output is not valid JSON: {exc}{cut}"
     error = next(iter(_validator(schema_text).iter_errors(value)), None)
     if error is not None:
         at = ".".join(str(p) for p in error.absolute_path)

@@ -343,7 +343,7 @@ def runs_row(run: dict[str, Any]) -> pa.Table:
 
 
 def show(database: str, table: str, limit: int = 5) -> pa.Table:
-    """The first ``limit`` rows of ``table``."""
+    """The first ``limit`` rows of ``table``, ordered by its columns left to right (ids first)."""
     with connect(database) as con:
         if not table_exists(con, table):
             raise SpecError(f"table {table!r} does not exist in {database!r}")

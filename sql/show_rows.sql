@@ -1,2 +1,2 @@
--- A few rows of a table.
-SELECT * FROM @table LIMIT ?
+-- A few rows of a table, in a stable order (a results table's first column is its id).
+SELECT * FROM @table ORDER BY ALL LIMIT ?

@@ -194,9 +194,9 @@ def test_prune_staging_drops_stale_rows(tmp_path: Path) -> None:
 def test_show(tmp_path: Path) -> None:
     db = tmp_path / "w.duckdb"
     spec = _spec(db)
-    warehouse.stage(spec, _results(spec, [1, 2, 3], "r1", "positive"))
+    warehouse.stage(spec, _results(spec, [3, 1, 2], "r1", "positive"))
     warehouse.load(spec, {"run_id": "r1"})
-    assert warehouse.show(str(db), "labels", limit=2).num_rows == 2
+    assert warehouse.show(str(db), "labels", limit=2).column("id").to_pylist() == [1, 2]  # by id
     with pytest.raises(SpecError, match="does not exist"):
         warehouse.show(str(db), "nope")
 
