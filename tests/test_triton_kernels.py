@@ -634,3 +634,58 @@ def test_gpu_cuda_graph_replay() -> None:
         for i, (kv_len, q_len, _) in enumerate(b.specs):
             rows = slice(int(b.cu_q[i]), int(b.cu_q[i]) + q_len)
             _close(out[rows], lse[rows], *dense(b, i, 0, kv_len, causal=True), 2e-2)
+
+
+def test_reduce_reads_slots_past_two_to_the_31() -> None:
+    """The reduce's slot offsets are 64-bit: slots x a slot's stride passes 2^31 elements in a big
+    prefill step with many key splits (16,384 tokens x 32 heads x 128 with 33 slots). Only slot 2
+    holds keys; the untouched rest of the workspace is never read."""
+    from batchllm.kernels.paged.fused import _reduce_kernel
+
+    dim, slot = 64, 1 << 30  # slot 2 starts at 2^31 elements
+    po = torch.empty(2 * slot + dim, dtype=torch.float16, device=DEVICE)  # 4 GiB, never written but here
+    po[2 * slot :] = 1.0
+    pl = torch.tensor([-math.inf, -math.inf, 0.0], device=DEVICE)
+    out, lse = torch.full((1, 1, dim), math.nan, device=DEVICE), torch.full((1, 1), math.nan, device=DEVICE)
+    cu = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    _reduce_kernel[(1, 1)](
+        po, pl, out, lse, cu, 0, cu, 1, 1, slot, dim, dim, 1, 1, 1, dim, dim, 1, 1, 0, 3,
+        BLOCK_H=1, BLOCK_D=dim, HEAD_DIM=dim, STORE_LSE=True,
+    )  # fmt: skip
+    assert torch.equal(out, torch.ones_like(out)) and lse.item() == 0.0
+
+
+def test_rows_before_the_first_sequence_are_left_alone_with_splits() -> None:
+    """Rows before cu_seqlens_q[0] belong to no sequence: unsplit, nothing is written there; split, the
+    reduce writes them as rows without keys (o 0, lse -inf), never a stale workspace slot."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 64, generator=gen).to(DEVICE)
+    k, v = (torch.randn(2, 1, 8, 64, generator=gen).to(DEVICE) for _ in range(2))
+    cu = torch.tensor([1, 3], dtype=torch.int32, device=DEVICE)
+    kv = torch.tensor([5], dtype=torch.int32, device=DEVICE)
+    tables = torch.tensor([[1, 0]], dtype=torch.int32, device=DEVICE)
+    rows = []
+    workspace = {"attn_partial_o": torch.full((10000,), 5.0, device=DEVICE)}
+    workspace["attn_partial_lse"] = torch.full((10000,), 3.0, device=DEVICE)
+    for splits, want in ((1, (7.0, 7.0)), (2, (0.0, -math.inf))):
+        out, lse = torch.full_like(q, 7.0), torch.full((3, 2), 7.0, device=DEVICE)
+        pa.paged_attention(
+            q, k, v, cu, kv, tables, None, 0.125, 2, num_splits=splits, out=out, lse=lse, workspace=workspace
+        )
+        assert bool((out[0] == want[0]).all()) and bool((lse[0] == want[1]).all()), (splits, out[0], lse[0])
+        rows.append(out[1:])
+    torch.testing.assert_close(rows[0], rows[1])
+
+
+def test_index_tensors_shorter_than_their_offsets_are_refused() -> None:
+    q = torch.zeros(3, 2, 64, device=DEVICE)
+    k = v = torch.zeros(2, 1, 8, 64, device=DEVICE)
+    cu = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=DEVICE)
+    kv = torch.tensor([5, 5, 5], dtype=torch.int32, device=DEVICE)
+    tables = torch.zeros(3, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="an index tensor of 2 rows for 3 sequences"):
+        pa.paged_attention(q, k, v, cu, kv[:2], tables, None, 0.125, 2)
+    with pytest.raises(ValueError, match="an index tensor of 2 rows for 3 sequences"):
+        pa.paged_attention(q, k, v, cu, kv, tables[:2], None, 0.125, 2)
+    with pytest.raises(ValueError, match="an index tensor of 1 rows for 3 sequences"):
+        pa.paged_attention(q, k, v, cu, kv, tables, kv[:1], 0.125, 2)

@@ -347,20 +347,23 @@ def _reduce_kernel(
     d_ok = d < HEAD_DIM
     row64 = row.to(tl.int64)
     in_pre = (row >= tl.load(cu_g_ptr)) & (row < tl.load(cu_g_ptr + n_groups)) & (pre_slots > 0)
-    in_own = (row < tl.load(cu_q_ptr + n_seqs)) & (own_slots > 0)
+    in_own = (row >= tl.load(cu_q_ptr)) & (row < tl.load(cu_q_ptr + n_seqs)) & (own_slots > 0)
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_sum = tl.full([BLOCK_H], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_H, BLOCK_D], 0.0, dtype=tl.float32)
     for s in range(pre_slots + own_slots):
         valid = tl.where(s < pre_slots, in_pre, in_own)
+        s64 = tl.cast(
+            s, tl.int64
+        )  # slots x a slot's stride passes 2^31 in big prefill steps with many splits
         ls = tl.load(
-            pl_ptr + s * stride_pls + row64 * stride_plt + h * stride_plh,
+            pl_ptr + s64 * stride_pls + row64 * stride_plt + h * stride_plh,
             mask=h_ok & valid,
             other=float("-inf"),
         )
         has = ls > float("-inf")
         o = tl.load(
-            po_ptr + s * stride_pos + row64 * stride_pot + h[:, None] * stride_poh + d[None, :],
+            po_ptr + s64 * stride_pos + row64 * stride_pot + h[:, None] * stride_poh + d[None, :],
             mask=has[:, None] & d_ok[None, :],
             other=0.0,
         ).to(tl.float32)
