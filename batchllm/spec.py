@@ -292,8 +292,8 @@ class JobSpec(_Strict):
     def spec_hash(self) -> str:
         """What the job computes, not where or how (executor, device, engine_options, shards) nor how much
         (limits.max_rows, incremental): a rerun with the engine tuned after a crash finds the staging."""
-        how = {"executor": True, "device": True, "engine_options": True, "shards": True, "name": True}
-        dump = self.model_dump(mode="json", exclude={**how, "incremental": True, "limits": {"max_rows"}})
+        exclude = {"executor", "device", "engine_options", "shards", "name", "incremental"}
+        dump = self.model_dump(mode="json", exclude={**dict.fromkeys(exclude, True), "limits": {"max_rows"}})
         return _hash({**dump, **self._field_order()})
 
     @cached_property

@@ -67,8 +67,8 @@ def options_problem(options: Mapping[str, Any]) -> str | None:
     fields = engine_args_fields() | {"feed"}
     if unknown := sorted(k for k in options if k not in fields):
         return f"engine_options: this vLLM ({vllm.__version__}) has no option {unknown}"
-    for name in sorted(OWNED.keys() & options.keys()):
-        return f"engine_options.{name}: set by the job ({OWNED[name]}), not an engine option"
+    if owned := sorted(OWNED.keys() & options.keys()):
+        return f"engine_options.{owned[0]}: set by the job ({OWNED[owned[0]]}), not an engine option"
     if not isinstance(options.get("feed", True), bool):
         return f"engine_options.feed: must be true or false, got {options['feed']!r}"
     return option_value_problem({k: v for k, v in options.items() if k != "feed"}, EngineArgs)

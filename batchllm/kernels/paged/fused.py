@@ -353,9 +353,8 @@ def _reduce_kernel(
     acc = tl.full([BLOCK_H, BLOCK_D], 0.0, dtype=tl.float32)
     for s in range(pre_slots + own_slots):
         valid = tl.where(s < pre_slots, in_pre, in_own)
-        s64 = tl.cast(
-            s, tl.int64
-        )  # slots x a slot's stride passes 2^31 in big prefill steps with many splits
+        # slots x a slot's stride passes 2^31 elements in big prefill steps with many key splits
+        s64 = tl.cast(s, tl.int64)
         ls = tl.load(
             pl_ptr + s64 * stride_pls + row64 * stride_plt + h * stride_plh,
             mask=h_ok & valid,

@@ -104,13 +104,10 @@ def _launch(
             "index tensors: int32, q's device"
         )
     # lengths agree with the offsets (host shapes only, no sync): a short one reads past its end
-    for offsets, *per in ((seqs or (None,))[:4], (groups or (None,))[:3]):
-        n = None if offsets is None else offsets.shape[0] - 1
-        for t in per:
-            if n is not None and t is not None and t.shape[0] < n:
-                raise ValueError(
-                    f"attention: an index tensor of {t.shape[0]} rows for {n} sequences or groups"
-                )
+    for offsets, *per in filter(None, (seqs, groups)):
+        n = offsets.shape[0] - 1
+        if short := [t.shape[0] for t in per if t is not None and t.shape[0] < n]:
+            raise ValueError(f"attention: an index tensor of {short[0]} rows for {n} sequences or groups")
     device = q.device
     g_pad = triton.next_power_of_2(g)
     block_n = _block_n(head_dim)
