@@ -89,10 +89,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--peer", default="vllm", choices=["vllm", "none"])
     ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=None, help="default: vLLM's")
-    ap.add_argument("--repeat", type=int, default=1, help="timed native runs per case (the last is reported)")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="timed runs per case on each engine (the last is reported)"
+    )
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; later runs are skipped")
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json, table.md, vllm.json")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat: must be at least 1, got {args.repeat}")
+    return args
 
 
 # ---- model folder ----------------------------------------------------------------------------
@@ -243,7 +248,7 @@ def native_run(
         warm = list(make_prompts(w, vocab, seed + 10_000 + k))
         engine.generate(warm, SamplingParams(max_tokens=w.decode, ignore_eos=True))
     walls, compiles, allocator = [], [], []
-    for _ in range(repeat):  # later repeats: the same run on a warmer process (variance, caches)
+    for _ in range(max(1, repeat)):  # later repeats: the same run on a warmer process (variance, caches)
         sync(device)
         before = allocator_counts(device)
         with compile_log() as log:
@@ -343,8 +348,23 @@ def run_native(
 # ---- vLLM peer -------------------------------------------------------------------------------
 
 
+def peer_command(
+    args: argparse.Namespace, folder: Path, cases: list[Case], dtype: str, budget: float, path: Path
+) -> list[str]:
+    """bench.vllm_peer's command line: the native run's cases, dtype, repeats and limits."""
+    max_len = min(args.max_model_len, args.model_max_len)
+    cmd = [sys.executable, "-m", "bench.vllm_peer", "--model", str(folder), "--seed", str(args.seed)]
+    cmd += ["--max-model-len", str(max_len), "--time-budget", str(budget), "--out", str(path)]
+    cmd += ["--dtype", dtype, "--repeat", str(args.repeat)]
+    for case in cases:
+        cmd += ["--case", case.spec]
+    if args.kv_tokens is not None:
+        cmd += ["--kv-tokens", str(args.kv_tokens)]
+    return cmd
+
+
 def run_peer(
-    args: argparse.Namespace, folder: Path, cases: list[Case], record: dict[str, Any]
+    args: argparse.Namespace, folder: Path, cases: list[Case], dtype: str, record: dict[str, Any]
 ) -> dict[str, Any] | None:
     """bench.vllm_peer in its own process on the same cases; its JSON, or None if it did not run."""
     if args.peer == "none":
@@ -360,13 +380,7 @@ def run_peer(
         return None
     path = (args.out or Path(tempfile.mkdtemp(prefix="bench-vllm-"))) / "vllm.json"
     path.unlink(missing_ok=True)
-    max_len = min(args.max_model_len, args.model_max_len)
-    cmd = [sys.executable, "-m", "bench.vllm_peer", "--model", str(folder), "--seed", str(args.seed)]
-    cmd += ["--max-model-len", str(max_len), "--time-budget", str(left), "--out", str(path)]
-    for case in cases:
-        cmd += ["--case", case.spec]
-    if args.kv_tokens is not None:
-        cmd += ["--kv-tokens", str(args.kv_tokens)]
+    cmd = peer_command(args, folder, cases, dtype, left, path)
     util = args.vllm_gpu_memory_utilization
     free = record.get("gpu_free_before_gib")
     total = record.get("gpu_total_gib")
@@ -407,6 +421,9 @@ def figures(run: dict[str, Any], shape: ModelShape, case: Case, hw: dict[str, An
     bad = max(run.get("errors", 0), run.get("wrong_length", 0))  # a failed request also has the wrong length
     if bad:
         run["invalid"] = f"{bad} of {run['requests']} requests failed or have the wrong length"
+        return
+    if run.get("cache_reset_ok") is False:
+        run["invalid"] = "vLLM's prefix cache was not reset before the run"
         return
     run["model_flops"] = workload_flops(shape, case, run.get("prompt_tokens_computed"))
     run["mfu"] = run["model_flops"] / run["wall_s"] / hw["peak_flops"]
@@ -601,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         ne = result["native_engine"]
         result["vllm"]["gpu_free_before_gib"] = ne.get("gpu_free_after_gib")
         result["vllm"]["gpu_total_gib"] = ne.get("gpu_total_gib")
-        peer = run_peer(args, folder, cases, result["vllm"])
+        peer = run_peer(args, folder, cases, dtype, result["vllm"])
         if peer is not None:
             result["vllm"]["meta"] = peer.get("meta")
             result["vllm"]["skipped_runs"] = peer.get("skipped")

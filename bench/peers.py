@@ -9,7 +9,11 @@ DESIGN sections 5 and 7. Every workload runs on, in this order and in one proces
     vllm sorted    stock vLLM, the prompts sorted (grouped by hand: the best a user can do)
 
 One native engine runs all workloads, is freed, then one vLLM engine runs its three
-submissions per workload (prefix cache reset before each, one small warm-up first).
+submissions per workload (prefix cache reset before each, one small warm-up first). Each run is
+timed --native-repeat / --vllm-repeat times (by default as often on both sides) and the last is
+recorded: a first run at a workload's shapes pays one-time costs on either side. The peer runs the
+native engine's default dtype (bfloat16 on cuda, float32 on cpu); a run with a failed or short
+request is shown as failed, not timed.
 Workloads:
 
     --case P,S,D,sd,G   W(P, S, D, sd, G) of bench.floor: random token ids, D tokens, EOS ignored
@@ -48,6 +52,7 @@ from bench.score import label_set, parse_case
 from bench.vllm_peer import VLLM_ENV, WARMUP, engine_meta, run_once
 
 RUNS = ("native", "vllm plan", "vllm shuffled", "vllm sorted")
+NATIVE_DTYPE = {"cuda": "bfloat16", "cpu": "float32"}  # the native engine's default on each device
 
 
 @dataclass
@@ -86,6 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="time the native run this many times; the table shows the last",
     )
+    ap.add_argument(
+        "--vllm-repeat",
+        type=int,
+        default=None,
+        help="time each vLLM run this many times, the prefix cache reset before each (default: --native-repeat)",
+    )
     ap.add_argument("--skip", default="", help="comma list of runs to leave out (e.g. 'vllm plan')")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -98,6 +109,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         else:
             args.case, args.demo_rows = [Case.parse("1000,100,32,16,4")], 200
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.vllm_repeat is None:
+        args.vllm_repeat = args.native_repeat
+    if min(args.native_repeat, args.vllm_repeat) < 1:
+        ap.error("--native-repeat, --vllm-repeat: must be at least 1")
     return args
 
 
@@ -235,9 +250,10 @@ def run_native(args: argparse.Namespace, workloads: list[Workload], meta: dict[s
 
 
 def vllm_options(args: argparse.Namespace) -> dict[str, Any]:
-    kw: dict[str, Any] = {"max_model_len": args.max_model_len}
+    """vLLM's engine arguments: the native engine's dtype (its default on the device), the same limits."""
+    kw: dict[str, Any] = {"max_model_len": args.max_model_len, "dtype": NATIVE_DTYPE[args.device]}
     if args.dummy:
-        kw |= {"load_format": "dummy", "dtype": "bfloat16"}
+        kw["load_format"] = "dummy"
     if args.vllm_gpu_memory_utilization is not None:
         kw["gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
     if args.kv_tokens is not None:
@@ -248,12 +264,42 @@ def vllm_options(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+def submitted(w: Workload, name: str) -> list[np.ndarray]:
+    """The prompts in the order a vLLM run submits them."""
+    return w.sorted_prompts if name == "vllm sorted" else w.prompts
+
+
+def vllm_run(backend: Any, w: Workload, name: str, device: str) -> tuple[float, dict[str, Any], list[Any]]:
+    """One timed vLLM run of a workload (prefix cache reset first): its wall time, what it records and
+    its labels in submission order (classify; else empty)."""
+    from batchllm.spec import SamplingSpec
+
+    backend.llm.reset_prefix_cache()
+    prompts = submitted(w, name)
+    groups = w.groups if name == "vllm plan" else None
+    if w.decode and name != "vllm plan":
+        r = run_once(backend.llm, [p.tolist() for p in prompts], w.decode)
+        return r["wall_s"], {"prefix_hit_rate": r["prefix_hit_rate"], "wrong_length": r["wrong_length"]}, []
+    if w.decode:
+        spec = SamplingSpec(max_tokens=w.decode, temperature=0.0)
+        out, wall = timed(device, backend.generate, prompts, spec, groups, ignore_eos=True)
+        wrong = sum(o.output_tokens != w.decode for o in out)
+        return wall, {"prefix_hit_rate": backend.stats()["prefix_hit_rate"], "wrong_length": wrong}, []
+    out, wall = timed(device, backend.classify, prompts, w.labels, groups)
+    errors = sum(o.error is not None for o in out)
+    return (
+        wall,
+        {"prefix_hit_rate": backend.stats()["prefix_hit_rate"], "errors": errors},
+        [o.label for o in out],
+    )
+
+
 def run_vllm(args: argparse.Namespace, workloads: list[Workload], meta: dict[str, Any], dump: Any) -> None:
-    """One vLLM engine: per workload our plan, then stock shuffled and sorted submissions."""
+    """One vLLM engine: per workload our plan, then stock shuffled and sorted submissions, each
+    ``--vllm-repeat`` times (the last recorded)."""
     for key, value in VLLM_ENV.items():
         os.environ.setdefault(key, value)
     from batchllm.backends.vllm import VllmBackend
-    from batchllm.spec import SamplingSpec
 
     backend = VllmBackend(args.model, args.device, **vllm_options(args))
     llm = backend.llm
@@ -267,28 +313,15 @@ def run_vllm(args: argparse.Namespace, workloads: list[Workload], meta: dict[str
         for name in RUNS[1:]:
             if name in args.skip:
                 continue
-            llm.reset_prefix_cache()
-            prompts = w.sorted_prompts if name == "vllm sorted" else w.prompts
-            groups = w.groups if name == "vllm plan" else None
-            if w.decode and name != "vllm plan":
-                r = run_once(llm, [p.tolist() for p in prompts], w.decode)
-                record(
-                    w, name, r["wall_s"], prefix_hit_rate=r["prefix_hit_rate"], wrong_length=r["wrong_length"]
-                )
-                continue
-            if w.decode:
-                spec = SamplingSpec(max_tokens=w.decode, temperature=0.0)
-                out, wall = timed(args.device, backend.generate, prompts, spec, groups, ignore_eos=True)
-                wrong = sum(o.output_tokens != w.decode for o in out)
-                record(w, name, wall, prefix_hit_rate=backend.stats()["prefix_hit_rate"], wrong_length=wrong)
-                continue
-            out, wall = timed(args.device, backend.classify, prompts, w.labels, groups)
-            run = record(w, name, wall, prefix_hit_rate=backend.stats()["prefix_hit_rate"])
-            if native_labels is not None and not args.dummy:  # dummy weights differ between the engines
+            walls = []
+            for _ in range(max(1, args.vllm_repeat)):
+                wall, extra, labels = vllm_run(backend, w, name, args.device)
+                walls.append(wall)
+            run = record(w, name, walls[-1], walls_s=walls, **extra)
+            if labels and native_labels is not None and not args.dummy:  # dummy weights differ per engine
                 index = {tuple(p.tolist()): i for i, p in enumerate(w.prompts)}
-                mine = [o.label for o in out]
-                theirs = [native_labels[index[tuple(p.tolist())]] for p in prompts]
-                run["label_agreement"] = float(np.mean([a == b for a, b in zip(mine, theirs, strict=True)]))
+                theirs = [native_labels[index[tuple(p.tolist())]] for p in submitted(w, name)]
+                run["label_agreement"] = float(np.mean([a == b for a, b in zip(labels, theirs, strict=True)]))
             dump()
     backend.close()
 
@@ -296,28 +329,40 @@ def run_vllm(args: argparse.Namespace, workloads: list[Workload], meta: dict[str
 # ---- table -----------------------------------------------------------------------------------
 
 
+def failed(run: dict[str, Any]) -> int:
+    """Requests of a run that failed or came back with the wrong length: a run with any is no result."""
+    return max(run.get("errors", 0), run.get("wrong_length", 0))
+
+
 def table(workloads: list[Workload], meta: dict[str, Any]) -> str:
     lines = [
         f"startup: native {meta.get('native_init_s', float('nan')):.1f} s ({meta.get('native_attention')} attention), "
         f"vLLM {meta.get('vllm_init_s', float('nan')):.1f} s\n\n",
-        "| workload | run | wall s | req/s | prompt tok/s | saving or hit | labels = native | native ÷ run |\n",
-        "|---|---|---|---|---|---|---|---|\n",
+        "| workload | run | wall s | req/s | prompt tok/s | saving or hit | labels = native | native ÷ run | all walls s |\n",
+        "|---|---|---|---|---|---|---|---|---|\n",
     ]
     for w in workloads:
         native = w.runs.get("native", {})
+        valid_native = "req_per_s" in native and not failed(native)
         for name in RUNS:
             r = w.runs.get(name)
             if r is None:
-                lines.append(f"| {w.name} | {name} | not run | | | | | |\n")
+                lines.append(f"| {w.name} | {name} | not run | | | | | | |\n")
+                continue
+            if bad := failed(r):
+                lines.append(
+                    f"| {w.name} | {name} | {bad} of {r['requests']} requests failed | | | | | | |\n"
+                )
                 continue
             st = r.get("stats", {})
             saving = st.get("saving_ratio", r.get("prefix_hit_rate"))
-            ratio = native["req_per_s"] / r["req_per_s"] if "req_per_s" in native else None
+            ratio = native["req_per_s"] / r["req_per_s"] if valid_native else None
             agree = r.get("label_agreement")
+            walls = ", ".join(f"{x:.2f}" for x in r.get("walls_s", []))
             lines.append(
                 f"| {w.name} | {name} | {r['wall_s']:.2f} | {r['req_per_s']:.2f} | {r['prompt_tok_per_s']:,.0f} "
                 f"| {'' if saving is None else f'{saving:.3f}'} | {'' if agree is None else f'{agree:.1%}'} "
-                f"| {'' if ratio is None else f'{ratio:.2f}'} |\n"
+                f"| {'' if ratio is None else f'{ratio:.2f}'} | {walls} |\n"
             )
     return "".join(lines)
 

@@ -40,7 +40,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.floor import Case, make_prompts, shuffled_order
-from bench.generate import allocator_counts, counts_since, warmup_case
+from bench.generate import allocator_counts, counts_since, warmup_cases
 
 KINDS = (
     ("attention", ("_attention_kernel", "_reduce_kernel", "attn", "flash")),
@@ -266,10 +266,10 @@ def main() -> None:
         cuda_graphs=not args.no_cuda_graphs,
     )
     case = args.case
-    w = warmup_case(case)
-    engine.generate(
-        list(make_prompts(w, vocab, 10_000)), SamplingParams(max_tokens=w.decode, ignore_eos=True)
-    )
+    for k, w in enumerate(warmup_cases(case)):  # as bench.generate's: no compiles in the profiled runs
+        engine.generate(
+            list(make_prompts(w, vocab, 10_000 + k)), SamplingParams(max_tokens=w.decode, ignore_eos=True)
+        )
     prompts = make_prompts(case, vocab, 0)
     prompts = list(prompts[shuffled_order(case.requests, 0)])
     if args.warm_whole:  # the profiled runs are then second runs, as bench.peers times them

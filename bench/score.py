@@ -82,7 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--pack-tokens", type=int, default=2048, help="candidate tokens per pack")
     ap.add_argument(
-        "--repeat", type=int, default=1, help="timed native runs per case and mode (the last is reported)"
+        "--repeat",
+        type=int,
+        default=1,
+        help="timed runs per case and mode on each engine (the last is reported)",
     )
     ap.add_argument("--peer", default="vllm", choices=["vllm", "none"])
     ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=None)
@@ -92,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.modes = [m for m in args.modes.split(",") if m]
     if bad := [m for m in args.modes if m not in MODES]:
         ap.error(f"--modes: unknown {bad}")
+    if args.repeat < 1:
+        ap.error(f"--repeat: must be at least 1, got {args.repeat}")
     return args
 
 
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         ne = result["native_engine"]
         result["vllm"]["gpu_free_before_gib"] = ne.get("gpu_free_after_gib")
         result["vllm"]["gpu_total_gib"] = ne.get("gpu_total_gib")
-        peer = run_peer(args, folder, cases, result["vllm"])
+        peer = run_peer(args, folder, cases, dtype, result["vllm"])
         for run in (peer or {}).get("runs", []):
             result["cases"][run["index"]]["vllm"][run["mode"]] = run
         for e, case in zip(result["cases"], cases, strict=True):

@@ -3,15 +3,17 @@
 bench.generate starts this as its own process after the native engine has
 released the GPU, so both sides see the whole device. vLLM runs in-process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) from a folder holding only config.json,
-with random weights (load_format='dummy'), bf16, no tokenizer, prompts as
-token ids, greedy with EOS ignored, and its defaults otherwise (prefix caching
-on). Per case it runs
+with random weights (load_format='dummy'), the native run's dtype (--dtype), no
+tokenizer, prompts as token ids, greedy with EOS ignored, and its defaults
+otherwise (prefix caching on). Per case it runs
 
     shuffled  the requests in a random order (what a user gets by default)
     sorted    the requests grouped by prefix (the best a user can do by hand)
 
 on the same prompts, with the prefix cache reset before each run, after one
-small warm-up. Case i uses prompt seed `seed + i`, as bench.generate does.
+small warm-up; with --repeat N each mode runs N times and its last run is the
+result (as the native engine's: the first run at a case's shapes may pay
+one-time costs on either side). Case i uses prompt seed `seed + i`, as bench.generate does.
 The JSON at --out is rewritten after every run, so a crash keeps what ran.
 
     python -m bench.vllm_peer --model bench/configs/llama31-8b \
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kv-tokens", type=int, default=None, help="cap the KV cache at about this many tokens")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="default: vLLM's")
     ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--dtype", default="bfloat16", help="the native run's dtype")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per mode; the last is the result")
     ap.add_argument(
         "--time-budget", type=float, default=1e9, help="skip runs that would start after this (s)"
     )
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         kw: dict[str, Any] = {
             "model": str(args.model),
             "load_format": "dummy",
-            "dtype": "bfloat16",
+            "dtype": args.dtype,
             "skip_tokenizer_init": True,
             "max_model_len": args.max_model_len,
             "enable_prefix_caching": True,
@@ -160,14 +164,18 @@ def main(argv: list[str] | None = None) -> int:
                     result["skipped"].append({"case": case.spec, "mode": mode, "why": "time budget"})
                     print(f"VLLM skip {case.label} {mode} (time budget)", flush=True)
                     continue
-                reset_ok = llm.reset_prefix_cache()
-                r = run_once(llm, [prompts[j].tolist() for j in orders[mode]], case.decode)
+                walls, resets = [], []
+                for _ in range(max(1, args.repeat)):
+                    resets.append(llm.reset_prefix_cache())
+                    r = run_once(llm, [prompts[j].tolist() for j in orders[mode]], case.decode)
+                    walls.append(r["wall_s"])
                 r.update(
                     index=i,
                     case=case.spec,
                     mode=mode,
                     ideal_hit_rate=case.ideal_saving,
-                    cache_reset_ok=reset_ok,
+                    cache_reset_ok=all(resets),
+                    walls_s=walls,
                 )
                 result["runs"].append(r)
                 print(

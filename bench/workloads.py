@@ -110,8 +110,12 @@ def templated_prompts(
         dup = np.flatnonzero(rng.random(n) < duplicates)
         dup = dup[dup > 0]
         src = (rng.random(dup.size) * dup).astype(np.int64)  # an earlier row
-        for arr in (tpl, shot, f[0], f[1], text_len, text_off):
-            arr[dup] = arr[src]
+        # a duplicate repeats its source row as it ends up, itself perhaps a duplicate: resolved in order
+        root = np.arange(n)
+        for d, s in zip(dup.tolist(), src.tolist(), strict=True):
+            root[d] = root[s]
+        for arr in (tpl, shot, f[0], f[1], text_len, text_off, max_tokens):
+            arr[:] = arr[root]
 
     slots = [
         (np.full(n, header[0]), np.full(n, header[1])),

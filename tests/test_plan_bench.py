@@ -39,3 +39,18 @@ def test_shared_prefix_workload_matches_its_parameters() -> None:
     plan = build_plan(w.table, w.max_tokens, block_size=16)
     assert sorted(plan.prefix_len.tolist()) == [64, 64, 64]
     assert plan.stats.physical_tokens == 3 * 64 + 12 * 8
+
+
+def test_templated_duplicates_repeat_their_source_row() -> None:
+    """A duplicate row is its source row as that row ends up (prompt and max_tokens), chains included."""
+    w = templated_prompts(20_000, seed=1, duplicates=0.05)
+    t = w.table
+    by_prompt: dict[bytes, int] = {}
+    repeats = 0
+    for i in range(len(t.lengths)):
+        key = t.values[t.offsets[i] : t.offsets[i + 1]].tobytes()
+        first = by_prompt.setdefault(key, i)
+        if first != i:
+            repeats += 1
+            assert w.max_tokens[i] == w.max_tokens[first], i
+    assert repeats > 500  # ~5% of 20,000 rows, most of them a different row than their source
