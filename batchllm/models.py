@@ -10,12 +10,15 @@ interrupted or corrupted cache is detected and rebuilt instead of half-loaded.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -73,8 +76,24 @@ def ensure_default_model() -> Path:
     target = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if is_complete(target):
         return target
-    convert_gguf(default_gguf_path(), target)
+    with conversion_lock(target):  # one converter per cache (parallel jobs, several actors on a node)
+        if not is_complete(target):  # converted by the holder we waited for
+            convert_gguf(default_gguf_path(), target)
     return target
+
+
+@contextmanager
+def conversion_lock(target: Path) -> Iterator[None]:
+    """Hold the cache's lock for ``target``; leftovers of converters killed mid-way are removed under it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent / f".{target.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for leftover in target.parent.glob(f".{target.name}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def is_complete(folder: Path) -> bool:
@@ -117,6 +136,8 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         source = {"gguf": gguf.name, "sha256": _sha256(gguf)}
         (tmp / MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=1))
+        for p in tmp.iterdir():  # a shared cache: readable by every user, as the folder
+            p.chmod(0o644)
         tmp.chmod(0o755)
         if target.exists():
             shutil.rmtree(target)

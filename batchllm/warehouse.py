@@ -234,13 +234,17 @@ def register(con: duckdb.DuckDBPyConnection, table: pa.Table) -> str:
 
 
 def prune_staging(spec: JobSpec, keys: pa.Table) -> int:
-    """Keep only staged rows whose (id, prompt_hash) is among this run's rows. Returns rows dropped."""
+    """Drop staged rows whose prompt changed since they were computed (an id of ``keys`` with another
+    prompt_hash); in replace mode also rows of ids not in ``keys`` (the table becomes this run's rows).
+    Returns rows dropped."""
+    whole_run = "true" if spec.output.mode == "replace" else "false"
     with connect(spec.output_database) as con:
         staging = staging_table(spec)
         if not table_exists(con, staging):
             return 0
         view = register(con, keys.select(["id", "prompt_hash"]))
-        return int(scalar(con, sql("prune_staging", staging=staging, keys=view)))  # DELETE returns its count
+        statement = sql("prune_staging", keywords={"whole_run": whole_run}, staging=staging, keys=view)
+        return int(scalar(con, statement))  # DELETE returns its count
 
 
 def stage(spec: JobSpec, rows: pa.Table) -> int:

@@ -9,6 +9,7 @@ with scattered blocks, and decode steps.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,3 +225,22 @@ def test_keep_computes_the_last_layer_on_the_rows_read(tmp_path: Path, case: str
         assert part.shape == (len(keep), SMALL["hidden_size"])
         torch.testing.assert_close(part, full[keep], atol=1e-5, rtol=1e-5)
         assert torch.equal(caches[0], caches[1])  # every token's keys and values, both ways
+
+
+def test_checkpoint_weights_that_do_not_fit_the_config_are_named(tmp_path: Path) -> None:
+    """q/k/v biases under a config without them, and a weight of the wrong shape (copy_ would broadcast
+    it): a clear error naming the weight, never a KeyError or a silently wrong model."""
+    from safetensors.torch import load_file, save_file
+
+    config = transformers.LlamaConfig(**SMALL, attention_bias=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"attention_bias": False}))
+    with pytest.raises(UnsupportedModelError, match=r"self_attn\.[qkv]_proj\.bias.*has no place"):
+        load_model(tmp_path, 64, "cpu", torch.float32)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.0.input_layernorm.weight"] = torch.tensor([2.0])
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match=r"input_layernorm\.weight.*shape \[1\]"):
+        load_model(tmp_path, 64, "cpu", torch.float32)

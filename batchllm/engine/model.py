@@ -351,13 +351,21 @@ def _load_safetensors(model: CausalLM, cfg: ModelConfig, folder: Path) -> None:
                         continue
                     raise UnsupportedModelError(f"model: unexpected weight {key!r} in {path.name}")
                 ours, part = names[key]
+                if ours not in params:  # e.g. q/k/v biases where the config has none
+                    raise UnsupportedModelError(
+                        f"model: weight {key!r} in {path.name} has no place in this config"
+                    )
                 tensor = f.get_tensor(key)
-                param = params[ours]
-                if part is None:
-                    param.data.copy_(tensor)
-                else:
+                dest = params[ours].data
+                if part is not None:
                     lo, hi = _fused_offsets(cfg, ours)[part : part + 2]
-                    param.data[lo:hi].copy_(tensor)
+                    dest = dest[lo:hi]
+                if tensor.shape != dest.shape:  # copy_ would broadcast a wrong shape silently
+                    raise UnsupportedModelError(
+                        f"model: weight {key!r} in {path.name} has shape {list(tensor.shape)}, "
+                        f"the config gives {list(dest.shape)}"
+                    )
+                dest.copy_(tensor)
                 loaded.add((ours, part))
     if missing := sorted(f"{n}[{p}]" if p is not None else n for n, p in expected - loaded):
         raise UnsupportedModelError(f"model: weights missing from {str(folder)!r}: {missing[:5]}")
