@@ -158,3 +158,33 @@ def test_reorderable_fields_are_exposed_as_pairs(tmp_path: Path) -> None:
     )
     rows = render.render_rows(spec, _table(["P", "Q"], ["r1", "r2"]), None)
     assert rows.column("prompt").to_pylist() == ["plot=P;id=0; r1", "plot=Q;id=1; r2"]
+
+
+def test_chat_templates_compile_as_hugging_face_does(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    """Loop controls and HF's tojson (text as is), rendered as transformers renders them; a template
+    that does not compile is named as the model's, not left to fail every row alike."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer.folder / name).is_file():
+            shutil.copy(tokenizer.folder / name, tmp_path / name)
+    source = (
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{% if m.role == 'system' %}{% continue %}{% endif %}{{ m | tojson }}\n{% endfor %}"
+    )
+    (tmp_path / "chat_template.jinja").write_text(source)
+    messages = [
+        {"role": "system", "content": "skip"},
+        {"role": "user", "content": '<é> & "q"'},
+        {"role": "user", "content": "after the break"},
+    ]
+    ours = Tokenizer(tmp_path).apply_chat_template(messages)
+    hf = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert ours == hf and '"<é> & \\"q\\""' in ours and "after" not in ours
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(ValueError, match=r"chat template of .* does not compile: TemplateSyntaxError"):
+        Tokenizer(tmp_path).apply_chat_template(messages)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -88,7 +90,13 @@ class Tokenizer:
         """Render chat messages to the prompt text the model was trained on."""
         if self.chat_template is None:
             raise ValueError(f"model: {str(self.folder)!r} has no chat template; use a raw prompt template")
-        return _compile(self.chat_template).render(
+        try:
+            template = _compile(self.chat_template)
+        except TemplateError as exc:  # the model's own template: every row would fail alike
+            raise ValueError(
+                f"model: the chat template of {str(self.folder)!r} does not compile: {type(exc).__name__}: {exc}"
+            ) from None
+        return template.render(
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
@@ -119,9 +127,26 @@ def _raise(message: str) -> None:
 _templates: dict[str, Any] = {}
 
 
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    """Hugging Face's ``tojson`` filter: text as is (Jinja's own escapes ``<`` and non-ASCII for HTML)."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
 def _compile(source: str) -> Any:
+    """The template as Hugging Face compiles chat templates: loop controls, its ``tojson``, and
+    ``raise_exception``. (``strftime_now`` stays undefined: a template's date falls back to its fixed
+    one, so a prompt and its hash do not change from day to day.)"""
     if source not in _templates:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.globals["raise_exception"] = _raise
+        env.filters["tojson"] = _tojson
         _templates[source] = env.from_string(source)
     return _templates[source]
