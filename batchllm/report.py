@@ -34,6 +34,7 @@ def run_record(
     computed = sum(int(s.get("prompt_tokens_computed", 0)) for s in engine_stats)
     infer_s = timings.get("infer_s", 0.0)
     processed = counts.get("rows_processed", 0)
+    inferred = max(0, processed - int((prepared.prompts.row_prompt < 0).sum()))  # not failed before inference
     return {
         "run_id": prepared.run_id,
         "job": spec.name,
@@ -58,7 +59,7 @@ def run_record(
         "output_tokens": output_tokens,
         "planned_saving_ratio": float(plan_info.stats.get("saving_ratio", 0.0)),
         "achieved_saving_ratio": (1.0 - computed / logical) if logical else 0.0,
-        "rows_per_s": processed / infer_s if infer_s > 0 else 0.0,
+        "rows_per_s": inferred / infer_s if infer_s > 0 else 0.0,
         "tokens_per_s": (prompt_tokens + output_tokens) / infer_s if infer_s > 0 else 0.0,
         "timings": {**prepared.timings, **timings},
         "planner": plan_info.stats,
@@ -71,22 +72,27 @@ def markdown_report(run: dict[str, Any], table: str, chart: bool = False) -> str
 
     ``chart``: embed the metrics-over-time chart as a PNG data URI (the artifact, not the log).
     """
-    t = run["timings"]
+    run = {k: v for k, v in run.items() if v is not None}  # a runs table's older rows lack newer columns
+    t = run.get("timings", {})
+
+    def f(key: str, spec: str = "") -> str:
+        return "n/a" if key not in run else format(run[key], spec)
+
     lines = [
         f"# batchllm run `{run['run_id']}` -> `{table}`",
         "",
-        f"- model `{run['model']}` on {run['device']}, task {run['task']}, mode {run['mode']}",
-        f"- rows: {run['rows_total']} read, {run['rows_skipped']} skipped (done), "
-        f"{run['rows_recovered']} recovered, {run['rows_processed']} processed, "
-        f"{run['rows_ok']} ok, **{run['rows_error']} errors**",
-        f"- tokens: {run['prompt_tokens']} prompt ({run['distinct_prompts']} distinct prompts), "
-        f"{run['output_tokens']} output",
-        f"- prefix sharing: planned saving {run['planned_saving_ratio']:.1%}, "
-        f"achieved {run['achieved_saving_ratio']:.1%}",
-        f"- throughput: {run['rows_per_s']:.2f} rows/s, {run['tokens_per_s']:.1f} tokens/s",
-        "- durations: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()),
+        f"- model `{f('model')}` on {f('device')}, task {f('task')}, mode {f('mode')}",
+        f"- rows: {f('rows_total')} read, {f('rows_skipped')} skipped (done), "
+        f"{f('rows_recovered')} recovered, {f('rows_processed')} processed, "
+        f"{f('rows_ok')} ok, **{f('rows_error')} errors**",
+        f"- tokens: {f('prompt_tokens')} prompt ({f('distinct_prompts')} distinct prompts), "
+        f"{f('output_tokens')} output",
+        f"- prefix sharing: planned saving {f('planned_saving_ratio', '.1%')}, "
+        f"achieved {f('achieved_saving_ratio', '.1%')}",
+        f"- throughput: {f('rows_per_s', '.2f')} rows/s, {f('tokens_per_s', '.1f')} tokens/s",
+        "- durations: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items() if v is not None),
     ]
-    if run["task"] in ("classify", "score") and run["engine"]:
+    if run.get("task") in ("classify", "score") and run.get("engine"):
         lines.insert(-1, _prefill_line(run["engine"]))
     if chart and (png := chart_png(run)) is not None:
         lines += ["", f"![metrics over time]({data_uri(png)})"]
@@ -149,5 +155,8 @@ def _prefill_line(engine_stats: list[dict[str, Any]]) -> str:
 def stats_table(run: dict[str, Any]) -> list[dict[str, Any]]:
     """The run's scalar statistics as (stat, value) rows for a table artifact."""
     rows = [{"stat": k, "value": v} for k, v in run.items() if not isinstance(v, dict | list)]
-    rows += [{"stat": f"time.{k}", "value": round(v, 3)} for k, v in run["timings"].items()]
+    rows += [
+        {"stat": f"time.{k}", "value": "n/a" if v is None else round(v, 3)}
+        for k, v in (run.get("timings") or {}).items()
+    ]
     return [{"stat": r["stat"], "value": str(r["value"])} for r in rows]

@@ -40,14 +40,15 @@ class Timeline:
         self.samples: list[tuple[float, int, int, int, int]] = []
 
     def step(self, layout: BatchLayout) -> None:
-        """One engine step (the runner's layout): counted always, sampled when ``interval`` has passed."""
-        self.steps += 1
-        self.tokens += layout.num_tokens
+        """One engine step (the runner's layout), seen as it is launched: a sample when ``interval`` has
+        passed counts the steps before it (done by now) and the KV blocks this one holds; then it counts."""
         now = time.perf_counter() - self._t0
         if now - self._last >= self.interval:
             tables = layout.block_tables
             self.kv_blocks = int(np.unique(tables[tables >= 0]).size)
             self._sample(now)
+        self.steps += 1
+        self.tokens += layout.num_tokens
 
     def progress(self, done: int, total: int) -> None:
         self.prompts_done = done

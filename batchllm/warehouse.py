@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import string
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -268,12 +269,13 @@ def load(spec: JobSpec, run: dict[str, Any]) -> int:
     Returns the number of rows written. With nothing staged the results table is
     left as it is (merge) or emptied (replace), and the run is still recorded.
     A run already recorded (a retry after a commit whose reply was lost) writes nothing.
+    ``run["timings"]["load_s"]`` is set to the time up to its recording, so the runs table has it too.
     """
+    t0 = time.perf_counter()
     with connect(spec.output_database) as con:
         staging = staging_table(spec)
         results = spec.output.table
         runs = spec.output.runs_table
-        run_row = register(con, runs_row(run))
         with transaction(con, "loading the results", spec.output_database):
             if table_exists(con, runs) and scalar(con, sql("run_recorded", table=runs), [run["run_id"]]):
                 return 0
@@ -288,6 +290,8 @@ def load(spec: JobSpec, run: dict[str, Any]) -> int:
                 con.execute(sql("drop_table", table=staging))
             elif spec.output.mode == "replace" and table_exists(con, results):
                 con.execute(sql("delete_all", table=results))
+            run["timings"] = {**run.get("timings", {}), "load_s": time.perf_counter() - t0}
+            run_row = register(con, runs_row(run))
             con.execute(sql("create_like", table=runs, like=run_row))
             _widen(con, runs, run_row)
             con.execute(sql("insert_by_name", table=runs, batch=run_row))
@@ -348,7 +352,7 @@ def runs_row(run: dict[str, Any]) -> pa.Table:
 
 def show(database: str, table: str, limit: int = 5) -> pa.Table:
     """The first ``limit`` rows of ``table``, ordered by its columns left to right (ids first)."""
-    with connect(database) as con:
+    with connect(database, read_only=True) as con:
         if not table_exists(con, table):
             raise SpecError(f"table {table!r} does not exist in {database!r}")
         return con.sql(sql("show_rows", table=table), params=[limit]).to_arrow_table()
@@ -362,7 +366,7 @@ def read_run(database: str, run_id: str, runs_table: str = "batchllm_runs") -> d
     import json
 
     check_identifier(runs_table, "runs table")
-    with connect(database) as con:
+    with connect(database, read_only=True) as con:
         if not table_exists(con, runs_table):
             raise SpecError(f"table {runs_table!r} does not exist in {database!r}")
         found = con.sql(sql("read_run", table=runs_table), params=[run_id]).to_arrow_table().to_pylist()

@@ -123,13 +123,15 @@ def infer_on_ray(
     and the executor's record (cluster, actors, attempts)."""
     logger = get_run_logger()
     executor: dict[str, Any] = {"kind": "ray", **cluster.describe()}
+    total = sum(len(s) for s in plan_info.shards)
+    progress_id = create_progress_artifact(  # every run has one: 100% at once when nothing is left to run
+        progress=0.0 if total else 100.0,
+        key=f"{artifact_key}-progress",
+        description=f"prompts of {spec.output.table}",
+    )
     if not plan_info.shards:
         logger.info("nothing to run: no actor is started")
         return [], executor
-    total = sum(len(s) for s in plan_info.shards)
-    progress_id = create_progress_artifact(
-        progress=0.0, key=f"{artifact_key}-progress", description=f"prompts of {spec.output.table}"
-    )
     pool = ActorPool(spec, cluster, prepared.run_id)
     ray_run = RayRun(pool, dispatch.ShardLedger(), SharedProgress(progress_id, total, progress))
     shard_task = infer_remote.with_options(retries=spec.executor.max_attempts - 1, retry_delay_seconds=1)

@@ -200,6 +200,12 @@ def test_ray_run_equals_one_process_run(tmp_path: Path, ray_cluster: None, local
     for pid in pids:
         assert loaded(logs, pid), [m for m in logs if m.startswith("[actor ")]
 
+    # a rerun with nothing left starts no actor and still has its progress artifact, at 100%
+    again = _run(_spec(db, executor={"kind": "ray", "actors": 2}, incremental=True))
+    assert again["rows_processed"] == 0 and again["rows_skipped"] == ROWS
+    artifacts, _, _ = _prefect_view(again["flow_run_id"])
+    assert artifacts["progress"].data == 100.0
+
 
 def test_sigkill_of_an_actor_mid_shard_loses_and_duplicates_nothing(
     tmp_path: Path, ray_cluster: None, local_run: dict[str, Any]

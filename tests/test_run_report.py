@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import duckdb
 import numpy as np
+import pytest
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
 from batchllm import job, report, results, warehouse
 from batchllm.chart import chart_png, figure, run_series
 from batchllm.cli import app
-from batchllm.spec import parse_spec
+from batchllm.spec import SpecError, parse_spec
 from batchllm.timeline import Timeline
 from tests.product_fixtures import make_reviews_db, spec_dict
 
@@ -50,7 +53,9 @@ def test_timeline_counts_every_step_and_stops_observing() -> None:
     runner.run([[5]], 7)  # after the run: not counted
     assert seen == [(1, 2), (2, 2)]
     d = timeline.as_dict()
-    assert d["steps"] == [1, 2, 2] and d["tokens"] == [8, 9, 9]
+    # a sample is taken as a step is launched: it counts the steps before it (the chart's rates would
+    # otherwise credit a step's tokens to the interval before it ran)
+    assert d["steps"] == [0, 1, 2] and d["tokens"] == [0, 8, 9]
     assert d["kv_blocks"] == [3, 1, 0]  # distinct blocks of the step's sequences; none after the run
     assert d["prompts_done"] == [0, 1, 2] and d["kv_blocks_total"] == 10
     for _ in range(5):  # over max_samples: every other sample goes, the interval doubles
@@ -124,7 +129,16 @@ def test_recorded_run_report_from_the_cli(tmp_path: Path) -> None:
         stats.append(shard_stats)
     counts = {"rows_processed": 4, "rows_ok": 4, "rows_error": 0}
     run = report.run_record(spec, prepared, info, stats, counts, {"infer_s": 1.0}, "cpu")
+    assert run["rows_per_s"] == 4.0
+    # rows that failed before inference (row_prompt -1) take no inference time: not in the rate
+    one_failed = dataclasses.replace(
+        prepared, prompts=dataclasses.replace(prepared.prompts, row_prompt=np.array([0, -1, 1, 2]))
+    )
+    assert (
+        report.run_record(spec, one_failed, info, stats, counts, {"infer_s": 1.0}, "cpu")["rows_per_s"] == 3.0
+    )
     warehouse.load(spec, run)
+    assert warehouse.read_run(str(db), run["run_id"])["timings"]["load_s"] > 0  # the table has it too
     timeline = stats[0]["timeline"]
     assert timeline["steps"][-1] >= 4 and timeline["prompts_done"][-1] == prepared.prompts.num_prompts
     assert max(timeline["kv_blocks"]) > 0 and timeline["kv_blocks"][-1] == 0
@@ -147,3 +161,30 @@ def test_recorded_run_report_from_the_cli(tmp_path: Path) -> None:
     assert png_out.read_bytes().startswith(PNG_MAGIC) and imread(str(png_out)).ndim == 3
     result = runner.invoke(app, ["report", "nope", "-d", str(db)])
     assert result.exit_code == 2 and "no run with id 'nope'" in result.output
+
+    # a runs table's older rows have NULL in newer columns: shown as n/a
+    with duckdb.connect(str(db)) as con:
+        con.execute("UPDATE batchllm_runs SET achieved_saving_ratio = NULL, distinct_prompts = NULL")
+    result = runner.invoke(app, ["report", run["run_id"], "-d", str(db), "-o", str(html_out)])
+    assert result.exit_code == 0, result.output
+    page = html_out.read_text()
+    assert "achieved n/a" in page and "(n/a distinct prompts)" in page
+
+
+def test_show_and_report_open_the_warehouse_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot or a read-only mount serves `show` and `report`: neither opens the file for writing."""
+    db = make_reviews_db(tmp_path / "w.duckdb", 2)
+    modes: list[bool] = []
+    opened = warehouse.open_database
+
+    def spy(database: str, read_only: bool = False, wait: bool = True) -> Any:
+        modes.append(read_only)
+        return opened(database, read_only, wait)
+
+    monkeypatch.setattr(warehouse, "open_database", spy)
+    assert warehouse.show(str(db), "reviews", limit=1).num_rows == 1
+    with pytest.raises(SpecError, match="does not exist"):
+        warehouse.read_run(str(db), "x")
+    assert modes == [True, True]
