@@ -23,11 +23,27 @@ META_COLUMNS = frozenset(
 )
 
 
+# a runs table's columns a reader scans for (the run id to pass to `batchllm report`)
+RUN_COLUMNS = (
+    "run_id",
+    "job",
+    "started_at",
+    "rows_processed",
+    "rows_ok",
+    "rows_error",
+    "rows_per_s",
+    "achieved_saving_ratio",
+    "device",
+)
+
+
 def useful_columns(rows: Any) -> list[str]:
     """For a results table, the columns a reader wants (skipping all-null ones): the known result
     columns, then any other column that is not bookkeeping (typed output: ``parsed`` or one per
-    field); else all columns."""
+    field); for a runs table ``RUN_COLUMNS``; else all columns."""
     names = rows.column_names
+    if {"run_id", "started_at", "rows_processed"} <= set(names):
+        return [c for c in RUN_COLUMNS if c in names]
     if not {"status", "prompt_hash", "run_id"} <= set(names):
         return list(names)
     known = [c for c in RESULT_COLUMNS if c in names]

@@ -351,11 +351,15 @@ def runs_row(run: dict[str, Any]) -> pa.Table:
 
 
 def show(database: str, table: str, limit: int = 5) -> pa.Table:
-    """The first ``limit`` rows of ``table``, ordered by its columns left to right (ids first)."""
+    """The first ``limit`` rows of ``table``, ordered by its columns left to right (ids first); of a
+    runs table, the latest runs first."""
     with connect(database, read_only=True) as con:
         if not table_exists(con, table):
             raise SpecError(f"table {table!r} does not exist in {database!r}")
-        return con.sql(sql("show_rows", table=table), params=[limit]).to_arrow_table()
+        runs = {"run_id", "started_at", "rows_processed"} <= set(column_types(con, table))
+        return con.sql(
+            sql("show_runs" if runs else "show_rows", table=table), params=[limit]
+        ).to_arrow_table()
 
 
 RUN_JSON_COLUMNS = ("timings", "planner", "engine", "recovered_runs", "executor")

@@ -218,6 +218,25 @@ def test_show(tmp_path: Path) -> None:
         warehouse.show(str(db), "nope")
 
 
+def test_show_lists_the_latest_runs_first(tmp_path: Path) -> None:
+    """Run ids are random: the runs table is shown newest first, with the columns to pick a run by."""
+    from batchllm.table_view import useful_columns
+
+    db = tmp_path / "w.duckdb"
+    spec = _spec(db)
+    for run_id, hour in (("c0ffee", 1), ("0aaa", 3), ("f00d", 2)):
+        run = {
+            "run_id": run_id,
+            "job": "j",
+            "started_at": f"2026-12-05T0{hour}:00:00+00:00",
+            "rows_processed": 1,
+        }
+        warehouse.load(spec, run)
+    rows = warehouse.show(str(db), "batchllm_runs", limit=2)
+    assert rows.column("run_id").to_pylist() == ["0aaa", "f00d"]
+    assert useful_columns(rows) == ["run_id", "job", "started_at", "rows_processed"]
+
+
 def test_malformed_csv_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "broken.csv"
     path.write_text("id,plot,review\n" + "".join(f"{i},p,r\n" for i in range(30000)) + "30000,p,r,extra\n")
