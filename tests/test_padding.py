@@ -57,10 +57,11 @@ def test_padded_decode_steps_give_the_same_tokens(tmp_path) -> None:
     assert graphs.captured() == sorted(k for k, g in graphs.graphs.items() if g.steps >= CAPTURE_AT) != []
     sizes = graphs.sizes
     graphs.run_at = {s: sizes[min(i + 2, len(sizes) - 1)] for i, s in enumerate(sizes)}
-    graphs.graphs.clear()  # and their memory pool: a pool whose graphs are all gone cannot take new ones
-    graphs.pool = torch.cuda.graph_pool_handle()
+    held = [g.hidden for g in graphs.graphs.values()]  # outputs of the old pool, still referenced
+    graphs.reset()  # a fresh pool: the old one, its graphs gone but a tensor held, could take none
     padded = engine.generate(prompts, params)
     assert {key[0] for key in graphs.graphs} == {graphs.run_at[16]} == {64}  # 11 rows replayed as 64
+    assert graphs.failed is None and graphs.captured() != [] and held
     assert [r.token_ids for r in padded] == [r.token_ids for r in eager]
 
 

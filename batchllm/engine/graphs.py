@@ -155,8 +155,12 @@ class DecodeGraphs:
         """Drop every key's buffers and graph: each key's next steps run eagerly and capture again, under
         the launch heuristics in force then (a graph keeps the kernel configurations it was recorded
         with, so an A/B of attention configurations in one engine resets between them: bench.config_ab).
-        The measured padding stays, and so does a failed recording: its steps stay eager."""
+        The measured padding stays, and so does a failed recording: its steps stay eager. The graphs
+        record into a fresh memory pool: a tensor of the old one still held (a step's output) would
+        make the next recording fail."""
         self.graphs.clear()
+        if self.pool is not None:
+            self.pool = torch.cuda.graph_pool_handle()
 
     def captured(self) -> list[Key]:
         """The keys whose graph is captured; the others ran eagerly so far."""
