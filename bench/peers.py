@@ -2,7 +2,8 @@
 
 DESIGN sections 5 and 7. Every workload runs on, in this order and in one process:
 
-    native         the native engine, prompts in a random order with the job's plan (groups)
+    native         the native engine, prompts in a random order with the job's plan (groups), planned
+                   inside its timed run
     vllm plan      the vllm backend: the same prompts submitted group by group in plan order,
                    the group's rank as priority (batchllm.backends.vllm)
     vllm shuffled  stock vLLM, the prompts in the random order (what a user gets by default)
@@ -64,7 +65,12 @@ class Workload:
     groups: list[tuple[int, list[int]]]
     decode: int = 0  # generate: tokens per request (EOS ignored); 0: classify against ``labels``
     labels: Any = None
+    block_size: int = 16
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def plan(self) -> list[tuple[int, list[int]]]:
+        """The plan again, as a timed native run makes it (a job plans inside its run)."""
+        return plan_groups(self.prompts, self.decode, self.block_size)
 
     @property
     def sorted_prompts(self) -> list[np.ndarray]:
@@ -163,6 +169,7 @@ def demo_workload(rows: int, data_dir: Path, seed: int) -> Workload:
         plan_groups(shuffled, 0, spec.block_size),
         0,
         labels,
+        spec.block_size,
     )
 
 
@@ -192,6 +199,16 @@ def warm_generate(engine: Any, w: Workload, vocab: int) -> None:
     )
 
 
+def planned_generate(engine: Any, w: Workload, params: Any) -> Any:
+    """A native generate run as a job makes it: planned, then run."""
+    return engine.generate(w.prompts, params, groups=w.plan())
+
+
+def planned_classify(engine: Any, w: Workload) -> Any:
+    """A native classify run as a job makes it: planned, then run."""
+    return engine.classify(w.prompts, w.labels, groups=w.plan())
+
+
 def run_native(args: argparse.Namespace, workloads: list[Workload], meta: dict[str, Any]) -> None:
     """All workloads on one native engine (warm-up first), then the engine is freed."""
     from batchllm.engine import Engine, SamplingParams
@@ -214,7 +231,12 @@ def run_native(args: argparse.Namespace, workloads: list[Workload], meta: dict[s
                 warm_generate(engine, w, vocab)
                 params = SamplingParams(max_tokens=w.decode, ignore_eos=True)
                 res, wall, walls = timed_repeats(
-                    args.native_repeat, args.device, engine.generate, w.prompts, params, groups=w.groups
+                    args.native_repeat,
+                    args.device,
+                    planned_generate,
+                    engine,
+                    w,
+                    params,
                 )
                 bad = sum(len(r.token_ids) != w.decode for r in res)
                 record(
@@ -229,7 +251,11 @@ def run_native(args: argparse.Namespace, workloads: list[Workload], meta: dict[s
             else:
                 engine.classify(w.prompts[:8], w.labels)  # warm-up
                 res, wall, walls = timed_repeats(
-                    args.native_repeat, args.device, engine.classify, w.prompts, w.labels, groups=w.groups
+                    args.native_repeat,
+                    args.device,
+                    planned_classify,
+                    engine,
+                    w,
                 )
                 run = record(
                     w,

@@ -128,3 +128,20 @@ def test_the_peer_runs_the_native_dtype_and_repeats(tmp_path: Path) -> None:
     assert "--dtype float32" in joined and "--repeat 2" in joined and "--kv-tokens 205000" in joined
     assert "--case 2000,200,100,16,100" in joined and "--max-model-len 8192" in joined
     assert np.isclose(float(cmd[cmd.index("--time-budget") + 1]), 60.0)
+
+
+def test_a_native_run_plans_inside_its_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job plans inside its run: the native wall time includes planning, as vLLM's includes its own
+    scheduling."""
+    w = _workload()
+    planned: list[int] = []
+
+    def slow_plan(self: peers.Workload) -> list[tuple[int, list[int]]]:
+        time.sleep(0.05)
+        planned.append(1)
+        return peers.plan_groups(self.prompts, self.decode, self.block_size)
+
+    monkeypatch.setattr(peers.Workload, "plan", slow_plan)
+    engine = SimpleNamespace(generate=lambda prompts, params, groups: groups)
+    groups, wall = generate.timed("cpu", peers.planned_generate, engine, w, None)
+    assert planned == [1] and wall >= 0.05 and groups == w.groups
