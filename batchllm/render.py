@@ -235,7 +235,8 @@ def tokenize(
     tokenizer: Tokenizer,
     max_prompt_tokens: int | None,
 ) -> Prompts:
-    """Encode the distinct prompts of the ok rows; rows over ``max_prompt_tokens`` become errors."""
+    """Encode the distinct prompts of the ok rows; rows with no tokens or over ``max_prompt_tokens``
+    become errors."""
     hashes = rows.column("prompt_hash").to_pylist()
     texts = rows.column("prompt").to_pylist()
     errors = rows.column("error").to_pylist()
@@ -250,17 +251,20 @@ def tokenize(
             distinct_texts.append(text)
         row_prompt[i] = distinct[h]
     token_ids = tokenizer.encode_batch(distinct_texts) if distinct_texts else []
-    if max_prompt_tokens is not None:
-        too_long = {j for j, ids in enumerate(token_ids) if len(ids) > max_prompt_tokens}
-        if too_long:
-            for i, j in enumerate(row_prompt):
-                if j in too_long:
-                    errors[i] = (
-                        f"prompt has {len(token_ids[j])} tokens, over the limit of {max_prompt_tokens} "
-                        "(limits.max_prompt_tokens or the model's context)"
-                    )
-                    row_prompt[i] = -1
-            token_ids, row_prompt = _compact(token_ids, row_prompt)
+    limit = max_prompt_tokens if max_prompt_tokens is not None else float("inf")
+    bad = {j for j, ids in enumerate(token_ids) if len(ids) == 0 or len(ids) > limit}
+    if bad:
+        for i, j in enumerate(row_prompt):
+            if j in bad:
+                n = len(token_ids[j])
+                errors[i] = (
+                    "prompt is empty (the template rendered no tokens for this row)"
+                    if n == 0
+                    else f"prompt has {n} tokens, over the limit of {max_prompt_tokens} "
+                    "(limits.max_prompt_tokens or the model's context)"
+                )
+                row_prompt[i] = -1
+        token_ids, row_prompt = _compact(token_ids, row_prompt)
     rows = rows.set_column(rows.column_names.index("error"), "error", pa.array(errors, pa.string()))
     return Prompts(rows=rows, row_prompt=row_prompt, token_ids=token_ids)
 

@@ -13,9 +13,9 @@ import hashlib
 import json
 import re
 from functools import cache, cached_property
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from jinja2 import TemplateSyntaxError, meta
+from jinja2 import TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -106,12 +106,7 @@ class PromptSpec(_Strict):
         if self.template is None and self.user is None:
             raise ValueError("prompt.user: a user message template is required (or a raw 'template')")
         for name, source in self.templates().items():
-            try:
-                template_env().parse(source)
-            except TemplateSyntaxError as exc:
-                raise ValueError(
-                    f"prompt.{name}: template error at line {exc.lineno}: {exc.message}"
-                ) from None
+            check_template(f"prompt.{name}", source)
         # Column names only (never put into SQL), so any non-empty, distinct names will do.
         if any(not f for f in self.reorderable) or len(set(self.reorderable)) != len(self.reorderable):
             raise ValueError("prompt.reorderable: column names must be non-empty and distinct")
@@ -209,7 +204,7 @@ class SamplingSpec(_Strict):
     temperature: float = Field(default=0.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
 
 class OutputSpec(_Strict):
@@ -317,6 +312,24 @@ def _hash(obj: Any) -> str:
 
 
 @cache
+def check_template(field: str, source: str) -> None:
+    """A template every row can render: not blank, compiles, names only known filters and tests (Jinja
+    defers those inside blocks to render time: every row would fail alike), reads no other file."""
+    if not source.strip():
+        raise ValueError(f"{field}: empty")
+    env = template_env()
+    try:
+        tree = env.parse(source)
+        env.compile(tree)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"{field}: template error at line {exc.lineno}: {exc.message}") from None
+    if next(tree.find_all((nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport)), None):
+        raise ValueError(f"{field}: include, extends and import read other templates: not supported")
+    for kind, known in ((nodes.Filter, env.filters), (nodes.Test, env.tests)):
+        if unknown := sorted({n.name for n in tree.find_all(kind)} - set(known)):
+            raise ValueError(f"{field}: no {kind.__name__.lower()} named {', '.join(unknown)}")
+
+
 def template_env() -> SandboxedEnvironment:
     """The one Jinja2 environment for prompt templates (sandboxed, no autoescape)."""
     from jinja2 import StrictUndefined

@@ -114,6 +114,16 @@ def test_too_long_prompts_become_errors(tmp_path: Path, tokenizer: Tokenizer) ->
     assert prompts.num_prompts == 2
 
 
+def test_a_row_rendering_to_no_tokens_is_an_error_row(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    """A raw template over an empty field renders nothing: that row fails, the others run."""
+    spec = _spec(tmp_path, prompt={"template": "{{ review }}"})
+    rows = render.render_rows(spec, _table(["p", "p", "p"], ["good", "", "also good"]), tokenizer)
+    prompts = render.tokenize(rows, tokenizer, None)
+    errors = prompts.rows.column("error").to_pylist()
+    assert errors[0] is None and errors[2] is None and "prompt is empty" in errors[1]
+    assert prompts.row_prompt.tolist() == [0, -1, 1] and all(len(t) for t in prompts.token_ids)
+
+
 def test_drop_done(tmp_path: Path, tokenizer: Tokenizer) -> None:
     spec = _spec(tmp_path)
     rows = render.render_rows(spec, _table(["A", "B", "C"], ["x", "y", "z"]), tokenizer)

@@ -53,6 +53,37 @@ def test_template_syntax_error_names_the_template(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ({"user": "{{ review | nosuchfilter }}"}, "prompt.user: template error at line 1: No filter named"),
+        (
+            {"user": "{% if id %}{{ review | nosuchfilter }}{% endif %}"},
+            "prompt.user: no filter named nosuchfilter",
+        ),
+        ({"user": "{% if review is nosuchtest %}x{% endif %}"}, "prompt.user: no test named nosuchtest"),
+        ({"user": "{% include 'x.txt' %}"}, "prompt.user: include, extends and import"),
+        ({"template": "{% extends 'x.txt' %}"}, "prompt.template: include, extends and import"),
+        ({"user": "{% from 'x' import y %}{{ review }}"}, "prompt.user: include, extends and import"),
+        ({"template": ""}, "prompt.template: empty"),
+        ({"user": "  \n", "system": "s"}, "prompt.user: empty"),
+    ],
+)
+def test_templates_that_no_row_could_render_are_spec_errors(
+    tmp_path: Path, prompt: dict[str, str], message: str
+) -> None:
+    """Every row would fail alike (Jinja defers unknown filters and tests inside blocks to render
+    time; include and the like have no loader): the spec is refused, naming the template."""
+    d = spec_dict(tmp_path / "w.duckdb")
+    d["prompt"] = prompt
+    assert message in _error(d)
+
+
+def test_empty_stop_strings_are_refused(tmp_path: Path) -> None:
+    d = spec_dict(tmp_path / "w.duckdb", sampling={"stop": ["\n\n", ""]})
+    assert "sampling.stop.1: String should have at least 1 character" in _error(d)
+
+
+@pytest.mark.parametrize(
     ("path", "value", "field"),
     [
         (("output", "table"), 'labels"; DROP TABLE reviews; --', "output.table"),
