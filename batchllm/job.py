@@ -79,7 +79,15 @@ def check(spec: JobSpec) -> None:
             f"engine_options.block_size: {spec.engine_options['block_size']} differs from block_size "
             f"{spec.block_size}, which the plan's shared prefixes are cut to; set block_size alone"
         )
-    if reason := options_problem(spec.backend, engine_options(spec)):
+    # the device the engines get: here the job's (auto: what is visible); on Ray the cluster's
+    device = (
+        resolve_device(spec.device)
+        if spec.executor.kind == "local"
+        else "cpu"
+        if spec.device == "cpu"
+        else "cuda"
+    )
+    if reason := options_problem(spec.backend, engine_options(spec), device):
         # the native engine's block size is the job's own block_size field (equal, checked just above)
         raise SpecError(reason.replace("engine_options.block_size", "block_size", 1))
     # else it fails at model load; on Ray the GPUs are the cluster's (checked when it is joined)

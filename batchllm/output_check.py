@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 
 from batchllm import typed, warehouse
@@ -41,6 +42,7 @@ def check_output(spec: JobSpec, schema: pa.Schema) -> None:
             return
         if warehouse.scalar(con, warehouse.sql("view_exists"), list(warehouse.split_table(table))):
             raise SpecError(f"output.table: {table!r} is a view; name a table")
+        _check_runs_table(con, spec.output.runs_table)
         if not warehouse.table_exists(con, table):
             return
         have = warehouse.column_types(con, table)
@@ -65,6 +67,18 @@ def check_output(spec: JobSpec, schema: pa.Schema) -> None:
                 f"this run writes {name} {dtype}; cast it in the query or format, write to another "
                 "output.table, or set output.mode: replace"
             )
+
+
+def _check_runs_table(con: duckdb.DuckDBPyConnection, runs: str) -> None:
+    """A runs table already there is one (a results or source table would take the run's record:
+    widened with its columns, a row of NULLs added)."""
+    if warehouse.scalar(con, warehouse.sql("view_exists"), list(warehouse.split_table(runs))):
+        raise SpecError(f"output.runs_table: {runs!r} is a view; name a table")
+    if not warehouse.table_exists(con, runs):
+        return
+    have = warehouse.column_types(con, runs)
+    if "run_id" not in have or "prompt_hash" in have:  # a source table, or a results table
+        raise SpecError(f"output.runs_table: {runs!r} exists and is not a runs table; name another table")
 
 
 def _field_of(spec: JobSpec, column: str) -> str:

@@ -13,7 +13,19 @@ from batchllm.spec import MEMORY, JobSpec, SpecError, parse_spec
 
 class _SpecLoader(yaml.SafeLoader):
     """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which
-    would turn ``task.yes: Yes`` or ``labels: [Yes, No]`` into True/False."""
+    would turn ``task.yes: Yes`` or ``labels: [Yes, No]`` into True/False. A key given twice in one
+    mapping is an error (PyYAML keeps the last silently: one of two ``task`` blocks would vanish)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _BOOL = "tag:yaml.org,2002:bool"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchllm.warehouse import RUNS_MARKS
+
 RESULT_COLUMNS = (
     "id",
     "query_key",
@@ -42,7 +44,7 @@ def useful_columns(rows: Any) -> list[str]:
     columns, then any other column that is not bookkeeping (typed output: ``parsed`` or one per
     field); for a runs table ``RUN_COLUMNS``; else all columns."""
     names = rows.column_names
-    if {"run_id", "started_at", "rows_processed"} <= set(names):
+    if set(RUNS_MARKS) <= set(names):
         return [c for c in RUN_COLUMNS if c in names]
     if not {"status", "prompt_hash", "run_id"} <= set(names):
         return list(names)

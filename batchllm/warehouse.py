@@ -40,6 +40,7 @@ from batchllm.faults import pause_point
 from batchllm.spec import JobSpec, SpecError, check_identifier, validate_columns
 
 _KEYWORD = re.compile(r"^[a-z]+$")
+RUNS_MARKS = ("run_id", "started_at", "rows_processed")  # columns every runs table has
 
 
 class _SqlTemplate(string.Template):
@@ -356,7 +357,7 @@ def show(database: str, table: str, limit: int = 5) -> pa.Table:
     with connect(database, read_only=True) as con:
         if not table_exists(con, table):
             raise SpecError(f"table {table!r} does not exist in {database!r}")
-        runs = {"run_id", "started_at", "rows_processed"} <= set(column_types(con, table))
+        runs = set(RUNS_MARKS) <= set(column_types(con, table))
         return con.sql(
             sql("show_runs" if runs else "show_rows", table=table), params=[limit]
         ).to_arrow_table()

@@ -176,6 +176,11 @@ def test_invalid_engine_options_name_the_option(default_model_path: Path, kwargs
         ),
         ({"block_size": 0}, "engine_options.block_size: 0 differs from block_size 16"),
         ({"device": "cuda"}, "engine_options.device: is the job's own 'device' field"),
+        ({"attention": "tritonn"}, "engine_options.attention: must be one of auto, torch, triton"),
+        (
+            {"attention": "fa3"},
+            "engine_options.attention: backend 'fa3' runs on CUDA only, the device is 'cpu'",
+        ),
     ],
 )
 def test_job_engine_options_are_checked_before_the_run(tmp_path: Path, options: dict, message: str) -> None:
@@ -185,7 +190,7 @@ def test_job_engine_options_are_checked_before_the_run(tmp_path: Path, options: 
     from batchllm.spec import SpecError, parse_spec
     from tests.product_fixtures import spec_dict
 
-    spec = parse_spec(spec_dict(tmp_path / "w.duckdb", engine_options=options))
+    spec = parse_spec(spec_dict(tmp_path / "w.duckdb", device="cpu", engine_options=options))
     with pytest.raises(SpecError) as err:
         job.check(spec)
     assert str(err.value).startswith(message), str(err.value)

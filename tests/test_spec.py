@@ -166,6 +166,20 @@ def test_hashes(tmp_path: Path) -> None:
     assert d.params_hash != e.params_hash and d.params_hash != a.params_hash
 
 
+def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys: one of two task blocks would vanish silently."""
+    path = tmp_path / "twice.yaml"
+    base = yaml.safe_dump(spec_dict("w.duckdb"))
+    path.write_text(base + "task:\n  kind: generate\n")
+    with pytest.raises(
+        SpecError, match=r"(?s)not valid YAML \(key 'task' given twice in one mapping.*line 22"
+    ):
+        load_spec(path)
+    path.write_text(base.replace("task:\n", "task:\n  labels: [a, b]\n", 1))
+    with pytest.raises(SpecError, match="key 'labels' given twice"):
+        load_spec(path)
+
+
 def test_load_spec_errors(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="cannot read"):
         load_spec(tmp_path / "missing.yaml")

@@ -322,6 +322,20 @@ def test_output_table_that_is_not_a_results_table_is_refused(tmp_path: Path) -> 
     assert query(db, "SELECT count(*), count(review) FROM reviews") == [(4, 4)]
 
 
+def test_a_runs_table_that_is_not_one_is_refused(tmp_path: Path) -> None:
+    """output.runs_table naming the source or a results table fails before any model work (the run's
+    record would widen that table and add a row of NULLs); a real runs table is fine."""
+    db = make_reviews_db(tmp_path / "w.duckdb", 4)
+    results_spec = _spec(db)
+    warehouse.stage(results_spec, _results(results_spec, [1], "r1", "positive"))
+    warehouse.load(results_spec, {"run_id": "r1", "started_at": "2026-12-05", "rows_processed": 1})
+    output_check.check_output(results_spec, _run_schema(pa.int32()))  # batchllm_runs is a runs table
+    for runs in ("reviews", "labels"):
+        spec = _spec(db, output={"table": "other", "runs_table": runs})
+        with pytest.raises(SpecError, match=rf"output.runs_table: '{runs}' exists and is not a runs table"):
+            output_check.check_output(spec, _run_schema(pa.int32()))
+
+
 def test_output_column_types_must_match(tmp_path: Path) -> None:
     """A changed id type is named (source.id_column) before the run, in merge mode; replace rewrites."""
     db = tmp_path / "w.duckdb"

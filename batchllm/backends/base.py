@@ -50,9 +50,9 @@ class Backend(Protocol):
         ...
 
     @staticmethod
-    def check_options(options: Mapping[str, Any]) -> str | None:
-        """None when the backend takes these engine options, else why not, naming the option (no
-        model loaded)."""
+    def check_options(options: Mapping[str, Any], device: str = "cpu") -> str | None:
+        """None when the backend takes these engine options on ``device`` (the job's), else why not,
+        naming the option (no model loaded)."""
         ...
 
     def run(
@@ -114,6 +114,7 @@ def supports(name: str, kind: str) -> str | None:
     return cls.supports(kind)
 
 
-def options_problem(name: str, options: Mapping[str, Any]) -> str | None:
-    """None when backend ``name`` takes engine ``options``, else the reason (before any model load)."""
-    return backend_class(name).check_options(options)
+def options_problem(name: str, options: Mapping[str, Any], device: str = "cpu") -> str | None:
+    """None when backend ``name`` takes engine ``options`` on ``device``, else the reason (before any
+    model load)."""
+    return backend_class(name).check_options(options, device)

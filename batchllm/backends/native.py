@@ -37,11 +37,12 @@ class NativeBackend:
         return None
 
     @staticmethod
-    def check_options(options: Mapping[str, Any]) -> str | None:
-        """The job's engine options as the Engine will take them: an unknown name, or a value
-        ``check_options`` refuses, names the option (the device and the model are the job's own)."""
+    def check_options(options: Mapping[str, Any], device: str = "cpu") -> str | None:
+        """The job's engine options as the Engine will take them on ``device`` (the job's, resolved):
+        an unknown name, or a value ``check_options`` refuses, names the option (the device and the
+        model are the job's own fields)."""
         from batchllm.engine import Engine
-        from batchllm.engine.options import check_options
+        from batchllm.engine.options import attention_problem, check_options
 
         params = inspect.signature(Engine.__init__).parameters
         names = [n for n in params if n not in ("self", "model", "device")]
@@ -56,7 +57,8 @@ class NativeBackend:
             check_options(device="cpu", **({n: params[n].default for n in names} | dict(options)))
         except ValueError as exc:
             return f"engine_options.{exc}"
-        return None
+        reason = attention_problem(options.get("attention", "auto"), device)
+        return None if reason is None else f"engine_options.{reason}"
 
     def run(
         self,

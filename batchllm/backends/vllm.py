@@ -150,9 +150,9 @@ class VllmBackend:
             raise ValueError(f"device: {device!r}, but the installed vLLM runs on {kind!r}")
 
     @staticmethod
-    def check_options(options: Mapping[str, Any]) -> str | None:
+    def check_options(options: Mapping[str, Any], device: str = "cpu") -> str | None:
         """Names and values against this vLLM's EngineArgs (vllm_options); None where vLLM is missing
-        (``supports`` says so)."""
+        (``supports`` says so). The device is checked when the engine starts."""
         return None if vllm_missing() else options_problem(options)
 
     @staticmethod

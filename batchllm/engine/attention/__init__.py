@@ -37,6 +37,7 @@ _MODULES = {
     "fa3": "batchllm.engine.attention.fa3",
 }
 BACKENDS = ("auto", *_MODULES)
+CUDA_ONLY = ("flashinfer", "fa3")  # library kernels without CPU paths (base.require_cuda_half)
 
 
 def resolve_name(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -64,6 +65,7 @@ def create_backend(name: str, shape: KVShape, storage: torch.Tensor | None = Non
 
 __all__ = [
     "BACKENDS",
+    "CUDA_ONLY",
     "AttentionBackend",
     "BatchLayout",
     "KVShape",
