@@ -90,16 +90,23 @@ def error_rows(spec: JobSpec, prepared: Prepared) -> pa.Table:
 
 
 def check_typed_columns(spec: JobSpec) -> None:
-    """A flat typed column must not take the name of a results column (checked before a run)."""
+    """A flat typed column must not take the name of a results column or of another field, in
+    DuckDB's case-blind names (checked before a run; DuckDB renamed a second ``A`` beside ``a``)."""
     fmt = spec.task.format
     if fmt is None or fmt.columns != "flat":
         return
     taken = {name.lower() for name in (*results_schema(pa.int64()).names, *KEY_COLUMNS)}
+    fields: dict[str, str] = {}
     for f in typed.typed_fields(fmt):
-        if f.name.lower() in taken:  # DuckDB's names ignore case
+        if f.name.lower() in taken:
             raise SpecError(
                 f"task.format: field {f.name!r} would replace the results column of that name "
                 "(rename it, or use columns: struct)"
+            )
+        if (other := fields.setdefault(f.name.lower(), f.name)) != f.name:
+            raise SpecError(
+                f"task.format: fields {other!r} and {f.name!r} would be one column (column names "
+                "ignore case; rename one, or use columns: struct)"
             )
 
 

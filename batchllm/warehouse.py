@@ -162,7 +162,16 @@ def describe(spec: JobSpec) -> list[str]:
 
 
 def _columns(con: duckdb.DuckDBPyConnection, spec: JobSpec) -> list[str]:
-    """The query's column names (bound, not run); the id column's type is checked here too."""
+    """The query's column names (bound, not run); the id column's type is checked here too. The query
+    is one SELECT: it is pasted into statements (describe, extract), so a second statement in it would
+    run there, a write in a dry run included."""
+    try:
+        statements = con.extract_statements(spec.source.query)
+    except duckdb.Error as exc:
+        raise SpecError(f"source.query: {exc}") from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        kinds = ", ".join(s.type.name for s in statements)
+        raise SpecError(f"source.query: must be one SELECT statement, got {kinds}")
     try:
         relation = con.sql(sql("describe_query", query=spec.source.query))
         names, types = relation.columns, relation.types

@@ -127,6 +127,9 @@ def test_checks_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.Monke
     spec = parse_spec(_spec(db, {"fields": {"status": "str", "x": "int"}, "columns": "flat"}))
     with pytest.raises(SpecError, match=r"task\.format: field 'status' would replace the results column"):
         job.check(spec)
+    spec = parse_spec(_spec(db, {"fields": {"a": "bool", "A": "int"}, "columns": "flat"}))
+    with pytest.raises(SpecError, match=r"task\.format: fields 'a' and 'A' would be one column"):
+        job.check(spec)
     spec = parse_spec(_spec(db, {"regex": r"(a)\1"}))
     with pytest.raises(SpecError, match=r"task\.format\.regex: the grammar cannot be built: .*Backreference"):
         job.check(spec)

@@ -237,6 +237,31 @@ def test_show_lists_the_latest_runs_first(tmp_path: Path) -> None:
     assert useful_columns(rows) == ["run_id", "job", "started_at", "rows_processed"]
 
 
+@pytest.mark.parametrize(
+    ("text", "got"),
+    [
+        ("SELECT id, plot, review FROM reviews; CREATE TABLE pwned AS SELECT 1", "SELECT, CREATE"),
+        ("PRAGMA version", "PRAGMA"),
+        (
+            "SELECT 1 AS id, 'x' AS plot, 'y' AS review) AS q; CREATE TABLE pwned AS SELECT 1; SELECT * FROM (SELECT 1",
+            None,
+        ),
+    ],
+)
+def test_the_query_is_one_select(tmp_path: Path, text: str, got: str | None) -> None:
+    """The query is pasted into the statements that read it: a second statement, a write hidden in it
+    included, is refused before anything runs (a dry run wrote the table before)."""
+    db = make_reviews_db(tmp_path / "w.duckdb", 2)
+    spec = _spec(db, source={"database": str(db), "query": text})
+    with pytest.raises(
+        SpecError, match="source.query: " + ("must be one SELECT statement, got " + got if got else "")
+    ):
+        warehouse.describe(spec)
+    with pytest.raises(SpecError, match=r"source\.query"):
+        warehouse.extract(spec)
+    assert query(db, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'pwned'") == [(0,)]
+
+
 def test_malformed_csv_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "broken.csv"
     path.write_text("id,plot,review\n" + "".join(f"{i},p,r\n" for i in range(30000)) + "30000,p,r,extra\n")
