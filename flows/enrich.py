@@ -184,7 +184,14 @@ def _enrich(spec: JobSpec, progress: Progress | None, cluster: ray_cluster.Clust
     run["recovered_runs"] = recovered_runs  # the runs table says whose work this run finished
     run["executor"] = executor
     run["rows_written"] = load(spec, run)  # it records the load's time in the run (load_s)
-    publish_report(spec, run)
+    try:  # the run is committed: an artifact that cannot be written does not fail it
+        publish_report(spec, run)
+    except Exception as exc:
+        logger.warning(
+            "the report artifacts could not be published (%s: %s); the run is recorded",
+            type(exc).__name__,
+            exc,
+        )
     logger.info(report.markdown_report(run, spec.output.table))
     return _jsonable(run)
 

@@ -235,6 +235,23 @@ def test_bad_rows_get_error_status(tmp_path: Path, prefect_server: None) -> None
     assert run["rows_skipped"] == 5 and run["rows_error"] == 3 and run["engine"] == []
 
 
+def test_a_report_that_cannot_be_published_does_not_fail_a_recorded_run(
+    tmp_path: Path, prefect_server: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report artifacts come after the load's commit: their failure is a warning, not a failed run
+    whose results are in fact written."""
+    from batchllm.flows import enrich as flow_module
+
+    def unavailable(**kwargs: Any) -> None:
+        raise RuntimeError("the API is unavailable")
+
+    monkeypatch.setattr(flow_module, "create_markdown_artifact", unavailable)
+    db = make_reviews_db(tmp_path / "w.duckdb", 2)
+    run, _ = _run(parse_spec(spec_dict(db, sampling={"max_tokens": 4})))
+    assert run["rows_ok"] == 2 and len(_snapshot(db)) == 2
+    assert query(db, "SELECT count(*) FROM batchllm_runs") == [(1,)]
+
+
 def test_bad_spec_fails_before_the_model_loads(tmp_path: Path, prefect_server: None, monkeypatch) -> None:
     db = make_reviews_db(tmp_path / "w.duckdb", 3)
     loaded: list[str] = []
