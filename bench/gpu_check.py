@@ -37,18 +37,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 
-def build_model(folder: Path, vocab: int = 512) -> None:
-    """A 4-layer GQA Llama with random weights and a tokenizer of `vocab` word tokens."""
+def build_model(folder: Path, vocab: int = 512, **overrides: Any) -> None:
+    """A 4-layer GQA Llama with random weights and a tokenizer of `vocab` word tokens (``overrides``:
+    LlamaConfig fields to change)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=256,
         intermediate_size=688,
@@ -62,6 +64,7 @@ def build_model(folder: Path, vocab: int = 512) -> None:
         eos_token_id=2,
         initializer_range=0.25,  # wide enough that greedy tokens vary (0.02 collapses to one token)
     )
+    config = LlamaConfig(**(fields | overrides))
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(folder, safe_serialization=True)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

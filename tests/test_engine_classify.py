@@ -56,13 +56,22 @@ def test_shared_instruction_is_computed_once(engine, prompts) -> None:
     assert shared[-1].cached_tokens == shared[-1].prompt_tokens  # the duplicate was answered once
 
 
-def test_labels_may_share_first_tokens(engine, prompts) -> None:
-    """Whole-label scoring: 'yes' and 'yes please' start alike and still get their own probabilities."""
-    results = engine.classify(prompts[:2], ["yes", "yes please", "no"])
-    for r in results:
-        assert r.ok and sum(r.probs.values()) == pytest.approx(1.0)
-        # a label whose tokens start another label's is at least as likely
-        assert r.probs["yes"] >= r.probs["yes please"]
+def test_labels_may_share_first_tokens(engine, hf_model, prompts) -> None:
+    """Whole-label scoring: 'yes' and 'yes please' start alike and still get their own probabilities,
+    each label's the product of its tokens' probabilities (transformers' full logits), normalized."""
+    labels = ["yes", "yes please", "no"]
+    ids = [engine.tokenizer.encode(label) for label in labels]
+    assert ids[1][: len(ids[0])] == ids[0] and len(ids[1]) > len(ids[0])
+    results = engine.classify(prompts[:2], labels)
+    with torch.inference_mode():
+        for prompt, r in zip(prompts[:2], results, strict=True):
+            scores = []
+            for label in ids:
+                logp = torch.log_softmax(hf_model(torch.tensor([prompt + label])).logits[0].double(), -1)
+                scores.append(sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(label)))
+            expected = torch.softmax(torch.tensor(scores), 0).tolist()
+            assert r.ok and [r.probs[label] for label in labels] == pytest.approx(expected, abs=1e-5)
+            assert r.probs["yes"] > r.probs["yes please"]
     assert engine.stats.label_tokens_computed == 2  # the node "yes" after each prompt
 
 

@@ -13,10 +13,11 @@ from batchllm.engine import Engine, SamplingParams
 def test_triton_engine_equals_the_reference(tmp_path, monkeypatch) -> None:
     pytest.importorskip("triton")
     from batchllm.engine.attention import triton as tb
-    from bench.generate import write_tiny_model
+    from bench.gpu_check import build_model
 
     monkeypatch.setattr(tb, "DECODE_SPLIT_MIN_ROWS", 4)  # the tiny batch's mixed steps split
-    folder = write_tiny_model(tmp_path / "tiny")
+    folder = tmp_path / "model"  # weights wide enough that attention decides tokens (dummy's 0.02 does not)
+    build_model(folder, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     rng = np.random.default_rng(0)
     prompts = []
     for _ in range(3):  # three groups: 32 shared tokens, members of their own after them
@@ -24,7 +25,7 @@ def test_triton_engine_equals_the_reference(tmp_path, monkeypatch) -> None:
         prompts += [prefix + rng.integers(4, 500, int(rng.integers(2, 9))).tolist() for _ in range(6)]
     prompts += [rng.integers(4, 500, 20).tolist() for _ in range(4)]  # plain requests
     params = SamplingParams(max_tokens=6, ignore_eos=True)
-    kw = dict(device="cpu", load_format="dummy", max_num_batched_tokens=48, kv_cache_tokens=4096)
+    kw = dict(device="cpu", max_num_batched_tokens=48, kv_cache_tokens=4096)
     want = Engine(folder, attention="torch", pipelined_decode=False, **kw).generate(prompts, params)
     engine = Engine(folder, attention="triton", **kw)
     got = engine.generate(prompts, params)
