@@ -293,7 +293,7 @@ def show(
     ] = False,
 ) -> None:
     """Print a few rows of a table (for a results table: id, status and what the model produced)."""
-    from batchllm import warehouse
+    from batchllm import browse
     from batchllm.spec_yaml import load_spec
     from batchllm.table_view import cell, useful_columns
 
@@ -304,7 +304,7 @@ def show(
         database = database or DEFAULT_DATABASE
         if database != ":memory:" and not Path(database).exists():
             _fail(f"database {database!r} does not exist")
-        rows = warehouse.show(database, table, limit)
+        rows = browse.show(database, table, limit)
     except (SpecError, WarehouseError, ValueError) as exc:
         _fail(str(exc))
     names = rows.column_names if all_columns else useful_columns(rows)
@@ -330,8 +330,8 @@ def report(
     """Write a recorded run's report (the flow's markdown report, chart and stats table) as HTML or PNG."""
     import duckdb
 
+    from batchllm import browse
     from batchllm import report as reports
-    from batchllm import warehouse
     from batchllm.chart import chart_png
 
     database = database or DEFAULT_DATABASE
@@ -340,7 +340,7 @@ def report(
     if output is not None and (not output.parent.is_dir() or output.suffix.lower() not in (".html", ".png")):
         _fail(f"report: --output must be an .html or .png file in a folder that exists, got {str(output)!r}")
     try:
-        run = warehouse.read_run(database, run_id, runs_table)
+        run = browse.read_run(database, run_id, runs_table)
     except (SpecError, WarehouseError, ValueError) as exc:  # ValueError: an unsafe --runs-table name
         _fail(str(exc))
     except duckdb.Error as exc:  # a table that is not a runs table

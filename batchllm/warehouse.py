@@ -357,43 +357,6 @@ def runs_row(run: dict[str, Any]) -> pa.Table:
     return pa.table(out)
 
 
-# --- read back ---------------------------------------------------------------------------------
-
-
-def show(database: str, table: str, limit: int = 5) -> pa.Table:
-    """The first ``limit`` rows of ``table``, ordered by its columns left to right (ids first); of a
-    runs table, the latest runs first."""
-    with connect(database, read_only=True) as con:
-        if not table_exists(con, table):
-            raise SpecError(f"table {table!r} does not exist in {database!r}")
-        runs = set(RUNS_MARKS) <= set(column_types(con, table))
-        return con.sql(
-            sql("show_runs" if runs else "show_rows", table=table), params=[limit]
-        ).to_arrow_table()
-
-
-RUN_JSON_COLUMNS = ("timings", "planner", "engine", "recovered_runs", "executor")
-
-
-def read_run(database: str, run_id: str, runs_table: str = "batchllm_runs") -> dict[str, Any]:
-    """One run as recorded by ``load`` (``run_id``: the id or an unambiguous prefix), stats decoded."""
-    import json
-
-    check_identifier(runs_table, "runs table")
-    with connect(database, read_only=True) as con:
-        if not table_exists(con, runs_table):
-            raise SpecError(f"table {runs_table!r} does not exist in {database!r}")
-        found = con.sql(sql("read_run", table=runs_table), params=[run_id]).to_arrow_table().to_pylist()
-    if len(found) != 1:
-        what = "no run" if not found else "more than one run"
-        raise SpecError(f"{what} with id {run_id!r} in {runs_table!r} of {database!r}")
-    run = found[0]
-    for key in RUN_JSON_COLUMNS:
-        if isinstance(run.get(key), str):
-            run[key] = json.loads(run[key])
-    return run
-
-
 def now() -> datetime:
     return datetime.now(UTC)
 

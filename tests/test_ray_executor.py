@@ -249,17 +249,18 @@ def test_a_shard_failing_twice_becomes_error_rows(tmp_path: Path, ray_cluster: N
 
 
 def test_an_engine_error_is_retried_on_another_actor(tmp_path: Path, ray_cluster: None) -> None:
-    """An engine that raises (here: an attention backend no engine has) fails the attempt, not the
-    actor: the retry goes to the other actor, then the shard's rows become error rows."""
+    """An engine that raises (here: at its start, a max_model_len beyond the model's context, which only
+    the model's config tells) fails the attempt, not the actor: the retry goes to the other actor,
+    then the shard's rows become error rows."""
     db = make_reviews_db(tmp_path / "w.duckdb", 4)
-    spec = parse_spec(
-        spec_dict(db, shards=2, engine_options={"attention": "nope"}, executor={"kind": "ray", "actors": 2})
-    )
+    options = {"max_model_len": 100_000}
+    spec = parse_spec(spec_dict(db, shards=2, engine_options=options, executor={"kind": "ray", "actors": 2}))
     run = _run(spec)
     rows = query(db, "SELECT id, status, error FROM labels ORDER BY id")
     assert [r[0] for r in rows] == [0, 1, 2, 3] and run["rows_error"] == 4
     assert all(
-        r[1] == "error" and "failed 2 time(s)" in r[2] and "attention: must be one of" in r[2] for r in rows
+        r[1] == "error" and "failed 2 time(s)" in r[2] and "max_model_len: must be in [1, 8192]" in r[2]
+        for r in rows
     )
     executor = run["executor"]
     assert executor["failed_shards"] == len(executor["shards"]) >= 1 and not executor["actors_died"]

@@ -14,7 +14,7 @@ import pytest
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
-from batchllm import job, report, results, warehouse
+from batchllm import browse, job, report, results, warehouse
 from batchllm.chart import chart_png, figure, run_series
 from batchllm.cli import app
 from batchllm.spec import SpecError, parse_spec
@@ -138,7 +138,7 @@ def test_recorded_run_report_from_the_cli(tmp_path: Path) -> None:
         report.run_record(spec, one_failed, info, stats, counts, {"infer_s": 1.0}, "cpu")["rows_per_s"] == 3.0
     )
     warehouse.load(spec, run)
-    assert warehouse.read_run(str(db), run["run_id"])["timings"]["load_s"] > 0  # the table has it too
+    assert browse.read_run(str(db), run["run_id"])["timings"]["load_s"] > 0  # the table has it too
     timeline = stats[0]["timeline"]
     assert timeline["steps"][-1] >= 4 and timeline["prompts_done"][-1] == prepared.prompts.num_prompts
     assert max(timeline["kv_blocks"]) > 0 and timeline["kv_blocks"][-1] == 0
@@ -184,7 +184,7 @@ def test_show_and_report_open_the_warehouse_read_only(
         return opened(database, read_only, wait)
 
     monkeypatch.setattr(warehouse, "open_database", spy)
-    assert warehouse.show(str(db), "reviews", limit=1).num_rows == 1
+    assert browse.show(str(db), "reviews", limit=1).num_rows == 1
     with pytest.raises(SpecError, match="does not exist"):
-        warehouse.read_run(str(db), "x")
+        browse.read_run(str(db), "x")
     assert modes == [True, True]

@@ -10,7 +10,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from batchllm import output_check, results, warehouse
+from batchllm import browse, output_check, results, warehouse
 from batchllm.spec import SpecError, parse_spec
 from tests.product_fixtures import make_reviews_db, query, review_rows, spec_dict
 
@@ -213,9 +213,9 @@ def test_show(tmp_path: Path) -> None:
     spec = _spec(db)
     warehouse.stage(spec, _results(spec, [3, 1, 2], "r1", "positive"))
     warehouse.load(spec, {"run_id": "r1"})
-    assert warehouse.show(str(db), "labels", limit=2).column("id").to_pylist() == [1, 2]  # by id
+    assert browse.show(str(db), "labels", limit=2).column("id").to_pylist() == [1, 2]  # by id
     with pytest.raises(SpecError, match="does not exist"):
-        warehouse.show(str(db), "nope")
+        browse.show(str(db), "nope")
 
 
 def test_show_lists_the_latest_runs_first(tmp_path: Path) -> None:
@@ -232,7 +232,7 @@ def test_show_lists_the_latest_runs_first(tmp_path: Path) -> None:
             "rows_processed": 1,
         }
         warehouse.load(spec, run)
-    rows = warehouse.show(str(db), "batchllm_runs", limit=2)
+    rows = browse.show(str(db), "batchllm_runs", limit=2)
     assert rows.column("run_id").to_pylist() == ["0aaa", "f00d"]
     assert useful_columns(rows) == ["run_id", "job", "started_at", "rows_processed"]
 
