@@ -79,15 +79,7 @@ def check(spec: JobSpec) -> None:
             f"engine_options.block_size: {spec.engine_options['block_size']} differs from block_size "
             f"{spec.block_size}, which the plan's shared prefixes are cut to; set block_size alone"
         )
-    # the device the engines get: here the job's (auto: what is visible); on Ray the cluster's
-    device = (
-        resolve_device(spec.device)
-        if spec.executor.kind == "local"
-        else "cpu"
-        if spec.device == "cpu"
-        else "cuda"
-    )
-    if reason := options_problem(spec.backend, engine_options(spec), device):
+    if reason := options_problem(spec.backend, engine_options(spec), _engine_device(spec)):
         # the native engine's block size is the job's own block_size field (equal, checked just above)
         raise SpecError(reason.replace("engine_options.block_size", "block_size", 1))
     # else it fails at model load; on Ray the GPUs are the cluster's (checked when it is joined)
@@ -286,6 +278,14 @@ def infer_shard(
 
 def device_name(spec: JobSpec) -> str:
     return resolve_device(spec.device)
+
+
+def _engine_device(spec: JobSpec) -> str:
+    """The device the job's engines get: here the job's ('auto': what is visible); on Ray the cluster's
+    (a GPU unless the job says cpu)."""
+    if spec.executor.kind == "local":
+        return device_name(spec)
+    return "cpu" if spec.device == "cpu" else "cuda"
 
 
 def dry_run(spec: JobSpec) -> dict[str, Any]:

@@ -311,7 +311,6 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-@cache
 def check_template(field: str, source: str) -> None:
     """A template every row can render: not blank, compiles, names only known filters and tests (Jinja
     defers those inside blocks to render time: every row would fail alike), reads no other file."""
@@ -330,6 +329,7 @@ def check_template(field: str, source: str) -> None:
             raise ValueError(f"{field}: no {kind.__name__.lower()} named {', '.join(unknown)}")
 
 
+@cache
 def template_env() -> SandboxedEnvironment:
     """The one Jinja2 environment for prompt templates (sandboxed, no autoescape)."""
     from jinja2 import StrictUndefined
