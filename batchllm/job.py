@@ -120,9 +120,16 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def decode_budget(spec: JobSpec) -> int:
-    """Output tokens per prompt the plan and cost estimate count on (classify and score decode nothing)."""
-    return spec.sampling.max_tokens if spec.task.kind == "generate" else 0
+def decode_budget(spec: JobSpec, prepared: Prepared) -> np.ndarray:
+    """Output tokens per distinct prompt the plan and cost estimate count on: max_tokens, cut where the
+    model's context ends first (the engine stops there); classify and score decode nothing."""
+    lengths = np.fromiter((len(t) for t in prepared.prompts.token_ids), np.int64)
+    if spec.task.kind != "generate":
+        return np.zeros_like(lengths)
+    budget = np.full_like(lengths, spec.sampling.max_tokens)
+    if prepared.model_context is not None:
+        budget = np.maximum(np.minimum(budget, prepared.model_context - lengths), 0)
+    return budget
 
 
 @cache
@@ -207,7 +214,7 @@ def plan(spec: JobSpec, prepared: Prepared, shards: int | None = None) -> PlanIn
     """Group the distinct prompts by shared prefix and cut whole groups into ``shards`` shards
     (default ``spec.shards``, and at least one per engine actor when the spec sets ``actors``)."""
     count = shards or max(spec.shards, spec.executor.actors or 1)
-    return plan_prompts(prepared.prompts.token_ids, decode_budget(spec), spec.block_size, count)
+    return plan_prompts(prepared.prompts.token_ids, decode_budget(spec, prepared), spec.block_size, count)
 
 
 def plan_prompts(
@@ -294,10 +301,10 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
     table = warehouse.extract(spec)
     prepared = prepare(spec, table, dry_run=True)
     info = plan(spec, prepared)
-    decode = decode_budget(spec)
-    ok_prompts = sum(len(s) for s in info.shards)
+    budget = decode_budget(spec, prepared)
+    decode = int(sum(int(budget[i]) for shard in info.shards for i in shard))
     physical = int(info.stats.get("physical_tokens", 0))
-    compute_tokens = physical + decode * ok_prompts
+    compute_tokens = physical + decode
     config = model_config(Path(prepared.model_folder))
     params = config.num_params if config else None
     return {
@@ -312,7 +319,7 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
         "saving_ratio": float(info.stats.get("saving_ratio", 0.0)),
         "groups": int(info.stats.get("groups", 0)),
         "shards": len(info.shards),
-        "max_decode_tokens": decode * ok_prompts,
+        "max_decode_tokens": decode,
         "estimated_compute_tokens": compute_tokens,
         "format": spec.task.format.describe() if spec.task.format else None,
         "model_params": params,

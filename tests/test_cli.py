@@ -55,6 +55,9 @@ def test_plan_generate_counts_decode(tmp_path: Path) -> None:
     summary = json.loads(runner.invoke(app, ["plan", str(job), "--json", "--max-tokens", "10"]).stdout)
     assert summary["max_decode_tokens"] == 120
     assert summary["estimated_compute_tokens"] == summary["planned_prompt_tokens"] + 120
+    # beyond the model's context (8192 tokens) the engine stops: so does the estimate
+    summary = json.loads(runner.invoke(app, ["plan", str(job), "--json", "--max-tokens", "32768"]).stdout)
+    assert summary["max_decode_tokens"] == 12 * 8192 - summary["prompt_tokens"]
 
 
 def test_plan_keeps_the_specs_block_size(tmp_path: Path) -> None:
