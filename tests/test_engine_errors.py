@@ -197,6 +197,11 @@ def test_job_engine_options_are_checked_before_the_run(tmp_path: Path, options: 
     job.check(
         parse_spec(spec_dict(tmp_path / "w.duckdb", engine_options={"kv_cache_gb": 0.5, "attention": "cpu"}))
     )
+    # a CUDA-only backend is refused for a cpu job only: a job on the GPU may ask for it
+    from batchllm.backends.base import options_problem
+
+    assert options_problem("native", {"attention": "fa3"}, "cuda") is None
+    assert options_problem("native", {"attention": "flashinfer"}, "cuda:1") is None
 
 
 def test_kv_cache_tokens_sizes_the_pool(default_model_path: Path) -> None:

@@ -42,7 +42,8 @@ class NativeBackend:
         an unknown name, or a value ``check_options`` refuses, names the option (the device and the
         model are the job's own fields)."""
         from batchllm.engine import Engine
-        from batchllm.engine.options import attention_problem, check_options
+        from batchllm.engine.attention import backend_problem
+        from batchllm.engine.options import check_options
 
         params = inspect.signature(Engine.__init__).parameters
         names = [n for n in params if n not in ("self", "model", "device")]
@@ -57,7 +58,7 @@ class NativeBackend:
             check_options(device="cpu", **({n: params[n].default for n in names} | dict(options)))
         except ValueError as exc:
             return f"engine_options.{exc}"
-        reason = attention_problem(options.get("attention", "auto"), device)
+        reason = backend_problem(options.get("attention", "auto"), device.split(":")[0])
         return None if reason is None else f"engine_options.{reason}"
 
     def run(

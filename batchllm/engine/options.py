@@ -84,8 +84,8 @@ def check_options(
         raise ValueError(f"decode_reserve: must be in (0, 1], got {decode_reserve!r}")
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed: must be an integer or None, got {seed!r}")
-    if reason := attention_problem(attention, device):
-        raise ValueError(reason)
+    if not isinstance(attention, str):  # the name and its device: attention.resolve_name
+        raise ValueError(f"attention: must be a backend name, got {attention!r}")
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format: must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     for name, flag in (
@@ -98,17 +98,6 @@ def check_options(
     ):
         if not isinstance(flag, bool):
             raise ValueError(f"{name}: must be a bool, got {flag!r}")
-
-
-def attention_problem(attention: object, device: str) -> str | None:
-    """None when ``attention`` names a backend that runs on ``device`` ('cpu', 'cuda', 'cuda:N')."""
-    from batchllm.engine.attention import BACKENDS, CUDA_ONLY
-
-    if attention not in BACKENDS:
-        return f"attention: must be one of {', '.join(BACKENDS)}, got {attention!r}"
-    if attention in CUDA_ONLY and device.startswith("cpu"):
-        return f"attention: backend {attention!r} runs on CUDA only, the device is 'cpu'"
-    return None
 
 
 def model_folder(model: str | os.PathLike[str], load_format: str) -> Path:

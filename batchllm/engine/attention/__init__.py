@@ -40,10 +40,20 @@ BACKENDS = ("auto", *_MODULES)
 CUDA_ONLY = ("flashinfer", "fa3")  # library kernels without CPU paths (base.require_cuda_half)
 
 
+def backend_problem(name: object, device_type: str) -> str | None:
+    """None when ``name`` is a backend that can run on ``device_type`` ('cpu' or 'cuda'), else why not
+    (no torch needed: a job checks its engine_options with it before any model work)."""
+    if name not in BACKENDS:
+        return f"attention: must be one of {', '.join(BACKENDS)}, got {name!r}"
+    if name in CUDA_ONLY and device_type != "cuda":
+        return f"attention: backend {name!r} runs on CUDA only, the device is {device_type!r}"
+    return None
+
+
 def resolve_name(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     """The backend a name means on a device for a KV dtype ('auto': cpu on CPU; fa3 or triton on CUDA)."""
-    if name not in BACKENDS:
-        raise ValueError(f"attention: must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name not in BACKENDS:  # a CUDA-only name on the CPU fails where its pool is made (create_backend)
+        raise ValueError(backend_problem(name, device.type))
     if name != "auto":
         return name
     if device.type != "cuda":
@@ -69,6 +79,7 @@ __all__ = [
     "AttentionBackend",
     "BatchLayout",
     "KVShape",
+    "backend_problem",
     "create_backend",
     "resolve_name",
     "to_device",
