@@ -248,7 +248,7 @@ def native_run(
         warm = list(make_prompts(w, vocab, seed + 10_000 + k))
         engine.generate(warm, SamplingParams(max_tokens=w.decode, ignore_eos=True))
     walls, compiles, allocator = [], [], []
-    for _ in range(max(1, repeat)):  # later repeats: the same run on a warmer process (variance, caches)
+    for _ in range(repeat):  # later repeats: the same run on a warmer process (variance, caches)
         sync(device)
         before = allocator_counts(device)
         with compile_log() as log:
@@ -414,12 +414,17 @@ def run_peer(
 # ---- figures and table -----------------------------------------------------------------------
 
 
+def failed_requests(run: dict[str, Any]) -> int:
+    """Requests of a run that failed or came back with the wrong length (a failed request also has the
+    wrong length): a run with any is no result."""
+    return max(run.get("errors", 0), run.get("wrong_length", 0))
+
+
 def figures(run: dict[str, Any], shape: ModelShape, case: Case, hw: dict[str, Any], fl: Any) -> None:
     """Add MFU and efficiency (floor / measured) to a run of either engine, in place."""
     if "wall_s" not in run:
         return
-    bad = max(run.get("errors", 0), run.get("wrong_length", 0))  # a failed request also has the wrong length
-    if bad:
+    if bad := failed_requests(run):
         run["invalid"] = f"{bad} of {run['requests']} requests failed or have the wrong length"
         return
     if run.get("cache_reset_ok") is False:

@@ -48,7 +48,15 @@ from typing import Any
 import numpy as np
 
 from bench.floor import Case, make_prompts, shuffled_order
-from bench.generate import git_commit, graph_info, supported, timed, timed_repeats, warmup_case
+from bench.generate import (
+    failed_requests,
+    git_commit,
+    graph_info,
+    supported,
+    timed,
+    timed_repeats,
+    warmup_case,
+)
 from bench.score import label_set, parse_case
 from bench.vllm_peer import VLLM_ENV, WARMUP, engine_meta, run_once
 
@@ -340,7 +348,7 @@ def run_vllm(args: argparse.Namespace, workloads: list[Workload], meta: dict[str
             if name in args.skip:
                 continue
             walls = []
-            for _ in range(max(1, args.vllm_repeat)):
+            for _ in range(args.vllm_repeat):
                 wall, extra, labels = vllm_run(backend, w, name, args.device)
                 walls.append(wall)
             run = record(w, name, walls[-1], walls_s=walls, **extra)
@@ -355,11 +363,6 @@ def run_vllm(args: argparse.Namespace, workloads: list[Workload], meta: dict[str
 # ---- table -----------------------------------------------------------------------------------
 
 
-def failed(run: dict[str, Any]) -> int:
-    """Requests of a run that failed or came back with the wrong length: a run with any is no result."""
-    return max(run.get("errors", 0), run.get("wrong_length", 0))
-
-
 def table(workloads: list[Workload], meta: dict[str, Any]) -> str:
     lines = [
         f"startup: native {meta.get('native_init_s', float('nan')):.1f} s ({meta.get('native_attention')} attention), "
@@ -369,13 +372,13 @@ def table(workloads: list[Workload], meta: dict[str, Any]) -> str:
     ]
     for w in workloads:
         native = w.runs.get("native", {})
-        valid_native = "req_per_s" in native and not failed(native)
+        valid_native = "req_per_s" in native and not failed_requests(native)
         for name in RUNS:
             r = w.runs.get(name)
             if r is None:
                 lines.append(f"| {w.name} | {name} | not run | | | | | | |\n")
                 continue
-            if bad := failed(r):
+            if bad := failed_requests(r):
                 lines.append(
                     f"| {w.name} | {name} | {bad} of {r['requests']} requests failed | | | | | | |\n"
                 )
