@@ -7,16 +7,21 @@ block ids shuffled over the pool), each one 16k-token engine step:
   long prompts): paged_attention, causal, keys read from the paged cache;
 - ``chunked``: 1 sequence, 8,192 new tokens after 8,192 cached (chunked prefill);
 - ``members``: 100 members x 160 new tokens in 2 groups with 4,000-token
-  prefixes (the scoring workload): two_level_attention (prefix tiles + own tiles).
+  prefixes (the scoring workload): two_level_attention (prefix tiles + own tiles);
+- ``prompts``: 8 prompts of 2,048 new tokens from position 0 (prefill-only
+  prompts, one engine step).
 
 FLOPs count the visible (query, key) pairs only (4 x heads x head_dim each).
 Each configuration is checked against a dense float32 reference on a sample
 of rows before it is timed. ``--sweep`` also times tile configurations
 (``kernels.paged.CONFIG_OVERRIDE``) and prints the best per case as JSON.
 ``--libraries`` times library kernels on the same shapes as the bar ours must
-clear: vLLM's FlashAttention-3 (paged, on a [block, offset, kv_head, dim]
-copy of the cache; where vLLM is importable) for every case but ``members``,
-and torch's scaled_dot_product_attention (cuDNN and flash backends, dense
+clear: vLLM's FlashAttention-3 (where vLLM is importable) for every case but
+``members``: paged on a [block, offset, kv_head, dim] copy of the cache, paged
+on the engine's strided view of its own [block, kv_head, offset, dim] pool, and
+for cases without cached keys on the step's fresh keys and values (no block
+table: contiguous, and as the views of one fused QKV projection output the
+model hands over); and torch's scaled_dot_product_attention (cuDNN and flash backends, dense
 contiguous K/V, one call per sequence) for ``causal``.
 
     python -m bench.prefill_attention [--sweep] [--libraries] [--json out.json]
@@ -38,7 +43,12 @@ DEV = (
     "cuda" if torch.cuda.is_available() else "cpu"
 )  # cpu: build/call/max_error under the interpreter; main needs CUDA
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
-CASES = {"causal": (2, 8192, 0, 0, 0), "chunked": (1, 8192, 8192, 0, 0), "members": (100, 160, 0, 2, 4000)}
+CASES = {
+    "causal": (2, 8192, 0, 0, 0),
+    "chunked": (1, 8192, 8192, 0, 0),
+    "members": (100, 160, 0, 2, 4000),
+    "prompts": (8, 2048, 0, 0, 0),
+}
 
 
 # Tile configurations per case (CONFIG_OVERRIDE keys); m, n, w, s: rows, key columns, warps, stages of
@@ -57,6 +67,7 @@ SWEEP: dict[str, list[dict[str, int]]] = {
     "chunked": [_own(128, 64, 8, 3), _own(256, 64, 16, 3), _own(256, 64, 16, 2)],
     "members": [_pre(256, 64, 8, 3), _pre(256, 64, 16, 3), _pre(256, 64, 16, 2), {"wide_own_rows": 1 << 30},
                 {**_pre(256, 64, 16, 3), "block_m_own": 128}, _pre(128, 64, 8, 3)],
+    "prompts": [_own(128, 64, 8, 3), _own(256, 64, 16, 3)],
 }  # fmt: skip
 
 
@@ -169,6 +180,19 @@ def measure(c: dict, peak: float, config: dict[str, int], iters: int) -> dict:
         pa.CONFIG_OVERRIDE.clear()
 
 
+def fresh_kv(c: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values [T, KV_HEADS, D] of a case without cached keys, in query order: what the
+    step's QKV projection produced before the pool stored it."""
+    bs = c["k"].shape[2]
+    ks, vs = [], []
+    for s in range(len(c["cu_q"]) - 1):
+        pos = torch.arange(int(c["kv_lens"][s]), device=c["k"].device)
+        blocks = c["tables"][s].long()[pos // bs]
+        ks.append(c["k"][blocks, :, pos % bs])
+        vs.append(c["v"][blocks, :, pos % bs])
+    return torch.cat(ks).contiguous(), torch.cat(vs).contiguous()
+
+
 def library_calls(c: dict) -> dict:
     """Library kernels on case c (not members): name -> a call returning the output [T, H, D]."""
     from bench.attention import _fa3
@@ -182,6 +206,21 @@ def library_calls(c: dict) -> dict:
             c["q"], kf, vf, max_seqlen_q=c["new"], cu_seqlens_q=c["cu_q"], max_seqlen_k=c["max_kv"],
             seqused_k=c["kv_lens"], block_table=c["tables"], softmax_scale=c["scale"], causal=True, fa_version=3,
         )  # fmt: skip
+        kview, vview = c["k"].transpose(1, 2), c["v"].transpose(1, 2)  # the engine's view of its pool
+        calls["fa3_paged_view"] = lambda: fa(
+            c["q"], kview, vview, max_seqlen_q=c["new"], cu_seqlens_q=c["cu_q"], max_seqlen_k=c["max_kv"],
+            seqused_k=c["kv_lens"], block_table=c["tables"], softmax_scale=c["scale"], causal=True, fa_version=3,
+        )  # fmt: skip
+        if c["case"] in ("causal", "prompts"):  # no cached keys: the step's own keys are all it reads
+            kd, vd = fresh_kv(c)
+            qkv = torch.cat([c["q"].flatten(1), kd.flatten(1), vd.flatten(1)], 1)  # [T, (H + 2 KVH) * D]
+            qs, ks, vs = qkv.split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM], 1)
+            kq, vq = ks.view(-1, KV_HEADS, DIM), vs.view(-1, KV_HEADS, DIM)
+            for name, (k_, v_) in {"fa3_dense": (kd, vd), "fa3_dense_qkv_view": (kq, vq)}.items():
+                calls[name] = lambda k_=k_, v_=v_: fa(
+                    c["q"], k_, v_, max_seqlen_q=c["new"], cu_seqlens_q=c["cu_q"], max_seqlen_k=c["new"],
+                    cu_seqlens_k=c["cu_q"], softmax_scale=c["scale"], causal=True, fa_version=3,
+                )  # fmt: skip
     if c["case"] == "causal":
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.functional import scaled_dot_product_attention as sdpa

@@ -178,7 +178,14 @@ def _run_backend(
     lay = build_layout(chunks, block)
     meta = backend.prepare(lay)
     q = torch.randn(lay.num_tokens, 4, head_dim, generator=gen).to(device, dtype)
-    k, v = torch.randn(2, lay.num_tokens, 2, head_dim, generator=gen).to(device, dtype).unbind(0)
+    # keys and values as the model hands them over: strided views of one projection output
+    kv = (
+        torch.randn(2, lay.num_tokens, 2, head_dim, generator=gen)
+        .to(device, dtype)
+        .transpose(0, 1)
+        .contiguous()
+    )
+    k, v = kv.unbind(1)
     backend.store(0, k, v, meta)
     return backend.forward(0, q, meta, head_dim**-0.5)
 
@@ -349,18 +356,28 @@ def test_teacher_forced_agreement_of_an_engine_with_itself(tmp_path) -> None:
     assert misses[0] == (1, 3) and share < 1.0
 
 
-def _fake_fa3(q, k, v, *, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, block_table, softmax_scale,
-              causal, fa_version):  # fmt: skip
-    """FlashAttention-3's paged varlen semantics in plain torch: k, v [block, offset, kv_head, dim];
-    causal from the bottom right (query j of n sees keys < kv_len - n + j + 1)."""
-    assert causal and fa_version == 3 and k.shape == v.shape and k.shape[1:3] == (BS, 2)  # offset, kv_head
+def _fake_fa3(q, k, v, *, max_seqlen_q, cu_seqlens_q, max_seqlen_k, softmax_scale, causal, fa_version,
+              seqused_k=None, block_table=None, cu_seqlens_k=None):  # fmt: skip
+    """FlashAttention-3's varlen semantics in plain torch: paged (block_table; k, v [block, offset, kv_head,
+    dim], seqused_k keys each) or unpaged (cu_seqlens_k; k, v [tokens, kv_head, dim]); causal from the
+    bottom right (query j of n sees keys < kv_len - n + j + 1)."""
+    assert causal and fa_version == 3 and k.shape == v.shape and k.shape[-2] == 2  # kv_head
+    assert (block_table is None) == (seqused_k is None) == (cu_seqlens_k is not None)
     out = torch.empty_like(q)
-    bs, g = k.shape[1], q.shape[1] // k.shape[2]
+    g = q.shape[1] // k.shape[-2]
     for i in range(len(cu_seqlens_q) - 1):
-        lo, hi, length = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(seqused_k[i])
-        pages = block_table[i, : -(-length // bs)].long()
-        keys = k[pages].reshape(-1, *k.shape[2:])[:length].repeat_interleave(g, 1)
-        vals = v[pages].reshape(-1, *v.shape[2:])[:length].repeat_interleave(g, 1)
+        lo, hi = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
+        if block_table is None:
+            first, length = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1] - cu_seqlens_k[i])
+            assert length <= max_seqlen_k
+            keys = k[first : first + length].repeat_interleave(g, 1)
+            vals = v[first : first + length].repeat_interleave(g, 1)
+        else:
+            assert k.shape[1] == BS  # offset
+            length = int(seqused_k[i])
+            pages = block_table[i, : -(-length // BS)].long()
+            keys = k[pages].reshape(-1, *k.shape[2:])[:length].repeat_interleave(g, 1)
+            vals = v[pages].reshape(-1, *v.shape[2:])[:length].repeat_interleave(g, 1)
         s = torch.einsum("nhd,lhd->hnl", q[lo:hi].float(), keys.float()) * softmax_scale
         n = hi - lo
         seen = torch.arange(length)[None, :] < (length - n + torch.arange(n) + 1)[:, None]
@@ -369,12 +386,22 @@ def _fake_fa3(q, k, v, *, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, b
     return out
 
 
+def _whole_prompts() -> list[ScheduledChunk]:
+    """Three prompts from position 0: no sequence has cached keys."""
+    return [
+        _chunk(_seq(0, 6, [1, 2]), 0, 6),
+        _chunk(_seq(1, 9, [4, 5, 6]), 0, 9),
+        _chunk(_seq(2, 3, [7]), 0, 3),
+    ]
+
+
 @pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("kind", ["plain", "grouped", "decode"])
+@pytest.mark.parametrize("kind", ["plain", "grouped", "decode", "fresh"])
 def test_fa3_backend_reads_the_pool_through_a_strided_view(monkeypatch, kind: str, split: bool) -> None:
     """The fa3 backend's glue on CPU with FA3's semantics in torch: prefill steps pass every sequence's
     whole block table and the pool as a [block, offset, kv_head, dim] view; decode steps run triton;
-    split: a mixed step's decode rows get one key in FA3 and are redone by the Triton decode launch."""
+    split: a mixed step's decode rows get one key in FA3 and are redone by the Triton decode launch;
+    fresh (whole prompts, nothing cached): FA3 reads the step's own keys and values unpaged, as stored."""
     from batchllm.engine.attention import triton as tb
     from batchllm.engine.attention.fa3 import FA3Backend, FA3Meta
     from batchllm.engine.attention.triton import TritonBackend
@@ -382,8 +409,8 @@ def test_fa3_backend_reads_the_pool_through_a_strided_view(monkeypatch, kind: st
     pytest.importorskip("triton")
     if split:
         monkeypatch.setattr(tb, "DECODE_SPLIT_MIN_ROWS", 2)
-    chunks = _batch()
-    if kind != "plain":
+    chunks = _whole_prompts() if kind == "fresh" else _batch()
+    if kind in ("grouped", "decode"):
         _set_groups(chunks)
     if kind == "decode":
         chunks = [c for c in chunks if c.num_tokens == 1]
@@ -391,18 +418,26 @@ def test_fa3_backend_reads_the_pool_through_a_strided_view(monkeypatch, kind: st
     shape = KVShape(1, 32, BS, 2, 16, torch.float32, torch.device("cpu"))
     backend = FA3Backend.__new__(FA3Backend)  # no CUDA here: the Triton side under its interpreter
     TritonBackend.__init__(backend, shape)
-    backend._fa = _fake_fa3
+    paged: list[bool] = []
+    backend._fa = lambda *a, **kw: paged.append(kw.get("block_table") is not None) or _fake_fa3(*a, **kw)
     gen = torch.Generator().manual_seed(0)
     backend.kv_cache.copy_(torch.randn((2, 1, 33, 2, BS, 16), generator=gen))
     lay = build_layout(chunks, BS)
     meta = backend.prepare(lay)
     assert isinstance(meta, FA3Meta) == (kind != "decode")
     if isinstance(meta, FA3Meta):
-        assert (meta.triton.decode is not None) == split
+        assert (meta.triton.decode is not None) == (split and kind != "fresh")
+        assert meta.fresh == (kind == "fresh")
     q = torch.randn(lay.num_tokens, 4, 16, generator=gen)
     k, v = torch.randn(2, lay.num_tokens, 2, 16, generator=gen).unbind(0)
     backend.store(0, k, v, meta)
     torch.testing.assert_close(backend.forward(0, q, meta, 16**-0.5), ref, atol=2e-5, rtol=1e-4)
+    assert paged == ([] if kind == "decode" else [kind != "fresh"])
+    if kind == "fresh":  # the pool still holds the keys for later steps; the step let go of them
+        assert meta.kv is None
+        torch.testing.assert_close(
+            backend.kv_cache[0, 0, 4].transpose(0, 1), k[6 : 6 + BS]
+        )  # seq 1's first block
 
 
 def test_fa3_refuses_what_it_cannot_run() -> None:
@@ -427,7 +462,7 @@ def test_auto_is_fa3_where_it_runs() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["plain", "grouped"])
+@pytest.mark.parametrize("kind", ["plain", "grouped", "fresh"])
 @pytest.mark.parametrize("split", [False, True])
 def test_fa3_backend_matches_the_reference(monkeypatch, kind: str, split: bool) -> None:
     """vLLM's FlashAttention-3 (where vLLM is installed) through the fa3 backend, 16-token blocks, bf16,
@@ -439,6 +474,15 @@ def test_fa3_backend_matches_the_reference(monkeypatch, kind: str, split: bool) 
     if split:
         monkeypatch.setattr(tb, "DECODE_SPLIT_MIN_ROWS", 2)
     prefix = [20, 21]
+    if kind == "fresh":  # whole prompts: FA3 reads the step's keys unpaged
+        chunks = [_chunk(_seq(0, 40, [1, 2, 3]), 0, 40), _chunk(_seq(1, 17, [4, 5]), 0, 17)]
+        for head_dim in (64, 128):
+            ref = _run_backend("torch", chunks, device="cuda", head_dim=head_dim, block=16)
+            got = _run_backend(
+                "fa3", chunks, dtype=torch.bfloat16, device="cuda", head_dim=head_dim, block=16
+            )
+            torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+        return
     chunks = [
         _chunk(_seq(0, 40, [1, 2, 3]), 16, 24),  # chunked prefill after 16 cached tokens
         _chunk(_seq(1, 20, [4, 5]), 19, 1),  # decode

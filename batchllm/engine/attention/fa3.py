@@ -14,6 +14,12 @@ decode rows (FA3 would read each member's prefix for one query).
 
 FA3 reads the pool in place through a [block, offset, kv_head, head_dim] view
 of the project's [block, kv_head, offset, head_dim] layout (strides, no copy).
+A step whose every sequence starts at position 0 (whole prompts, no cached
+prefix: prefill-only jobs without sharing, group prefixes) has nothing to read
+from the pool but its own keys: FA3 takes the keys and values the projection
+just produced, unpaged, as ``store`` received them. Paged FA3 gathers its key
+tiles page by page; unpaged it streams them (bench.prefill_attention's
+``prompts`` case measures both).
 Needs CUDA, bf16 or fp16, and vLLM.
 """
 
@@ -31,9 +37,12 @@ from batchllm.engine.attention.triton import TritonBackend, TritonMeta, split_de
 @dataclass
 class FA3Meta:
     """A prefill step for FA3: the Triton metadata holds the KV store's slots and FA3's arguments (every
-    sequence's whole context: kv_lens, block tables with the prefix blocks, -1 past the end unread)."""
+    sequence's whole context: kv_lens, block tables with the prefix blocks, -1 past the end unread).
+    fresh: no sequence has cached keys; ``store`` leaves this layer's keys and values in ``kv``."""
 
     triton: TritonMeta
+    fresh: bool = False
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class FA3Backend(TritonBackend):
@@ -56,7 +65,7 @@ class FA3Backend(TritonBackend):
             return super().prepare(layout)
         split = split_decode(layout)
         if split is None:
-            return FA3Meta(self._meta(layout))
+            return FA3Meta(self._meta(layout), fresh=bool((layout.kv_lens == layout.q_lens).all()))
         # A mixed step's decode rows would each read their whole context plain (a member its group's
         # prefix): FA3 gives them one key (results discarded) and the two-level decode launch redoes them.
         _, decode, rows = split
@@ -66,28 +75,32 @@ class FA3Backend(TritonBackend):
         return FA3Meta(meta)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: TritonMeta | FA3Meta) -> None:
-        super().store(layer, k, v, meta.triton if isinstance(meta, FA3Meta) else meta)
+        if isinstance(meta, FA3Meta):
+            super().store(layer, k, v, meta.triton)
+            meta.kv = (k, v) if meta.fresh else None
+        else:
+            super().store(layer, k, v, meta)
 
     def forward(self, layer: int, q: torch.Tensor, meta: TritonMeta | FA3Meta, scale: float) -> torch.Tensor:
         if not isinstance(meta, FA3Meta):
             return super().forward(layer, q, meta, scale)
-        # [block, kv_head, offset, dim] -> a [block, offset, kv_head, dim] view, as FA3's paged KV reads it
-        k = self.kv_cache[0, layer].transpose(1, 2)
-        v = self.kv_cache[1, layer].transpose(1, 2)
         m = meta.triton
-        out = self._fa(
-            q.contiguous(),  # a no-op for the model's queries (RoPE writes them fresh)
-            k,
-            v,
-            max_seqlen_q=m.max_q_len,
-            cu_seqlens_q=m.cu_seqlens_q,
-            max_seqlen_k=m.max_kv_len,
-            seqused_k=m.kv_lens,
-            block_table=m.block_tables,
-            softmax_scale=scale,
-            causal=True,
-            fa_version=3,
-        )
+        q = q.contiguous()  # a no-op for the model's queries (RoPE writes them fresh)
+        if meta.kv is not None:  # this layer's own keys, unpaged: every sequence's keys are its queries' rows
+            k, v = meta.kv
+            meta.kv = None
+            out = self._fa(
+                q, k, v, max_seqlen_q=m.max_q_len, cu_seqlens_q=m.cu_seqlens_q, max_seqlen_k=m.max_q_len,
+                cu_seqlens_k=m.cu_seqlens_q, softmax_scale=scale, causal=True, fa_version=3,
+            )  # fmt: skip
+        else:
+            # [block, kv_head, offset, dim] -> a [block, offset, kv_head, dim] view, as FA3's paged KV reads it
+            k = self.kv_cache[0, layer].transpose(1, 2)
+            v = self.kv_cache[1, layer].transpose(1, 2)
+            out = self._fa(
+                q, k, v, max_seqlen_q=m.max_q_len, cu_seqlens_q=m.cu_seqlens_q, max_seqlen_k=m.max_kv_len,
+                seqused_k=m.kv_lens, block_table=m.block_tables, softmax_scale=scale, causal=True, fa_version=3,
+            )  # fmt: skip
         if m.decode is not None:
             rows, decode = m.decode
             out[rows] = self._attend(layer, q[rows], decode, scale)
