@@ -157,8 +157,25 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     fused = False  # silu(gate) * up as one Triton kernel; set per model
+    # from this many rows (prefill steps) the gate/up GEMM writes silu(gate) * up itself
+    # (kernels/gate_up.py): half the bytes out, no second pass; below, cuBLAS then silu_mul
+    GEMM_EPILOGUE_MIN_ROWS = 4096
+
+    def gemm_epilogue(self, x: torch.Tensor) -> bool:
+        """Whether x's gate/up projection takes the fused kernel: fused kernels on, a prefill-sized step,
+        16-bit (float32 stays with cuBLAS, as the CPU computes it), no bias."""
+        return (
+            self.fused
+            and x.shape[0] >= self.GEMM_EPILOGUE_MIN_ROWS
+            and x.dtype.itemsize == 2
+            and self.gate_up_proj.bias is None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemm_epilogue(x):
+            from batchllm.kernels.gate_up import gate_up_silu
+
+            return self.down_proj(gate_up_silu(x, self.gate_up_proj.weight))
         gate_up = self.gate_up_proj(x)
         if self.fused:
             from batchllm.kernels.elementwise import silu_mul
