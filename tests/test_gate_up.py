@@ -36,7 +36,7 @@ def tiles(monkeypatch):
 def test_gate_up_silu_matches_the_unfused_path(tiles, rows: int) -> None:
     """Partial tiles in every dimension (rows, intermediate 40 of 16-column tiles, hidden 40 of 16-deep
     steps) and several row groups of the tile order (group_m 2 over up to 6 row tiles)."""
-    tiles(block_m=16, block_n=16, block_k=16, group_m=2, persistent=0)
+    tiles(block_m=16, block_n=16, block_k=16, group_m=2, persistent=1)  # the interpreter: one tile each
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 40, generator=gen).to(DEVICE)
     w = (torch.randn(80, 40, generator=gen) / 6).to(DEVICE)  # [gate 40 | up 40] rows
