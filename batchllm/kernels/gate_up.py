@@ -5,9 +5,8 @@ kernel reads it back to write [T, I]: 6 bytes per intermediate element through
 memory, ~4% of a prefill-only run on an H100 (bench/RESULTS.md). Here each
 program computes a gate tile and the matching up tile from the same rows of x
 (two accumulators, the A tile loaded once) and writes only their product.
-Persistent programs walk the output tiles in row groups (GROUP_M: a wave of
-tiles shares rows of x and columns of the weight in L2); TMA descriptors feed
-the tiles.
+Programs take the output tiles in row groups (GROUP_M: a wave of tiles shares
+rows of x and columns of the weight in L2); TMA descriptors feed the tiles.
 
 Rounding matches the unfused path: gate and up are rounded to the output dtype
 as the GEMM would write them, then silu and the product as ``elementwise.silu_mul``.
@@ -20,8 +19,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-# (block_m, block_n, block_k, num_stages, num_warps, group_m, persistent); block_n is per half (gate, up)
-DEFAULT_CONFIG = (128, 128, 64, 3, 8, 8, 1)
+# (block_m, block_n, block_k, num_stages, num_warps, group_m, persistent); block_n is per half (gate, up).
+# One program per tile: persistent programs ran 15% slower (H100, bench.fused_mlp, bench/RESULTS.md)
+DEFAULT_CONFIG = (128, 128, 64, 3, 8, 8, 0)
 CONFIG_OVERRIDE: dict[str, int] = {}  # bench.fused_mlp's sweep: keys as in _config
 
 
