@@ -20,8 +20,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 # (block_m, block_n, block_k, num_stages, num_warps, group_m, persistent); block_n is per half (gate, up).
-# One program per tile: persistent programs ran 15% slower (H100, bench.fused_mlp, bench/RESULTS.md)
-DEFAULT_CONFIG = (128, 128, 64, 3, 8, 8, 0)
+# One program per tile (persistent programs ran 15% slower), row groups of 16 tiles: the fastest of
+# bench.fused_mlp's sweep on an H100 (bench/RESULTS.md)
+DEFAULT_CONFIG = (128, 128, 64, 3, 8, 16, 0)
 CONFIG_OVERRIDE: dict[str, int] = {}  # bench.fused_mlp's sweep: keys as in _config
 
 
