@@ -71,12 +71,12 @@ def test_gpu_gate_up_silu_in_bf16(tiles, rows: int, persistent: int) -> None:
     assert (got == ref).float().mean() > 0.95
 
 
-def _mlp(bias: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def _mlp(bias: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32, hidden: int = 256):
     from types import SimpleNamespace
 
     from batchllm.engine.model import MLP
 
-    cfg = SimpleNamespace(hidden_size=256, intermediate_size=512, mlp_bias=bias)
+    cfg = SimpleNamespace(hidden_size=hidden, intermediate_size=512, mlp_bias=bias)
     return MLP(cfg).to(device, dtype)  # type: ignore[arg-type]
 
 
@@ -87,6 +87,11 @@ def test_the_mlp_takes_the_fused_gemm_for_prefill_sized_16_bit_steps() -> None:
     assert mlp.gemm_epilogue(x)
     assert not mlp.gemm_epilogue(x[: rows - 1])  # decode-sized steps: cuBLAS, then silu_mul
     assert not mlp.gemm_epilogue(x.float())  # float32 computes as the CPU does
+    assert not mlp.gemm_epilogue(torch.zeros(rows, 260, dtype=torch.bfloat16)[:, 2:258])  # unaligned rows
+    assert not mlp.gemm_epilogue(torch.zeros(rows, 264, dtype=torch.bfloat16)[:, 4:260])  # unaligned start
+    odd = _mlp(hidden=252)  # rows of 504 bytes: TMA needs 16-byte multiples
+    odd.fused = True
+    assert not odd.gemm_epilogue(torch.zeros(rows, 252, dtype=torch.bfloat16))
     biased = _mlp(bias=True)
     biased.fused = True
     assert not biased.gemm_epilogue(x)

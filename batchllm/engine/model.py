@@ -163,12 +163,18 @@ class MLP(nn.Module):
 
     def gemm_epilogue(self, x: torch.Tensor) -> bool:
         """Whether x's gate/up projection takes the fused kernel: fused kernels on, a prefill-sized step,
-        16-bit (float32 stays with cuBLAS, as the CPU computes it), no bias."""
+        16-bit (float32 stays with cuBLAS, as the CPU computes it), no bias, rows of x, the weight and
+        the output 16-byte aligned (TMA)."""
         return (
             self.fused
             and x.shape[0] >= self.GEMM_EPILOGUE_MIN_ROWS
             and x.dtype.itemsize == 2
             and self.gate_up_proj.bias is None
+            and x.stride(-1) == 1
+            and x.stride(0) % 8 == 0
+            and x.data_ptr() % 16 == 0
+            and self.gate_up_proj.in_features % 8 == 0
+            and self.down_proj.in_features % 8 == 0
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
