@@ -13,7 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from batchllm.engine.model import RMSNorm, Rope, apply_rope
+from batchllm.engine.model import RMSNorm
+from batchllm.engine.rope import Rope, apply_rope
 from batchllm.kernels.elementwise import rms_norm, rope_, silu_mul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from batchllm.engine.config import ModelConfig, UnsupportedModelError
-from batchllm.engine.model import load_model, rope_inv_freq
+from batchllm.engine.model import load_model
+from batchllm.engine.rope import rope_inv_freq
 from batchllm.engine.runner import ModelRunner, build_layout
 from batchllm.engine.sequence import Sequence
 

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from batchllm.engine.attention import BatchLayout, KVShape, create_backend, to_device
-from batchllm.engine.model import CausalLM, Rope
+from batchllm.engine.model import CausalLM
 from batchllm.engine.packing import Unit
+from batchllm.engine.rope import Rope
 from batchllm.engine.runner import build_layout
 from batchllm.engine.sequence import ScheduledChunk, Sequence
 

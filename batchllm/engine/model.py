@@ -10,7 +10,6 @@ KV cache of every layer.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +19,9 @@ from torch import nn
 
 from batchllm.engine.attention import AttentionBackend
 from batchllm.engine.config import ModelConfig, UnsupportedModelError
+from batchllm.engine.rope import Rope, rope_table
 
 LOGIT_SLICE = 16384  # vocabulary rows per float32 copy when the CPU computes bf16 logits
-
-
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] in float32, with Llama-3 or linear scaling applied."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling
-    if scaling is None:
-        return inv_freq
-    factor = float(scaling["factor"])
-    if scaling.get("rope_type", scaling.get("type")) == "linear":
-        return inv_freq / factor
-    # Llama 3: keep high frequencies, divide low ones by factor, interpolate in between
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_len = float(scaling["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(is_medium, smoothed, scaled)
 
 
 class RMSNorm(nn.Module):
@@ -73,44 +52,20 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-def rope_table(cfg: ModelConfig, max_len: int, device: torch.device | str) -> torch.Tensor:
-    """cos/sin [max_len, 2, head_dim] (float32) of rotate-half RoPE, indexed by position."""
-    inv_freq = rope_inv_freq(cfg).to(device)
-    freqs = torch.arange(max_len, device=device).float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return torch.stack([emb.cos(), emb.sin()], dim=1)
+# from this many rows (prefill steps) the QKV and gate/up GEMMs do their elementwise work in their
+# epilogues (kernels/projections.py: RoPE; SiLU-and-mul, half the bytes out); below, cuBLAS and then
+# the elementwise kernels
+GEMM_EPILOGUE_MIN_ROWS = 4096
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim], cos/sin [T, 1, head_dim]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
-class Rope:
-    """One forward's rotary embedding: the fused kernel (in place, or into a fresh tensor), or cos/sin
-    gathered once for all layers."""
-
-    def __init__(self, table: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, fused: bool) -> None:
-        half = table.shape[-1] // 2
-        self.fused = fused and (half & (half - 1)) == 0  # the kernel's tl.arange needs a power of two
-        self.table, self.positions = table, positions
-        if not self.fused:
-            cs = table[positions]  # [T, 2, head_dim]
-            self.cos, self.sin = cs[:, None, 0].to(dtype), cs[:, None, 1].to(dtype)
-
-    def __call__(self, x: torch.Tensor, fresh: bool = False) -> torch.Tensor:
-        """fresh: the result in a new contiguous tensor (the queries: FA3 reads plain rows), else in place
-        on the fused path (the keys: stored right after)."""
-        if self.fused:
-            from batchllm.kernels.elementwise import rope_
-
-            out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if fresh else None
-            return rope_(x, self.positions, self.table, out)
-        return apply_rope(x, self.cos, self.sin)
+def tma_rows(x: torch.Tensor) -> bool:
+    """Whether TMA reads x's rows: 16-bit, unit column stride, 16-byte aligned start and row stride."""
+    return x.dtype.itemsize == 2 and x.stride(-1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
 
 
 class Attention(nn.Module):
+    GEMM_EPILOGUE_MIN_ROWS = GEMM_EPILOGUE_MIN_ROWS
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -138,16 +93,36 @@ class Attention(nn.Module):
             assert self.backend is not None, "the runner installs the attention backend"
             kv = (self.backend, self.layer)
         backend, layer = kv
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, fresh=self.q_norm is None), rope(k)  # after q_norm, q is fresh already
+        if self.gemm_epilogue(x, rope):
+            from batchllm.kernels.projections import qkv_rope
+
+            w, b = self.qkv_proj.weight, self.qkv_proj.bias
+            qs, kvs = qkv_rope(x, w, b, rope.positions, rope.table, self.num_heads, self.num_kv_heads)
+            q = qs.view(-1, self.num_heads, self.head_dim)
+            k, v = kvs.view(-1, 2, self.num_kv_heads, self.head_dim).unbind(1)
+        else:
+            q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rope(q, fresh=self.q_norm is None), rope(k)  # after q_norm, q is fresh already
         backend.store(layer, k, v, meta)
         o = backend.forward(layer, q, meta, self.scale).reshape(-1, self.q_size)
         return self.o_proj(o if keep is None else o[keep])
+
+    def gemm_epilogue(self, x: torch.Tensor, rope: Rope) -> bool:
+        """Whether x's QKV projection takes the kernel with RoPE in its epilogue: fused kernels on, a
+        prefill-sized step, TMA-readable rows, no q/k norm (it comes between), half-heads of 16+ columns."""
+        return (
+            rope.fused
+            and self.q_norm is None
+            and x.shape[0] >= self.GEMM_EPILOGUE_MIN_ROWS
+            and tma_rows(x)
+            and self.qkv_proj.in_features % 8 == 0
+            and self.head_dim >= 32
+        )
 
 
 class MLP(nn.Module):
@@ -157,29 +132,24 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     fused = False  # silu(gate) * up as one Triton kernel; set per model
-    # from this many rows (prefill steps) the gate/up GEMM writes silu(gate) * up itself
-    # (kernels/gate_up.py): half the bytes out, no second pass; below, cuBLAS then silu_mul
-    GEMM_EPILOGUE_MIN_ROWS = 4096
+    GEMM_EPILOGUE_MIN_ROWS = GEMM_EPILOGUE_MIN_ROWS
 
     def gemm_epilogue(self, x: torch.Tensor) -> bool:
-        """Whether x's gate/up projection takes the fused kernel: fused kernels on, a prefill-sized step,
-        16-bit (float32 stays with cuBLAS, as the CPU computes it), no bias, rows of x, the weight and
-        the output 16-byte aligned (TMA)."""
+        """Whether x's gate/up projection takes the kernel with SiLU-and-mul in its epilogue: fused
+        kernels on, a prefill-sized step, TMA-readable rows (16-bit: float32 stays with cuBLAS, as the
+        CPU computes it), weight and output rows 16-byte aligned, no bias."""
         return (
             self.fused
             and x.shape[0] >= self.GEMM_EPILOGUE_MIN_ROWS
-            and x.dtype.itemsize == 2
+            and tma_rows(x)
             and self.gate_up_proj.bias is None
-            and x.stride(-1) == 1
-            and x.stride(0) % 8 == 0
-            and x.data_ptr() % 16 == 0
             and self.gate_up_proj.in_features % 8 == 0
             and self.down_proj.in_features % 8 == 0
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemm_epilogue(x):
-            from batchllm.kernels.gate_up import gate_up_silu
+            from batchllm.kernels.projections import gate_up_silu
 
             return self.down_proj(gate_up_silu(x, self.gate_up_proj.weight))
         gate_up = self.gate_up_proj(x)

@@ -160,7 +160,7 @@ def rope_(
     out: where the result goes (default x). The queries take a fresh contiguous tensor: they
     are a view of the fused QKV output, and a kernel that wants plain rows (FA3) would
     otherwise copy them once per layer (1.5% of a prefill step on the H200).
-    table: [max_len, 2, head_dim] float32 cos/sin by position (``model.rope_table``).
+    table: [max_len, 2, head_dim] float32 cos/sin by position (``rope.rope_table``).
     Same rounding as ``x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)``.
     """
     tokens, heads, dim = x.shape
