@@ -23,9 +23,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
     PYTHONPATH=$PYTHONPATH$SITE timeout ${TEST_TIMEOUT:-480} python3 -m pytest -v -p no:cacheprovider -rfE \
       --durations=15 -m gpu $GPU_FILES > "$OUT/pytest.txt" 2>&1
     echo "pytest rc=$?"
-    # the elementwise and projection kernels run on the GPU where there is one (not marked: they run under the
+    # the elementwise and gate/up kernels run on the GPU where there is one (not marked: they run under the
     # interpreter too)
-    timeout 90 python3 -m pytest -v -p no:cacheprovider -rfE tests/test_elementwise_kernels.py tests/test_projections.py \
+    timeout 90 python3 -m pytest -v -p no:cacheprovider -rfE tests/test_elementwise_kernels.py tests/test_gate_up.py \
       >> "$OUT/pytest.txt" 2>&1
     echo "elementwise rc=$?; $(grep -c PASSED "$OUT/pytest.txt") passed"
     grep -E "FAILED|ERROR" "$OUT/pytest.txt" | head -20; tail -25 "$OUT/pytest.txt"

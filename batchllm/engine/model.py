@@ -52,20 +52,7 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-# from this many rows (prefill steps) the QKV and gate/up GEMMs do their elementwise work in their
-# epilogues (kernels/projections.py: RoPE; SiLU-and-mul, half the bytes out); below, cuBLAS and then
-# the elementwise kernels
-GEMM_EPILOGUE_MIN_ROWS = 4096
-
-
-def tma_rows(x: torch.Tensor) -> bool:
-    """Whether TMA reads x's rows: 16-bit, unit column stride, 16-byte aligned start and row stride."""
-    return x.dtype.itemsize == 2 and x.stride(-1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
-
-
 class Attention(nn.Module):
-    GEMM_EPILOGUE_MIN_ROWS = GEMM_EPILOGUE_MIN_ROWS
-
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -93,36 +80,16 @@ class Attention(nn.Module):
             assert self.backend is not None, "the runner installs the attention backend"
             kv = (self.backend, self.layer)
         backend, layer = kv
-        if self.gemm_epilogue(x, rope):
-            from batchllm.kernels.projections import qkv_rope
-
-            w, b = self.qkv_proj.weight, self.qkv_proj.bias
-            qs, kvs = qkv_rope(x, w, b, rope.positions, rope.table, self.num_heads, self.num_kv_heads)
-            q = qs.view(-1, self.num_heads, self.head_dim)
-            k, v = kvs.view(-1, 2, self.num_kv_heads, self.head_dim).unbind(1)
-        else:
-            q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(-1, self.num_heads, self.head_dim)
-            k = k.view(-1, self.num_kv_heads, self.head_dim)
-            v = v.view(-1, self.num_kv_heads, self.head_dim)
-            if self.q_norm is not None and self.k_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = rope(q, fresh=self.q_norm is None), rope(k)  # after q_norm, q is fresh already
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q, fresh=self.q_norm is None), rope(k)  # after q_norm, q is fresh already
         backend.store(layer, k, v, meta)
         o = backend.forward(layer, q, meta, self.scale).reshape(-1, self.q_size)
         return self.o_proj(o if keep is None else o[keep])
-
-    def gemm_epilogue(self, x: torch.Tensor, rope: Rope) -> bool:
-        """Whether x's QKV projection takes the kernel with RoPE in its epilogue: fused kernels on, a
-        prefill-sized step, TMA-readable rows, no q/k norm (it comes between), half-heads of 16+ columns."""
-        return (
-            rope.fused
-            and self.q_norm is None
-            and x.shape[0] >= self.GEMM_EPILOGUE_MIN_ROWS
-            and tma_rows(x)
-            and self.qkv_proj.in_features % 8 == 0
-            and self.head_dim >= 32
-        )
 
 
 class MLP(nn.Module):
@@ -132,7 +99,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     fused = False  # silu(gate) * up as one Triton kernel; set per model
-    GEMM_EPILOGUE_MIN_ROWS = GEMM_EPILOGUE_MIN_ROWS
+    # from this many rows (prefill steps) the gate/up GEMM writes silu(gate) * up itself
+    # (kernels/gate_up.py): half the bytes out, no second pass; below, cuBLAS then silu_mul
+    GEMM_EPILOGUE_MIN_ROWS = 4096
 
     def gemm_epilogue(self, x: torch.Tensor) -> bool:
         """Whether x's gate/up projection takes the kernel with SiLU-and-mul in its epilogue: fused
@@ -141,7 +110,10 @@ class MLP(nn.Module):
         return (
             self.fused
             and x.shape[0] >= self.GEMM_EPILOGUE_MIN_ROWS
-            and tma_rows(x)
+            and x.dtype.itemsize == 2
+            and x.stride(-1) == 1
+            and x.stride(0) % 8 == 0
+            and x.data_ptr() % 16 == 0
             and self.gate_up_proj.bias is None
             and self.gate_up_proj.in_features % 8 == 0
             and self.down_proj.in_features % 8 == 0
@@ -149,7 +121,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemm_epilogue(x):
-            from batchllm.kernels.projections import gate_up_silu
+            from batchllm.kernels.gate_up import gate_up_silu
 
             return self.down_proj(gate_up_silu(x, self.gate_up_proj.weight))
         gate_up = self.gate_up_proj(x)

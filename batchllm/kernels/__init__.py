@@ -1,5 +1,5 @@
 """Kernels: the attention torch reference (``attention``), our Triton attention (``paged``), the
-elementwise kernels (``elementwise``) and the GEMMs with elementwise epilogues (``projections``).
+elementwise kernels (``elementwise``) and the gate/up GEMM with SiLU-and-mul in its epilogue (``gate_up``).
 
 Nothing here imports batchllm: kernels see tensors and index arrays. The
 Triton package is imported only by the backends that use it (it needs triton).
