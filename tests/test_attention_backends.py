@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from batchllm.engine.attention import KVShape, create_backend, resolve_name
+from batchllm.engine.attention import AttentionBackend, KVShape, create_backend, resolve_name
 from batchllm.engine.graphs import graph_sizes, group_capacity, table_width
 from batchllm.engine.runner import build_layout
 from batchllm.engine.sequence import ScheduledChunk, Sequence
@@ -163,11 +164,15 @@ def _run_backend(
     device: str = "cpu",
     head_dim: int = 16,
     block: int = BS,
+    wrap: Callable[[AttentionBackend], None] | None = None,
 ) -> torch.Tensor:
     """Store random keys for every cached position, then attend with the step's queries, layer 0
-    (the same values for every backend, dtype and device: drawn in float32 on the CPU, then cast)."""
+    (the same values for every backend, dtype and device: drawn in float32 on the CPU, then cast).
+    wrap: called with the backend before the step (to observe it)."""
     shape = KVShape(1, 32, block, 2, head_dim, dtype, torch.device(device))
     backend = create_backend(name, shape)
+    if wrap is not None:
+        wrap(backend)
     gen = torch.Generator().manual_seed(seed)
     cache = torch.randn(
         (2, 1, 33, 2, block, head_dim), generator=gen
@@ -429,7 +434,8 @@ def test_fa3_backend_reads_the_pool_through_a_strided_view(monkeypatch, kind: st
         assert (meta.triton.decode is not None) == (split and kind != "fresh")
         assert meta.fresh == (kind == "fresh")
     q = torch.randn(lay.num_tokens, 4, 16, generator=gen)
-    k, v = torch.randn(2, lay.num_tokens, 2, 16, generator=gen).unbind(0)
+    # keys and values as the model hands them over: strided views of one projection output
+    k, v = torch.randn(2, lay.num_tokens, 2, 16, generator=gen).transpose(0, 1).contiguous().unbind(1)
     backend.store(0, k, v, meta)
     torch.testing.assert_close(backend.forward(0, q, meta, 16**-0.5), ref, atol=2e-5, rtol=1e-4)
     assert paged == ([] if kind == "decode" else [kind != "fresh"])
@@ -462,7 +468,7 @@ def test_auto_is_fa3_where_it_runs() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["plain", "grouped", "fresh"])
+@pytest.mark.parametrize("kind", ["plain", "grouped"])
 @pytest.mark.parametrize("split", [False, True])
 def test_fa3_backend_matches_the_reference(monkeypatch, kind: str, split: bool) -> None:
     """vLLM's FlashAttention-3 (where vLLM is installed) through the fa3 backend, 16-token blocks, bf16,
@@ -474,15 +480,6 @@ def test_fa3_backend_matches_the_reference(monkeypatch, kind: str, split: bool) 
     if split:
         monkeypatch.setattr(tb, "DECODE_SPLIT_MIN_ROWS", 2)
     prefix = [20, 21]
-    if kind == "fresh":  # whole prompts: FA3 reads the step's keys unpaged
-        chunks = [_chunk(_seq(0, 40, [1, 2, 3]), 0, 40), _chunk(_seq(1, 17, [4, 5]), 0, 17)]
-        for head_dim in (64, 128):
-            ref = _run_backend("torch", chunks, device="cuda", head_dim=head_dim, block=16)
-            got = _run_backend(
-                "fa3", chunks, dtype=torch.bfloat16, device="cuda", head_dim=head_dim, block=16
-            )
-            torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
-        return
     chunks = [
         _chunk(_seq(0, 40, [1, 2, 3]), 16, 24),  # chunked prefill after 16 cached tokens
         _chunk(_seq(1, 20, [4, 5]), 19, 1),  # decode
@@ -496,6 +493,29 @@ def test_fa3_backend_matches_the_reference(monkeypatch, kind: str, split: bool) 
     for head_dim in (64, 128):
         ref = _run_backend("torch", chunks, device="cuda", head_dim=head_dim, block=16)
         got = _run_backend("fa3", chunks, dtype=torch.bfloat16, device="cuda", head_dim=head_dim, block=16)
+        torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_fa3_reads_whole_prompts_unpaged_on_cuda() -> None:
+    """A step of whole prompts (nothing cached) through vLLM's FA3: the step's own keys and values,
+    unpaged (the call records it), as strided views of one projection output, against the float32
+    torch reference; head_dim 64 and 128."""
+    pytest.importorskip("vllm.vllm_flash_attn")
+    chunks = [_chunk(_seq(0, 40, [1, 2, 3]), 0, 40), _chunk(_seq(1, 17, [4, 5]), 0, 17)]
+    paged: list[bool] = []
+
+    def record(backend: AttentionBackend) -> None:
+        fa = backend._fa  # type: ignore[attr-defined]
+        backend._fa = lambda *a, **kw: paged.append(kw.get("block_table") is not None) or fa(*a, **kw)  # type: ignore[attr-defined]
+
+    for head_dim in (64, 128):
+        paged.clear()
+        ref = _run_backend("torch", chunks, device="cuda", head_dim=head_dim, block=16)
+        got = _run_backend(
+            "fa3", chunks, dtype=torch.bfloat16, device="cuda", head_dim=head_dim, block=16, wrap=record
+        )
+        assert paged == [False]
         torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
 
 

@@ -76,21 +76,33 @@ def _mlp(bias: bool = False, device: str = "cpu", dtype: torch.dtype = torch.flo
     return MLP(cfg).to(device, dtype)  # type: ignore[arg-type]
 
 
-def test_the_mlp_takes_the_fused_gemm_for_prefill_sized_16_bit_steps() -> None:
-    mlp, rows = _mlp(), 4096
+def test_the_mlp_takes_the_fused_gemm_for_prefill_sized_16_bit_steps(monkeypatch) -> None:
+    from batchllm.engine import model
+
+    bf16 = torch.bfloat16
+    mlp = _mlp(dtype=bf16)
+    rows = mlp.GEMM_EPILOGUE_MIN_ROWS
     mlp.fused = True
-    x = torch.zeros(rows, 256, dtype=torch.bfloat16)
+    x = torch.zeros(rows, 256, dtype=bf16)
+    assert not model.has_tma(x.device) and not mlp.gemm_epilogue(x)  # a CPU (or pre-Hopper GPU): no TMA
+    monkeypatch.setattr(model, "has_tma", lambda device: True)
     assert mlp.gemm_epilogue(x)
     assert not mlp.gemm_epilogue(x[: rows - 1])  # decode-sized steps: cuBLAS, then silu_mul
     assert not mlp.gemm_epilogue(x.float())  # float32 computes as the CPU does
-    assert not mlp.gemm_epilogue(torch.zeros(rows, 260, dtype=torch.bfloat16)[:, 2:258])  # unaligned rows
-    assert not mlp.gemm_epilogue(torch.zeros(rows, 264, dtype=torch.bfloat16)[:, 4:260])  # unaligned start
-    odd = _mlp(hidden=252)  # rows of 504 bytes: TMA needs 16-byte multiples
+    assert not mlp.gemm_epilogue(torch.zeros(rows, 260, dtype=bf16)[:, 2:258])  # unaligned rows
+    assert not mlp.gemm_epilogue(torch.zeros(rows, 264, dtype=bf16)[:, 4:260])  # unaligned start
+    odd = _mlp(hidden=252, dtype=bf16)  # rows of 504 bytes: TMA needs 16-byte multiples
     odd.fused = True
-    assert not odd.gemm_epilogue(torch.zeros(rows, 252, dtype=torch.bfloat16))
-    biased = _mlp(bias=True)
+    assert not odd.gemm_epilogue(torch.zeros(rows, 252, dtype=bf16))
+    biased = _mlp(bias=True, dtype=bf16)
     biased.fused = True
     assert not biased.gemm_epilogue(x)
+    wide = _mlp(dtype=torch.float32)  # weights of another dtype than x's
+    wide.fused = True
+    assert not wide.gemm_epilogue(x)
+    with torch.no_grad():  # a weight TMA cannot read: a transposed view
+        mlp.gate_up_proj.weight = torch.nn.Parameter(torch.zeros(256, 1024, dtype=bf16).t())
+    assert not mlp.gemm_epilogue(x)
     mlp.fused = False
     assert not mlp.gemm_epilogue(x)
 
@@ -100,8 +112,8 @@ def test_gpu_mlp_with_the_fused_gemm_matches_the_unfused_mlp() -> None:
     torch.manual_seed(0)
     mlp = _mlp(device="cuda", dtype=torch.bfloat16)
     mlp.fused = True
-    x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
-    assert mlp.gemm_epilogue(x)
+    x = torch.randn(mlp.GEMM_EPILOGUE_MIN_ROWS, 256, device="cuda", dtype=torch.bfloat16)
+    assert mlp.gemm_epilogue(x) == (torch.cuda.get_device_capability()[0] >= 9)
     fused = mlp(x)
     mlp.GEMM_EPILOGUE_MIN_ROWS = 1 << 30
     torch.testing.assert_close(fused.float(), mlp(x).float(), atol=2e-2, rtol=2e-2)

@@ -10,6 +10,7 @@ KV cache of every layer.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,13 @@ class Attention(nn.Module):
         return self.o_proj(o if keep is None else o[keep])
 
 
+@functools.cache
+def has_tma(device: torch.device) -> bool:
+    """Hopper (sm_90) and later: Triton turns tensor descriptors into TMA loads there; on earlier GPUs
+    into plain loads, and the gate/up kernel's tiles spill (sm_80: ~7.8 KB of spill stores)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -100,20 +108,26 @@ class MLP(nn.Module):
 
     fused = False  # silu(gate) * up as one Triton kernel; set per model
     # from this many rows (prefill steps) the gate/up GEMM writes silu(gate) * up itself
-    # (kernels/gate_up.py): half the bytes out, no second pass; below, cuBLAS then silu_mul
-    GEMM_EPILOGUE_MIN_ROWS = 4096
+    # (kernels/gate_up.py): half the bytes out, no second pass; below, cuBLAS then silu_mul. On an
+    # H100 the kernel ran level with cuBLAS + silu_mul at 4,096 rows and 5-10% ahead at 12,288-16,384
+    GEMM_EPILOGUE_MIN_ROWS = 8192
 
     def gemm_epilogue(self, x: torch.Tensor) -> bool:
         """Whether x's gate/up projection takes the kernel with SiLU-and-mul in its epilogue: fused
-        kernels on, a prefill-sized step, TMA-readable rows (16-bit: float32 stays with cuBLAS, as the
-        CPU computes it), weight and output rows 16-byte aligned, no bias."""
+        kernels on, a prefill-sized step on a GPU with TMA, TMA-readable x and weight (16-bit: float32
+        stays with cuBLAS, as the CPU computes it; 16-byte aligned starts and rows), no bias."""
+        w = self.gate_up_proj.weight
         return (
             self.fused
             and x.shape[0] >= self.GEMM_EPILOGUE_MIN_ROWS
+            and has_tma(x.device)
             and x.dtype.itemsize == 2
+            and w.dtype == x.dtype
             and x.stride(-1) == 1
             and x.stride(0) % 8 == 0
             and x.data_ptr() % 16 == 0
+            and w.is_contiguous()
+            and w.data_ptr() % 16 == 0
             and self.gate_up_proj.bias is None
             and self.gate_up_proj.in_features % 8 == 0
             and self.down_proj.in_features % 8 == 0
