@@ -182,15 +182,9 @@ def measure(c: dict, peak: float, config: dict[str, int], iters: int) -> dict:
 
 def fresh_kv(c: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values [T, KV_HEADS, D] of a case without cached keys, in query order: what the
-    step's QKV projection produced before the pool stored it."""
-    bs = c["k"].shape[2]
-    ks, vs = [], []
-    for s in range(len(c["cu_q"]) - 1):
-        pos = torch.arange(int(c["kv_lens"][s]), device=c["k"].device)
-        blocks = c["tables"][s].long()[pos // bs]
-        ks.append(c["k"][blocks, :, pos % bs])
-        vs.append(c["v"][blocks, :, pos % bs])
-    return torch.cat(ks).contiguous(), torch.cat(vs).contiguous()
+    step's QKV projection produced before the pool stored it (read back through the block tables)."""
+    per_seq = [dense_kv(c, s, KV_HEADS) for s in range(len(c["cu_q"]) - 1)]  # float32: exact for bf16
+    return torch.cat([k for k, _ in per_seq]).to(DTYPE), torch.cat([v for _, v in per_seq]).to(DTYPE)
 
 
 def library_calls(c: dict) -> dict:
@@ -214,7 +208,7 @@ def library_calls(c: dict) -> dict:
         if c["case"] in ("causal", "prompts"):  # no cached keys: the step's own keys are all it reads
             kd, vd = fresh_kv(c)
             qkv = torch.cat([c["q"].flatten(1), kd.flatten(1), vd.flatten(1)], 1)  # [T, (H + 2 KVH) * D]
-            qs, ks, vs = qkv.split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM], 1)
+            _, ks, vs = qkv.split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM], 1)
             kq, vq = ks.view(-1, KV_HEADS, DIM), vs.view(-1, KV_HEADS, DIM)
             for name, (k_, v_) in {"fa3_dense": (kd, vd), "fa3_dense_qkv_view": (kq, vq)}.items():
                 calls[name] = lambda k_=k_, v_=v_: fa(
