@@ -28,8 +28,9 @@ def check_output(spec: JobSpec, schema: pa.Schema) -> None:
     column collide) or fail it after all the inference.
     """
     table, database = spec.output.table, spec.output_database
+    tables = (("output.table", table), ("output.runs_table", spec.output.runs_table))
     with warehouse.connect(database) if Path(database).exists() else nullcontext() as con:
-        for field, name in (("output.table", table), ("output.runs_table", spec.output.runs_table)):
+        for field, name in tables:
             where = warehouse.split_table(name)[0]
             if where != "main" and (
                 con is None or not warehouse.scalar(con, warehouse.sql("schema_exists"), [where])
@@ -40,8 +41,9 @@ def check_output(spec: JobSpec, schema: pa.Schema) -> None:
                 )
         if con is None:
             return
-        if warehouse.scalar(con, warehouse.sql("view_exists"), list(warehouse.split_table(table))):
-            raise SpecError(f"output.table: {table!r} is a view; name a table")
+        for field, name in tables:
+            if warehouse.scalar(con, warehouse.sql("view_exists"), list(warehouse.split_table(name))):
+                raise SpecError(f"{field}: {name!r} is a view; name a table")
         _check_runs_table(con, spec.output.runs_table)
         if not warehouse.table_exists(con, table):
             return
@@ -72,8 +74,6 @@ def check_output(spec: JobSpec, schema: pa.Schema) -> None:
 def _check_runs_table(con: duckdb.DuckDBPyConnection, runs: str) -> None:
     """A runs table already there is one (a results or source table would take the run's record:
     widened with its columns, a row of NULLs added)."""
-    if warehouse.scalar(con, warehouse.sql("view_exists"), list(warehouse.split_table(runs))):
-        raise SpecError(f"output.runs_table: {runs!r} is a view; name a table")
     if not warehouse.table_exists(con, runs):
         return
     have = warehouse.column_types(con, runs)

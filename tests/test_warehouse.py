@@ -399,6 +399,9 @@ def test_a_view_is_not_an_output_table(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(SpecError, match=r"output.table: 'Recent' is a view"):
         output_check.check_output(_spec(db, output={"table": "Recent"}), _run_schema(pa.int32()))
+    runs_view = _spec(db, output={"table": "labels", "runs_table": "recent"})
+    with pytest.raises(SpecError, match=r"output.runs_table: 'recent' is a view"):
+        output_check.check_output(runs_view, _run_schema(pa.int32()))
 
 
 def test_types_the_merge_casts_safely_are_taken(tmp_path: Path) -> None:
