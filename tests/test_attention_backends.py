@@ -391,6 +391,16 @@ def _fake_fa3(q, k, v, *, max_seqlen_q, cu_seqlens_q, max_seqlen_k, softmax_scal
     return out
 
 
+def _recording_paging(fa: Callable[..., torch.Tensor], paged: list[bool]) -> Callable[..., torch.Tensor]:
+    """fa, appending to ``paged`` whether each call read through a block table."""
+
+    def call(*args: object, **kwargs: object) -> torch.Tensor:
+        paged.append(kwargs.get("block_table") is not None)
+        return fa(*args, **kwargs)
+
+    return call
+
+
 def _whole_prompts() -> list[ScheduledChunk]:
     """Three prompts from position 0: no sequence has cached keys."""
     return [
@@ -424,7 +434,7 @@ def test_fa3_backend_reads_the_pool_through_a_strided_view(monkeypatch, kind: st
     backend = FA3Backend.__new__(FA3Backend)  # no CUDA here: the Triton side under its interpreter
     TritonBackend.__init__(backend, shape)
     paged: list[bool] = []
-    backend._fa = lambda *a, **kw: paged.append(kw.get("block_table") is not None) or _fake_fa3(*a, **kw)
+    backend._fa = _recording_paging(_fake_fa3, paged)
     gen = torch.Generator().manual_seed(0)
     backend.kv_cache.copy_(torch.randn((2, 1, 33, 2, BS, 16), generator=gen))
     lay = build_layout(chunks, BS)
@@ -506,8 +516,7 @@ def test_fa3_reads_whole_prompts_unpaged_on_cuda() -> None:
     paged: list[bool] = []
 
     def record(backend: AttentionBackend) -> None:
-        fa = backend._fa  # type: ignore[attr-defined]
-        backend._fa = lambda *a, **kw: paged.append(kw.get("block_table") is not None) or fa(*a, **kw)  # type: ignore[attr-defined]
+        backend._fa = _recording_paging(backend._fa, paged)  # type: ignore[attr-defined]
 
     for head_dim in (64, 128):
         paged.clear()
