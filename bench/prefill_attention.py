@@ -9,17 +9,21 @@ block ids shuffled over the pool), each one 16k-token engine step:
 - ``members``: 100 members x 160 new tokens in 2 groups with 4,000-token
   prefixes (the scoring workload): two_level_attention (prefix tiles + own tiles);
 - ``prompts``: 8 prompts of 2,048 new tokens from position 0 (prefill-only
-  prompts, one engine step).
+  prompts, one engine step);
+- ``agroup``: 5 groups of 16 members x 200 new tokens after 2,000-token
+  prefixes (a prefill step of (a), W(2000, 200, 100, 16, 100)).
 
 FLOPs count the visible (query, key) pairs only (4 x heads x head_dim each).
 Each configuration is checked against a dense float32 reference on a sample
 of rows before it is timed. ``--sweep`` also times tile configurations
 (``kernels.paged.CONFIG_OVERRIDE``) and prints the best per case as JSON.
 ``--libraries`` times library kernels on the same shapes as the bar ours must
-clear: vLLM's FlashAttention-3 (where vLLM is importable) for every case but
-``members``: paged on a [block, offset, kv_head, dim] copy of the cache, paged
-on the engine's strided view of its own [block, kv_head, offset, dim] pool, and
-for cases without cached keys on the step's fresh keys and values (no block
+clear: vLLM's FlashAttention-3 (where vLLM is importable): paged on a [block,
+offset, kv_head, dim] copy of the cache, paged on the engine's strided view of
+its own [block, kv_head, offset, dim] pool, for cases with groups as the fa3
+backend's two passes on that view (each group's stacked rows against its
+prefix, each member's rows against its own keys, ``merge_attention``), and for
+cases without cached keys on the step's fresh keys and values (no block
 table: contiguous, and as the views of one fused QKV projection output the
 model hands over); and torch's scaled_dot_product_attention (cuDNN and flash backends, dense
 contiguous K/V, one call per sequence) for ``causal``.
@@ -48,6 +52,7 @@ CASES = {
     "chunked": (1, 8192, 8192, 0, 0),
     "members": (100, 160, 0, 2, 4000),
     "prompts": (8, 2048, 0, 0, 0),
+    "agroup": (80, 200, 0, 5, 2000),
 }
 
 
@@ -68,6 +73,7 @@ SWEEP: dict[str, list[dict[str, int]]] = {
     "members": [_pre(256, 64, 8, 3), _pre(256, 64, 16, 3), _pre(256, 64, 16, 2), {"wide_own_rows": 1 << 30},
                 {**_pre(256, 64, 16, 3), "block_m_own": 128}, _pre(128, 64, 8, 3)],
     "prompts": [_own(128, 64, 8, 3), _own(256, 64, 16, 3)],
+    "agroup": [_pre(256, 64, 8, 3), _pre(256, 64, 16, 3), {"wide_own_rows": 1 << 30}],
 }  # fmt: skip
 
 
@@ -106,6 +112,7 @@ def build(case: str, seed: int = 0) -> dict:
         c["g_lens"] = torch.full((groups,), pre_b * BLOCK, **i32)
         c["g_tables"] = g_tables
         c["prefix"], c["members"] = pre_b * BLOCK, members
+        c["own_tables"] = own_tables.contiguous()
         # pairs: every row sees the prefix and its own keys causally
         c["pairs"] = seqs * (new * pre_b * BLOCK + new * (new + 1) // 2)
     else:
@@ -117,7 +124,7 @@ def build(case: str, seed: int = 0) -> dict:
 
 
 def call(c: dict, out: torch.Tensor, lse: torch.Tensor) -> None:
-    if c["case"] == "members":
+    if "g_tables" in c:
         pa.two_level_attention(
             c["q"], c["k"], c["v"], c["cu_q"], c["kv_lens"], c["tables"], c["start"], c["cu_g"],
             c["g_lens"], c["g_tables"], c["scale"], c["max_q"], max_kv_len=c["max_kv"],
@@ -188,7 +195,7 @@ def fresh_kv(c: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def library_calls(c: dict) -> dict:
-    """Library kernels on case c (not members): name -> a call returning the output [T, H, D]."""
+    """Library kernels on case c: name -> a call returning the output [T, H, D]."""
     from bench.attention import _fa3
 
     calls = {}
@@ -205,6 +212,8 @@ def library_calls(c: dict) -> dict:
             c["q"], kview, vview, max_seqlen_q=c["new"], cu_seqlens_q=c["cu_q"], max_seqlen_k=c["max_kv"],
             seqused_k=c["kv_lens"], block_table=c["tables"], softmax_scale=c["scale"], causal=True, fa_version=3,
         )  # fmt: skip
+        if "g_tables" in c:
+            calls["fa3_two_pass"] = lambda: fa3_two_pass(c, fa, kview, vview)
         if c["case"] in ("causal", "prompts"):  # no cached keys: the step's own keys are all it reads
             kd, vd = fresh_kv(c)
             qkv = torch.cat([c["q"].flatten(1), kd.flatten(1), vd.flatten(1)], 1)  # [T, (H + 2 KVH) * D]
@@ -241,6 +250,23 @@ def library_calls(c: dict) -> dict:
     return calls
 
 
+def fa3_two_pass(c: dict, fa, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The fa3 backend's passes for a step of members (every row grouped): own keys causal, each group's
+    stacked rows against its prefix, merged into the first pass's output."""
+    seqs = len(c["cu_q"]) - 1
+    own_lens = torch.full((seqs,), c["new"], dtype=torch.int32, device=DEV)
+    out, lse = fa(
+        c["q"], k, v, max_seqlen_q=c["new"], cu_seqlens_q=c["cu_q"], max_seqlen_k=c["new"], seqused_k=own_lens,
+        block_table=c["own_tables"], softmax_scale=c["scale"], causal=True, return_softmax_lse=True, fa_version=3,
+    )  # fmt: skip
+    pre, pre_lse = fa(
+        c["q"], k, v, max_seqlen_q=c["members"] * c["new"], cu_seqlens_q=c["cu_g"], max_seqlen_k=c["prefix"],
+        seqused_k=c["g_lens"], block_table=c["g_tables"], softmax_scale=c["scale"], causal=False,
+        return_softmax_lse=True, fa_version=3,
+    )  # fmt: skip
+    return pa.merge_attention(pre, pre_lse.t(), out, lse.t(), out=out)
+
+
 def measure_library(c: dict, peak: float, name: str, fn, iters: int) -> dict:
     return {"library": name, **_timed(c, peak, fn, iters)}
 
@@ -265,7 +291,7 @@ def main() -> None:
         ok = [r for r in runs if "ms" in r and r["err"] < 0.05]
         best = min(ok, key=lambda r: r["ms"]) if ok else None
         libraries = []
-        if args.libraries and case != "members":
+        if args.libraries:
             libraries = [measure_library(c, peak, n, fn, args.iters) for n, fn in library_calls(c).items()]
         report["cases"][case] = {"pairs": c["pairs"], "runs": runs, "best": best, "libraries": libraries}
         for r in runs + libraries:
