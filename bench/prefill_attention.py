@@ -20,9 +20,11 @@ of rows before it is timed. ``--sweep`` also times tile configurations
 ``--libraries`` times library kernels on the same shapes as the bar ours must
 clear: vLLM's FlashAttention-3 (where vLLM is importable): paged on a [block,
 offset, kv_head, dim] copy of the cache, paged on the engine's strided view of
-its own [block, kv_head, offset, dim] pool, for cases with groups as the fa3
-backend's two passes on that view (each group's stacked rows against its
-prefix, each member's rows against its own keys, ``merge_attention``), and for
+its own [block, kv_head, offset, dim] pool, for cases with groups also as two
+passes on that view (each group's stacked rows against its prefix, each
+member's rows against its own keys, ``merge_attention``: 5% slower than one
+plain pass on ``agroup``, 18% on ``members``, H100, bench/RESULTS.md
+2026-12-05 night, so the fa3 backend runs one), and for
 cases without cached keys on the step's fresh keys and values (no block
 table: contiguous, and as the views of one fused QKV projection output the
 model hands over); and torch's scaled_dot_product_attention (cuDNN and flash backends, dense
@@ -251,8 +253,8 @@ def library_calls(c: dict) -> dict:
 
 
 def fa3_two_pass(c: dict, fa, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The fa3 backend's passes for a step of members (every row grouped): own keys causal, each group's
-    stacked rows against its prefix, merged into the first pass's output."""
+    """Two FA3 passes for a step of members (every row grouped): own keys causal, each group's stacked
+    rows against its prefix, merged into the first pass's output."""
     seqs = len(c["cu_q"]) - 1
     own_lens = torch.full((seqs,), c["new"], dtype=torch.int32, device=DEV)
     out, lse = fa(

@@ -20,14 +20,6 @@ from the pool but its own keys: FA3 takes the keys and values the projection
 just produced, unpaged, as ``store`` received them. Paged FA3 gathers its key
 tiles page by page; unpaged it streams them (bench.prefill_attention's
 ``prompts`` case measures both).
-
-A prefill step with groups runs two FA3 passes merged through their
-log-sum-exps: every group's query rows stacked against the group's prefix (not
-causal: members' queries all follow it), then every sequence's queries against
-its own keys (causal). FLOPs are the same as one plain pass; what changes is
-the tiles: a member's 200-token suffix fills one and a half 128-row tiles
-against its 2,200 keys, while a group of 16 such suffixes fills 25 tiles
-against the prefix (bench.prefill_attention's ``agroup`` case).
 Needs CUDA, bf16 or fp16, and vLLM.
 """
 
@@ -40,23 +32,6 @@ import torch
 
 from batchllm.engine.attention.base import BatchLayout, KVShape, fa3_missing, require_cuda_half, to_device
 from batchllm.engine.attention.triton import TritonBackend, TritonMeta, split_decode
-from batchllm.kernels.paged import merge_attention
-
-
-@dataclass
-class FA3Groups:
-    """The two passes of a prefill step with groups. Grouped sequences come after the plain ones, so their
-    token rows are q[lo:]; cu_rows counts each group's rows from there."""
-
-    lo: int
-    cu_rows: torch.Tensor  # [G + 1] int32
-    prefix_lens: torch.Tensor  # [G] int32
-    prefix_tables: torch.Tensor  # [G, Wp] int32
-    max_rows: int
-    max_prefix: int
-    own_lens: torch.Tensor  # [B] int32: keys from start_pos (a plain sequence's are all its keys)
-    own_tables: torch.Tensor  # [B, Wo] int32: each block table from start_pos on
-    max_own: int
 
 
 @dataclass
@@ -68,7 +43,6 @@ class FA3Meta:
     triton: TritonMeta
     fresh: bool = False
     kv: tuple[torch.Tensor, torch.Tensor] | None = None
-    groups: FA3Groups | None = None
 
 
 class FA3Backend(TritonBackend):
@@ -90,12 +64,6 @@ class FA3Backend(TritonBackend):
         if layout.is_decode or layout.tree_seqs is not None:
             return super().prepare(layout)
         split = split_decode(layout)
-        if layout.num_groups:  # a mixed step's decode rows, masked (no own keys), are redone by Triton
-            step = layout if split is None else split[0]
-            meta = self._meta(step)
-            if split is not None:
-                meta.decode = (to_device(split[2], self.shape.device), self._meta(split[1]))
-            return FA3Meta(meta, groups=self._groups(step))
         if split is None:
             return FA3Meta(self._meta(layout), fresh=bool((layout.kv_lens == layout.q_lens).all()))
         # A mixed step's decode rows would each read their whole context plain (a member its group's
@@ -105,29 +73,6 @@ class FA3Backend(TritonBackend):
         meta = self._meta(replace(layout, kv_lens=np.where(one, 1, layout.kv_lens).astype(np.int32)))
         meta.decode = (to_device(rows, self.shape.device), self._meta(decode))
         return FA3Meta(meta)
-
-    def _groups(self, lay: BatchLayout) -> FA3Groups:
-        bs, dev = self.shape.block_size, self.shape.device
-        cu_rows = lay.cu_seqlens_q[lay.group_seqs]
-        # split_decode empties the prefix of a group of decode rows only and leaves its rows no own key:
-        # FA3 gets one of each (those rows' results are discarded)
-        prefix = np.maximum(lay.group_prefix_lens, bs)
-        own = np.maximum(lay.kv_lens - lay.start_pos, 1)
-        cols = (lay.start_pos // bs)[:, None] + np.arange(int(-(-own.max() // bs)))[None, :]
-        width = lay.block_tables.shape[1]
-        tables = np.take_along_axis(lay.block_tables, np.minimum(cols, width - 1), 1)
-        tables[cols >= width] = -1
-        return FA3Groups(
-            lo=int(cu_rows[0]),
-            cu_rows=to_device((cu_rows - cu_rows[0]).astype(np.int32), dev),
-            prefix_lens=to_device(prefix.astype(np.int32), dev),
-            prefix_tables=to_device(lay.group_block_tables, dev),
-            max_rows=int(np.diff(cu_rows).max()),
-            max_prefix=int(prefix.max()),
-            own_lens=to_device(own.astype(np.int32), dev),
-            own_tables=to_device(tables, dev),
-            max_own=int(own.max()),
-        )
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: TritonMeta | FA3Meta) -> None:
         if isinstance(meta, FA3Meta):
@@ -148,10 +93,10 @@ class FA3Backend(TritonBackend):
                 q, k, v, max_seqlen_q=m.max_q_len, cu_seqlens_q=m.cu_seqlens_q, max_seqlen_k=m.max_q_len,
                 cu_seqlens_k=m.cu_seqlens_q, softmax_scale=scale, causal=True, fa_version=3,
             )  # fmt: skip
-        elif meta.groups is not None:
-            out = self._two_pass(layer, q, meta.groups, scale, m)
         else:
-            k, v = self._pages(layer)
+            # [block, kv_head, offset, dim] -> a [block, offset, kv_head, dim] view, as FA3's paged KV reads it
+            k = self.kv_cache[0, layer].transpose(1, 2)
+            v = self.kv_cache[1, layer].transpose(1, 2)
             out = self._fa(
                 q, k, v, max_seqlen_q=m.max_q_len, cu_seqlens_q=m.cu_seqlens_q, max_seqlen_k=m.max_kv_len,
                 seqused_k=m.kv_lens, block_table=m.block_tables, softmax_scale=scale, causal=True, fa_version=3,
@@ -160,34 +105,6 @@ class FA3Backend(TritonBackend):
             rows, decode = m.decode
             out[rows] = self._attend(layer, q[rows], decode, scale)
         return out
-
-    def _pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[block, kv_head, offset, dim] -> a [block, offset, kv_head, dim] view, as FA3's paged KV reads it."""
-        return self.kv_cache[0, layer].transpose(1, 2), self.kv_cache[1, layer].transpose(1, 2)
-
-    def _two_pass(
-        self, layer: int, q: torch.Tensor, g: FA3Groups, scale: float, m: TritonMeta
-    ) -> torch.Tensor:
-        k, v = self._pages(layer)
-        out, lse = self._fa(
-            q, k, v, max_seqlen_q=m.max_q_len, cu_seqlens_q=m.cu_seqlens_q, max_seqlen_k=g.max_own,
-            seqused_k=g.own_lens, block_table=g.own_tables, softmax_scale=scale, causal=True,
-            return_softmax_lse=True, fa_version=3,
-        )  # fmt: skip
-        pre, pre_lse = self._fa(
-            q[g.lo :], k, v, max_seqlen_q=g.max_rows, cu_seqlens_q=g.cu_rows, max_seqlen_k=g.max_prefix,
-            seqused_k=g.prefix_lens, block_table=g.prefix_tables, softmax_scale=scale, causal=False,
-            return_softmax_lse=True, fa_version=3,
-        )  # fmt: skip
-        own = out[g.lo :]
-        merge_attention(pre, _token_major(pre_lse, pre), own, _token_major(lse, out)[g.lo :], out=own)
-        return out
-
-
-def _token_major(lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """FA3's varlen log-sum-exp [heads, tokens] as the [tokens, heads] view merge_attention reads."""
-    assert lse.shape == out.shape[1::-1], "FA3's varlen lse is [heads, tokens]"
-    return lse.t()
 
 
 BACKEND = FA3Backend
