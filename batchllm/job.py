@@ -302,7 +302,7 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
     prepared = prepare(spec, table, dry_run=True)
     info = plan(spec, prepared)
     budget = decode_budget(spec, prepared)
-    decode = int(sum(int(budget[i]) for shard in info.shards for i in shard))
+    decode = int(sum(int(budget[np.asarray(shard, np.int64)].sum()) for shard in info.shards))
     physical = int(info.stats.get("physical_tokens", 0))
     compute_tokens = physical + decode
     config = model_config(Path(prepared.model_folder))
