@@ -413,14 +413,13 @@ def _whole_prompts() -> list[ScheduledChunk]:
 
 def _decode_group() -> list[ScheduledChunk]:
     """A plain prefill chunk, a group with a prefilling member, and a group whose rows are all decode rows."""
-    chunks = [
+    return [
         _chunk(_seq(0, 10, [1, 2, 3]), 4, 6),
         _chunk(_seq(2, 12, [20, 21, 6], group=7, shared=8), 8, 4),
         _chunk(_seq(3, 13, [20, 21, 7, 8], group=7, shared=8), 12, 1),
         _chunk(_seq(4, 10, [22, 9, 10], group=8, shared=4), 9, 1),
         _chunk(_seq(5, 6, [22, 11], group=8, shared=4), 5, 1),
     ]
-    return chunks
 
 
 @pytest.mark.skipif(
