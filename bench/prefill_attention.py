@@ -215,7 +215,8 @@ def library_calls(c: dict) -> dict:
             seqused_k=c["kv_lens"], block_table=c["tables"], softmax_scale=c["scale"], causal=True, fa_version=3,
         )  # fmt: skip
         if "g_tables" in c:
-            calls["fa3_two_pass"] = lambda: fa3_two_pass(c, fa, kview, vview)
+            own_lens = torch.full((len(c["cu_q"]) - 1,), c["new"], dtype=torch.int32, device=DEV)
+            calls["fa3_two_pass"] = lambda: fa3_two_pass(c, fa, kview, vview, own_lens)
         if c["case"] in ("causal", "prompts"):  # no cached keys: the step's own keys are all it reads
             kd, vd = fresh_kv(c)
             qkv = torch.cat([c["q"].flatten(1), kd.flatten(1), vd.flatten(1)], 1)  # [T, (H + 2 KVH) * D]
@@ -252,11 +253,9 @@ def library_calls(c: dict) -> dict:
     return calls
 
 
-def fa3_two_pass(c: dict, fa, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Two FA3 passes for a step of members (every row grouped): own keys causal, each group's stacked
-    rows against its prefix, merged into the first pass's output."""
-    seqs = len(c["cu_q"]) - 1
-    own_lens = torch.full((seqs,), c["new"], dtype=torch.int32, device=DEV)
+def fa3_two_pass(c: dict, fa, k: torch.Tensor, v: torch.Tensor, own_lens: torch.Tensor) -> torch.Tensor:
+    """Two FA3 passes for a step of members (every row grouped): own keys (own_lens each) causal, each
+    group's stacked rows against its prefix, merged into the first pass's output."""
     out, lse = fa(
         c["q"], k, v, max_seqlen_q=c["new"], cu_seqlens_q=c["cu_q"], max_seqlen_k=c["new"], seqused_k=own_lens,
         block_table=c["own_tables"], softmax_scale=c["scale"], causal=True, return_softmax_lse=True, fa_version=3,
