@@ -12,11 +12,20 @@ import torch
 
 from batchllm.engine.attention import AttentionBackend, KVShape, create_backend, resolve_name
 from batchllm.engine.graphs import graph_sizes, group_capacity, table_width
+from batchllm.engine.rope import Rope
 from batchllm.engine.runner import build_layout
 from batchllm.engine.sequence import ScheduledChunk, Sequence
 from batchllm.engine.staging import Staging
 
 BS = 4
+FUSED_ROPE = ("triton", "fa3", "flashinfer")  # backends whose store fuses with RoPE (``store_slots``)
+
+
+def _rope(positions: np.ndarray, head_dim: int, dtype: torch.dtype, device: str, fused: bool) -> Rope:
+    """A step's RoPE over a table of random angles (its halves repeat, as ``rope_table``'s do)."""
+    half = torch.randn(64, 2, head_dim // 2, generator=torch.Generator().manual_seed(11))
+    table = torch.cat([half, half], dim=-1).to(device)
+    return Rope(table, torch.from_numpy(positions).to(device), dtype, fused)
 
 
 def _chunk(seq: Sequence, start: int, num_tokens: int, sample: bool = True) -> ScheduledChunk:
@@ -167,8 +176,10 @@ def _run_backend(
     block: int = BS,
     wrap: Callable[[AttentionBackend], None] | None = None,
 ) -> torch.Tensor:
-    """Store random keys for every cached position, then attend with the step's queries, layer 0
-    (the same values for every backend, dtype and device: drawn in float32 on the CPU, then cast).
+    """Store random keys for every cached position, then rotate the step's queries and keys and store
+    them (``rope_store``: one kernel on the backends of FUSED_ROPE, plain torch and ``store`` on the
+    others) and attend, layer 0 (the same values for every backend, dtype and device: drawn in float32
+    on the CPU, then cast).
     wrap: called with the backend before the step (to observe it)."""
     shape = KVShape(1, 32, block, 2, head_dim, dtype, torch.device(device))
     backend = create_backend(name, shape)
@@ -192,7 +203,8 @@ def _run_backend(
         .contiguous()
     )
     k, v = kv.unbind(1)
-    backend.store(0, k, v, meta)
+    rope = _rope(lay.positions, head_dim, dtype, device, fused=name in FUSED_ROPE)
+    q = backend.rope_store(0, rope, q, k, v, meta, fresh_q=True)
     return backend.forward(0, q, meta, head_dim**-0.5)
 
 
@@ -462,10 +474,10 @@ def test_fa3_backend_reads_the_pool_through_a_strided_view(monkeypatch, kind: st
     q = torch.randn(lay.num_tokens, 4, 16, generator=gen)
     # keys and values as the model hands them over: strided views of one projection output
     k, v = torch.randn(2, lay.num_tokens, 2, 16, generator=gen).transpose(0, 1).contiguous().unbind(1)
-    backend.store(0, k, v, meta)
+    q = backend.rope_store(0, _rope(lay.positions, 16, torch.float32, "cpu", fused=True), q, k, v, meta, True)
     torch.testing.assert_close(backend.forward(0, q, meta, 16**-0.5), ref, atol=2e-5, rtol=1e-4)
     assert paged == ([] if kind == "decode" else [kind != "fresh"])
-    if kind == "fresh":  # the pool still holds the keys for later steps; the step let go of them
+    if kind == "fresh":  # the pool still holds the (rotated) keys for later steps; the step let go of them
         assert meta.kv is None
         torch.testing.assert_close(
             backend.kv_cache[0, 0, 4].transpose(0, 1), k[6 : 6 + BS]

@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 
 from batchllm.engine.model import RMSNorm
 from batchllm.engine.rope import Rope, apply_rope
-from batchllm.kernels.elementwise import rms_norm, rope_, silu_mul
+from batchllm.kernels.elementwise import rms_norm, rope_, rope_store, silu_mul
+from batchllm.kernels.paged import store_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -72,6 +73,53 @@ def test_rope_in_place_on_a_strided_view(dtype: torch.dtype) -> None:
     torch.testing.assert_close(rope_(q, positions, table), want_q, **tol)
     torch.testing.assert_close(rope_(k, positions, table), want_k, **tol)
     assert torch.equal(v, v_before)  # the values beside them untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 16), (6, 3, 32), (8, 8, 64)])
+@pytest.mark.parametrize("fresh", [False, True])
+def test_rope_store_is_rope_twice_then_store_kv(
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, fresh: bool
+) -> None:
+    """The fused kernel gives the bits of the three calls it replaces: rotated queries (in place or
+    fresh), keys rotated in place, keys and values at their slots (-1: skipped), the rest of the pool
+    untouched; strided views of one projection output, GQA ratios 2, 2 (non-power-of-two heads) and 1,
+    a cache of another dtype than the activations."""
+    g = torch.Generator().manual_seed(heads * dim)
+    tokens, block, blocks = 7, 4, 6
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype).to(DEVICE)
+    half = torch.randn(64, 2, dim // 2, generator=g)
+    table = torch.cat([half, half], dim=-1).to(DEVICE)
+    positions = torch.tensor([0, 5, 9, 33, 63, 7, 12], device=DEVICE)
+    slots = torch.tensor([5, 17, -1, 23, 0, -1, 9], device=DEVICE)
+    pool = torch.randn(2, blocks, kv_heads, block, dim, generator=g).to(DEVICE)  # float32 pool
+    cache_dtype = torch.float16 if dtype == torch.bfloat16 and DEVICE == "cpu" else dtype
+    pool = pool.to(cache_dtype)  # (the interpreter rounds float32 -> bf16 by truncation: fp16 there)
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = t.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        return q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+
+    want_qkv, want_pool = qkv.clone(), pool.clone()
+    q, k, v = split(want_qkv)
+    want_q = rope_(q, positions, table, torch.empty(q.shape, dtype=dtype, device=DEVICE) if fresh else None)
+    store_kv(rope_(k, positions, table), v, want_pool[0], want_pool[1], slots)
+
+    q, k, v = split(qkv)
+    got_q = rope_store(
+        q,
+        k,
+        v,
+        positions,
+        table,
+        pool[0],
+        pool[1],
+        slots,
+        torch.empty(q.shape, dtype=dtype, device=DEVICE) if fresh else None,
+    )
+    assert torch.equal(got_q, want_q) and torch.equal(pool, want_pool)
+    assert torch.equal(qkv, want_qkv)  # in place: the same queries (unless fresh) and keys; values untouched
+    assert (got_q.data_ptr() == q.data_ptr()) != fresh
 
 
 def test_model_modules_take_the_fused_path() -> None:

@@ -1,6 +1,6 @@
 """The engine end to end on the Triton backend (its interpreter on CPU): mixed steps whose decode rows
-run in a launch of their own, pipelined decode, shared prefixes; greedy tokens equal the torch
-reference backend's."""
+run in a launch of their own, pipelined decode, shared prefixes, with and without the fused
+elementwise kernels (CUDA's path); greedy tokens equal the torch reference backend's."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ def test_triton_engine_equals_the_reference(tmp_path, monkeypatch) -> None:
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     kw = dict(device="cpu", max_num_batched_tokens=48, kv_cache_tokens=4096)
     want = Engine(folder, attention="torch", pipelined_decode=False, **kw).generate(prompts, params)
-    engine = Engine(folder, attention="triton", **kw)
-    got = engine.generate(prompts, params)
-    assert engine.stats.mixed_steps > 0 and engine.stats.prefixes_computed == 3
-    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    for fused in (False, True):
+        engine = Engine(folder, attention="triton", **kw)
+        engine.model.use_fused_kernels(fused)  # CUDA's path: norms, SiLU, RoPE + KV store as Triton kernels
+        got = engine.generate(prompts, params)
+        assert engine.stats.mixed_steps > 0 and engine.stats.prefixes_computed == 3
+        assert [r.token_ids for r in got] == [r.token_ids for r in want], f"fused kernels {fused}"
 
 
 def test_decode_steps_on_graph_buffers_equal_the_reference(tmp_path, monkeypatch) -> None:

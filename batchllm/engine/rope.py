@@ -66,3 +66,20 @@ class Rope:
             out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if fresh else None
             return rope_(x, self.positions, self.table, out)
         return apply_rope(x, self.cos, self.sin)
+
+    def rotate_store(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        caches: tuple[torch.Tensor, torch.Tensor],
+        slots: torch.Tensor,
+        fresh: bool,
+    ) -> torch.Tensor:
+        """The fused path's ``self(q, fresh)``, ``self(k)`` and the paged store of k and v into caches
+        (k, v) at slots, as one kernel; k is rotated in place. Returns the rotated queries."""
+        from batchllm.kernels.elementwise import rope_store
+
+        assert self.fused, "rotate_store is the fused kernel's"
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if fresh else None
+        return rope_store(q, k, v, self.positions, self.table, caches[0], caches[1], slots, out)

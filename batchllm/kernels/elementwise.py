@@ -1,4 +1,5 @@
-"""Fused elementwise kernels of a decoder layer: residual add + RMSNorm, SiLU-and-mul, RoPE in place.
+"""Fused elementwise kernels of a decoder layer: residual add + RMSNorm, SiLU-and-mul, RoPE in place
+(with the paged KV store of the rotated keys and the values in the same pass).
 
 In plain torch each of these is several kernels that each read and write the
 whole activation (RMSNorm alone: a float32 copy, square, mean, rsqrt, two
@@ -116,40 +117,149 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rotated(x1, x2, cos, sin):
+    """Rotate-half RoPE of a head's two halves [heads, HALF] by cos/sin [HALF] (float32, cast to x's
+    dtype as torch does), rounded where ``x * cos + rotate_half(x) * sin`` rounds."""
+    dt = x1.dtype
+    a1 = (x1.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
+    a2 = (x2.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
+    b1 = (-x2.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)  # rotate_half: [-x2, x1]
+    b2 = (x1.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)
+    return (a1 + b1).to(dt), (a2 + b2).to(dt)
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr,
     out_ptr,
     pos_ptr,
     table_ptr,
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
     stride_xt,
     stride_xh,
     stride_ot,
     stride_oh,
     stride_tp,
     stride_tc,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_ch,
+    stride_co,
     n_heads,
+    n_kv_heads,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    STORE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, HALF)
-    ok = (h < n_heads)[:, None]
-    base = x_ptr + t * stride_xt + h[:, None] * stride_xh + d[None, :]
-    x1 = tl.load(base, mask=ok, other=0.0)
-    x2 = tl.load(base + HALF, mask=ok, other=0.0)
-    dt = x1.dtype
     # the table holds cos and sin of the full head_dim (its two halves repeat); cast as torch does
+    dt = x_ptr.dtype.element_ty
     cos = tl.load(table_ptr + pos * stride_tp + d).to(dt).to(tl.float32)
     sin = tl.load(table_ptr + pos * stride_tp + stride_tc + d).to(dt).to(tl.float32)
-    a1 = (x1.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
-    a2 = (x2.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
-    b1 = (-x2.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)  # rotate_half: [-x2, x1]
-    b2 = (x1.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)
+    h = tl.arange(0, BLOCK_H)
+    ok = (h < n_heads)[:, None]
+    base = x_ptr + t * stride_xt + h[:, None] * stride_xh + d[None, :]
+    y1, y2 = _rotated(tl.load(base, mask=ok, other=0.0), tl.load(base + HALF, mask=ok, other=0.0), cos, sin)
     dst = out_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :]
-    tl.store(dst, (a1 + b1).to(dt), mask=ok)
-    tl.store(dst + HALF, (a2 + b2).to(dt), mask=ok)
+    tl.store(dst, y1, mask=ok)
+    tl.store(dst + HALF, y2, mask=ok)
+    if STORE:  # the keys rotated in place, then keys and values into their slot (-1: none)
+        kh = tl.arange(0, BLOCK_KH)
+        kok = (kh < n_kv_heads)[:, None]
+        kbase = k_ptr + t * stride_kt + kh[:, None] * stride_kh + d[None, :]
+        k1, k2 = _rotated(
+            tl.load(kbase, mask=kok, other=0.0), tl.load(kbase + HALF, mask=kok, other=0.0), cos, sin
+        )
+        tl.store(kbase, k1, mask=kok)
+        tl.store(kbase + HALF, k2, mask=kok)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            at = (
+                (slot // BLOCK_SIZE) * stride_cb
+                + (slot % BLOCK_SIZE) * stride_co
+                + kh[:, None] * stride_ch
+                + d[None, :]
+            )
+            vbase = v_ptr + t * stride_vt + kh[:, None] * stride_vh + d[None, :]
+            kty, vty = kc_ptr.dtype.element_ty, vc_ptr.dtype.element_ty
+            tl.store(kc_ptr + at, k1.to(kty), mask=kok)
+            tl.store(kc_ptr + at + HALF, k2.to(kty), mask=kok)
+            tl.store(vc_ptr + at, tl.load(vbase, mask=kok).to(vty), mask=kok)
+            tl.store(vc_ptr + at + HALF, tl.load(vbase + HALF, mask=kok).to(vty), mask=kok)
+
+
+def _rope_launch(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    table: torch.Tensor,
+    out: torch.Tensor | None,
+    kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """RoPE of x [T, heads, head_dim] into out (default x); kv: (k, v, k_cache, v_cache, slots) to
+    rotate k in place and store k and v in the same launch."""
+    tokens, heads, dim = x.shape
+    assert x.stride(-1) == 1 and dim % 2 == 0 and table.is_contiguous() and table.dtype == torch.float32
+    out = x if out is None else out
+    assert out.shape == x.shape and out.stride(-1) == 1 and out.dtype == x.dtype
+    k, v, k_cache, v_cache, slots = kv if kv is not None else (x, x, x, x, positions)
+    if kv is not None:
+        assert (
+            k.dtype == x.dtype
+            and k.shape == v.shape == (tokens, k.shape[1], dim)
+            and slots.shape == (tokens,)
+        )
+        assert k.stride(-1) == 1 and v.stride(-1) == 1
+        assert (
+            k_cache.shape == v_cache.shape
+            and k_cache.stride() == v_cache.stride()
+            and k_cache.stride(-1) == 1
+        )
+        assert k_cache.shape[1] == k.shape[1] and k_cache.shape[3] == dim
+    if tokens:
+        _rope_kernel[(tokens,)](
+            x,
+            out,
+            positions,
+            table,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            slots,
+            x.stride(0),
+            x.stride(1),
+            out.stride(0),
+            out.stride(1),
+            table.stride(0),
+            table.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            k_cache.stride(0) if kv is not None else 0,
+            k_cache.stride(1) if kv is not None else 0,
+            k_cache.stride(2) if kv is not None else 0,
+            heads,
+            k.shape[1],
+            HALF=dim // 2,
+            BLOCK_H=triton.next_power_of_2(heads),
+            BLOCK_KH=triton.next_power_of_2(k.shape[1]),
+            BLOCK_SIZE=k_cache.shape[2] if kv is not None else 1,
+            STORE=kv is not None,
+            num_warps=4,
+        )
+    return out
 
 
 def rope_(
@@ -163,25 +273,22 @@ def rope_(
     table: [max_len, 2, head_dim] float32 cos/sin by position (``rope.rope_table``).
     Same rounding as ``x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)``.
     """
-    tokens, heads, dim = x.shape
-    assert x.stride(-1) == 1 and dim % 2 == 0 and table.is_contiguous() and table.dtype == torch.float32
-    out = x if out is None else out
-    assert out.shape == x.shape and out.stride(-1) == 1 and out.dtype == x.dtype
-    if tokens:
-        _rope_kernel[(tokens,)](
-            x,
-            out,
-            positions,
-            table,
-            x.stride(0),
-            x.stride(1),
-            out.stride(0),
-            out.stride(1),
-            table.stride(0),
-            table.stride(1),
-            heads,
-            HALF=dim // 2,
-            BLOCK_H=triton.next_power_of_2(heads),
-            num_warps=4,
-        )
-    return out
+    return _rope_launch(x, positions, table, out, None)
+
+
+def rope_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    table: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    q_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A layer's ``rope_(q, out=q_out)``, ``rope_(k)`` and ``store_kv(k, v, ...)`` as one kernel, same
+    results: k is rotated in place, then k and v [T, kv_heads, head_dim] go to their slots of the
+    paged caches [block, kv_head, offset, head_dim] (slot -1 skips the row). One launch per layer
+    instead of three, and k is read once. Returns the rotated queries."""
+    return _rope_launch(q, positions, table, q_out, (k, v, k_cache, v_cache, slots))

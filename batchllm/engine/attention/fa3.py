@@ -32,6 +32,7 @@ import torch
 
 from batchllm.engine.attention.base import BatchLayout, KVShape, fa3_missing, require_cuda_half, to_device
 from batchllm.engine.attention.triton import TritonBackend, TritonMeta, split_decode
+from batchllm.engine.rope import Rope
 
 
 @dataclass
@@ -80,6 +81,22 @@ class FA3Backend(TritonBackend):
             meta.kv = (k, v) if meta.fresh else None
         else:
             super().store(layer, k, v, meta)
+
+    def rope_store(
+        self,
+        layer: int,
+        rope: Rope,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: TritonMeta | FA3Meta,
+        fresh_q: bool,
+    ) -> torch.Tensor:
+        if not (isinstance(meta, FA3Meta) and rope.fused):
+            return super().rope_store(layer, rope, q, k, v, meta, fresh_q)  # ``store`` keeps fresh keys
+        q = super().rope_store(layer, rope, q, k, v, meta.triton, fresh_q)  # one kernel, k rotated in place
+        meta.kv = (k, v) if meta.fresh else None
+        return q
 
     def forward(self, layer: int, q: torch.Tensor, meta: TritonMeta | FA3Meta, scale: float) -> torch.Tensor:
         if not isinstance(meta, FA3Meta):

@@ -191,6 +191,9 @@ class FlashInferBackend(AttentionBackend):
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: FlashInferMeta) -> None:
         store_kv(k, v, self.kv_cache[0, layer], self.kv_cache[1, layer], meta.slot_mapping)
 
+    def store_slots(self, meta: FlashInferMeta) -> torch.Tensor:
+        return meta.slot_mapping
+
     def forward(self, layer: int, q: torch.Tensor, meta: FlashInferMeta, scale: float) -> torch.Tensor:
         if meta.planned != {"scale": scale, "heads": q.shape[1]}:
             self._plan(meta, scale, q.shape[1])

@@ -154,6 +154,9 @@ class TritonBackend(AttentionBackend):
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: TritonMeta) -> None:
         store_kv(k, v, self.kv_cache[0, layer], self.kv_cache[1, layer], meta.slot_mapping)
 
+    def store_slots(self, meta: TritonMeta) -> torch.Tensor:
+        return meta.slot_mapping
+
     def forward(self, layer: int, q: torch.Tensor, meta: TritonMeta, scale: float) -> torch.Tensor:
         out = self._attend(layer, q, meta, scale)
         if meta.decode is not None:
