@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.profile import host_in_gaps, idle_gaps, kind_of
+from bench.profile import host_in_gaps, idle_gaps, kind_of, kind_walls
 
 
 def test_idle_gaps_by_hand() -> None:
@@ -28,6 +28,18 @@ def test_kernel_kinds() -> None:
     assert kind_of("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT") == "gemm"
     assert kind_of("Memcpy HtoD (Pinned -> Device)") == "copy"
     assert kind_of("something_new") == "other"
+
+
+def test_kind_walls_count_overlapping_kernels_of_a_kind_once() -> None:
+    # two attention kernels on two streams overlap by 40 us; a GEMM overlaps one of them (other kind)
+    named = [
+        ("_attention_kernel", 0, 100),
+        ("_attention_kernel", 60, 160),
+        ("nvjet_tst_128x256", 150, 250),
+        ("_rope_kernel", 250, 260),
+    ]
+    assert kind_walls(named) == pytest.approx({"attention": 0.160, "gemm": 0.100, "rope": 0.010})
+    assert list(kind_walls(named)) == ["attention", "gemm", "rope"]  # longest first
 
 
 def test_host_in_gaps_by_hand() -> None:
