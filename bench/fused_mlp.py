@@ -10,6 +10,7 @@ sees it); a sweep times the baselines again at its end (the GPU's clock
 drifts). TFLOP/s count the GEMM's 2 x T x 4096 x 28672 FLOPs.
 
     python -m bench.fused_mlp [--rows 16384,12288] [--sweep] [--json out.json]
+    python -m bench.fused_mlp --rows 448,512,1600 --sweep   # decode sizes: would the epilogue pay there?
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from batchllm.kernels.elementwise import silu_mul
 from bench.attention import time_ms
 
 HIDDEN, INTERMEDIATE = 4096, 14336
-SWEEP = [  # gate_up.KEYS
+SWEEP = [  # gate_up.KEYS; the 64-row tiles for decode sizes (448-1,600 rows: fewer idle tile rows)
     (128, 128, 64, 3, 8, 8),
     (128, 128, 64, 3, 8, 32),
     (128, 128, 64, 4, 8, 16),
     (128, 64, 64, 4, 8, 16),
+    (64, 128, 64, 4, 4, 8),
+    (64, 64, 64, 4, 4, 8),
 ]
 
 
