@@ -5,7 +5,9 @@ their own (bench/RESULTS.md); a kernel change must beat that. This bench
 builds ONE engine and runs the same workload under each configuration in
 turn, round after round (A B A B ...), changing only the Triton launch
 heuristics' overrides (``batchllm.kernels.paged.CONFIG_OVERRIDE``, the keys of
-``BATCHLLM_ATTENTION_CONFIG``; ``{}`` = the built-in heuristics). Each timed
+``BATCHLLM_ATTENTION_CONFIG``; ``{}`` = the built-in heuristics) and the model's
+own thresholds (MODEL_KEYS: ``gate_up_epilogue_min_rows``, from how many rows
+the gate/up GEMM writes silu(gate) * up itself). Each timed
 run reports its wall time, throughput and Triton compiles inside the timed
 region (a new configuration compiles new kernel variants: read the later
 rounds).
@@ -13,6 +15,8 @@ rounds).
     python -m bench.config_ab score --case 8000,150,20,40 --kv-tokens 205000 \\
         --config '{}' --config '{"block_m_pre": 64}' --rounds 2 --json /tmp/ab.json
     python -m bench.config_ab generate --case 2000,200,100,16,100 --config '{}' --config '{"num_warps": 4}'
+    python -m bench.config_ab generate --case 2000,200,100,16,100 --kv-tokens 205000 \
+        --config '{}' --config '{"gate_up_epilogue_min_rows": 1}'   # the epilogue at decode sizes too
     python -m bench.config_ab score --model tiny --device cpu --case 64,16,4,2 --config '{}'   # smoke
 
 After the bench name: --config (repeatable JSON), --rounds, --json, --mode
@@ -31,6 +35,15 @@ from typing import Any
 
 from bench import generate, score
 from bench.compiles import compile_log
+
+# configuration keys that set a class attribute of the model instead of an attention override
+MODEL_KEYS = {"gate_up_epilogue_min_rows": ("MLP", "GEMM_EPILOGUE_MIN_ROWS")}
+
+
+def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[str, str], Any]]:
+    """(attention overrides, {(model class, attribute): value}) of one --config."""
+    model = {MODEL_KEYS[k]: v for k, v in config.items() if k in MODEL_KEYS}
+    return {k: v for k, v in config.items() if k not in MODEL_KEYS}, model
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -63,13 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     vocab = shape.vocab
     kw, _ignored = generate.supported(Engine, module.engine_kwargs(args, dtype))
     engine = Engine(folder, **kw)
+    from batchllm.engine import model as model_module
     from batchllm.kernels.paged import CONFIG_OVERRIDE  # after the engine: it sets up Triton on CPU
 
+    defaults = {key: getattr(getattr(model_module, key[0]), key[1]) for key in MODEL_KEYS.values()}
     runs: list[dict[str, Any]] = []
     for r in range(ours.rounds):
         for i, config in enumerate(ours.config):
+            attention, model = split_config(config)
             CONFIG_OVERRIDE.clear()
-            CONFIG_OVERRIDE.update(config)
+            CONFIG_OVERRIDE.update(attention)
+            for (cls, attr), value in {**defaults, **model}.items():
+                setattr(getattr(model_module, cls), attr, value)
             if engine.runner.graphs is not None:  # captured graphs replay the configuration they were
                 engine.runner.graphs.reset()  # recorded with: this one's decode steps capture anew
             with compile_log() as log:
@@ -94,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(row)
             print(json.dumps(row), flush=True)
     CONFIG_OVERRIDE.clear()
+    for (cls, attr), value in defaults.items():
+        setattr(getattr(model_module, cls), attr, value)
     summary = []
     for i, config in enumerate(ours.config):
         walls = [x["wall_s"] for x in runs if x["config"] == i]

@@ -87,3 +87,30 @@ def test_a_terminated_generate_bench_keeps_what_it_measured(tmp_path: Path) -> N
     assert result["native_engine"]["engine_kwargs"]["device"] == "cpu"  # stopped in the native runs
     assert result["cases"][0]["native"] == {}  # unfinished: nothing claimed for it
     assert not (tmp_path / "results.json.part").exists()
+
+
+def test_config_ab_sets_the_model_thresholds_and_restores_them(tmp_path: Path, monkeypatch) -> None:
+    """A/B of a model threshold (bench.config_ab's MODEL_KEYS) beside an attention override: each run
+    sees its own configuration's value, and the defaults are back after the bench."""
+    from batchllm.engine.model import MLP
+    from bench import config_ab
+
+    assert config_ab.split_config({"gate_up_epilogue_min_rows": 1, "num_warps": 4}) == (
+        {"num_warps": 4},
+        {("MLP", "GEMM_EPILOGUE_MIN_ROWS"): 1},
+    )
+    default, seen = MLP.GEMM_EPILOGUE_MIN_ROWS, []
+    generate_run = config_ab.generate.native_run
+
+    def recording(*a: Any, **kw: Any) -> dict[str, Any]:
+        seen.append(MLP.GEMM_EPILOGUE_MIN_ROWS)
+        return generate_run(*a, **kw)
+
+    out = tmp_path / "ab.json"
+    argv = ["generate", "--config", "{}", "--config", '{"gate_up_epilogue_min_rows": 1}', "--rounds", "1"]
+    argv += ["--json", str(out), "--model", "tiny", "--device", "cpu", "--case", "64,16,2,2,2"]
+    monkeypatch.setattr(config_ab.generate, "native_run", recording)
+    assert config_ab.main(argv) == 0
+    assert seen == [default, 1]
+    assert default == MLP.GEMM_EPILOGUE_MIN_ROWS  # restored
+    assert [r["errors"] for r in json.loads(out.read_text())["runs"]] == [0, 0]
