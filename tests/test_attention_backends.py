@@ -204,7 +204,7 @@ def _run_backend(
     )
     k, v = kv.unbind(1)
     rope = _rope(lay.positions, head_dim, dtype, device, fused=name in FUSED_ROPE)
-    q = backend.rope_store(0, rope, q, k, v, meta, fresh_q=True)
+    q = backend.rope_store(0, rope, (q, k, v), meta, fresh_q=True)
     return backend.forward(0, q, meta, head_dim**-0.5)
 
 
@@ -474,7 +474,9 @@ def test_fa3_backend_reads_the_pool_through_a_strided_view(monkeypatch, kind: st
     q = torch.randn(lay.num_tokens, 4, 16, generator=gen)
     # keys and values as the model hands them over: strided views of one projection output
     k, v = torch.randn(2, lay.num_tokens, 2, 16, generator=gen).transpose(0, 1).contiguous().unbind(1)
-    q = backend.rope_store(0, _rope(lay.positions, 16, torch.float32, "cpu", fused=True), q, k, v, meta, True)
+    q = backend.rope_store(
+        0, _rope(lay.positions, 16, torch.float32, "cpu", fused=True), (q, k, v), meta, True
+    )
     torch.testing.assert_close(backend.forward(0, q, meta, 16**-0.5), ref, atol=2e-5, rtol=1e-4)
     assert paged == ([] if kind == "decode" else [kind != "fresh"])
     if kind == "fresh":  # the pool still holds the (rotated) keys for later steps; the step let go of them

@@ -87,7 +87,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = backend.rope_store(layer, rope, q, k, v, meta, fresh_q=self.q_norm is None)  # q_norm's q is fresh
+        q = backend.rope_store(layer, rope, (q, k, v), meta, fresh_q=self.q_norm is None)  # q_norm's: fresh
         o = backend.forward(layer, q, meta, self.scale).reshape(-1, self.q_size)
         return self.o_proj(o if keep is None else o[keep])
 

@@ -28,6 +28,9 @@ import torch
 from batchllm.engine.rope import Rope
 from batchllm.engine.staging import Field
 
+# a layer's new queries, keys and values [T, heads or kv_heads, head_dim]
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 @dataclass
 class BatchLayout:
@@ -139,19 +142,11 @@ class AttentionBackend(ABC):
         skips): RoPE and the store then run as one kernel (``rope_store``). None: stored otherwise."""
         return None
 
-    def rope_store(
-        self,
-        layer: int,
-        rope: Rope,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        meta: Any,
-        fresh_q: bool,
-    ) -> torch.Tensor:
+    def rope_store(self, layer: int, rope: Rope, qkv: QKV, meta: Any, fresh_q: bool) -> torch.Tensor:
         """RoPE on a layer's queries and keys, then ``store``; returns the rotated queries (fresh_q: in a
         new tensor). Where RoPE is fused and the backend has ``store_slots``, the three are one kernel:
         one launch per layer instead of three (of the ~13 a decode step ran per layer)."""
+        q, k, v = qkv
         slots = self.store_slots(meta) if rope.fused else None
         if slots is None:
             q, k = rope(q, fresh=fresh_q), rope(k)

@@ -30,7 +30,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from batchllm.engine.attention.base import BatchLayout, KVShape, fa3_missing, require_cuda_half, to_device
+from batchllm.engine.attention.base import (
+    QKV,
+    BatchLayout,
+    KVShape,
+    fa3_missing,
+    require_cuda_half,
+    to_device,
+)
 from batchllm.engine.attention.triton import TritonBackend, TritonMeta, split_decode
 from batchllm.engine.rope import Rope
 
@@ -83,18 +90,12 @@ class FA3Backend(TritonBackend):
             super().store(layer, k, v, meta)
 
     def rope_store(
-        self,
-        layer: int,
-        rope: Rope,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        meta: TritonMeta | FA3Meta,
-        fresh_q: bool,
+        self, layer: int, rope: Rope, qkv: QKV, meta: TritonMeta | FA3Meta, fresh_q: bool
     ) -> torch.Tensor:
         if not (isinstance(meta, FA3Meta) and rope.fused):
-            return super().rope_store(layer, rope, q, k, v, meta, fresh_q)  # ``store`` keeps fresh keys
-        q = super().rope_store(layer, rope, q, k, v, meta.triton, fresh_q)  # one kernel, k rotated in place
+            return super().rope_store(layer, rope, qkv, meta, fresh_q)  # ``store`` keeps fresh keys
+        q = super().rope_store(layer, rope, qkv, meta.triton, fresh_q)  # one kernel
+        _, k, v = qkv  # k rotated in place
         meta.kv = (k, v) if meta.fresh else None
         return q
 
