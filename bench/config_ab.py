@@ -81,39 +81,41 @@ def main(argv: list[str] | None = None) -> int:
 
     defaults = {key: getattr(getattr(model_module, key[0]), key[1]) for key in MODEL_KEYS.values()}
     runs: list[dict[str, Any]] = []
-    for r in range(ours.rounds):
-        for i, config in enumerate(ours.config):
-            attention, model = split_config(config)
-            CONFIG_OVERRIDE.clear()
-            CONFIG_OVERRIDE.update(attention)
-            for (cls, attr), value in {**defaults, **model}.items():
-                setattr(getattr(model_module, cls), attr, value)
-            if engine.runner.graphs is not None:  # captured graphs replay the configuration they were
-                engine.runner.graphs.reset()  # recorded with: this one's decode steps capture anew
-            with compile_log() as log:
-                if ours.bench == "score":
-                    run = score.native_run(engine, case, ours.mode, args, vocab, args.seed)
-                else:
-                    run = generate.native_run(engine, case, vocab, args.seed, args.device)
-            row = {
-                "round": r,
-                "config": i,
-                "override": config,
-                "wall_s": round(run["wall_s"], 3),
-                "per_s": round(run["req_per_s"], 2),
-                "errors": run["errors"],
-            }
-            # generate.native_run logs its timed runs' compiles itself (a nested log: not seen by ours)
-            timed = [c["count"] for c in run["compiles"]] if ours.bench == "generate" else []
-            row["compiles_incl_warmup"] = log.as_dict()["count"] + sum(timed)
-            if ours.bench == "generate":
-                row["compiles_timed"] = timed
-                row["decode_ms_per_step"] = run["decode_ms_per_step"]
-            runs.append(row)
-            print(json.dumps(row), flush=True)
-    CONFIG_OVERRIDE.clear()
-    for (cls, attr), value in defaults.items():
-        setattr(getattr(model_module, cls), attr, value)
+    try:
+        for r in range(ours.rounds):
+            for i, config in enumerate(ours.config):
+                attention, model = split_config(config)
+                CONFIG_OVERRIDE.clear()
+                CONFIG_OVERRIDE.update(attention)
+                for (cls, attr), value in {**defaults, **model}.items():
+                    setattr(getattr(model_module, cls), attr, value)
+                if engine.runner.graphs is not None:  # captured graphs replay the configuration they were
+                    engine.runner.graphs.reset()  # recorded with: this one's decode steps capture anew
+                with compile_log() as log:
+                    if ours.bench == "score":
+                        run = score.native_run(engine, case, ours.mode, args, vocab, args.seed)
+                    else:
+                        run = generate.native_run(engine, case, vocab, args.seed, args.device)
+                row = {
+                    "round": r,
+                    "config": i,
+                    "override": config,
+                    "wall_s": round(run["wall_s"], 3),
+                    "per_s": round(run["req_per_s"], 2),
+                    "errors": run["errors"],
+                }
+                # generate.native_run logs its timed runs' compiles itself (a nested log: not seen by ours)
+                timed = [c["count"] for c in run["compiles"]] if ours.bench == "generate" else []
+                row["compiles_incl_warmup"] = log.as_dict()["count"] + sum(timed)
+                if ours.bench == "generate":
+                    row["compiles_timed"] = timed
+                    row["decode_ms_per_step"] = run["decode_ms_per_step"]
+                runs.append(row)
+                print(json.dumps(row), flush=True)
+    finally:  # the defaults back, whatever a run raised (the bench also runs in-process)
+        CONFIG_OVERRIDE.clear()
+        for (cls, attr), value in defaults.items():
+            setattr(getattr(model_module, cls), attr, value)
     summary = []
     for i, config in enumerate(ours.config):
         walls = [x["wall_s"] for x in runs if x["config"] == i]

@@ -209,7 +209,10 @@ def _rope_launch(
     """RoPE of x [T, heads, head_dim] into out (default x); kv: (k, v, k_cache, v_cache, slots) to
     rotate k in place and store k and v in the same launch."""
     tokens, heads, dim = x.shape
-    assert x.stride(-1) == 1 and dim % 2 == 0 and table.is_contiguous() and table.dtype == torch.float32
+    assert x.stride(-1) == 1 and table.is_contiguous() and table.dtype == torch.float32
+    assert dim >= 2 and (dim // 2) & (dim // 2 - 1) == 0 and dim % 2 == 0, (
+        f"head_dim {dim}: half a power of two"
+    )
     out = x if out is None else out
     assert out.shape == x.shape and out.stride(-1) == 1 and out.dtype == x.dtype
     k, v, k_cache, v_cache, slots = kv if kv is not None else (x, x, x, x, positions)

@@ -17,7 +17,7 @@ of the project's [block, kv_head, offset, head_dim] layout (strides, no copy).
 A step whose every sequence starts at position 0 (whole prompts, no cached
 prefix: prefill-only jobs without sharing, group prefixes) has nothing to read
 from the pool but its own keys: FA3 takes the keys and values the projection
-just produced, unpaged, as ``store`` received them. Paged FA3 gathers its key
+just produced, unpaged, as ``rope_store`` (or ``store``) received them. Paged FA3 gathers its key
 tiles page by page; unpaged it streams them (bench.prefill_attention's
 ``prompts`` case measures both).
 Needs CUDA, bf16 or fp16, and vLLM.
@@ -46,7 +46,8 @@ from batchllm.engine.rope import Rope
 class FA3Meta:
     """A prefill step for FA3: the Triton metadata holds the KV store's slots and FA3's arguments (every
     sequence's whole context: kv_lens, block tables with the prefix blocks, -1 past the end unread).
-    fresh: no sequence has cached keys; ``store`` leaves this layer's keys and values in ``kv``."""
+    fresh: no sequence has cached keys; ``rope_store`` (or ``store``) leaves this layer's keys and values
+    in ``kv``."""
 
     triton: TritonMeta
     fresh: bool = False
