@@ -146,8 +146,7 @@ def kernel_table(prof: Any) -> dict[str, Any]:
     """Device time per kernel name and per kind (ms), from the profiler's events: summed durations
     (``kinds_ms``) and wall time (``kinds_wall_ms``, overlapping kernels of a kind counted once)."""
     per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    intervals: list[tuple[float, float]] = []
-    named: list[tuple[str, float, float]] = []
+    named: list[tuple[str, float, float]] = []  # kernel name, start, end (us)
     host: list[tuple[str, float, float]] = []
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
@@ -157,8 +156,8 @@ def kernel_table(prof: Any) -> dict[str, Any]:
             continue  # a label's range on the GPU timeline (first to last kernel): not a kernel
         per_name[ev.name][0] += ev.device_time_total / 1e3 if hasattr(ev, "device_time_total") else 0.0
         per_name[ev.name][1] += 1
-        intervals.append((ev.time_range.start, ev.time_range.end))
         named.append((ev.name, ev.time_range.start, ev.time_range.end))
+    intervals = [(s, e) for _, s, e in named]
     kinds: dict[str, float] = defaultdict(float)
     for name, (ms, _) in per_name.items():
         kinds[kind_of(name)] += ms
