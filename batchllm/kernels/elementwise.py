@@ -216,6 +216,7 @@ def _rope_launch(
     out = x if out is None else out
     assert out.shape == x.shape and out.stride(-1) == 1 and out.dtype == x.dtype
     k, v, k_cache, v_cache, slots = kv if kv is not None else (x, x, x, x, positions)
+    cache_strides = k_cache.stride()[:3] if kv is not None else (0, 0, 0)  # block, kv_head, offset
     if kv is not None:
         assert (
             k.dtype == x.dtype
@@ -250,9 +251,7 @@ def _rope_launch(
             k.stride(1),
             v.stride(0),
             v.stride(1),
-            k_cache.stride(0) if kv is not None else 0,
-            k_cache.stride(1) if kv is not None else 0,
-            k_cache.stride(2) if kv is not None else 0,
+            *cache_strides,
             heads,
             k.shape[1],
             HALF=dim // 2,
