@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from batchllm.engine.scheduler import Scheduler
@@ -35,3 +37,28 @@ def test_host_step_with_eos_and_padded_sizes(capsys: pytest.CaptureFixture[str])
     assert host_step.main(args) == 0
     (line,) = (line for line in capsys.readouterr().out.splitlines() if line.startswith("steady:"))
     assert "steady steps 0 " not in line and "tokens/request" in line
+
+
+def _schedule(capsys: pytest.CaptureFixture[str], reserve: str) -> tuple[int, int, int, int, int]:
+    """(steps, decode steps, steps with prefill, prefill tokens, preemptions) of one loop run of 8 groups
+    of 4 in a pool that holds ~4 of them."""
+    args = ["--case", "64,32,24,4,8", "--kv-tokens", "1200", "--runs", "1", "--modes", "loop"]
+    assert host_step.main([*args, "--decode-reserve", reserve]) == 0
+    run, schedule = (
+        line for line in capsys.readouterr().out.splitlines() if line.startswith(("loop:", "  "))
+    )
+    steps = int(re.search(r"(\d+) steps,", run).group(1))  # type: ignore[union-attr]
+    decode, mixed = (int(n) for n in re.findall(r"(?:decode steps|steps with prefill) (\d+)", schedule))
+    tokens = int(re.search(r"prefill tokens (\d+)", schedule).group(1))  # type: ignore[union-attr]
+    preempted = int(re.search(r"preemptions (\d+)", schedule).group(1))  # type: ignore[union-attr]
+    return steps, decode, mixed, tokens, preempted
+
+
+def test_host_step_reports_the_schedule(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every step is counted once; the whole reservation computes each prompt token once and preempts
+    nothing, half of it admits more, preempts and recomputes."""
+    steps, decode, mixed, tokens, preempted = _schedule(capsys, "1.0")
+    assert decode + mixed == steps and preempted == 0
+    assert tokens == 8 * 64 + 32 * 32  # each group's prefix once, each member's 32-token suffix once
+    steps, decode, mixed, more_tokens, preempted = _schedule(capsys, "0.5")
+    assert decode + mixed == steps and preempted > 0 and more_tokens > tokens
