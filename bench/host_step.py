@@ -10,10 +10,11 @@ decode step costs is the engine's own host work. Two modes, in one process:
 - ``steady``: steady decode where the scheduler allows it (steady.py).
 
 ``--eos-rate r``: each decode step, a seeded random share r of the rows samples EOS (requests then
-end at EOS, as real ones do). ``--decode-reserve f``: the engine's share of max_tokens reserved in KV at
-admission (below 1, more groups start and the newest are preempted as they grow). ``--padded n``: the runner takes decode steps as if CUDA graphs padded
+end at EOS, as real ones do). ``--padded n``: the runner takes decode steps as if CUDA graphs padded
 them to multiples of n rows (``PaddedSizes``; the steps still run eagerly), so that sequences ending
-inside a steady run ride on as padding, as they do on the GPU.
+inside a steady run ride on as padding, as they do on the GPU. ``--decode-reserve f``: the engine's
+share of max_tokens reserved in KV at admission (below 1, more groups start and the newest are
+preempted as they grow).
 
     python -m bench.host_step [--case 64,16,100,16,100] [--runs 4] [--modes loop,steady]
                               [--eos-rate 0.002] [--padded 64] [--kv-tokens 60000] [--decode-reserve 0.8]
@@ -68,7 +69,7 @@ class PaddedSizes:
 
 
 class Schedule:
-    """Each step's decode rows and prefill tokens, as the runner was handed them."""
+    """Each step's decode rows (sequences of one query) and prefill tokens, as the runner was handed them."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[bool, int, int]] = []  # (decode-only, decode rows, prefill tokens)
