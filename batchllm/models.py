@@ -8,6 +8,8 @@ into place, and a manifest of file sizes marks a finished folder, so an
 interrupted or corrupted cache is detected and rebuilt instead of half-loaded.
 The manifest also records the GGUF's sha256: a folder converted from another
 GGUF than the installed one (an upgraded package) is rebuilt, not served stale.
+It records the GGUF's size and mtime too, so the usual resolve (the same file as
+at conversion) reads no weights; only a changed stamp costs a hash.
 """
 
 from __future__ import annotations
@@ -84,12 +86,16 @@ def ensure_default_model() -> Path:
         if is_complete(target):
             return target
         raise
+    recorded = _recorded_source(target)
+    if recorded is not None and _stamp(gguf).items() <= recorded.items() and is_complete(target):
+        return target  # the same file as at conversion: no need to hash its ~90 MB
     digest = _sha256(gguf)  # ~0.1 s for the default model's 90 MB
-    if is_complete(target, digest):
-        return target
+    source = _stamp(gguf) | {"sha256": digest}
     with conversion_lock(target):  # one converter per cache (parallel jobs, several actors on a node)
-        if not is_complete(target, digest):  # converted by the holder we waited for
-            convert_gguf(gguf, target)
+        if is_complete(target, digest):  # the same bytes (a reinstall) or converted meanwhile
+            _record_source(target, source)
+        else:
+            convert_gguf(gguf, target, source)
     return target
 
 
@@ -125,8 +131,9 @@ def is_complete(folder: Path, sha256: str | None = None) -> bool:
     )
 
 
-def convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize a GGUF checkpoint into a float32 safetensors HF folder at ``target`` (atomically)."""
+def convert_gguf(gguf: Path, target: Path, source: dict[str, object]) -> None:
+    """Dequantize a GGUF checkpoint into a float32 safetensors HF folder at ``target`` (atomically);
+    ``source`` (the GGUF's stamp and sha256) goes into the manifest."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -149,7 +156,6 @@ def convert_gguf(gguf: Path, target: Path) -> None:
             model.generation_config.to_json_file(str(tmp / "generation_config.json"))
         tokenizer.save_pretrained(str(tmp))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        source = {"gguf": gguf.name, "sha256": _sha256(gguf)}
         (tmp / MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=1))
         for p in tmp.iterdir():  # a shared cache: readable by every user, as the folder
             p.chmod(0o644)
@@ -160,6 +166,31 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stamp(gguf: Path) -> dict[str, object]:
+    """What identifies a GGUF file without reading it: name, size and modification time."""
+    st = gguf.stat()
+    return {"gguf": gguf.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _recorded_source(folder: Path) -> dict[str, object] | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _record_source(folder: Path, source: dict[str, object]) -> None:
+    """Rewrite the manifest's source (atomically), so the next resolve of this GGUF needs no hash."""
+    manifest = folder / MANIFEST
+    record = json.loads(manifest.read_text())
+    if record["source"] == source:
+        return
+    tmp = manifest.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(record | {"source": source}, indent=1))
+    tmp.chmod(0o644)
+    os.replace(tmp, manifest)
 
 
 def _sha256(path: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -118,14 +119,13 @@ def _fake_convert(active: list[int], calls: list[int]):
     """A conversion that takes 0.2 s, records how many ran at once, and writes a one-file folder whose
     manifest names the GGUF's digest."""
 
-    def convert(gguf: Path, folder: Path) -> None:
+    def convert(gguf: Path, folder: Path, source: dict[str, object]) -> None:
         active.append(1)
         calls.append(len(active))
         time.sleep(0.2)
         shutil.rmtree(folder, ignore_errors=True)  # the real one replaces the folder atomically
         folder.mkdir()
         (folder / "w").write_bytes(b"1234")
-        source = {"gguf": gguf.name, "sha256": models._sha256(gguf)}
         (folder / MANIFEST).write_text(json.dumps({"source": source, "files": {"w": 4}}))
         active.pop()
 
@@ -136,18 +136,25 @@ def test_a_folder_from_another_gguf_is_converted_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An upgraded package (another GGUF at the same path) gets a new conversion; the same GGUF rewritten
-    (a reinstall) does not; without the package a complete folder is used as it is."""
+    (a reinstall) does not; the file as it was at conversion is not even hashed; without the package a
+    complete folder is used as it is."""
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     calls: list[int] = []
     monkeypatch.setattr(models, "convert_gguf", _fake_convert([], calls))
+    hashed: list[Path] = []
+    sha256 = models._sha256
+    monkeypatch.setattr(models, "_sha256", lambda path: hashed.append(path) or sha256(path))
     gguf = tmp_path / "x.gguf"
     gguf.write_bytes(b"weights v1")
     monkeypatch.setattr(models, "default_gguf_path", lambda: gguf)
     target = models.ensure_default_model()
-    assert models.ensure_default_model() == target and len(calls) == 1
+    assert models.ensure_default_model() == target and len(calls) == 1 and len(hashed) == 1
     gguf.write_bytes(b"weights v1")  # reinstalled: a new mtime, the same bytes
-    assert models.ensure_default_model() == target and len(calls) == 1
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 1_000_000))
+    assert models.ensure_default_model() == target and len(calls) == 1 and len(hashed) == 2
+    assert models.ensure_default_model() == target and len(hashed) == 2  # the new stamp was recorded
     gguf.write_bytes(b"weights v2")
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 2_000_000))
     assert models.ensure_default_model() == target and len(calls) == 2
     recorded = json.loads((target / MANIFEST).read_text())["source"]["sha256"]
     assert recorded == models._sha256(gguf)
