@@ -83,8 +83,7 @@ def test_rope_store_is_rope_twice_then_store_kv(
 ) -> None:
     """The fused kernel gives the bits of the three calls it replaces: rotated queries (in place or
     fresh), keys rotated in place, keys and values at their slots (-1: skipped), the rest of the pool
-    untouched; strided views of one projection output, GQA ratios 2, 2 (non-power-of-two heads) and 1,
-    a cache of another dtype than the activations."""
+    untouched; strided views of one projection output, GQA ratios 2, 2 (non-power-of-two heads) and 1."""
     g = torch.Generator().manual_seed(heads * dim)
     tokens, block, blocks = 7, 4, 6
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype).to(DEVICE)
@@ -92,10 +91,7 @@ def test_rope_store_is_rope_twice_then_store_kv(
     table = torch.cat([half, half], dim=-1).to(DEVICE)
     positions = torch.tensor([0, 5, 9, 33, 63, 7, 12], device=DEVICE)
     slots = torch.tensor([5, 17, -1, 23, 0, -1, 9], device=DEVICE)
-    # a cache of another dtype: both paths cast the same way (the interpreter's float32 -> bf16 cast
-    # truncates, compiled code rounds; fp16 is the same in both)
-    cache_dtype = torch.float16 if dtype == torch.float32 else torch.float32
-    pool = torch.randn(2, blocks, kv_heads, block, dim, generator=g).to(DEVICE, cache_dtype)
+    pool = torch.randn(2, blocks, kv_heads, block, dim, generator=g).to(DEVICE, dtype)
 
     def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = t.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)

@@ -192,11 +192,10 @@ def _rope_kernel(
                 + d[None, :]
             )
             vbase = v_ptr + t * stride_vt + kh[:, None] * stride_vh + d[None, :]
-            kty, vty = kc_ptr.dtype.element_ty, vc_ptr.dtype.element_ty
-            tl.store(kc_ptr + at, k1.to(kty), mask=kok)
-            tl.store(kc_ptr + at + HALF, k2.to(kty), mask=kok)
-            tl.store(vc_ptr + at, tl.load(vbase, mask=kok).to(vty), mask=kok)
-            tl.store(vc_ptr + at + HALF, tl.load(vbase + HALF, mask=kok).to(vty), mask=kok)
+            tl.store(kc_ptr + at, k1, mask=kok)
+            tl.store(kc_ptr + at + HALF, k2, mask=kok)
+            tl.store(vc_ptr + at, tl.load(vbase, mask=kok), mask=kok)
+            tl.store(vc_ptr + at + HALF, tl.load(vbase + HALF, mask=kok), mask=kok)
 
 
 def _rope_launch(
@@ -228,6 +227,7 @@ def _rope_launch(
             k_cache.shape == v_cache.shape
             and k_cache.stride() == v_cache.stride()
             and k_cache.stride(-1) == 1
+            and k_cache.dtype == v_cache.dtype == k.dtype  # the pool holds the activations' dtype
         )
         assert k_cache.shape[1] == k.shape[1] and k_cache.shape[3] == dim
     if tokens:
