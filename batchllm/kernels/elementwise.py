@@ -260,6 +260,7 @@ def _rope_launch(
             BLOCK_SIZE=k_cache.shape[2] if kv is not None else 1,
             STORE=kv is not None,
             num_warps=4,
+            enable_fp_fusion=False,  # no a * b + c as one FMA: torch's formula rounds the product first
         )
     return out
 
