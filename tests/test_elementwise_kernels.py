@@ -3,7 +3,8 @@
 On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py); on CUDA natively.
 bf16 results round where torch rounds, so they match the torch path within one bf16 step (the
 interpreter truncates float32 to bf16 where compiled code rounds to nearest; compiled code may
-contract a multiply and an add); float32 results match up to the reduction order.
+contract a multiply and an add, except in RoPE, compiled without contraction: on a GPU it gives
+torch's bits); float32 results match up to the reduction order.
 """
 
 from __future__ import annotations
@@ -118,6 +119,23 @@ def test_rope_store_is_rope_twice_then_store_kv(
     assert torch.equal(qkv, want_qkv)  # in place: the same queries (unless fresh) and keys; values untouched
     assert (got_q.data_ptr() == q.data_ptr()) != fresh
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_gives_torchs_bits_on_the_gpu(dtype: torch.dtype) -> None:
+    """Compiled without multiply-add contraction, the kernel rounds each product as ``apply_rope`` does:
+    the same bits at the model's shape (compiled with contraction, its PTX fuses them into bf16 FMAs)."""
+    g = torch.Generator().manual_seed(5)
+    tokens, heads, dim = 2048, 8, 128
+    x = torch.randn(tokens, heads, dim, generator=g).to(dtype).cuda()
+    angles = torch.rand(4096, dim // 2, generator=g) * 2 * torch.pi
+    half = torch.stack([angles.cos(), angles.sin()], dim=1)
+    table = torch.cat([half, half], dim=-1).cuda()
+    positions = torch.randint(0, 4096, (tokens,), generator=g).cuda()
+    cs = table[positions]
+    want = apply_rope(x, cs[:, None, 0].to(dtype), cs[:, None, 1].to(dtype))
+    assert torch.equal(rope_(x.clone(), positions, table), want)
 
 def test_model_modules_take_the_fused_path() -> None:
     norm = RMSNorm(32, 1e-6).to(DEVICE)
