@@ -120,7 +120,6 @@ def test_rope_store_is_rope_twice_then_store_kv(
     assert (got_q.data_ptr() == q.data_ptr()) != fresh
 
 
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_gives_torchs_bits_on_the_gpu(dtype: torch.dtype) -> None:
@@ -136,6 +135,7 @@ def test_rope_gives_torchs_bits_on_the_gpu(dtype: torch.dtype) -> None:
     cs = table[positions]
     want = apply_rope(x, cs[:, None, 0].to(dtype), cs[:, None, 1].to(dtype))
     assert torch.equal(rope_(x.clone(), positions, table), want)
+
 
 def test_model_modules_take_the_fused_path() -> None:
     norm = RMSNorm(32, 1e-6).to(DEVICE)
