@@ -1,41 +1,60 @@
 #!/bin/bash
-# One device call that checks before it times: every GPU test (kernels against the torch reference,
-# backends, graphs and their staging, engine; the fa3 backend's when the vLLM carry folder peer/.vw1 is present), the engine on
-# CUDA against CPU float32 and transformers, and the attention microbenchmark beside FlashAttention-3.
-#   run(carry=["peer/.vw1", "peer/device_setup.sh"], command="bash bench/device_check.sh")
-# Output under $OUT: pytest.txt (every test's line, so a timeout still shows what ran), gpu_check.json,
-# attention.json, log.txt. STAGES picks the parts: the GPU tests alone take about six minutes on a fresh
-# machine (Triton compiles each kernel variant once; 2026-12-05: 37 tests in 300 s), so one call runs
-# them (the default, STAGES=tests) and the next the rest:
-#   run(carry=["peer/.vw1", "peer/device_setup.sh"], command="STAGES='gpu_check attention' bash bench/device_check.sh")
+# One device call that checks before it times, in the order a short lease needs them, each stage bounded
+# by what is left of LIMIT seconds (the call's timeout; default 570):
+#   kernels    the elementwise and gate/up kernels on the GPU (the compiled rounding; about 20 s)
+#   gpu_check  the engine on CUDA against CPU float32 and transformers (triton and fa3 where vLLM is carried)
+#   a205       (a) at ~205k KV tokens beside stock vLLM shuffled (bench.peers; needs peer/.vw1)
+#   tests      every GPU test: kernels against the torch reference, backends, graphs and their staging,
+#              engine (about six minutes on a fresh machine: Triton compiles each kernel variant once)
+#   attention  decode attention of one layer at (a)'s shapes beside FA3 (bench.attention)
+#   prefill    prefill-only 1,024 x 2,048 tokens, MFU against the matmul peak measured in the same call
+#   run(carry=["peer/.vw1", "peer/device_setup.sh"], command="bash bench/device_check.sh")   # kernels tests
+#   run(carry=[...], command="LIMIT=585 STAGES='kernels gpu_check a205 prefill' bash bench/device_check.sh")
+# Output under $OUT: one <stage>.txt each (a timeout still shows what ran), *.json, log.txt (the summary).
 set -o pipefail
 cd "$(dirname "$0")/.."
+T0=$(date +%s); LIMIT=${LIMIT:-570}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+# seconds a stage may take: its own cap, or what is left of LIMIT (8 s kept for the summary)
+budget() { local left=$((LIMIT - ($(date +%s) - T0) - 8)); echo $((left < $1 ? left : $1)); }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   SITE=""; if [ -d peer/.vw1 ] && bash peer/device_setup.sh >/dev/null; then SITE=:/tmp/site; fi
+  export PYTHONPATH=$PYTHONPATH$SITE
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  # every file with gpu tests, by name: the device has no duckdb, so collecting all of tests/ fails
-  GPU_FILES=$(grep -l "mark.gpu" tests/*.py)
-  STAGES=${STAGES:-tests}
-  if [[ " $STAGES " == *" tests "* ]]; then
-    PYTHONPATH=$PYTHONPATH$SITE timeout ${TEST_TIMEOUT:-480} python3 -m pytest -v -p no:cacheprovider -rfE \
-      --durations=15 -m gpu $GPU_FILES > "$OUT/pytest.txt" 2>&1
-    echo "pytest rc=$?"
-    # the elementwise and gate/up kernels run on the GPU where there is one (not marked: they run under the
-    # interpreter too)
-    timeout 90 python3 -m pytest -v -p no:cacheprovider -rfE tests/test_elementwise_kernels.py tests/test_gate_up.py \
-      >> "$OUT/pytest.txt" 2>&1
-    echo "elementwise rc=$?; $(grep -c PASSED "$OUT/pytest.txt") passed"
-    grep -E "FAILED|ERROR" "$OUT/pytest.txt" | head -20; tail -25 "$OUT/pytest.txt"
-  fi
-  if [[ " $STAGES " == *" gpu_check "* ]]; then
-    timeout ${CHECK_TIMEOUT:-200} python3 -m bench.gpu_check --attention torch,triton > "$OUT/gpu_check.json"
-    echo "gpu_check rc=$?"; cat "$OUT/gpu_check.json"
-  fi
-  if [[ " $STAGES " == *" attention "* ]]; then
-    PYTHONPATH=$PYTHONPATH$SITE timeout ${ATTN_TIMEOUT:-150} python3 -m bench.attention --json "$OUT/attention.json"
-    echo "attention rc=$?"
-  fi
+  for stage in ${STAGES:-kernels tests}; do
+    (($(budget 9999) > 0)) || { echo "== $stage: no time left"; break; }
+    echo "== $stage ($(budget 9999) s left)"
+    case $stage in
+      kernels)
+        timeout "$(budget 120)" python3 -m pytest -q -p no:cacheprovider -rfE tests/test_elementwise_kernels.py \
+          tests/test_gate_up.py > "$OUT/kernels.txt" 2>&1
+        echo "rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/kernels.txt" | tail -8 ;;
+      gpu_check)
+        timeout "$(budget 200)" python3 -m bench.gpu_check --attention "torch,triton${SITE:+,fa3}" \
+          > "$OUT/gpu_check.json" 2> "$OUT/gpu_check.txt"
+        echo "rc=$?"; cat "$OUT/gpu_check.json" ;;
+      a205)
+        timeout "$(budget 300)" python3 -m bench.peers --model bench/configs/llama31-8b --device cuda \
+          --case 2000,200,100,16,100 --kv-tokens 205000 --skip "vllm plan,vllm sorted" --native-repeat 2 \
+          --demo-rows 0 --out "$OUT/a205" > "$OUT/a205.txt" 2>&1
+        echo "rc=$?"; cat "$OUT/a205/table.md" 2>/dev/null ;;
+      tests)
+        # every file with gpu tests, by name: the device has no duckdb, so collecting all of tests/ fails
+        timeout "$(budget 480)" python3 -m pytest -v -p no:cacheprovider -rfE --durations=15 -m gpu \
+          $(grep -l "mark.gpu" tests/*.py) > "$OUT/tests.txt" 2>&1
+        echo "rc=$?"; grep -E "^FAILED|^ERROR|passed|failed" "$OUT/tests.txt" | tail -20 ;;
+      attention)
+        timeout "$(budget 150)" python3 -m bench.attention --cases a205,main,sd1,p512 --json "$OUT/attention.json" \
+          > "$OUT/attention.txt" 2>&1
+        echo "rc=$?"; tail -30 "$OUT/attention.txt" ;;
+      prefill)
+        timeout "$(budget 200)" python3 -m bench.generate --case 0,2048,1,1,1024 --kv-tokens 900000 --peer none \
+          --repeat 2 --out "$OUT/prefill" > "$OUT/prefill.txt" 2>&1
+        echo "rc=$?"; grep -E "^PEAK|^\|" "$OUT/prefill.txt" | head -8 ;;
+      *) echo "unknown stage $stage" ;;
+    esac
+  done
+  echo "== done ($(budget 9999) s left)"
 } 2>&1 | tee -a "$OUT/log.txt"
