@@ -91,10 +91,11 @@ def ensure_default_model() -> Path:
         return target  # the same file as at conversion: no need to hash its ~90 MB
     digest = _sha256(gguf)  # ~0.1 s for the default model's 90 MB
     source = _stamp(gguf) | {"sha256": digest}
+    if is_complete(target, digest):  # the same bytes under a new stamp (a reinstall)
+        _record_source(target, source)
+        return target
     with conversion_lock(target):  # one converter per cache (parallel jobs, several actors on a node)
-        if is_complete(target, digest):  # the same bytes (a reinstall) or converted meanwhile
-            _record_source(target, source)
-        else:
+        if not is_complete(target, digest):  # converted by the holder we waited for
             convert_gguf(gguf, target, source)
     return target
 
@@ -182,15 +183,23 @@ def _recorded_source(folder: Path) -> dict[str, object] | None:
 
 
 def _record_source(folder: Path, source: dict[str, object]) -> None:
-    """Rewrite the manifest's source (atomically), so the next resolve of this GGUF needs no hash."""
+    """Rewrite the manifest's source (atomically, a temp file of its own per writer), so the next
+    resolve of this GGUF needs no hash. A cache this user cannot write keeps its manifest: each resolve
+    then hashes, as it must."""
     manifest = folder / MANIFEST
     record = json.loads(manifest.read_text())
-    if record["source"] == source:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}-", dir=folder)
+    except OSError:
         return
-    tmp = manifest.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(record | {"source": source}, indent=1))
-    tmp.chmod(0o644)
-    os.replace(tmp, manifest)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record | {"source": source}, indent=1))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, manifest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _sha256(path: Path) -> str:

@@ -136,8 +136,8 @@ def test_a_folder_from_another_gguf_is_converted_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An upgraded package (another GGUF at the same path) gets a new conversion; the same GGUF rewritten
-    (a reinstall) does not; the file as it was at conversion is not even hashed; without the package a
-    complete folder is used as it is."""
+    (a reinstall) does not; the file as it was at conversion is not even hashed (a cache this user cannot
+    write is, on each resolve); without the package a complete folder is used as it is."""
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     calls: list[int] = []
     monkeypatch.setattr(models, "convert_gguf", _fake_convert([], calls))
@@ -153,6 +153,15 @@ def test_a_folder_from_another_gguf_is_converted_again(
     os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 1_000_000))
     assert models.ensure_default_model() == target and len(calls) == 1 and len(hashed) == 2
     assert models.ensure_default_model() == target and len(hashed) == 2  # the new stamp was recorded
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 1_000_000))
+
+    def refuse(**kwargs: object) -> None:
+        raise PermissionError("a shared cache this user cannot write")
+
+    with monkeypatch.context() as read_only:  # hashed on each resolve, and served
+        read_only.setattr(models.tempfile, "mkstemp", refuse)
+        assert models.ensure_default_model() == target and len(calls) == 1 and len(hashed) == 3
+    assert _entries(target) == sorted([MANIFEST, "w"])  # no temp file left behind
     gguf.write_bytes(b"weights v2")
     os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 2_000_000))
     assert models.ensure_default_model() == target and len(calls) == 2
