@@ -2,11 +2,11 @@
 
 CI runs the kernels in Triton's interpreter, which accepts Python the compiler rejects: a tuple of
 dtypes built inside a kernel ran here and failed at the first launch on a GPU. This test records the
-launches of engine runs on the Triton backend (the fused elementwise path, mixed steps, groups, decode
-on graph-shaped buffers) and of the gate/up GEMM, then compiles each distinct (kernel, argument types,
-constexprs, options) with Triton's own compiler, ptxas included, in a process without the interpreter
-(where the kernels are compiled functions). It also reads the RoPE kernel's PTX: no fused multiply-add,
-so the GPU rounds as torch's formula does.
+launches of engine runs on the Triton backend (the fused elementwise path, mixed steps, groups,
+decode on graph-shaped buffers, packed scoring) and of the gate/up GEMM, the KV store and FA3's merge,
+then compiles each distinct (kernel, argument types, constexprs, options) with Triton's own compiler,
+ptxas included, in a process without the interpreter (where the kernels are compiled functions). It
+also reads the RoPE kernel's PTX: no fused multiply-add, so the GPU rounds as torch's formula does.
 """
 
 from __future__ import annotations
@@ -71,10 +71,12 @@ def launches(monkeypatch) -> set[str]:
 def _engine_runs(tmp_path: Path) -> None:
     """Engine runs on the Triton backend with the fused elementwise kernels: bf16 at head_dim 128 (the
     GPU's) and float32 at 64; prefill chunks, groups (two-level attention), plain requests, mixed steps,
-    then decode on a graph's static buffers (eager here, as at a key's first steps)."""
+    decode on a graph's static buffers (eager here, as at a key's first steps), then scoring of
+    multi-token labels, packed (the tree mask) and by members."""
     from batchllm.engine import Engine, SamplingParams
     from batchllm.engine.attention import triton as tb
     from batchllm.engine.graphs import DecodeGraphs
+    from batchllm.engine.labels import LabelSet
     from bench.gpu_check import build_model
 
     rng = np.random.default_rng(0)
@@ -84,6 +86,7 @@ def _engine_runs(tmp_path: Path) -> None:
         prompts += [prefix + rng.integers(4, 500, int(rng.integers(2, 6))).tolist() for _ in range(4)]
     prompts += [rng.integers(4, 500, 20).tolist() for _ in range(3)]
     params = SamplingParams(max_tokens=4, ignore_eos=True)
+    labels = LabelSet.from_token_ids(["a", "b", "c"], [[5, 6, 7], [5, 8], [9]])
     split = tb.DECODE_SPLIT_MIN_ROWS
     tb.DECODE_SPLIT_MIN_ROWS = 4  # the tiny batch's mixed steps split their decode rows off
     try:
@@ -104,6 +107,10 @@ def _engine_runs(tmp_path: Path) -> None:
                     runner = engine.runner
                     runner.graphs = DecodeGraphs(runner.model, runner.attention, measured_padding=False)
                 engine.generate(prompts, params)
+            engine = Engine(folder, kv_cache_tokens=1024, block_size=4, **kw)  # packs cut into chunks
+            engine.model.use_fused_kernels(True)
+            for pack in (True, False):  # packed scoring (the tree mask) and members, multi-token labels
+                assert all(r.ok for r in engine.classify(prompts[:6], labels, pack=pack))
     finally:
         tb.DECODE_SPLIT_MIN_ROWS = split
 
