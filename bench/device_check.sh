@@ -2,7 +2,7 @@
 # One device call that checks before it times, in the order a short lease needs them, each stage bounded
 # by what is left of LIMIT seconds (the call's timeout; default 570):
 #   kernels    the elementwise and gate/up kernels on the GPU (the compiled rounding; about 20 s)
-#   gpu_check  the engine on CUDA against CPU float32 and transformers (triton and fa3 where vLLM is carried)
+#   gpu_check  the engine on CUDA (torch, triton) against CPU float32 and transformers
 #   a205       (a) at ~205k KV tokens beside stock vLLM shuffled (bench.peers; needs peer/.vw1)
 #   tests      every GPU test: kernels against the torch reference, backends, graphs and their staging,
 #              engine (about six minutes on a fresh machine: Triton compiles each kernel variant once)
@@ -32,7 +32,7 @@ budget() { local left=$((LIMIT - ($(date +%s) - T0) - 8)); echo $((left < $1 ? l
           tests/test_gate_up.py > "$OUT/kernels.txt" 2>&1
         echo "rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/kernels.txt" | tail -8 ;;
       gpu_check)
-        timeout "$(budget 200)" python3 -m bench.gpu_check --attention "torch,triton${SITE:+,fa3}" \
+        timeout "$(budget 200)" python3 -m bench.gpu_check --attention torch,triton \
           > "$OUT/gpu_check.json" 2> "$OUT/gpu_check.txt"
         echo "rc=$?"; cat "$OUT/gpu_check.json" ;;
       a205)
