@@ -86,17 +86,16 @@ def ensure_default_model() -> Path:
         if is_complete(target):
             return target
         raise
-    recorded = _recorded_source(target)
-    if recorded is not None and _stamp(gguf).items() <= recorded.items() and is_complete(target):
+    stamp = _stamp(gguf)
+    if is_complete(target, stamp):
         return target  # the same file as at conversion: no need to hash its ~90 MB
-    digest = _sha256(gguf)  # ~0.1 s for the default model's 90 MB
-    source = _stamp(gguf) | {"sha256": digest}
+    digest = {"sha256": _sha256(gguf)}  # ~0.1 s for the default model's 90 MB
     if is_complete(target, digest):  # the same bytes under a new stamp (a reinstall)
-        _record_source(target, source)
+        _record_source(target, stamp | digest)
         return target
     with conversion_lock(target):  # one converter per cache (parallel jobs, several actors on a node)
         if not is_complete(target, digest):  # converted by the holder we waited for
-            convert_gguf(gguf, target, source)
+            convert_gguf(gguf, target, stamp | digest)
     return target
 
 
@@ -114,18 +113,18 @@ def conversion_lock(target: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def is_complete(folder: Path, sha256: str | None = None) -> bool:
-    """True when ``folder`` holds every file its manifest lists, at the recorded sizes, and (sha256
-    given) was converted from the GGUF of that digest."""
+def is_complete(folder: Path, source: dict[str, object] | None = None) -> bool:
+    """True when ``folder`` holds every file its manifest lists, at the recorded sizes, and (source
+    given) was converted from a GGUF with those recorded values (its stamp, or its sha256)."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return False
     try:
         record = json.loads(manifest.read_text())
         files: dict[str, int] = record["files"]
-        if sha256 is not None and record["source"]["sha256"] != sha256:
+        if source is not None and not source.items() <= record["source"].items():
             return False
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):  # a manifest of another shape
         return False
     return bool(files) and all(
         (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items()
@@ -173,13 +172,6 @@ def _stamp(gguf: Path) -> dict[str, object]:
     """What identifies a GGUF file without reading it: name, size and modification time."""
     st = gguf.stat()
     return {"gguf": gguf.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _recorded_source(folder: Path) -> dict[str, object] | None:
-    try:
-        return json.loads((folder / MANIFEST).read_text())["source"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _record_source(folder: Path, source: dict[str, object]) -> None:
