@@ -8,8 +8,11 @@
 #              engine (about six minutes on a fresh machine: Triton compiles each kernel variant once)
 #   attention  decode attention of one layer at (a)'s shapes beside FA3 (bench.attention)
 #   prefill    prefill-only 1,024 x 2,048 tokens, MFU against the matmul peak measured in the same call
+#   mlp        the gate/up GEMM with its SiLU epilogue against cuBLAS + silu_mul at decode row counts
+#   ab         (a) at 205k on one engine, the gate/up epilogue off and on at decode sizes (A B A B)
 #   run(carry=["peer/.vw1", "peer/device_setup.sh"], command="bash bench/device_check.sh")   # kernels tests
 #   run(carry=[...], command="LIMIT=585 STAGES='kernels gpu_check a205 prefill' bash bench/device_check.sh")
+#   run(carry=[...], command="LIMIT=585 STAGES='mlp ab' bash bench/device_check.sh")   # does the epilogue pay at decode sizes
 # Output under $OUT: one <stage>.txt each (a timeout still shows what ran), *.json, log.txt (the summary).
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +56,15 @@ budget() { local left=$((LIMIT - ($(date +%s) - T0) - 8)); echo $((left < $1 ? l
         timeout "$(budget 200)" python3 -m bench.generate --case 0,2048,1,1,1024 --kv-tokens 900000 --peer none \
           --repeat 2 --out "$OUT/prefill" > "$OUT/prefill.txt" 2>&1
         echo "rc=$?"; grep -E "^PEAK|^\|" "$OUT/prefill.txt" | head -8 ;;
+      mlp)
+        timeout "$(budget 120)" python3 -m bench.fused_mlp --rows 224,448,480,512 --sweep --json "$OUT/mlp.json" \
+          > "$OUT/mlp.txt" 2>&1
+        echo "rc=$?"; tail -40 "$OUT/mlp.txt" ;;
+      ab)
+        timeout "$(budget 300)" python3 -m bench.config_ab generate --model bench/configs/llama31-8b \
+          --case 2000,200,100,16,100 --kv-tokens 205000 --config '{}' --config '{"gate_up_epilogue_min_rows": 1}' \
+          --rounds 2 --json "$OUT/ab.json" > "$OUT/ab.txt" 2>&1
+        echo "rc=$?"; tail -12 "$OUT/ab.txt" ;;
       *) echo "unknown stage $stage" ;;
     esac
   done
