@@ -9,6 +9,7 @@
 #   attention  decode attention of one layer at (a)'s shapes beside FA3 (bench.attention)
 #   prefill    prefill-only 1,024 x 2,048 tokens, MFU against the matmul peak measured in the same call
 #   mlp        the gate/up GEMM with its SiLU epilogue against cuBLAS + silu_mul at decode row counts
+#   profile    where (a) at 205k's GPU time goes, kernel kinds and idle gaps, in a second (warm) run
 #   ab         (a) at 205k on one engine, the gate/up epilogue off and on at decode sizes (A B A B)
 #   run(carry=["peer/.vw1", "peer/device_setup.sh"], command="bash bench/device_check.sh")   # kernels tests
 #   run(carry=[...], command="LIMIT=585 STAGES='kernels gpu_check a205 prefill' bash bench/device_check.sh")
@@ -60,6 +61,10 @@ budget() { local left=$((LIMIT - ($(date +%s) - T0) - 8)); echo $((left < $1 ? l
         timeout "$(budget 120)" python3 -m bench.fused_mlp --rows 224,448,480,512 --sweep --json "$OUT/mlp.json" \
           > "$OUT/mlp.txt" 2>&1
         echo "rc=$?"; tail -40 "$OUT/mlp.txt" ;;
+      profile)
+        timeout "$(budget 240)" python3 -m bench.profile --case 2000,200,100,16,100 --kv-tokens 205000 --warm-whole \
+          --out "$OUT/profile" > "$OUT/profile.txt" 2>&1
+        echo "rc=$?"; tail -40 "$OUT/profile.txt" ;;
       ab)
         timeout "$(budget 300)" python3 -m bench.config_ab generate --model bench/configs/llama31-8b \
           --case 2000,200,100,16,100 --kv-tokens 205000 --config '{}' --config '{"gate_up_epilogue_min_rows": 1}' \
