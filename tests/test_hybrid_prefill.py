@@ -120,7 +120,9 @@ def test_triton_backend_hybrid_equals_paged(tmp_path, device: str, name: str) ->
     """The Triton kernels over the one-layer cache (interpreted on CPU): a small random model with
     attention that matters (weights of std 0.25: 0.02 makes it near uniform), prompts longer than a
     48-token pool, against the same engine's paged path with a large pool. Log-probabilities are
-    compared: three-token labels have tiny probabilities, where an absolute tolerance sees nothing."""
+    compared: three-token labels have tiny probabilities, where an absolute tolerance sees nothing.
+    Float32 on CUDA too: this sharp model's bf16 log-probs move ~0.5 from float32's, so two bf16 paths
+    that differ only in tile order differ by ~0.1 (H100: 0.097 here, 1e-5 in float32)."""
     from bench.gpu_check import build_model
 
     folder = tmp_path / "model"
@@ -132,17 +134,16 @@ def test_triton_backend_hybrid_equals_paged(tmp_path, device: str, name: str) ->
     labels = LabelSet.from_token_ids(["a", "b", "c"], tokens)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(4, 512, n).tolist() for n in (20, 60, 100)]
-    kw = dict(device=device, attention="triton", max_num_batched_tokens=32)
+    kw = dict(device=device, attention="triton", max_num_batched_tokens=32, dtype="float32")
     want = Engine(folder, kv_cache_tokens=1024, **kw).classify(prompts, labels, pack=False)
     small = Engine(folder, kv_cache_tokens=48, **kw)
     got = small.classify(prompts, labels, pack=False)
     assert small.stats.hybrid_units == 2
-    tol = 1e-4 if device == "cpu" else 5e-2  # bfloat16 on CUDA
     for w, g in zip(want, got, strict=True):
         assert g.ok, g.error
         assert min(w.probs.values()) > 1e-12  # no label's probability underflows: its log is compared
         assert [math.log(g.probs[x]) for x in "abc"] == pytest.approx(
-            [math.log(w.probs[x]) for x in "abc"], abs=tol
+            [math.log(w.probs[x]) for x in "abc"], abs=1e-4
         )
 
 
