@@ -46,7 +46,8 @@ KINDS = (
     ("attention", ("_attention_kernel", "_reduce_kernel", "_merge_kernel", "attn", "flash")),
     ("rope", ("rope",)),  # RoPE, with the KV store where fused (rope_store)
     ("kv_store", ("store",)),
-    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "matmul")),
+    # gate_up: our gate/up GEMM with SiLU-and-mul in its epilogue
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "matmul", "gate_up")),
     ("sampling", ("argmax", "topk", "sort")),
     ("copy", ("memcpy", "memset", "copy")),
     ("index", ("index", "gather", "embedding")),

@@ -26,6 +26,7 @@ def test_idle_gaps_by_hand() -> None:
 def test_kernel_kinds() -> None:
     assert kind_of("_attention_kernel") == "attention"
     assert kind_of("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT") == "gemm"
+    assert kind_of("_gate_up_silu_kernel") == "gemm"  # the gate/up GEMM with SiLU-and-mul in its epilogue
     assert kind_of("Memcpy HtoD (Pinned -> Device)") == "copy"
     assert kind_of("something_new") == "other"
 
