@@ -16,17 +16,15 @@ from batchllm.engine.rope import Rope
 from batchllm.engine.runner import build_layout
 from batchllm.engine.sequence import ScheduledChunk, Sequence
 from batchllm.engine.staging import Staging
+from tests.rope_tables import random_rope_table
 
 BS = 4
 FUSED_ROPE = ("triton", "fa3", "flashinfer")  # backends whose store fuses with RoPE (``store_slots``)
 
 
 def _rope(positions: np.ndarray, head_dim: int, dtype: torch.dtype, device: str, fused: bool) -> Rope:
-    """A step's RoPE over a table of random angles (cos and sin of each; its halves repeat, as
-    ``rope_table``'s do): a rotation, so bf16 queries and keys keep their size and their rounding."""
-    angles = torch.rand(64, head_dim // 2, generator=torch.Generator().manual_seed(11)) * 2 * torch.pi
-    half = torch.stack([angles.cos(), angles.sin()], dim=1)
-    table = torch.cat([half, half], dim=-1).to(device)
+    """A step's RoPE over a table of random angles."""
+    table = random_rope_table(64, head_dim, torch.Generator().manual_seed(11)).to(device)
     return Rope(table, torch.from_numpy(positions).to(device), dtype, fused)
 
 

@@ -18,6 +18,7 @@ from batchllm.engine.model import RMSNorm
 from batchllm.engine.rope import Rope, apply_rope
 from batchllm.kernels.elementwise import rms_norm, rope_, rope_store, silu_mul
 from batchllm.kernels.paged import store_kv
+from tests.rope_tables import random_rope_table
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -58,8 +59,7 @@ def test_rope_in_place_on_a_strided_view(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(2)
     heads, kv_heads, dim, tokens = 4, 2, 16, 6
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype).to(DEVICE)
-    half = torch.randn(64, 2, dim // 2, generator=g)  # any angles, halves repeated as in rope_table
-    table = torch.cat([half, half], dim=-1).to(DEVICE)
+    table = random_rope_table(64, dim, g).to(DEVICE)
     positions = torch.tensor([0, 5, 9, 33, 63, 7], device=DEVICE)
     cs = table[positions]
     cos, sin = cs[:, None, 0].to(dtype), cs[:, None, 1].to(dtype)
@@ -88,8 +88,7 @@ def test_rope_store_is_rope_twice_then_store_kv(
     g = torch.Generator().manual_seed(heads * dim)
     tokens, block, blocks = 7, 4, 6
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype).to(DEVICE)
-    half = torch.randn(64, 2, dim // 2, generator=g)
-    table = torch.cat([half, half], dim=-1).to(DEVICE)
+    table = random_rope_table(64, dim, g).to(DEVICE)
     positions = torch.tensor([0, 5, 9, 33, 63, 7, 12], device=DEVICE)
     slots = torch.tensor([5, 17, -1, 23, 0, -1, 9], device=DEVICE)
     pool = torch.randn(2, blocks, kv_heads, block, dim, generator=g).to(DEVICE, dtype)
@@ -128,9 +127,7 @@ def test_rope_gives_torchs_bits_on_the_gpu(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(5)
     tokens, heads, dim = 2048, 8, 128
     x = torch.randn(tokens, heads, dim, generator=g).to(dtype).cuda()
-    angles = torch.rand(4096, dim // 2, generator=g) * 2 * torch.pi
-    half = torch.stack([angles.cos(), angles.sin()], dim=1)
-    table = torch.cat([half, half], dim=-1).cuda()
+    table = random_rope_table(4096, dim, g).cuda()
     positions = torch.randint(0, 4096, (tokens,), generator=g).cuda()
     cs = table[positions]
     want = apply_rope(x, cs[:, None, 0].to(dtype), cs[:, None, 1].to(dtype))
