@@ -5,9 +5,10 @@ their own (bench/RESULTS.md); a kernel change must beat that. This bench
 builds ONE engine and runs the same workload under each configuration in
 turn, round after round (A B A B ...), changing only the Triton launch
 heuristics' overrides (``batchllm.kernels.paged.CONFIG_OVERRIDE``, the keys of
-``BATCHLLM_ATTENTION_CONFIG``; ``{}`` = the built-in heuristics) and the model's
-own thresholds (MODEL_KEYS: ``gate_up_epilogue_min_rows``, from how many rows
-the gate/up GEMM writes silu(gate) * up itself). Each timed
+``BATCHLLM_ATTENTION_CONFIG``; ``{}`` = the built-in heuristics) and the engine's
+own settings (SETTINGS: ``gate_up_epilogue_min_rows``, from how many rows the
+gate/up GEMM writes silu(gate) * up itself; ``two_level``, 0 = every group reads
+its prefix plain, over the same shared KV blocks). Each timed
 run reports its wall time, throughput and Triton compiles inside the timed
 region (a new configuration compiles new kernel variants: read the later
 rounds).
@@ -17,6 +18,8 @@ rounds).
     python -m bench.config_ab generate --case 2000,200,100,16,100 --config '{}' --config '{"num_warps": 4}'
     python -m bench.config_ab generate --case 2000,200,100,16,100 --kv-tokens 205000 \
         --config '{}' --config '{"gate_up_epilogue_min_rows": 1}'   # the epilogue at decode sizes too
+    python -m bench.config_ab generate --case 2000,200,100,16,100 --kv-tokens 205000 \
+        --config '{}' --config '{"two_level": 0}'   # decode ms/step, two-level against plain
     python -m bench.config_ab score --model tiny --device cpu --case 64,16,4,2 --config '{}'   # smoke
 
 After the bench name: --config (repeatable JSON), --rounds, --json, --mode
@@ -27,6 +30,7 @@ After the bench name: --config (repeatable JSON), --rounds, --json, --mode
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -37,13 +41,35 @@ from bench import generate, score
 from bench.compiles import compile_log
 
 # configuration keys that set a class attribute of the model instead of an attention override
-MODEL_KEYS = {"gate_up_epilogue_min_rows": ("MLP", "GEMM_EPILOGUE_MIN_ROWS")}
+# configuration keys that set an engine setting (module, dotted attribute) instead of an attention override
+SETTINGS = {
+    "gate_up_epilogue_min_rows": ("batchllm.engine.model", "MLP.GEMM_EPILOGUE_MIN_ROWS"),
+    "two_level": ("batchllm.engine.attention.cost", "ENABLED"),
+}
 
 
 def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[str, str], Any]]:
-    """(attention overrides, {(model class, attribute): value}) of one --config."""
-    model = {MODEL_KEYS[k]: v for k, v in config.items() if k in MODEL_KEYS}
-    return {k: v for k, v in config.items() if k not in MODEL_KEYS}, model
+    """(attention overrides, {(module, dotted attribute): value}) of one --config."""
+    settings = {SETTINGS[k]: v for k, v in config.items() if k in SETTINGS}
+    return {k: v for k, v in config.items() if k not in SETTINGS}, settings
+
+
+def _owner(key: tuple[str, str]) -> tuple[Any, str]:
+    """(the object that holds a setting, its attribute name)."""
+    module, path = key
+    *parents, attr = path.split(".")
+    obj: Any = importlib.import_module(module)
+    for name in parents:
+        obj = getattr(obj, name)
+    return obj, attr
+
+
+def get_setting(key: tuple[str, str]) -> Any:
+    return getattr(*_owner(key))
+
+
+def set_setting(key: tuple[str, str], value: Any) -> None:
+    setattr(*_owner(key), value)
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -76,19 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     vocab = shape.vocab
     kw, _ignored = generate.supported(Engine, module.engine_kwargs(args, dtype))
     engine = Engine(folder, **kw)
-    from batchllm.engine import model as model_module
     from batchllm.kernels.paged import CONFIG_OVERRIDE  # after the engine: it sets up Triton on CPU
 
-    defaults = {key: getattr(getattr(model_module, key[0]), key[1]) for key in MODEL_KEYS.values()}
+    defaults = {key: get_setting(key) for key in SETTINGS.values()}
     runs: list[dict[str, Any]] = []
     try:
         for r in range(ours.rounds):
             for i, config in enumerate(ours.config):
-                attention, model = split_config(config)
+                attention, settings = split_config(config)
                 CONFIG_OVERRIDE.clear()
                 CONFIG_OVERRIDE.update(attention)
-                for (cls, attr), value in {**defaults, **model}.items():
-                    setattr(getattr(model_module, cls), attr, value)
+                for key, value in {**defaults, **settings}.items():
+                    set_setting(key, type(defaults[key])(value))
                 if engine.runner.graphs is not None:  # captured graphs replay the configuration they were
                     engine.runner.graphs.reset()  # recorded with: this one's decode steps capture anew
                 with compile_log() as log:
@@ -114,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
     finally:  # the defaults back, whatever a run raised (the bench also runs in-process)
         CONFIG_OVERRIDE.clear()
-        for (cls, attr), value in defaults.items():
-            setattr(getattr(model_module, cls), attr, value)
+        for key, value in defaults.items():
+            set_setting(key, value)
     summary = []
     for i, config in enumerate(ours.config):
         walls = [x["wall_s"] for x in runs if x["config"] == i]

@@ -333,6 +333,30 @@ def test_engine_triton_equals_torch(tmp_path) -> None:
     assert all(t == tokens["torch", True] for t in tokens.values())
 
 
+def test_engine_without_two_level_reads_the_shared_prefix_plain(tmp_path, monkeypatch) -> None:
+    """cost.ENABLED = False (bench.config_ab's plain side of an A/B): each prefix is still computed once
+    and shared, every step reads it through the members' block tables, and the tokens are two-level's."""
+    from batchllm.engine import Engine, SamplingParams
+    from batchllm.engine.attention import cost
+    from bench.gpu_check import build_model, workload
+
+    build_model(tmp_path)
+    prompts, params = workload(2, 3, 160, 512), SamplingParams(max_tokens=4, ignore_eos=True)
+    tokens, groups = {}, {}
+    for enabled in (True, False):
+        monkeypatch.setattr(cost, "ENABLED", enabled)
+        engine = Engine(tmp_path, attention="torch", kv_cache_tokens=2048)
+        prepare, seen = engine.runner.attention.prepare, []
+        engine.runner.attention.prepare = lambda layout, f=prepare, s=seen: (
+            s.append(layout.num_groups) or f(layout)
+        )
+        tokens[enabled] = [r.token_ids for r in engine.generate(prompts, params)]
+        groups[enabled] = seen
+        assert engine.stats.saving_ratio > 0.4 and engine.stats.prefixes_computed == 2
+    assert max(groups[True]) == 2 and max(groups[False]) == 0
+    assert tokens[False] == tokens[True]
+
+
 def test_cost_model_sends_small_groups_to_the_plain_path() -> None:
     from batchllm.engine.attention.cost import two_level_pays
     from batchllm.engine.sequence import grouped_chunks

@@ -89,28 +89,44 @@ def test_a_terminated_generate_bench_keeps_what_it_measured(tmp_path: Path) -> N
     assert not (tmp_path / "results.json.part").exists()
 
 
-def test_config_ab_sets_the_model_thresholds_and_restores_them(tmp_path: Path, monkeypatch) -> None:
-    """A/B of a model threshold (bench.config_ab's MODEL_KEYS) beside an attention override: each run
-    sees its own configuration's value, and the defaults are back after the bench."""
+def test_config_ab_sets_the_engine_settings_and_restores_them(tmp_path: Path, monkeypatch) -> None:
+    """A/B of engine settings (bench.config_ab's SETTINGS: a model threshold, two-level attention on or
+    off) beside an attention override: each run sees its own configuration's values, and the defaults
+    are back after the bench."""
+    from batchllm.engine.attention import cost
     from batchllm.engine.model import MLP
     from bench import config_ab
 
-    assert config_ab.split_config({"gate_up_epilogue_min_rows": 1, "num_warps": 4}) == (
+    assert config_ab.split_config({"gate_up_epilogue_min_rows": 1, "num_warps": 4, "two_level": 0}) == (
         {"num_warps": 4},
-        {("MLP", "GEMM_EPILOGUE_MIN_ROWS"): 1},
+        {
+            ("batchllm.engine.model", "MLP.GEMM_EPILOGUE_MIN_ROWS"): 1,
+            ("batchllm.engine.attention.cost", "ENABLED"): 0,
+        },
     )
     default, seen = MLP.GEMM_EPILOGUE_MIN_ROWS, []
     generate_run = config_ab.generate.native_run
 
     def recording(*a: Any, **kw: Any) -> dict[str, Any]:
-        seen.append(MLP.GEMM_EPILOGUE_MIN_ROWS)
+        seen.append((MLP.GEMM_EPILOGUE_MIN_ROWS, cost.ENABLED))
         return generate_run(*a, **kw)
 
     out = tmp_path / "ab.json"
-    argv = ["generate", "--config", "{}", "--config", '{"gate_up_epilogue_min_rows": 1}', "--rounds", "1"]
-    argv += ["--json", str(out), "--model", "tiny", "--device", "cpu", "--case", "64,16,2,2,2"]
+    argv = ["generate", "--config", "{}", "--config", '{"gate_up_epilogue_min_rows": 1, "two_level": 0}']
+    argv += [
+        "--rounds",
+        "1",
+        "--json",
+        str(out),
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--case",
+        "64,16,2,2,2",
+    ]
     monkeypatch.setattr(config_ab.generate, "native_run", recording)
     assert config_ab.main(argv) == 0
-    assert seen == [default, 1]
-    assert default == MLP.GEMM_EPILOGUE_MIN_ROWS  # restored
+    assert seen == [(default, True), (1, False)]
+    assert (default, True) == (MLP.GEMM_EPILOGUE_MIN_ROWS, cost.ENABLED)  # restored
     assert [r["errors"] for r in json.loads(out.read_text())["runs"]] == [0, 0]

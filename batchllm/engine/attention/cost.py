@@ -19,15 +19,18 @@ for the merge plus 96 per group for the prefix tile; P=512 with 4 members wins
 both far above the line. Under the model a pair of members needs P >= 144 and
 four members P >= 64 (block-aligned prefixes: 64 is the first that passes).
 The plain path computes the same attention (member block tables start with the
-prefix blocks), so the choice changes speed, never results.
+prefix blocks), so the choice changes speed, never results. ENABLED = False
+sends every group to it: a benchmark's plain side of the same shared KV
+(``bench.config_ab``'s ``{"two_level": 0}``).
 """
 
 from __future__ import annotations
 
 MERGE_KEYS = 16
 TILE_KEYS = 96
+ENABLED = True
 
 
 def two_level_pays(members: int, prefix_len: int) -> bool:
     """True when a group of ``members`` chunks in one step should read its ``prefix_len`` prefix once."""
-    return members > 1 and (members - 1) * prefix_len > members * MERGE_KEYS + TILE_KEYS
+    return ENABLED and members > 1 and (members - 1) * prefix_len > members * MERGE_KEYS + TILE_KEYS
