@@ -10,8 +10,8 @@
 #   prefill    prefill-only 1,024 x 2,048 tokens, MFU against the matmul peak measured in the same call
 #   mlp        the gate/up GEMM with its SiLU epilogue against cuBLAS + silu_mul at decode row counts
 #   profile    where (a) at 205k's GPU time goes, kernel kinds and idle gaps, in a second (warm) run
-#   plain      (a) at 205k with two-level decode against every group read plain over the same shared KV
-#              (bench.config_ab, one engine, A B A B: decode ms/step both ways)
+#   plain      (a) with two-level decode against every group read plain over the same shared KV
+#              (bench.config_ab, one engine, A B A B: decode ms/step both ways; PLAIN_KV tokens, 205000)
 #   run(carry=["peer/.vw1", "peer/device_setup.sh"], command="bash bench/device_check.sh")   # kernels tests
 #   run(carry=[...], command="LIMIT=585 STAGES='kernels gpu_check a205 prefill' bash bench/device_check.sh")
 #   run(carry=[...], command="LIMIT=585 STAGES='mlp profile' bash bench/device_check.sh")
@@ -69,7 +69,7 @@ budget() { local left=$((LIMIT - ($(date +%s) - T0) - 8)); echo $((left < $1 ? l
         echo "rc=$?"; tail -40 "$OUT/profile.txt" ;;
       plain)
         timeout "$(budget 300)" python3 -m bench.config_ab generate --model bench/configs/llama31-8b \
-          --case 2000,200,100,16,100 --kv-tokens 205000 --max-model-len 8192 --config '{}' \
+          --case 2000,200,100,16,100 --kv-tokens "${PLAIN_KV:-205000}" --max-model-len 8192 --config '{}' \
           --config '{"two_level": 0}' --rounds 2 --json "$OUT/plain.json" > "$OUT/plain.txt" 2>&1
         echo "rc=$?"; grep -E '^\{"round"|median' "$OUT/plain.txt" | tail -8 ;;
       *) echo "unknown stage $stage" ;;
