@@ -40,7 +40,6 @@ from typing import Any
 from bench import generate, score
 from bench.compiles import compile_log
 
-# configuration keys that set a class attribute of the model instead of an attention override
 # configuration keys that set an engine setting (module, dotted attribute) instead of an attention override
 SETTINGS = {
     "gate_up_epilogue_min_rows": ("batchllm.engine.model", "MLP.GEMM_EPILOGUE_MIN_ROWS"),
