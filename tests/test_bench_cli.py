@@ -112,19 +112,9 @@ def test_config_ab_sets_the_engine_settings_and_restores_them(tmp_path: Path, mo
         return generate_run(*a, **kw)
 
     out = tmp_path / "ab.json"
-    argv = ["generate", "--config", "{}", "--config", '{"gate_up_epilogue_min_rows": 1, "two_level": 0}']
-    argv += [
-        "--rounds",
-        "1",
-        "--json",
-        str(out),
-        "--model",
-        "tiny",
-        "--device",
-        "cpu",
-        "--case",
-        "64,16,2,2,2",
-    ]
+    both = '{"gate_up_epilogue_min_rows": 1, "two_level": 0}'
+    argv = ["generate", "--config", "{}", "--config", both, "--rounds", "1", "--json", str(out)]
+    argv += ["--model", "tiny", "--device", "cpu", "--case", "64,16,2,2,2"]
     monkeypatch.setattr(config_ab.generate, "native_run", recording)
     assert config_ab.main(argv) == 0
     assert seen == [(default, True), (1, False)]
